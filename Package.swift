@@ -1,0 +1,46 @@
+// swift-tools-version:5.9
+import PackageDescription
+
+let package = Package(
+    name: "syncbn",
+    products: [
+        .library(name: "Collectives", targets: ["Collectives"]),
+        .library(name: "CollectivesMPI", targets: ["CollectivesMPI"]),
+        .library(name: "Kernels", targets: ["Kernels"]),
+        .library(name: "Normalization", targets: ["Normalization"]),
+        .library(name: "Training", targets: ["Training"]),
+        .executable(name: "syncbn-train", targets: ["syncbn-train"]),
+        .executable(name: "syncbn-bench", targets: ["syncbn-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // C shims: Open MPI's handles are macros, which do not import into Swift.
+        .systemLibrary(name: "CMPI", pkgConfig: "ompi-c", providers: [.apt(["libopenmpi-dev"])]),
+        .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
+
+        .target(name: "Collectives"),
+        .target(name: "CollectivesMPI", dependencies: ["Collectives", "CMPI"]),
+        .target(name: "CollectiveChecks", dependencies: ["Collectives"]),
+        .target(name: "Kernels", dependencies: ["COpenBLAS"]),
+        .target(name: "Normalization", dependencies: ["Kernels", "Collectives"]),
+        .target(name: "Training", dependencies: ["Kernels", "Normalization", "Collectives"]),
+        .target(name: "CommandSupport", dependencies: ["Collectives", "CollectivesMPI", "Kernels", "Training"]),
+        .executableTarget(name: "syncbn-train", dependencies: [
+            "Training", "CollectivesMPI", "CommandSupport",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "syncbn-bench", dependencies: [
+            "Training", "CollectivesMPI", "CollectiveChecks", "CommandSupport",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .testTarget(name: "CollectivesTests", dependencies: ["Collectives", "CollectiveChecks"]),
+        .testTarget(name: "KernelsTests", dependencies: ["Kernels", "TestSupport"]),
+        .testTarget(name: "NormalizationTests", dependencies: ["Normalization", "Collectives", "TestSupport"]),
+        .testTarget(name: "TrainingTests", dependencies: ["Training", "Collectives", "TestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "TestSupport"]),
+        .target(name: "TestSupport", dependencies: ["Kernels"], path: "Tests/TestSupport"),
+    ]
+)

@@ -1,0 +1,151 @@
+import CMPI
+import Collectives
+import Foundation
+
+/// A communicator over Open MPI: MPI_COMM_WORLD or a group split from it.
+///
+/// Errors are returned, not fatal (`MPI_ERRORS_RETURN` on the world communicator), and every
+/// return code goes through ``check(_:_:)``, which turns it into a ``CommunicatorError`` carrying
+/// MPI's own error string. A rank that dies is handled by the launcher: `mpirun` notices the exit
+/// and terminates the job, so the surviving ranks do not hang in a collective.
+public final class MPICommunicator: Communicator {
+    public let rank: Int
+    public let size: Int
+    let comm: MPI_Comm
+
+    private init(comm: MPI_Comm) throws {
+        self.comm = comm
+        var r: Int32 = 0, s: Int32 = 0
+        try check(MPI_Comm_rank(comm, &r), "MPI_Comm_rank")
+        try check(MPI_Comm_size(comm, &s), "MPI_Comm_size")
+        rank = Int(r)
+        size = Int(s)
+    }
+
+    /// True when this process was started by an MPI launcher (mpirun/mpiexec, PMIx, PMI).
+    public static var launchedByMPI: Bool {
+        let env = ProcessInfo.processInfo.environment
+        return ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK"].contains { env[$0] != nil }
+    }
+
+    /// The rank the launcher assigned to this process, read from the environment before MPI is
+    /// initialised (0 when not launched by MPI). Lets start-up errors be printed by one rank only.
+    public static var launcherRank: Int {
+        let env = ProcessInfo.processInfo.environment
+        for name in ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"] {
+            if let value = env[name], let rank = Int(value) { return rank }
+        }
+        return 0
+    }
+
+    private static var initialised = false
+
+    /// Initialises MPI (once per process) and returns MPI_COMM_WORLD.
+    public static func world() throws -> MPICommunicator {
+        if !initialised {
+            var provided: Int32 = 0
+            try check(MPI_Init_thread(nil, nil, syncbn_mpi_thread_funneled(), &provided), "MPI_Init_thread")
+            initialised = true
+            try check(MPI_Comm_set_errhandler(syncbn_mpi_comm_world(), syncbn_mpi_errors_return()), "MPI_Comm_set_errhandler")
+        }
+        return try MPICommunicator(comm: syncbn_mpi_comm_world())
+    }
+
+    /// Finalises MPI. Call once, after the last collective, on every rank.
+    public static func finalize() {
+        if initialised {
+            MPI_Finalize()
+            initialised = false
+        }
+    }
+
+    /// Terminates every rank of the job with `code` (used when one rank fails alone, so the
+    /// others would otherwise wait for it forever).
+    public static func abort(code: Int32) -> Never {
+        MPI_Abort(syncbn_mpi_comm_world(), code)
+        exit(code)
+    }
+
+    public func allReduceSum<T: ReducibleScalar>(_ values: inout [T]) throws {
+        let count = Int32(values.count)
+        try values.withUnsafeMutableBytes { buffer in
+            try check(MPI_Allreduce(syncbn_mpi_in_place(), buffer.baseAddress, count, datatype(T.self), syncbn_mpi_sum(), comm), "MPI_Allreduce")
+        }
+    }
+
+    public func startAllReduceSum<T: ReducibleScalar>(_ values: [T]) throws -> AllReduceRequest<T> {
+        // MPI owns the buffer until the request completes, so it lives in memory we allocate here.
+        let buffer = UnsafeMutableBufferPointer<T>.allocate(capacity: values.count)
+        _ = buffer.initialize(from: values)
+        var request = syncbn_mpi_request_null()
+        do {
+            try check(MPI_Iallreduce(syncbn_mpi_in_place(), buffer.baseAddress, Int32(values.count), datatype(T.self), syncbn_mpi_sum(), comm, &request), "MPI_Iallreduce")
+        } catch {
+            buffer.deallocate()
+            throw error
+        }
+        return AllReduceRequest {
+            defer { buffer.deallocate() }
+            try check(MPI_Wait(&request, syncbn_mpi_status_ignore()), "MPI_Wait")
+            return Array(buffer)
+        }
+    }
+
+    public func broadcast<T: ReducibleScalar>(_ values: inout [T], root: Int) throws {
+        guard (0..<size).contains(root) else {
+            throw CommunicatorError.invalidArgument("broadcast root \(root) is not a rank of a group of \(size)")
+        }
+        let count = Int32(values.count)
+        try values.withUnsafeMutableBytes { buffer in
+            try check(MPI_Bcast(buffer.baseAddress, count, datatype(T.self), Int32(root), comm), "MPI_Bcast")
+        }
+    }
+
+    public func allGather<T: ReducibleScalar>(_ values: [T]) throws -> [[T]] {
+        var counts = [Int32](repeating: 0, count: size)
+        var mine = Int32(values.count)
+        try check(MPI_Allgather(&mine, 1, syncbn_mpi_int(), &counts, 1, syncbn_mpi_int(), comm), "MPI_Allgather")
+        var displacements = [Int32](repeating: 0, count: size)
+        for r in 1..<max(size, 1) where r < size { displacements[r] = displacements[r - 1] + counts[r - 1] }
+        let total = Int(counts.reduce(0, +))
+        var gathered = [T](repeating: 0, count: total)
+        try values.withUnsafeBytes { send in
+            try gathered.withUnsafeMutableBytes { receive in
+                try check(MPI_Allgatherv(send.baseAddress, mine, datatype(T.self), receive.baseAddress, &counts, &displacements, datatype(T.self), comm), "MPI_Allgatherv")
+            }
+        }
+        return (0..<size).map { r in
+            let start = Int(displacements[r])
+            return Array(gathered[start..<(start + Int(counts[r]))])
+        }
+    }
+
+    public func barrier() throws {
+        try check(MPI_Barrier(comm), "MPI_Barrier")
+    }
+
+    public func split(color: Int, key: Int) throws -> any Communicator {
+        guard color >= 0 else { throw CommunicatorError.invalidArgument("split colour must be ≥ 0, got \(color)") }
+        var newComm = syncbn_mpi_comm_null()
+        try check(MPI_Comm_split(comm, Int32(color), Int32(key), &newComm), "MPI_Comm_split")
+        guard let newComm else { throw CommunicatorError.transport(call: "MPI_Comm_split", message: "returned no communicator") }
+        return try MPICommunicator(comm: newComm)
+    }
+}
+
+private func datatype<T: ReducibleScalar>(_: T.Type) -> MPI_Datatype {
+    switch T.kind {
+    case .float32: return syncbn_mpi_float()
+    case .float64: return syncbn_mpi_double()
+    case .int64: return syncbn_mpi_int64()
+    }
+}
+
+/// Turns an MPI return code into a thrown error naming the call and MPI's explanation.
+func check(_ code: Int32, _ call: String) throws {
+    guard code != syncbn_mpi_success() else { return }
+    var length: Int32 = 0
+    var text = [CChar](repeating: 0, count: Int(syncbn_mpi_max_error_string()) + 1)
+    MPI_Error_string(code, &text, &length)
+    throw CommunicatorError.transport(call: call, message: String(cString: text))
+}

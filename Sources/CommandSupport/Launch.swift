@@ -1,0 +1,68 @@
+import Collectives
+import CollectivesMPI
+import Foundation
+import Kernels
+import Training
+
+/// How this process takes part in a job: alone, as one of N in-process ranks, or as an MPI rank.
+public enum RankLaunch {
+    /// Runs `body` on every rank of the job this process belongs to and handles failure the same
+    /// way for every subcommand: a one-line message and exit code 2, never a trace or a hang.
+    /// Collective errors (raised identically on every rank) end every rank cleanly; any other error
+    /// on an MPI rank aborts the job so that the other ranks do not wait for it forever.
+    public static func run(simulateRanks: Int?, command: String, _ body: @escaping (any Communicator) throws -> Void) -> Never {
+        if let n = simulateRanks, n > 1 {
+            if MPICommunicator.launchedByMPI {
+                fail(command, "--simulate-ranks cannot be combined with an MPI launcher; use one or the other")
+            }
+            setGEMMThreads(1)
+            do {
+                _ = try InProcessGroup.run(size: n) { comm in try body(comm) }
+                exit(0)
+            } catch {
+                fail(command, describe(error))
+            }
+        }
+        if MPICommunicator.launchedByMPI {
+            if ProcessInfo.processInfo.environment["OPENBLAS_NUM_THREADS"] == nil { setGEMMThreads(1) }
+            let world: MPICommunicator
+            do { world = try MPICommunicator.world() } catch { fail(command, describe(error)) }
+            do {
+                try body(world)
+                MPICommunicator.finalize()
+                exit(0)
+            } catch let error as CollectiveRunError {
+                if world.rank == 0 { printError(command, error.message) }
+                MPICommunicator.finalize()
+                exit(2)
+            } catch {
+                printError(command, (world.size > 1 ? "rank \(world.rank): " : "") + describe(error))
+                if world.size > 1 { MPICommunicator.abort(code: 2) }
+                MPICommunicator.finalize()
+                exit(2)
+            }
+        }
+        do {
+            try body(SingleProcessCommunicator())
+            exit(0)
+        } catch {
+            fail(command, describe(error))
+        }
+    }
+
+    /// Prints the message once per job (by launcher rank 0) and exits with code 2. For errors
+    /// found before any collective, which every rank finds alike.
+    public static func fail(_ command: String, _ message: String) -> Never {
+        if MPICommunicator.launcherRank == 0 { printError(command, message) }
+        exit(2)
+    }
+
+    public static func printError(_ command: String, _ message: String) {
+        FileHandle.standardError.write(Data("\(command): error: \(message)\n".utf8))
+    }
+
+    public static func describe(_ error: Error) -> String {
+        if let error = error as? CustomStringConvertible { return error.description }
+        return "\(error)"
+    }
+}

@@ -1,0 +1,130 @@
+/// 2-D convolution (cross-correlation, as PyTorch) of N×C_in×H×W input with a
+/// C_out×C_in×k_h×k_w weight, by im2col and one GEMM per sample.
+///
+/// Forward, per sample n: cols_n = im2col(x_n) (K × P, K = C_in·k_h·k_w, P = H_out·W_out),
+/// y_n = W·cols_n (+ b). The columns are kept for backward, which needs them for
+/// dW = Σ_n dy_n·cols_nᵀ; dx_n = col2im(Wᵀ·dy_n).
+/// Init: PyTorch's default, U(±1/√K) for weight and bias. A conv followed by BatchNorm takes
+/// `bias: false` (β does that job).
+public final class Conv2d<Scalar: TensorScalar>: Layer {
+    public let inputChannels: Int, outputChannels: Int, kernelSize: Int, stride: Int, padding: Int
+    public let weight: Parameter<Scalar>
+    public let bias: Parameter<Scalar>?
+
+    /// im2col of the last training batch, N × K × P; read by backward and by layers that need
+    /// the patches (cross-iteration BN).
+    public private(set) var columns: [Scalar] = []
+    public private(set) var lastGeometry: ConvolutionGeometry?
+    private var lastBatch = 0
+
+    public init(inputChannels: Int, outputChannels: Int, kernelSize: Int, stride: Int = 1, padding: Int = 0,
+                bias: Bool = true, random: inout DeterministicRandom) {
+        precondition(inputChannels > 0 && outputChannels > 0 && kernelSize > 0 && stride > 0 && padding >= 0,
+                     "invalid Conv2d configuration")
+        self.inputChannels = inputChannels
+        self.outputChannels = outputChannels
+        self.kernelSize = kernelSize
+        self.stride = stride
+        self.padding = padding
+        let bound = 1 / Double(inputChannels * kernelSize * kernelSize).squareRoot()
+        weight = Parameter(.uniform(shape: [outputChannels, inputChannels, kernelSize, kernelSize], bound: bound, using: &random))
+        self.bias = bias ? Parameter(.uniform(shape: [outputChannels], bound: bound, using: &random)) : nil
+    }
+
+    public var state: [StateEntry<Scalar>] {
+        [.parameter("weight", weight)] + (bias.map { [.parameter("bias", $0)] } ?? [])
+    }
+
+    public func geometry(for shape: [Int]) throws -> ConvolutionGeometry {
+        try requireShape(shape.count == 4 && shape[1] == inputChannels, "Conv2d",
+                         "expected N×\(inputChannels)×H×W input, got \(shape)")
+        let g = ConvolutionGeometry(inputChannels: inputChannels, height: shape[2], width: shape[3],
+                                    kernelHeight: kernelSize, kernelWidth: kernelSize, stride: stride, padding: padding)
+        try requireShape(g.outputHeight > 0 && g.outputWidth > 0, "Conv2d",
+                         "input \(shape[2])×\(shape[3]) is smaller than the \(kernelSize)×\(kernelSize) kernel")
+        return g
+    }
+
+    public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        let g = try geometry(for: input.shape)
+        let n = input.shape[0], K = g.patchSize, P = g.positions
+        var output = Tensor<Scalar>(shape: [n, outputChannels, g.outputHeight, g.outputWidth])
+        var cols = [Scalar](repeating: 0, count: n * K * P)
+        let inputPlane = inputChannels * g.height * g.width
+        input.scalars.withUnsafeBufferPointer { x in
+            cols.withUnsafeMutableBufferPointer { c in
+                weight.value.scalars.withUnsafeBufferPointer { w in
+                    output.scalars.withUnsafeMutableBufferPointer { y in
+                        for sample in 0..<n {
+                            let colSample = UnsafeMutableBufferPointer(rebasing: c[(sample * K * P)..<((sample + 1) * K * P)])
+                            Scalar.im2col(UnsafeBufferPointer(rebasing: x[(sample * inputPlane)..<((sample + 1) * inputPlane)]), g, into: colSample)
+                            Scalar.gemm(transposeA: false, transposeB: false, m: outputChannels, n: P, k: K, alpha: 1,
+                                        a: w.baseAddress!, lda: K, b: colSample.baseAddress!, ldb: P,
+                                        beta: 0, c: y.baseAddress! + sample * outputChannels * P, ldc: P)
+                        }
+                    }
+                }
+            }
+        }
+        if let bias {
+            bias.value.scalars.withUnsafeBufferPointer { b in
+                output.scalars.withUnsafeMutableBufferPointer { y in
+                    Scalar.addChannelBias(b, to: y, layout: ChannelLayout(batch: n, channels: outputChannels, spatial: P))
+                }
+            }
+        }
+        if mode == .training {
+            columns = cols
+            lastGeometry = g
+            lastBatch = n
+        }
+        return output
+    }
+
+    public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        guard let g = lastGeometry else { preconditionFailure("Conv2d.backward before a training forward") }
+        let n = lastBatch, K = g.patchSize, P = g.positions
+        try requireShape(outputGradient.shape == [n, outputChannels, g.outputHeight, g.outputWidth], "Conv2d",
+                         "output gradient \(outputGradient.shape) does not match the forward output")
+        var inputGradient = Tensor<Scalar>(shape: [n, inputChannels, g.height, g.width])
+        var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
+        var dcols = [Scalar](repeating: 0, count: K * P)
+        let inputPlane = inputChannels * g.height * g.width
+        outputGradient.scalars.withUnsafeBufferPointer { dy in
+            columns.withUnsafeBufferPointer { c in
+                weight.value.scalars.withUnsafeBufferPointer { w in
+                    weightGradient.scalars.withUnsafeMutableBufferPointer { dw in
+                        inputGradient.scalars.withUnsafeMutableBufferPointer { dx in
+                            dcols.withUnsafeMutableBufferPointer { dc in
+                                for sample in 0..<n {
+                                    let dySample = dy.baseAddress! + sample * outputChannels * P
+                                    // dW += dy_n (C_out × P) · cols_nᵀ (P × K)
+                                    Scalar.gemm(transposeA: false, transposeB: true, m: outputChannels, n: K, k: P, alpha: 1,
+                                                a: dySample, lda: P, b: c.baseAddress! + sample * K * P, ldb: P,
+                                                beta: sample == 0 ? 0 : 1, c: dw.baseAddress!, ldc: K)
+                                    // dcols = Wᵀ (K × C_out) · dy_n (C_out × P)
+                                    Scalar.gemm(transposeA: true, transposeB: false, m: K, n: P, k: outputChannels, alpha: 1,
+                                                a: w.baseAddress!, lda: K, b: dySample, ldb: P,
+                                                beta: 0, c: dc.baseAddress!, ldc: P)
+                                    Scalar.col2imAccumulate(UnsafeBufferPointer(dc), g,
+                                                            into: UnsafeMutableBufferPointer(rebasing: dx[(sample * inputPlane)..<((sample + 1) * inputPlane)]))
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        weight.gradient = weightGradient
+        if let bias {
+            var biasGradient = Tensor<Scalar>(shape: [outputChannels])
+            outputGradient.scalars.withUnsafeBufferPointer { dy in
+                biasGradient.scalars.withUnsafeMutableBufferPointer { db in
+                    Scalar.channelSums(dy, layout: ChannelLayout(batch: n, channels: outputChannels, spatial: P), into: db)
+                }
+            }
+            bias.gradient = biasGradient
+        }
+        return inputGradient
+    }
+}

@@ -1,0 +1,221 @@
+import Foundation
+
+// The per-element loops behind the layers, as default implementations of TensorScalar's
+// requirements (see the note there on why they are requirements). Shape legend: N samples,
+// C channels, H×W positions; "plane" = one channel of one sample.
+
+extension TensorScalar {
+    /// columns[(c, i, j), (oh, ow)] = image[c, oh·s − p + i, ow·s − p + j], 0 outside the image.
+    public static func im2col(_ image: UnsafeBufferPointer<Self>, _ g: ConvolutionGeometry, into columns: UnsafeMutableBufferPointer<Self>) {
+        let oh = g.outputHeight, ow = g.outputWidth, positions = oh * ow
+        var row = 0
+        for c in 0..<g.inputChannels {
+            let plane = c * g.height * g.width
+            for i in 0..<g.kernelHeight {
+                for j in 0..<g.kernelWidth {
+                    let out = row * positions
+                    for y in 0..<oh {
+                        let iy = y * g.stride - g.padding + i
+                        let outRow = out + y * ow
+                        if iy < 0 || iy >= g.height {
+                            for x in 0..<ow { columns[outRow + x] = 0 }
+                            continue
+                        }
+                        let inRow = plane + iy * g.width
+                        for x in 0..<ow {
+                            let ix = x * g.stride - g.padding + j
+                            columns[outRow + x] = (ix >= 0 && ix < g.width) ? image[inRow + ix] : 0
+                        }
+                    }
+                    row += 1
+                }
+            }
+        }
+    }
+
+    /// The adjoint of im2col: image[c, y, x] += every column entry that was read from it.
+    public static func col2imAccumulate(_ columns: UnsafeBufferPointer<Self>, _ g: ConvolutionGeometry, into image: UnsafeMutableBufferPointer<Self>) {
+        let oh = g.outputHeight, ow = g.outputWidth, positions = oh * ow
+        var row = 0
+        for c in 0..<g.inputChannels {
+            let plane = c * g.height * g.width
+            for i in 0..<g.kernelHeight {
+                for j in 0..<g.kernelWidth {
+                    let out = row * positions
+                    for y in 0..<oh {
+                        let iy = y * g.stride - g.padding + i
+                        if iy < 0 || iy >= g.height { continue }
+                        let inRow = plane + iy * g.width
+                        let outRow = out + y * ow
+                        for x in 0..<ow {
+                            let ix = x * g.stride - g.padding + j
+                            if ix >= 0 && ix < g.width { image[inRow + ix] += columns[outRow + x] }
+                        }
+                    }
+                    row += 1
+                }
+            }
+        }
+    }
+
+    /// output[n, c, p] += bias[c].
+    public static func addChannelBias(_ bias: UnsafeBufferPointer<Self>, to output: UnsafeMutableBufferPointer<Self>, layout: ChannelLayout) {
+        for n in 0..<layout.batch {
+            for c in 0..<layout.channels {
+                let base = (n * layout.channels + c) * layout.spatial
+                let b = bias[c]
+                for p in 0..<layout.spatial { output[base + p] += b }
+            }
+        }
+    }
+
+    /// sums[c] = Σ_{n,p} values[n, c, p], accumulated in Double.
+    public static func channelSums(_ values: UnsafeBufferPointer<Self>, layout: ChannelLayout, into sums: UnsafeMutableBufferPointer<Self>) {
+        for c in 0..<layout.channels {
+            var total = 0.0
+            for n in 0..<layout.batch {
+                let base = (n * layout.channels + c) * layout.spatial
+                for p in 0..<layout.spatial { total += Double(values[base + p]) }
+            }
+            sums[c] = Self(total)
+        }
+    }
+
+    public static func reluForward(_ x: UnsafeBufferPointer<Self>, _ y: UnsafeMutableBufferPointer<Self>) {
+        for i in 0..<x.count { y[i] = x[i] > 0 ? x[i] : 0 }
+    }
+
+    /// dx = dy where the output was positive (the subgradient 0 is taken at 0).
+    public static func reluBackward(_ y: UnsafeBufferPointer<Self>, _ dy: UnsafeBufferPointer<Self>, _ dx: UnsafeMutableBufferPointer<Self>) {
+        for i in 0..<y.count { dx[i] = y[i] > 0 ? dy[i] : 0 }
+    }
+
+    /// Max over each window; padding never wins. argmax holds the flat index within the plane.
+    public static func maxPoolForward(_ x: UnsafeBufferPointer<Self>, _ g: PoolingGeometry, planes: Int, _ y: UnsafeMutableBufferPointer<Self>, argmax: UnsafeMutableBufferPointer<Int32>) {
+        let oh = g.outputHeight, ow = g.outputWidth, inPlane = g.height * g.width
+        for plane in 0..<planes {
+            let inBase = plane * inPlane, outBase = plane * oh * ow
+            for oy in 0..<oh {
+                for ox in 0..<ow {
+                    var best = -Self.infinity, bestIndex = -1
+                    for i in 0..<g.kernel {
+                        let iy = oy * g.stride - g.padding + i
+                        if iy < 0 || iy >= g.height { continue }
+                        for j in 0..<g.kernel {
+                            let ix = ox * g.stride - g.padding + j
+                            if ix < 0 || ix >= g.width { continue }
+                            let v = x[inBase + iy * g.width + ix]
+                            if v > best || bestIndex < 0 || v.isNaN { best = v; bestIndex = iy * g.width + ix }
+                        }
+                    }
+                    y[outBase + oy * ow + ox] = best
+                    argmax[outBase + oy * ow + ox] = Int32(bestIndex)
+                }
+            }
+        }
+    }
+
+    /// dx (zeroed here) receives each dy at the position that won its window.
+    public static func maxPoolBackward(_ dy: UnsafeBufferPointer<Self>, argmax: UnsafeBufferPointer<Int32>, _ g: PoolingGeometry, planes: Int, _ dx: UnsafeMutableBufferPointer<Self>) {
+        let outPlane = g.outputHeight * g.outputWidth, inPlane = g.height * g.width
+        for i in 0..<dx.count { dx[i] = 0 }
+        for plane in 0..<planes {
+            for o in 0..<outPlane {
+                dx[plane * inPlane + Int(argmax[plane * outPlane + o])] += dy[plane * outPlane + o]
+            }
+        }
+    }
+
+    /// Mean over each window, dividing by k² (padding counts, as PyTorch's default).
+    public static func averagePoolForward(_ x: UnsafeBufferPointer<Self>, _ g: PoolingGeometry, planes: Int, _ y: UnsafeMutableBufferPointer<Self>) {
+        let oh = g.outputHeight, ow = g.outputWidth, inPlane = g.height * g.width
+        let scale = 1 / Self(g.kernel * g.kernel)
+        for plane in 0..<planes {
+            let inBase = plane * inPlane, outBase = plane * oh * ow
+            for oy in 0..<oh {
+                for ox in 0..<ow {
+                    var total: Self = 0
+                    for i in 0..<g.kernel {
+                        let iy = oy * g.stride - g.padding + i
+                        if iy < 0 || iy >= g.height { continue }
+                        for j in 0..<g.kernel {
+                            let ix = ox * g.stride - g.padding + j
+                            if ix >= 0 && ix < g.width { total += x[inBase + iy * g.width + ix] }
+                        }
+                    }
+                    y[outBase + oy * ow + ox] = total * scale
+                }
+            }
+        }
+    }
+
+    public static func averagePoolBackward(_ dy: UnsafeBufferPointer<Self>, _ g: PoolingGeometry, planes: Int, _ dx: UnsafeMutableBufferPointer<Self>) {
+        let oh = g.outputHeight, ow = g.outputWidth, inPlane = g.height * g.width
+        let scale = 1 / Self(g.kernel * g.kernel)
+        for i in 0..<dx.count { dx[i] = 0 }
+        for plane in 0..<planes {
+            let inBase = plane * inPlane, outBase = plane * oh * ow
+            for oy in 0..<oh {
+                for ox in 0..<ow {
+                    let share = dy[outBase + oy * ow + ox] * scale
+                    for i in 0..<g.kernel {
+                        let iy = oy * g.stride - g.padding + i
+                        if iy < 0 || iy >= g.height { continue }
+                        for j in 0..<g.kernel {
+                            let ix = ox * g.stride - g.padding + j
+                            if ix >= 0 && ix < g.width { dx[inBase + iy * g.width + ix] += share }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// y[plane] = mean of the plane's `spatial` values.
+    public static func globalAveragePoolForward(_ x: UnsafeBufferPointer<Self>, planes: Int, spatial: Int, _ y: UnsafeMutableBufferPointer<Self>) {
+        for plane in 0..<planes {
+            var total = 0.0
+            for p in 0..<spatial { total += Double(x[plane * spatial + p]) }
+            y[plane] = Self(total / Double(spatial))
+        }
+    }
+
+    public static func globalAveragePoolBackward(_ dy: UnsafeBufferPointer<Self>, planes: Int, spatial: Int, _ dx: UnsafeMutableBufferPointer<Self>) {
+        let scale = 1 / Self(spatial)
+        for plane in 0..<planes {
+            let share = dy[plane] * scale
+            for p in 0..<spatial { dx[plane * spatial + p] = share }
+        }
+    }
+
+    /// Per row: loss = logsumexp(z) − z[label] (in Double), gradient = scale·(softmax(z) − onehot).
+    /// Returns the summed loss and how many rows have their label as the first maximum.
+    public static func softmaxCrossEntropy(_ logits: UnsafeBufferPointer<Self>, labels: UnsafeBufferPointer<Int32>, classes: Int,
+                                           gradientScale: Self, gradient: UnsafeMutableBufferPointer<Self>) -> (lossSum: Double, correct: Int) {
+        var lossSum = 0.0, correct = 0
+        for row in 0..<labels.count {
+            let base = row * classes
+            var maximum = Double(logits[base]), best = 0
+            for k in 1..<max(classes, 1) where Double(logits[base + k]) > maximum {
+                maximum = Double(logits[base + k]); best = k
+            }
+            var total = 0.0
+            for k in 0..<classes { total += Foundation.exp(Double(logits[base + k]) - maximum) }
+            let label = Int(labels[row])
+            lossSum += Foundation.log(total) + maximum - Double(logits[base + label])
+            if best == label { correct += 1 }
+            if gradient.count > 0 {
+                for k in 0..<classes {
+                    let p = Foundation.exp(Double(logits[base + k]) - maximum) / total
+                    gradient[base + k] = Self((p - (k == label ? 1 : 0)) * Double(gradientScale))
+                }
+            }
+        }
+        return (lossSum, correct)
+    }
+
+    public static func allFinite(_ x: UnsafeBufferPointer<Self>) -> Bool {
+        for v in x where !v.isFinite { return false }
+        return true
+    }
+}

@@ -1,0 +1,78 @@
+/// Whether a layer computes with batch statistics and records what backward needs.
+public enum Mode: Sendable {
+    case training
+    case inference
+}
+
+/// A trainable tensor and the gradient of the loss with respect to it.
+public final class Parameter<Scalar: TensorScalar> {
+    public var value: Tensor<Scalar>
+    /// Written (not accumulated) by the owning layer's `backward`.
+    public var gradient: Tensor<Scalar>
+
+    public init(_ value: Tensor<Scalar>) {
+        self.value = value
+        self.gradient = Tensor(shape: value.shape)
+    }
+}
+
+/// Non-trainable floating-point state, such as BatchNorm's running mean and variance.
+public final class Buffer<Scalar: TensorScalar> {
+    public var value: Tensor<Scalar>
+    public init(_ value: Tensor<Scalar>) { self.value = value }
+}
+
+/// Non-trainable integer state, such as BatchNorm's `num_batches_tracked`.
+public final class Counter {
+    public var value: Int64
+    public init(_ value: Int64 = 0) { self.value = value }
+}
+
+/// One named piece of a layer's state, as it appears in checkpoints.
+public enum StateEntry<Scalar: TensorScalar> {
+    case parameter(String, Parameter<Scalar>)
+    case buffer(String, Buffer<Scalar>)
+    case counter(String, Counter)
+
+    public var name: String {
+        switch self {
+        case let .parameter(name, _), let .buffer(name, _), let .counter(name, _): return name
+        }
+    }
+
+    /// The same entry with `prefix.` in front of its name.
+    public func prefixed(_ prefix: String) -> StateEntry {
+        switch self {
+        case let .parameter(name, p): return .parameter(prefix + "." + name, p)
+        case let .buffer(name, b): return .buffer(prefix + "." + name, b)
+        case let .counter(name, c): return .counter(prefix + "." + name, c)
+        }
+    }
+}
+
+/// A differentiable layer: `forward` maps a batch, `backward` maps the gradient of the loss with
+/// respect to the last forward's output to the gradient with respect to its input, writing the
+/// gradients of the layer's parameters on the way.
+///
+/// `backward` refers to the most recent `forward` in training mode; a layer keeps what it needs
+/// for that (and only that) between the two calls.
+public protocol Layer<Scalar>: AnyObject {
+    associatedtype Scalar: TensorScalar
+    func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar>
+    func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar>
+    /// Parameters, buffers and counters under names relative to the layer (`weight`, `running_mean`).
+    var state: [StateEntry<Scalar>] { get }
+}
+
+extension Layer {
+    public var state: [StateEntry<Scalar>] { [] }
+
+    /// The layer's parameters, in `state` order.
+    public var parameters: [Parameter<Scalar>] {
+        state.compactMap { if case let .parameter(_, p) = $0 { return p } else { return nil } }
+    }
+}
+
+func requireShape(_ ok: Bool, _ layer: String, _ message: @autoclosure () -> String) throws {
+    if !ok { throw LayerError("\(layer): \(message())") }
+}

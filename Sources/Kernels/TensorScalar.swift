@@ -1,0 +1,69 @@
+import COpenBLAS
+
+/// Float or Double: the element types of tensors.
+///
+/// Layers are generic so that gradient checks can run in Double while training runs in Float.
+/// The per-element loops are static requirements of this protocol with default implementations
+/// (here and in `KernelLoops.swift`); because Float and Double conform in this module, their
+/// witnesses are compiled specialised, and a generic layer in another module reaches a
+/// specialised loop through one indirect call per kernel, not one per element.
+public protocol TensorScalar: BinaryFloatingPoint, Codable, Sendable where Self.RawSignificand: FixedWidthInteger {
+    /// NumPy's dtype string for this type (`<f4`, `<f8`).
+    static var numpyDescriptor: String { get }
+    /// safetensors' dtype name (`F32`, `F64`).
+    static var safetensorsDType: String { get }
+
+    /// C ← alpha·op(A)·op(B) + beta·C, row-major (cblas_sgemm / cblas_dgemm).
+    /// op(A) is m×k, op(B) is k×n, C is m×n.
+    static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Self,
+                     a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
+                     beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
+
+    static func im2col(_ image: UnsafeBufferPointer<Self>, _ geometry: ConvolutionGeometry, into columns: UnsafeMutableBufferPointer<Self>)
+    static func col2imAccumulate(_ columns: UnsafeBufferPointer<Self>, _ geometry: ConvolutionGeometry, into image: UnsafeMutableBufferPointer<Self>)
+    static func addChannelBias(_ bias: UnsafeBufferPointer<Self>, to output: UnsafeMutableBufferPointer<Self>, layout: ChannelLayout)
+    static func channelSums(_ values: UnsafeBufferPointer<Self>, layout: ChannelLayout, into sums: UnsafeMutableBufferPointer<Self>)
+    static func reluForward(_ x: UnsafeBufferPointer<Self>, _ y: UnsafeMutableBufferPointer<Self>)
+    static func reluBackward(_ y: UnsafeBufferPointer<Self>, _ dy: UnsafeBufferPointer<Self>, _ dx: UnsafeMutableBufferPointer<Self>)
+    static func maxPoolForward(_ x: UnsafeBufferPointer<Self>, _ geometry: PoolingGeometry, planes: Int, _ y: UnsafeMutableBufferPointer<Self>, argmax: UnsafeMutableBufferPointer<Int32>)
+    static func maxPoolBackward(_ dy: UnsafeBufferPointer<Self>, argmax: UnsafeBufferPointer<Int32>, _ geometry: PoolingGeometry, planes: Int, _ dx: UnsafeMutableBufferPointer<Self>)
+    static func averagePoolForward(_ x: UnsafeBufferPointer<Self>, _ geometry: PoolingGeometry, planes: Int, _ y: UnsafeMutableBufferPointer<Self>)
+    static func averagePoolBackward(_ dy: UnsafeBufferPointer<Self>, _ geometry: PoolingGeometry, planes: Int, _ dx: UnsafeMutableBufferPointer<Self>)
+    static func globalAveragePoolForward(_ x: UnsafeBufferPointer<Self>, planes: Int, spatial: Int, _ y: UnsafeMutableBufferPointer<Self>)
+    static func globalAveragePoolBackward(_ dy: UnsafeBufferPointer<Self>, planes: Int, spatial: Int, _ dx: UnsafeMutableBufferPointer<Self>)
+    static func softmaxCrossEntropy(_ logits: UnsafeBufferPointer<Self>, labels: UnsafeBufferPointer<Int32>, classes: Int,
+                                    gradientScale: Self, gradient: UnsafeMutableBufferPointer<Self>) -> (lossSum: Double, correct: Int)
+    /// True when every element is finite.
+    static func allFinite(_ x: UnsafeBufferPointer<Self>) -> Bool
+}
+
+extension Float: TensorScalar {
+    public static var numpyDescriptor: String { "<f4" }
+    public static var safetensorsDType: String { "F32" }
+
+    public static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+                            a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+                            beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+        guard m > 0, n > 0 else { return }
+        cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+                    blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc))
+    }
+}
+
+extension Double: TensorScalar {
+    public static var numpyDescriptor: String { "<f8" }
+    public static var safetensorsDType: String { "F64" }
+
+    public static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Double,
+                            a: UnsafePointer<Double>, lda: Int, b: UnsafePointer<Double>, ldb: Int,
+                            beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int) {
+        guard m > 0, n > 0 else { return }
+        cblas_dgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+                    blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc))
+    }
+}
+
+/// Sets the number of threads OpenBLAS may use (1 per rank when ranks share a machine).
+public func setGEMMThreads(_ count: Int) {
+    openblas_set_num_threads(Int32(count))
+}

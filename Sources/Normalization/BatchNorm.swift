@@ -1,0 +1,180 @@
+import Collectives
+import Kernels
+
+/// Batch normalization (Ioffe & Szegedy 2015, arXiv 1502.03167) over N×C or N×C×H×W input,
+/// with PyTorch's conventions so numbers compare directly:
+///
+///     x̂ = (x − μ) / √(σ² + ε),   y = γ·x̂ + β
+///
+/// where μ and σ² (biased) are per-channel statistics over N, H, W of the batch in training and
+/// the running statistics in inference. After each training batch,
+///
+///     running_mean ← (1 − m)·running_mean + m·μ
+///     running_var  ← (1 − m)·running_var  + m·σ²·M/(M − 1)
+///
+/// with M the number of values per channel that the statistics span. Defaults: ε = 1e-5,
+/// momentum m = 0.1 (`nil` = cumulative average, factor 1/num_batches_tracked), γ = 1, β = 0,
+/// running statistics 0 and 1 — PyTorch's, so that models and checkpoints carry over.
+///
+/// With a `group` the statistics span every rank of the group (SyncBN, see ``SyncBatchNorm``):
+/// one all-reduce of [m, Σ(x − K), Σ(x − K)²] in forward (``BatchStatistics``) and one of
+/// [Σdy, Σdy·x̂] in backward. Without one (`nil`) it is the usual per-process BatchNorm and issues
+/// no collective. Inference issues none either way.
+open class BatchNorm<Scalar: BatchNormScalar>: Layer {
+    public let featureCount: Int
+    public let epsilon: Double
+    public let momentum: Double?
+    /// The ranks whose batches share statistics; nil for this process's batch only.
+    public let group: (any Communicator)?
+
+    public let weight: Parameter<Scalar>
+    public let bias: Parameter<Scalar>
+    public let runningMean: Buffer<Scalar>
+    public let runningVariance: Buffer<Scalar>
+    public let batchesTracked: Counter
+
+    /// Statistics of the last training batch (over the whole group), for inspection and tests.
+    public private(set) var lastStatistics: BatchStatistics?
+
+    private var normalized = Tensor<Scalar>(shape: [0])
+    private var invStd: [Double] = []
+    private var lastLayout = ChannelLayout(batch: 0, channels: 0, spatial: 0)
+    private var lastShape: [Int] = []
+
+    public init(featureCount: Int, epsilon: Double = 1e-5, momentum: Double? = 0.1, group: (any Communicator)? = nil) {
+        precondition(featureCount > 0, "BatchNorm needs at least one feature")
+        precondition(epsilon >= 0 && (momentum.map { (0...1).contains($0) } ?? true), "BatchNorm: ε ≥ 0 and momentum in [0, 1]")
+        self.featureCount = featureCount
+        self.epsilon = epsilon
+        self.momentum = momentum
+        self.group = group
+        weight = Parameter(Tensor(shape: [featureCount], repeating: 1))
+        bias = Parameter(Tensor(shape: [featureCount]))
+        runningMean = Buffer(Tensor(shape: [featureCount]))
+        runningVariance = Buffer(Tensor(shape: [featureCount], repeating: 1))
+        batchesTracked = Counter()
+    }
+
+    public var state: [StateEntry<Scalar>] {
+        [.parameter("weight", weight), .parameter("bias", bias), .buffer("running_mean", runningMean),
+         .buffer("running_var", runningVariance), .counter("num_batches_tracked", batchesTracked)]
+    }
+
+    func layout(of shape: [Int]) throws -> ChannelLayout {
+        guard let layout = ChannelLayout(shape: shape), layout.channels == featureCount else {
+            throw LayerError("\(Self.self): expected N×\(featureCount) or N×\(featureCount)×H×W input, got \(shape)")
+        }
+        return layout
+    }
+
+    public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        let layout = try layout(of: input.shape)
+        switch mode {
+        case .inference:
+            let mean = runningMean.value.scalars.map(Double.init)
+            let invStd = runningVariance.value.scalars.map { 1 / (Double($0) + epsilon).squareRoot() }
+            return apply(input, layout: layout, mean: mean, invStd: invStd, keepNormalized: false)
+        case .training:
+            let shift = runningMean.value.scalars.map(Double.init)
+            let statistics = try BatchStatistics.compute(input, layout: layout, shift: shift, group: group)
+            lastLayout = layout
+            lastShape = input.shape
+            guard let statistics else {
+                // No rank of the group has data this step: nothing to normalize, nothing to learn.
+                lastStatistics = nil
+                invStd = Array(repeating: 0, count: featureCount)
+                normalized = Tensor(shape: input.shape)
+                return Tensor(shape: input.shape)
+            }
+            guard statistics.count > 1 else {
+                throw LayerError("\(Self.self): batch statistics need more than 1 value per channel, got 1 (input \(input.shape)); use a larger batch or sync over more ranks")
+            }
+            lastStatistics = statistics
+            invStd = statistics.variance.map { 1 / ($0 + epsilon).squareRoot() }
+            updateRunningStatistics(statistics)
+            return apply(input, layout: layout, mean: statistics.mean, invStd: invStd, keepNormalized: true)
+        }
+    }
+
+    /// The EMA (or cumulative average) update, in Double, with the unbiased variance over M.
+    func updateRunningStatistics(_ statistics: BatchStatistics) {
+        batchesTracked.value += 1
+        let factor = momentum ?? 1 / Double(batchesTracked.value)
+        let correction = statistics.count / (statistics.count - 1)
+        for c in 0..<featureCount {
+            let mean = Double(runningMean.value.scalars[c]), variance = Double(runningVariance.value.scalars[c])
+            runningMean.value.scalars[c] = Scalar((1 - factor) * mean + factor * statistics.mean[c])
+            runningVariance.value.scalars[c] = Scalar((1 - factor) * variance + factor * statistics.variance[c] * correction)
+        }
+    }
+
+    private func apply(_ input: Tensor<Scalar>, layout: ChannelLayout, mean: [Double], invStd: [Double], keepNormalized: Bool) -> Tensor<Scalar> {
+        var output = Tensor<Scalar>(shape: input.shape)
+        var xhat = Tensor<Scalar>(shape: keepNormalized ? input.shape : [0])
+        input.scalars.withUnsafeBufferPointer { x in
+            mean.withUnsafeBufferPointer { mu in
+                invStd.withUnsafeBufferPointer { s in
+                    weight.value.scalars.withUnsafeBufferPointer { g in
+                        bias.value.scalars.withUnsafeBufferPointer { b in
+                            xhat.scalars.withUnsafeMutableBufferPointer { n in
+                                output.scalars.withUnsafeMutableBufferPointer { y in
+                                    Scalar.normalize(x, layout: layout, mean: mu, invStd: s, gamma: g, beta: b, normalized: n, output: y)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if keepNormalized { normalized = xhat }
+        return output
+    }
+
+    public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        guard outputGradient.shape == lastShape else {
+            throw LayerError("\(Self.self): gradient \(outputGradient.shape) does not match the forward input \(lastShape)")
+        }
+        let C = featureCount, layout = lastLayout
+        var local = [Double](repeating: 0, count: 2 * C)
+        outputGradient.scalars.withUnsafeBufferPointer { dy in
+            normalized.scalars.withUnsafeBufferPointer { n in
+                local.withUnsafeMutableBufferPointer { Scalar.gradientSums(dy, normalized: n, layout: layout, into: $0) }
+            }
+        }
+        // dγ and dβ stay local: the data-parallel gradient exchange sums them over ranks.
+        bias.gradient = Tensor(shape: [C], scalars: local[0..<C].map { Scalar($0) })
+        weight.gradient = Tensor(shape: [C], scalars: local[C...].map { Scalar($0) })
+        var global = local
+        if let group { try group.allReduceSum(&global) }
+        guard let count = lastStatistics?.count else { return Tensor(shape: lastShape) }
+        let scale = (0..<C).map { Double(weight.value.scalars[$0]) * invStd[$0] }
+        let meanGradient = global[0..<C].map { $0 / count }
+        let meanGradientNormalized = global[C...].map { $0 / count }
+        var inputGradient = Tensor<Scalar>(shape: lastShape)
+        outputGradient.scalars.withUnsafeBufferPointer { dy in
+            normalized.scalars.withUnsafeBufferPointer { n in
+                scale.withUnsafeBufferPointer { s in
+                    meanGradient.withUnsafeBufferPointer { a in
+                        meanGradientNormalized.withUnsafeBufferPointer { b in
+                            inputGradient.scalars.withUnsafeMutableBufferPointer { dx in
+                                Scalar.normalizeBackward(dy, normalized: n, layout: layout, scale: s, meanGradient: a,
+                                                         meanGradientNormalized: b, into: dx)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return inputGradient
+    }
+}
+
+/// Synchronized batch normalization: ``BatchNorm`` whose statistics span every rank of `group`
+/// (all ranks of the job by default, or a sub-group from `Communicator.split`), as PyTorch's
+/// `SyncBatchNorm`. Exact for uneven and empty shards: the global count M comes out of the same
+/// single all-reduce as the sums.
+public final class SyncBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> {
+    public init(featureCount: Int, epsilon: Double = 1e-5, momentum: Double? = 0.1, synchronizing group: any Communicator) {
+        super.init(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
+    }
+}

@@ -1,0 +1,85 @@
+import Foundation
+import Kernels
+
+/// A training checkpoint: every parameter, buffer and counter of the model under its dotted name,
+/// the optimizer's momentum buffers as `optimizer.momentum_buffer.NAME`, and metadata (format,
+/// step, epoch, the run's configuration as JSON, which statistics the running buffers hold).
+/// Written by rank 0 only, atomically.
+public enum Checkpoint {
+    public static let format = "syncbn-checkpoint-1"
+    static let momentumPrefix = "optimizer.momentum_buffer."
+
+    public static func save(network: Network, optimizer: SGD?, metadata: [String: String], to path: String) throws {
+        var tensors: [(name: String, tensor: StoredTensor)] = []
+        for entry in network.state {
+            switch entry {
+            case let .parameter(name, p): tensors.append((name, StoredTensor(floats: p.value.scalars, shape: p.value.shape)))
+            case let .buffer(name, b): tensors.append((name, StoredTensor(floats: b.value.scalars, shape: b.value.shape)))
+            case let .counter(name, c): tensors.append((name, StoredTensor(int64: c.value)))
+            }
+        }
+        if let optimizer {
+            for (name, parameter) in network.namedParameters {
+                let buffer = optimizer.momentumBuffers[name] ?? [Float](repeating: 0, count: parameter.value.count)
+                tensors.append((momentumPrefix + name, StoredTensor(floats: buffer, shape: parameter.value.shape)))
+            }
+        }
+        var meta = metadata
+        meta["format"] = format
+        try Safetensors.write(tensors, metadata: meta, to: path)
+    }
+
+    /// Loads `path` into the model (and optimizer). Every entry the model has must be present with
+    /// the same shape, and the file may hold nothing else; returns the metadata.
+    @discardableResult
+    public static func load(_ path: String, into network: Network, optimizer: SGD?) throws -> [String: String] {
+        let (tensors, metadata) = try Safetensors.read(path)
+        guard metadata["format"] == format else {
+            throw FileFormatError(path, "not a syncbn checkpoint (metadata format is \(metadata["format"].map { "'\($0)'" } ?? "missing"))")
+        }
+        var used = Set<String>()
+        func floats(_ name: String, shape: [Int]) throws -> [Float] {
+            guard let stored = tensors[name] else {
+                throw FileFormatError(path, "has no '\(name)': the checkpoint was written for another model or normalization")
+            }
+            guard stored.shape == shape, let values = stored.floats else {
+                throw FileFormatError(path, "'\(name)' has shape \(stored.shape) (\(stored.dtype.rawValue)), the model expects \(shape) floats")
+            }
+            if let bad = values.firstIndex(where: { !$0.isFinite }) {
+                throw FileFormatError(path, "'\(name)' holds a non-finite value at index \(bad)")
+            }
+            used.insert(name)
+            return values
+        }
+        // Read everything first, so a bad file leaves the model untouched.
+        var assignments: [() -> Void] = []
+        for entry in network.state {
+            switch entry {
+            case let .parameter(name, p):
+                let values = try floats(name, shape: p.value.shape)
+                assignments.append { p.value.scalars = values }
+            case let .buffer(name, b):
+                let values = try floats(name, shape: b.value.shape)
+                assignments.append { b.value.scalars = values }
+            case let .counter(name, c):
+                guard let value = tensors[name]?.int64 else { throw FileFormatError(path, "has no integer '\(name)'") }
+                used.insert(name)
+                assignments.append { c.value = value }
+            }
+        }
+        if let optimizer {
+            for (name, parameter) in network.namedParameters {
+                let key = momentumPrefix + name
+                if tensors[key] == nil { continue }
+                let values = try floats(key, shape: parameter.value.shape)
+                assignments.append { optimizer.setMomentumBuffer(values, for: name) }
+            }
+        }
+        let unknown = Set(tensors.keys).subtracting(used).filter { !$0.hasPrefix(momentumPrefix) }
+        if let first = unknown.sorted().first {
+            throw FileFormatError(path, "has '\(first)'\(unknown.count > 1 ? " and \(unknown.count - 1) more entries" : "") that the model does not: written for another model?")
+        }
+        assignments.forEach { $0() }
+        return metadata
+    }
+}

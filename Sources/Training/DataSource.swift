@@ -1,0 +1,243 @@
+import Foundation
+import Kernels
+
+/// Where training data comes from, as given to `--data`:
+///
+/// - `synthetic` or `synthetic:train=N,heldout=N,seed=S` — the built-in images (default
+///   8192 / 2048 samples, seed 0);
+/// - `idx:IMAGES,LABELS` — MNIST-style IDX files (unsigned-byte images N×H×W or N×C×H×W,
+///   labels N);
+/// - `cifar10:DIR` — CIFAR-10 binary batches: `data_batch_*.bin` for training and
+///   `test_batch.bin`, when present, as the held-out set;
+/// - `npy:X,Y` — samples X (N×C×H×W, N×H×W or N×F, any numeric dtype) and integer labels Y (N).
+///
+/// For sources without their own held-out set, the last `heldOutFraction` of the samples is held
+/// out (or `--eval-data` names a second source).
+public enum DataSource: Equatable, Sendable, CustomStringConvertible {
+    case synthetic(train: Int, heldOut: Int, seed: UInt64)
+    case idx(images: String, labels: String)
+    case cifar10(directory: String)
+    case npy(samples: String, labels: String)
+
+    public static let defaultSynthetic = DataSource.synthetic(train: 8192, heldOut: 2048, seed: 0)
+
+    public var description: String {
+        switch self {
+        case let .synthetic(train, heldOut, seed): return "synthetic:train=\(train),heldout=\(heldOut),seed=\(seed)"
+        case let .idx(images, labels): return "idx:\(images),\(labels)"
+        case let .cifar10(directory): return "cifar10:\(directory)"
+        case let .npy(samples, labels): return "npy:\(samples),\(labels)"
+        }
+    }
+
+    /// Parses a `--data` value; the error says what form was expected.
+    public init(parsing text: String) throws {
+        let (kind, rest): (String, String) = {
+            guard let colon = text.firstIndex(of: ":") else { return (text, "") }
+            return (String(text[..<colon]), String(text[text.index(after: colon)...]))
+        }()
+        func pair() throws -> (String, String) {
+            let parts = rest.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+                throw DataError("--data \(kind): expected \(kind):FILE1,FILE2, got '\(text)'")
+            }
+            return (parts[0], parts[1])
+        }
+        switch kind {
+        case "synthetic":
+            var train = 8192, heldOut = 2048, seed: UInt64 = 0
+            for item in rest.split(separator: ",") where !item.isEmpty {
+                let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+                guard kv.count == 2, let value = Int(kv[1]), value >= 0 else {
+                    throw DataError("--data synthetic: expected train=N,heldout=N,seed=S, got '\(item)'")
+                }
+                switch kv[0] {
+                case "train": train = value
+                case "heldout": heldOut = value
+                case "seed": seed = UInt64(value)
+                default: throw DataError("--data synthetic: unknown option '\(kv[0])' (train, heldout, seed)")
+                }
+            }
+            guard train >= 2, heldOut >= 1 else { throw DataError("--data synthetic: need train ≥ 2 and heldout ≥ 1") }
+            self = .synthetic(train: train, heldOut: heldOut, seed: seed)
+        case "idx":
+            let (a, b) = try pair()
+            self = .idx(images: a, labels: b)
+        case "npy":
+            let (a, b) = try pair()
+            self = .npy(samples: a, labels: b)
+        case "cifar10":
+            guard !rest.isEmpty else { throw DataError("--data cifar10: expected cifar10:DIRECTORY") }
+            self = .cifar10(directory: rest)
+        default:
+            throw DataError("--data: unknown source '\(kind)' (synthetic, idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y)")
+        }
+    }
+
+    /// Loads the source: a training set and, when the source has one, a held-out set.
+    public func load() throws -> (train: Dataset, heldOut: Dataset?) {
+        switch self {
+        case let .synthetic(train, heldOut, seed):
+            let split = SyntheticImages.make(trainCount: train, heldOutCount: heldOut, seed: seed)
+            return (split.train, split.heldOut)
+        case let .idx(images, labels):
+            return (try IDXFormat.load(images: images, labels: labels), nil)
+        case let .npy(samples, labels):
+            return (try loadNumpyPair(samples: samples, labels: labels), nil)
+        case let .cifar10(directory):
+            return try CIFAR10Format.load(directory: directory)
+        }
+    }
+
+    /// The training and held-out sets: the source's own held-out set, `evaluation`'s samples, or
+    /// the last `heldOutFraction` of the source — standardized with the training moments.
+    public static func split(_ source: DataSource, evaluation: DataSource?, heldOutFraction: Double) throws -> DataSplit {
+        let (train, ownHeldOut) = try source.load()
+        var split: DataSplit
+        if let evaluation {
+            let (evalSet, _) = try evaluation.load()
+            guard evalSet.sampleShape == train.sampleShape else {
+                throw DataError("--eval-data samples have shape \(evalSet.sampleShape), training samples \(train.sampleShape)")
+            }
+            split = DataSplit(train: train, heldOut: evalSet)
+        } else if let ownHeldOut {
+            split = DataSplit(train: train, heldOut: ownHeldOut)
+        } else {
+            let heldOut = Int((Double(train.count) * heldOutFraction).rounded())
+            guard heldOut >= 1, train.count - heldOut >= 2 else {
+                throw DataError("\(source): \(train.count) samples are too few to hold out \(Int(heldOutFraction * 100))% for evaluation")
+            }
+            split = DataSplit(train: train.subset(0..<(train.count - heldOut)), heldOut: train.subset((train.count - heldOut)..<train.count))
+        }
+        let classes = max(split.train.classes, split.heldOut.classes)
+        split.train = Dataset(sampleShape: split.train.sampleShape, classes: classes, samples: split.train.samples, labels: split.train.labels)
+        split.heldOut = Dataset(sampleShape: split.heldOut.sampleShape, classes: classes, samples: split.heldOut.samples, labels: split.heldOut.labels)
+        split.standardize()
+        return split
+    }
+}
+
+/// A problem with the data a user pointed us at.
+public struct DataError: Error, CustomStringConvertible {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+func readFile(_ path: String) throws -> [UInt8] {
+    var isDirectory: ObjCBool = false
+    guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { throw FileFormatError(path, "no such file") }
+    guard !isDirectory.boolValue else { throw FileFormatError(path, "is a directory, expected a file") }
+    guard let data = FileManager.default.contents(atPath: path) else { throw FileFormatError(path, "cannot be read") }
+    return [UInt8](data)
+}
+
+/// Labels must be integers in 0 ..< 65536; the class count is max + 1.
+func checkedLabels(_ values: [Int], path: String) throws -> (labels: [Int32], classes: Int) {
+    guard let bad = values.first(where: { $0 < 0 || $0 >= 65536 }) else {
+        return (values.map { Int32($0) }, (values.max() ?? 0) + 1)
+    }
+    throw FileFormatError(path, "label \(bad) is not a class index in 0..<65536")
+}
+
+/// MNIST's IDX format: magic 0x0000, a type byte (0x08 = unsigned byte), a dimension count, the
+/// dimensions as big-endian UInt32, then the data.
+enum IDXFormat {
+    static func read(_ path: String) throws -> (dims: [Int], values: [UInt8]) {
+        let bytes = try readFile(path)
+        guard bytes.count >= 4, bytes[0] == 0, bytes[1] == 0 else { throw FileFormatError(path, "not an IDX file (bad magic number)") }
+        guard bytes[2] == 0x08 else { throw FileFormatError(path, String(format: "IDX element type 0x%02x is not supported (only unsigned bytes, 0x08)", bytes[2])) }
+        let ndims = Int(bytes[3])
+        guard ndims >= 1, bytes.count >= 4 + 4 * ndims else { throw FileFormatError(path, "truncated IDX header") }
+        let dims = (0..<ndims).map { d in (0..<4).reduce(0) { $0 << 8 | Int(bytes[4 + 4 * d + $1]) } }
+        let count = dims.reduce(1, *), start = 4 + 4 * ndims
+        guard bytes.count - start >= count else {
+            throw FileFormatError(path, "truncated: dimensions \(dims) need \(count) bytes of data, file has \(bytes.count - start)")
+        }
+        guard bytes.count - start == count else { throw FileFormatError(path, "\(bytes.count - start - count) bytes of trailing data") }
+        return (dims, Array(bytes[start...]))
+    }
+
+    static func load(images: String, labels: String) throws -> Dataset {
+        let (imageDims, pixels) = try read(images)
+        let (labelDims, labelBytes) = try read(labels)
+        guard imageDims.count == 3 || imageDims.count == 4 else {
+            throw FileFormatError(images, "expected N×H×W or N×C×H×W images, got dimensions \(imageDims)")
+        }
+        guard labelDims.count == 1 else { throw FileFormatError(labels, "expected a 1-D label file, got dimensions \(labelDims)") }
+        guard imageDims[0] == labelDims[0] else {
+            throw FileFormatError(labels, "has \(labelDims[0]) labels but \(images) has \(imageDims[0]) images")
+        }
+        let sampleShape = imageDims.count == 3 ? [1, imageDims[1], imageDims[2]] : Array(imageDims.dropFirst())
+        let (checked, classes) = try checkedLabels(labelBytes.map(Int.init), path: labels)
+        return Dataset(sampleShape: sampleShape, classes: classes, samples: pixels.map { Float($0) / 255 }, labels: checked)
+    }
+}
+
+/// CIFAR-10's binary version: records of 1 label byte and 3072 pixel bytes (3×32×32).
+enum CIFAR10Format {
+    static let recordSize = 1 + 3 * 32 * 32
+
+    static func read(_ path: String) throws -> (samples: [Float], labels: [Int32]) {
+        let bytes = try readFile(path)
+        guard !bytes.isEmpty, bytes.count % recordSize == 0 else {
+            throw FileFormatError(path, "size \(bytes.count) is not a multiple of the \(recordSize)-byte CIFAR-10 record (truncated?)")
+        }
+        let records = bytes.count / recordSize
+        var samples = [Float](repeating: 0, count: records * (recordSize - 1))
+        var labels = [Int32](repeating: 0, count: records)
+        for r in 0..<records {
+            let label = bytes[r * recordSize]
+            guard label < 10 else { throw FileFormatError(path, "record \(r) has label \(label), CIFAR-10 labels are 0…9") }
+            labels[r] = Int32(label)
+            for i in 0..<(recordSize - 1) { samples[r * (recordSize - 1) + i] = Float(bytes[r * recordSize + 1 + i]) / 255 }
+        }
+        return (samples, labels)
+    }
+
+    static func load(directory: String) throws -> (Dataset, Dataset?) {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw FileFormatError(directory, "no such directory")
+        }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        let trainFiles = names.filter { $0.hasPrefix("data_batch_") && $0.hasSuffix(".bin") }.sorted()
+        guard !trainFiles.isEmpty else { throw FileFormatError(directory, "contains no data_batch_*.bin files (CIFAR-10 binary version)") }
+        var samples: [Float] = [], labels: [Int32] = []
+        for name in trainFiles {
+            let part = try read(directory + "/" + name)
+            samples += part.samples
+            labels += part.labels
+        }
+        let shape = [3, 32, 32]
+        let train = Dataset(sampleShape: shape, classes: 10, samples: samples, labels: labels)
+        guard names.contains("test_batch.bin") else { return (train, nil) }
+        let test = try read(directory + "/test_batch.bin")
+        return (train, Dataset(sampleShape: shape, classes: 10, samples: test.samples, labels: test.labels))
+    }
+}
+
+func loadNumpyPair(samples: String, labels: String) throws -> Dataset {
+    let x = try NumpyArray(contentsOf: samples)
+    let y = try NumpyArray(contentsOf: labels)
+    guard (2...4).contains(x.shape.count) else {
+        throw FileFormatError(samples, "expected N×F, N×H×W or N×C×H×W samples, got shape \(x.shape)")
+    }
+    guard y.shape.count == 1 else { throw FileFormatError(labels, "expected N labels, got shape \(y.shape)") }
+    guard x.shape[0] == y.shape[0] else {
+        throw FileFormatError(labels, "has \(y.shape[0]) labels but \(samples) has \(x.shape[0]) samples")
+    }
+    let values: [Float] = x.scalars()
+    if let bad = values.firstIndex(where: { !$0.isFinite }) {
+        throw FileFormatError(samples, "value \(bad) is not finite (\(values[bad]))")
+    }
+    guard let integers = y.integers() else { throw FileFormatError(labels, "labels must be integers") }
+    let (checked, classes) = try checkedLabels(integers, path: labels)
+    let sampleShape: [Int]
+    switch x.shape.count {
+    case 2: sampleShape = [x.shape[1]]
+    case 3: sampleShape = [1, x.shape[1], x.shape[2]]
+    default: sampleShape = Array(x.shape.dropFirst())
+    }
+    return Dataset(sampleShape: sampleShape, classes: classes, samples: values, labels: checked)
+}

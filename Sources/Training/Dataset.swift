@@ -1,0 +1,100 @@
+import Foundation
+import Kernels
+
+/// Labelled samples held in memory: `count` samples of `sampleShape` (C×H×W, or F for feature
+/// vectors), Float32, with integer labels in 0 ..< classes.
+public struct Dataset: Sendable {
+    public let sampleShape: [Int]
+    public let classes: Int
+    public private(set) var samples: [Float]
+    public let labels: [Int32]
+
+    public var count: Int { labels.count }
+    public var sampleSize: Int { sampleShape.reduce(1, *) }
+
+    public init(sampleShape: [Int], classes: Int, samples: [Float], labels: [Int32]) {
+        precondition(samples.count == labels.count * sampleShape.reduce(1, *), "samples and labels disagree")
+        self.sampleShape = sampleShape
+        self.classes = classes
+        self.samples = samples
+        self.labels = labels
+    }
+
+    /// The samples at `indices` as one N×… tensor, with their labels.
+    public func batch<C: Collection>(_ indices: C) -> (Tensor<Float>, [Int32]) where C.Element == Int {
+        let size = sampleSize
+        var scalars = [Float](repeating: 0, count: indices.count * size)
+        var batchLabels = [Int32]()
+        batchLabels.reserveCapacity(indices.count)
+        samples.withUnsafeBufferPointer { source in
+            scalars.withUnsafeMutableBufferPointer { target in
+                for (row, index) in indices.enumerated() {
+                    _ = UnsafeMutableBufferPointer(rebasing: target[(row * size)..<((row + 1) * size)])
+                        .initialize(from: source[(index * size)..<((index + 1) * size)])
+                    batchLabels.append(labels[index])
+                }
+            }
+        }
+        return (Tensor(shape: [indices.count] + sampleShape, scalars: scalars), batchLabels)
+    }
+
+    /// Samples `range` as a new data set.
+    public func subset(_ range: Range<Int>) -> Dataset {
+        Dataset(sampleShape: sampleShape, classes: classes,
+                samples: Array(samples[(range.lowerBound * sampleSize)..<(range.upperBound * sampleSize)]),
+                labels: Array(labels[range]))
+    }
+
+    /// Per-channel mean and standard deviation (channel = first sample dimension for C×H×W,
+    /// one channel for feature vectors), in Double.
+    public func channelMoments() -> (mean: [Double], std: [Double]) {
+        let channels = sampleShape.count == 3 ? sampleShape[0] : 1
+        let perChannel = sampleSize / channels
+        var sum = [Double](repeating: 0, count: channels), squares = sum
+        for n in 0..<count {
+            for c in 0..<channels {
+                let base = n * sampleSize + c * perChannel
+                for p in 0..<perChannel {
+                    let v = Double(samples[base + p])
+                    sum[c] += v
+                    squares[c] += v * v
+                }
+            }
+        }
+        let m = Double(max(count * perChannel, 1))
+        let mean = sum.map { $0 / m }
+        let std = zip(squares, mean).map { max($0 / m - $1 * $1, 0).squareRoot() }
+        return (mean, std)
+    }
+
+    /// (x − mean_c)/std_c per channel (std 0 is left unscaled).
+    public mutating func standardize(mean: [Double], std: [Double]) {
+        let channels = mean.count, perChannel = sampleSize / channels
+        for n in 0..<count {
+            for c in 0..<channels {
+                let base = n * sampleSize + c * perChannel
+                let s = std[c] > 0 ? std[c] : 1
+                for p in 0..<perChannel { samples[base + p] = Float((Double(samples[base + p]) - mean[c]) / s) }
+            }
+        }
+    }
+}
+
+/// A training set and the held-out set that evaluation uses.
+public struct DataSplit: Sendable {
+    public var train: Dataset
+    public var heldOut: Dataset
+
+    public init(train: Dataset, heldOut: Dataset) {
+        self.train = train
+        self.heldOut = heldOut
+    }
+
+    /// Standardizes both sets with the training set's per-channel moments, so that every source
+    /// (bytes in 0…255, arbitrary floats) enters the network on the same scale.
+    public mutating func standardize() {
+        let (mean, std) = train.channelMoments()
+        train.standardize(mean: mean, std: std)
+        heldOut.standardize(mean: mean, std: std)
+    }
+}

@@ -1,0 +1,52 @@
+import Foundation
+
+/// JSON-lines metrics, written by rank 0 (DESIGN §4): one object per logged step
+/// (`step`, `epoch`, `loss`, `accuracy`, `lr`, `samples_per_s`, `comm_s`) and one per evaluation
+/// (`event: "eval"`, `stats`, `loss`, `accuracy`).
+public final class MetricsWriter {
+    private let handle: FileHandle
+    public let path: String
+
+    public init(path: String) throws {
+        guard FileManager.default.createFile(atPath: path, contents: nil), let handle = FileHandle(forWritingAtPath: path) else {
+            throw DataError("--metrics \(path): cannot create the file")
+        }
+        self.handle = handle
+        self.path = path
+    }
+
+    deinit { try? handle.close() }
+
+    public func write(_ object: [String: Any]) {
+        guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
+        handle.write(data + Data("\n".utf8))
+    }
+}
+
+/// Progress on stderr: a live line on a terminal, plain lines otherwise.
+public final class ProgressReporter {
+    private let live: Bool
+    private var lastPrinted = Date.distantPast
+    private var lineOpen = false
+
+    public init(live: Bool = isatty(2) != 0) {
+        self.live = live
+    }
+
+    public func step(_ text: String, force: Bool = false) {
+        if live {
+            let now = Date()
+            guard force || now.timeIntervalSince(lastPrinted) > 0.2 else { return }
+            lastPrinted = now
+            FileHandle.standardError.write(Data(("\r\u{1B}[K" + text).utf8))
+            lineOpen = true
+        } else if force {
+            line(text)
+        }
+    }
+
+    public func line(_ text: String) {
+        if lineOpen { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)); lineOpen = false }
+        FileHandle.standardError.write(Data((text + "\n").utf8))
+    }
+}

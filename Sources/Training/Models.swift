@@ -1,0 +1,85 @@
+import Collectives
+import Kernels
+import Normalization
+
+/// The architectures `syncbn-train --model` offers.
+public enum ModelKind: String, CaseIterable, Codable, Sendable {
+    /// Three conv(3×3, no bias)–norm–ReLU blocks of 16, 32, 64 channels, the last two with stride
+    /// 2, then global average pooling and a linear classifier.
+    case convnet
+    /// Flatten, two linear(no bias)–norm–ReLU blocks of 128 units, linear classifier.
+    case mlp
+}
+
+/// Which normalization layer follows each conv/linear layer.
+public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
+    /// Per-rank batch statistics, no collectives.
+    case bn
+    /// Statistics over the ranks of each sync group (DESIGN §3.1–3.2).
+    case syncbn
+}
+
+/// Builds normalization layers for a model: the kind, and the group that SyncBN synchronizes.
+public struct NormalizationFactory {
+    public let kind: NormalizationKind
+    public let group: (any Communicator)?
+    public let epsilon: Double
+    public let momentum: Double?
+
+    public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1) {
+        self.kind = kind
+        self.group = group
+        self.epsilon = epsilon
+        self.momentum = momentum
+    }
+
+    public func make(featureCount: Int) -> any Layer<Float> {
+        switch kind {
+        case .bn:
+            return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum)
+        case .syncbn:
+            guard let group else { return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum) }
+            return SyncBatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, synchronizing: group)
+        }
+    }
+}
+
+extension Network {
+    /// A model for samples of `sampleShape` ([C, H, W], or [F] for the MLP) and `classes`
+    /// classes, initialised from `seed` (identically on every rank).
+    public static func make(_ kind: ModelKind, sampleShape: [Int], classes: Int, normalization: NormalizationFactory,
+                            seed: UInt64) throws -> Network {
+        var random = DeterministicRandom(seed: seed, stream: [0x4D4F_4445_4C])
+        switch kind {
+        case .convnet:
+            guard sampleShape.count == 3 else {
+                throw LayerError("model convnet needs C×H×W samples, the data has samples of shape \(sampleShape); use --model mlp")
+            }
+            let widths = [16, 32, 64]
+            var layers: [(name: String, layer: any Layer<Float>)] = []
+            var channels = sampleShape[0]
+            for (i, width) in widths.enumerated() {
+                layers.append(("features.\(i).conv", Conv2d<Float>(inputChannels: channels, outputChannels: width, kernelSize: 3,
+                                                                    stride: i == 0 ? 1 : 2, padding: 1, bias: false, random: &random)))
+                layers.append(("features.\(i).bn", normalization.make(featureCount: width)))
+                layers.append(("features.\(i).relu", ReLU<Float>()))
+                channels = width
+            }
+            layers.append(("pool", GlobalAvgPool<Float>()))
+            layers.append(("classifier", Linear<Float>(inputFeatures: channels, outputFeatures: classes, random: &random)))
+            return Network(layers: layers)
+        case .mlp:
+            let inputs = sampleShape.reduce(1, *)
+            var layers: [(name: String, layer: any Layer<Float>)] = [("flatten", Flatten<Float>())]
+            var features = inputs
+            for i in 0..<2 {
+                layers.append(("features.\(i).linear", Linear<Float>(inputFeatures: features, outputFeatures: 128, bias: false, random: &random)))
+                layers.append(("features.\(i).bn", normalization.make(featureCount: 128)))
+                layers.append(("features.\(i).relu", ReLU<Float>()))
+                features = 128
+            }
+            layers.append(("classifier", Linear<Float>(inputFeatures: features, outputFeatures: classes, random: &random)))
+            return Network(layers: layers)
+        }
+    }
+}

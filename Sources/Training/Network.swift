@@ -1,0 +1,47 @@
+import Kernels
+import Normalization
+
+/// A sequential model whose layers carry dotted names (`features.0.conv`, `classifier`), the
+/// names its parameters and buffers have in checkpoints.
+public final class Network {
+    public let layers: [(name: String, layer: any Layer<Float>)]
+
+    public init(layers: [(name: String, layer: any Layer<Float>)]) {
+        self.layers = layers
+    }
+
+    public func forward(_ input: Tensor<Float>, mode: Mode) throws -> Tensor<Float> {
+        var x = input
+        for (_, layer) in layers { x = try layer.forward(x, mode: mode) }
+        return x
+    }
+
+    /// Back-propagates the gradient of the loss with respect to the logits; writes every
+    /// parameter's gradient.
+    public func backward(_ outputGradient: Tensor<Float>) throws {
+        var g = outputGradient
+        for (_, layer) in layers.reversed() { g = try layer.backward(g) }
+    }
+
+    /// Every parameter, buffer and counter under its full dotted name, in layer order.
+    public var state: [StateEntry<Float>] {
+        layers.flatMap { entry in entry.layer.state.map { $0.prefixed(entry.name) } }
+    }
+
+    /// Trainable parameters under their full names, in layer order.
+    public var namedParameters: [(name: String, parameter: Parameter<Float>)] {
+        state.compactMap { if case let .parameter(name, p) = $0 { return (name, p) } else { return nil } }
+    }
+
+    /// Floating-point buffers (running statistics) under their full names.
+    public var namedBuffers: [(name: String, buffer: Buffer<Float>)] {
+        state.compactMap { if case let .buffer(name, b) = $0 { return (name, b) } else { return nil } }
+    }
+
+    /// The batch-normalization layers, in order.
+    public var batchNormLayers: [BatchNorm<Float>] {
+        layers.compactMap { $0.layer as? BatchNorm<Float> }
+    }
+
+    public var parameterCount: Int { namedParameters.reduce(0) { $0 + $1.parameter.value.count } }
+}

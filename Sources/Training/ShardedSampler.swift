@@ -1,0 +1,53 @@
+import Collectives
+import Kernels
+
+/// The data-parallel sampling rule (DESIGN §3.3).
+///
+/// One permutation of the training set per epoch, drawn from (seed, epoch) and identical on every
+/// rank. Global batch t of an epoch is the slice [t·G, (t+1)·G) of it, with G = ranks × per-rank
+/// batch; the last batch of an epoch may be short. Rank r takes the r-th contiguous piece of the
+/// global batch (``contiguousPiece(of:parts:index:)``: sizes differ by at most one, and a rank may
+/// get nothing). A W-rank run with per-rank batch b therefore sees exactly the global batches of a
+/// 1-rank run with batch W·b.
+public struct ShardedSampler {
+    public let sampleCount: Int
+    public let globalBatchSize: Int
+    public let seed: UInt64
+    public let ranks: Int
+    public let rank: Int
+    private var cachedEpoch = -1
+    private var permutation: [Int] = []
+
+    public init(sampleCount: Int, globalBatchSize: Int, seed: UInt64, ranks: Int, rank: Int) {
+        precondition(sampleCount > 0 && globalBatchSize > 0 && ranks > 0 && (0..<ranks).contains(rank), "invalid sampler")
+        self.sampleCount = sampleCount
+        self.globalBatchSize = globalBatchSize
+        self.seed = seed
+        self.ranks = ranks
+        self.rank = rank
+    }
+
+    /// ⌈samples / G⌉.
+    public var stepsPerEpoch: Int { (sampleCount + globalBatchSize - 1) / globalBatchSize }
+
+    /// The epoch's permutation of 0 ..< sampleCount (Fisher–Yates).
+    public static func permutation(count: Int, seed: UInt64, epoch: Int) -> [Int] {
+        var random = DeterministicRandom(seed: seed, stream: [0x5348_5546, UInt64(epoch)])
+        var order = Array(0..<count)
+        for i in stride(from: count - 1, to: 0, by: -1) { order.swapAt(i, random.integer(below: i + 1)) }
+        return order
+    }
+
+    /// What optimizer step `step` (counted from 0 over the whole run) feeds this rank: its sample
+    /// indices, the size of the global batch, and the epoch.
+    public mutating func batch(step: Int) -> (indices: ArraySlice<Int>, globalCount: Int, epoch: Int) {
+        let epoch = step / stepsPerEpoch, within = step % stepsPerEpoch
+        if epoch != cachedEpoch {
+            permutation = Self.permutation(count: sampleCount, seed: seed, epoch: epoch)
+            cachedEpoch = epoch
+        }
+        let start = within * globalBatchSize, end = min(start + globalBatchSize, sampleCount)
+        let piece = contiguousPiece(of: end - start, parts: ranks, index: rank)
+        return (permutation[(start + piece.lowerBound)..<(start + piece.upperBound)], end - start, epoch)
+    }
+}

@@ -1,0 +1,228 @@
+import Collectives
+import Foundation
+import Kernels
+import Normalization
+
+/// An error raised identically on every rank at the same point of the run (a non-finite loss
+/// seen through the all-reduced value, ranks that disagree): every rank can stop cleanly without
+/// aborting the job. Other errors may be raised by one rank alone.
+public struct CollectiveRunError: Error, CustomStringConvertible {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Held-out loss and accuracy over all ranks.
+public struct Evaluation: Equatable, Sendable {
+    public let loss: Double
+    public let accuracy: Double
+    public let count: Int
+}
+
+/// What a finished run reports.
+public struct TrainingSummary: Sendable {
+    public let steps: Int
+    public let evaluation: Evaluation
+    public let seconds: Double
+    public let samplesPerSecond: Double
+}
+
+/// Data-parallel training of one `Network` replica per rank (DESIGN §3.3).
+///
+/// Per step: this rank's piece of the global batch, forward in training mode, softmax
+/// cross-entropy scaled by 1/(global batch size), backward (SyncBN layers issue their own
+/// collectives), then one all-reduce(SUM) of the flattened gradients — which then are the
+/// gradients of the global mean loss on every rank — and an SGD step. The same all-reduce carries
+/// the step's loss sum and correct count, and, when batch statistics are not shared by all ranks
+/// (`--norm bn`, or sync groups smaller than the job), each rank's running statistics divided by
+/// the number of ranks, so the buffers stay the rank average and identical everywhere.
+public final class Trainer {
+    public let configuration: TrainingConfiguration
+    public let world: any Communicator
+    public let ledger: InstrumentedCommunicator.Ledger
+    public let network: Network
+    public let optimizer: SGD
+    public let data: DataSplit
+    public private(set) var step = 0
+    public var metrics: MetricsWriter?
+    public var progress: ProgressReporter?
+
+    private var sampler: ShardedSampler
+    private let averageRunningStatistics: Bool
+
+    /// Builds the model and, for SyncBN with `syncGroupSize` < ranks, splits the world into
+    /// groups of consecutive ranks. `world` is wrapped to count collectives and their time.
+    public init(configuration: TrainingConfiguration, data: DataSplit, world base: any Communicator) throws {
+        let instrumented = InstrumentedCommunicator(base)
+        self.configuration = configuration
+        self.world = instrumented
+        self.ledger = instrumented.ledger
+        self.data = data
+        let ranks = base.size
+        let groupSize = configuration.syncGroupSize ?? ranks
+        guard groupSize >= 1 else { throw DataError("--sync-group-size must be ≥ 1, got \(groupSize)") }
+        guard groupSize <= ranks else {
+            throw DataError("--sync-group-size \(groupSize) exceeds the \(ranks) rank\(ranks == 1 ? "" : "s") of this job")
+        }
+        var group: (any Communicator)?
+        if configuration.norm == .syncbn && ranks > 1 && groupSize > 1 {
+            group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
+        }
+        let sharesAll = configuration.norm == .syncbn && groupSize == ranks
+        averageRunningStatistics = ranks > 1 && !sharesAll
+        network = try Network.make(configuration.model, sampleShape: data.train.sampleShape, classes: data.train.classes,
+                                   normalization: NormalizationFactory(kind: configuration.norm, group: group,
+                                                                       epsilon: configuration.bnEpsilon, momentum: configuration.bnMomentum),
+                                   seed: configuration.seed)
+        optimizer = SGD(learningRate: Float(configuration.learningRate), momentum: Float(configuration.momentum),
+                        weightDecay: Float(configuration.weightDecay))
+        sampler = ShardedSampler(sampleCount: data.train.count, globalBatchSize: configuration.batchSize * ranks,
+                                 seed: configuration.seed, ranks: ranks, rank: base.rank)
+    }
+
+    public var stepsPerEpoch: Int { sampler.stepsPerEpoch }
+    public var totalSteps: Int { configuration.steps ?? configuration.epochs * sampler.stepsPerEpoch }
+
+    /// Continues from a checkpoint written by ``save(to:)``.
+    public func resume(from path: String) throws {
+        let metadata = try Checkpoint.load(path, into: network, optimizer: optimizer)
+        guard let text = metadata["step"], let saved = Int(text), saved >= 0 else {
+            throw FileFormatError(path, "metadata has no valid 'step'")
+        }
+        step = saved
+    }
+
+    /// Writes a checkpoint (rank 0 only; other ranks return at once).
+    public func save(to path: String, extraMetadata: [String: String] = [:]) throws {
+        guard world.rank == 0 else { return }
+        let configurationJSON = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
+        var metadata = ["step": String(step), "epoch": String(step / max(sampler.stepsPerEpoch, 1)),
+                        "configuration": configurationJSON, "ranks": String(world.size), "statistics": "ema"]
+        metadata.merge(extraMetadata) { $1 }
+        try Checkpoint.save(network: network, optimizer: optimizer, metadata: metadata, to: path)
+    }
+
+    /// One optimizer step; returns the global mean loss and accuracy of the batch.
+    @discardableResult
+    public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int) {
+        let (indices, globalCount, epoch) = sampler.batch(step: step)
+        let (x, labels) = data.train.batch(indices)
+        let logits = try network.forward(x, mode: .training)
+        let (lossSum, correct, gradient) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 1 / Float(globalCount))
+        try network.backward(gradient)
+
+        let parameters = network.namedParameters
+        let buffers = averageRunningStatistics ? network.namedBuffers : []
+        var flat: [Float] = []
+        flat.reserveCapacity(network.parameterCount + 2)
+        for (_, p) in parameters { flat.append(contentsOf: p.gradient.scalars) }
+        let share = 1 / Float(world.size)
+        for (_, b) in buffers { flat.append(contentsOf: b.value.scalars.map { $0 * share }) }
+        flat.append(Float(lossSum))
+        flat.append(Float(correct))
+        try world.allReduceSum(&flat)
+
+        var offset = 0
+        for (_, p) in parameters {
+            p.gradient.scalars.replaceSubrange(0..<p.gradient.count, with: flat[offset..<(offset + p.gradient.count)])
+            offset += p.gradient.count
+        }
+        for (_, b) in buffers {
+            b.value.scalars.replaceSubrange(0..<b.value.count, with: flat[offset..<(offset + b.value.count)])
+            offset += b.value.count
+        }
+        let loss = Double(flat[offset]) / Double(globalCount)
+        let accuracy = Double(flat[offset + 1]) / Double(globalCount)
+        guard loss.isFinite else {
+            throw CollectiveRunError("loss is \(loss) at step \(step + 1) (epoch \(epoch)): training diverged; lower --lr")
+        }
+        optimizer.step(parameters)
+        step += 1
+        return (loss, accuracy, globalCount)
+    }
+
+    /// Held-out loss and accuracy with the running statistics (inference mode: no BN collectives).
+    /// Each rank evaluates its contiguous piece; one all-reduce combines them.
+    public func evaluate() throws -> Evaluation {
+        let piece = contiguousPiece(of: data.heldOut.count, parts: world.size, index: world.rank)
+        var totals = [0.0, 0.0, Double(piece.count)]
+        var start = piece.lowerBound
+        while start < piece.upperBound {
+            let end = min(start + configuration.evalBatchSize, piece.upperBound)
+            let (x, labels) = data.heldOut.batch(start..<end)
+            let logits = try network.forward(x, mode: .inference)
+            let (lossSum, correct, _) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0)
+            totals[0] += lossSum
+            totals[1] += Double(correct)
+            start = end
+        }
+        try world.allReduceSum(&totals)
+        return Evaluation(loss: totals[0] / totals[2], accuracy: totals[1] / totals[2], count: Int(totals[2]))
+    }
+
+    /// Verifies that every rank holds bitwise the same parameters and buffers (they must: all
+    /// ranks apply the same all-reduced update). One all-gather of a checksum.
+    public func verifyReplicasAgree() throws {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for entry in network.state {
+            let values: [Float]
+            switch entry {
+            case let .parameter(_, p): values = p.value.scalars
+            case let .buffer(_, b): values = b.value.scalars
+            case let .counter(_, c): values = [Float(c.value)]
+            }
+            for v in values { hash = (hash ^ UInt64(v.bitPattern)) &* 0x100_0000_01B3 }
+        }
+        let all = try world.allGather([Int64(bitPattern: hash)])
+        guard all.allSatisfy({ $0 == all[0] }) else {
+            throw CollectiveRunError("model replicas differ between ranks after step \(step) (checksums \(all.map { $0[0] }))")
+        }
+    }
+
+    /// Trains until ``totalSteps``, evaluating every `evalEvery` steps and at the end; rank 0
+    /// reports progress and metrics.
+    public func run() throws -> TrainingSummary {
+        let total = totalSteps
+        let started = Date()
+        var intervalStart = Date(), intervalSamples = 0, intervalComm = ledger.blockedSeconds
+        var trained = 0
+        let plainEvery = max(1, total / 20)
+        while step < total {
+            let (loss, accuracy, samples) = try trainStep()
+            intervalSamples += samples
+            trained += samples
+            let logNow = step % max(configuration.logEvery, 1) == 0 || step == total
+            if world.rank == 0 {
+                let elapsed = Date().timeIntervalSince(intervalStart)
+                let rate = Double(intervalSamples) / max(elapsed, 1e-9)
+                let text = String(format: "step %d/%d  epoch %d  loss %.4f  acc %.1f%%  %.0f samples/s",
+                                  step, total, (step - 1) / max(sampler.stepsPerEpoch, 1), loss, accuracy * 100, rate)
+                progress?.step(text, force: step % plainEvery == 0 || step == total)
+                if logNow {
+                    metrics?.write(["step": step, "epoch": (step - 1) / max(sampler.stepsPerEpoch, 1), "loss": loss,
+                                    "accuracy": accuracy, "lr": configuration.learningRate, "samples_per_s": rate,
+                                    "comm_s": ledger.blockedSeconds - intervalComm])
+                }
+            }
+            if logNow {
+                intervalStart = Date(); intervalSamples = 0; intervalComm = ledger.blockedSeconds
+            }
+            if configuration.evalEvery > 0 && step % configuration.evalEvery == 0 && step < total {
+                report(try evaluate())
+            }
+        }
+        let evaluation = try evaluate()
+        report(evaluation)
+        try verifyReplicasAgree()
+        let seconds = Date().timeIntervalSince(started)
+        return TrainingSummary(steps: step, evaluation: evaluation, seconds: seconds,
+                               samplesPerSecond: Double(trained) / max(seconds, 1e-9))
+    }
+
+    private func report(_ evaluation: Evaluation) {
+        guard world.rank == 0 else { return }
+        metrics?.write(["event": "eval", "stats": "ema", "step": step, "loss": evaluation.loss, "accuracy": evaluation.accuracy])
+        progress?.line(String(format: "eval  step %d  held-out loss %.4f  accuracy %.2f%% (%d samples, EMA statistics)",
+                              step, evaluation.loss, evaluation.accuracy * 100, evaluation.count))
+    }
+}

@@ -1,0 +1,28 @@
+/// Everything that defines a training run; stored as JSON in checkpoint metadata.
+public struct TrainingConfiguration: Codable, Equatable, Sendable {
+    public var data: String = DataSource.defaultSynthetic.description
+    public var evalData: String?
+    public var heldOutFraction: Double = 0.1
+    public var model: ModelKind = .convnet
+    public var norm: NormalizationKind = .syncbn
+    /// Consecutive ranks that share batch statistics; nil = all ranks.
+    public var syncGroupSize: Int?
+    /// Per-rank batch size.
+    public var batchSize: Int = 32
+    public var epochs: Int = 6
+    /// Total optimizer steps; overrides `epochs` when set.
+    public var steps: Int?
+    public var learningRate: Double = 0.1
+    public var momentum: Double = 0.9
+    public var weightDecay: Double = 5e-4
+    public var bnMomentum: Double = 0.1
+    public var bnEpsilon: Double = 1e-5
+    public var seed: UInt64 = 0
+    /// Evaluate every this many steps (0 = only at the end).
+    public var evalEvery: Int = 0
+    public var evalBatchSize: Int = 256
+    /// Log a metrics line every this many steps.
+    public var logEvery: Int = 10
+
+    public init() {}
+}

@@ -1,0 +1,194 @@
+import ArgumentParser
+import CollectiveChecks
+import Collectives
+import CollectivesMPI
+import Foundation
+import CommandSupport
+import Kernels
+import Normalization
+import Training
+
+/// `syncbn-bench`: benchmarks and layer-level verification against NumPy/PyTorch.
+struct SyncBNBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "syncbn-bench",
+        abstract: "Benchmark and verify syncbn's layers and collectives (run under mpirun for several ranks).",
+        subcommands: [LayerBench.self, SelfTest.self])
+}
+
+/// One BN layer forward + backward, sharded over the ranks of the job.
+struct LayerBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "layer",
+        abstract: "Run one BatchNorm/SyncBatchNorm layer forward and backward over the job's ranks.",
+        discussion: """
+        The batch (first dimension) is split into contiguous pieces over the ranks, sizes differing by
+        at most one. --out DIR writes, gathered on rank 0: y.npy, dx.npy, dgamma.npy, dbeta.npy (summed over
+        ranks), mean.npy, var.npy (biased batch variance), running_mean.npy, running_var.npy (one update
+        from 0/1 with momentum 0.1). With --norm bn and several ranks the statistics are per rank and
+        those four files have one row per rank. --repeat K times K more iterations and prints the median
+        time per iteration and the effective bandwidth: forward reads x twice and writes y, backward
+        reads x and dy and writes dx — 6 × 4 bytes per element per iteration.
+        """)
+
+    @Option(help: "Input shape N,C,H,W or N,C (random N(0,1) input and gradient).")
+    var shape: String?
+    @Option(help: "Input .npy (N×C×H×W or N×C).")
+    var input: String?
+    @Option(help: "Output gradient .npy (same shape as the input; default: random).")
+    var grad: String?
+    @Option(help: "γ .npy (C values; default 1).")
+    var gamma: String?
+    @Option(help: "β .npy (C values; default 0).")
+    var beta: String?
+    @Option(help: "bn (per-rank statistics) or syncbn (statistics over all ranks).")
+    var norm: String = "syncbn"
+    @Option(help: "Directory for the output .npy files (rank 0).")
+    var out: String?
+    @Option(name: .customLong("repeat"), help: "Time this many extra iterations.")
+    var repetitions: Int = 0
+    @Option(help: "Seed for random input.")
+    var seed: UInt64 = 0
+
+    func validate() throws {
+        guard (shape == nil) != (input == nil) else { throw ValidationError("give exactly one of --shape and --input") }
+        guard norm == "bn" || norm == "syncbn" else { throw ValidationError("--norm must be bn or syncbn, got '\(norm)'") }
+        guard repetitions >= 0 && repetitions <= 1_000_000 else { throw ValidationError("--repeat must be between 0 and 1000000, got \(repetitions)") }
+        if let shape {
+            let dims = shape.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+            guard dims.count == 2 || dims.count == 4, dims.allSatisfy({ ($0 ?? 0) >= 1 }) else {
+                throw ValidationError("--shape must be N,C or N,C,H,W with positive sizes, got '\(shape)'")
+            }
+            guard dims.reduce(1, { $0 * $1! }) <= 1 << 30 else { throw ValidationError("--shape \(shape) is too large") }
+        }
+    }
+
+    func loadInputs() throws -> (x: Tensor<Float>, dy: Tensor<Float>, gamma: [Float]?, beta: [Float]?) {
+        var x: Tensor<Float>
+        if let input {
+            x = try NumpyArray(contentsOf: input).tensor()
+            guard x.rank == 2 || x.rank == 4 else { throw FileFormatError(input, "expected N×C or N×C×H×W, got shape \(x.shape)") }
+            if let bad = x.scalars.firstIndex(where: { !$0.isFinite }) { throw FileFormatError(input, "element \(bad) is not finite") }
+        } else {
+            let dims = shape!.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces))! }
+            var random = DeterministicRandom(seed: seed, stream: [1])
+            x = .normal(shape: dims, using: &random)
+        }
+        var dy: Tensor<Float>
+        if let grad {
+            dy = try NumpyArray(contentsOf: grad).tensor()
+            guard dy.shape == x.shape else { throw FileFormatError(grad, "shape \(dy.shape) differs from the input's \(x.shape)") }
+        } else {
+            var random = DeterministicRandom(seed: seed, stream: [2])
+            dy = .normal(shape: x.shape, using: &random)
+        }
+        func channelVector(_ path: String?) throws -> [Float]? {
+            guard let path else { return nil }
+            let v = try NumpyArray(contentsOf: path)
+            guard v.count == x.shape[1] else { throw FileFormatError(path, "has \(v.count) values, the input has \(x.shape[1]) channels") }
+            return v.scalars()
+        }
+        return (x, dy, try channelVector(gamma), try channelVector(beta))
+    }
+
+    func run() throws {
+        let inputs: (x: Tensor<Float>, dy: Tensor<Float>, gamma: [Float]?, beta: [Float]?)
+        do { inputs = try loadInputs() } catch { RankLaunch.fail("syncbn-bench", RankLaunch.describe(error)) }
+        let norm = self.norm, out = self.out, repeats = self.repetitions
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench") { world in
+            let C = inputs.x.shape[1], sampleShape = Array(inputs.x.shape.dropFirst())
+            let piece = contiguousPiece(of: inputs.x.shape[0], parts: world.size, index: world.rank)
+            let x = inputs.x.slice(samples: piece), dy = inputs.dy.slice(samples: piece)
+            func makeLayer() -> BatchNorm<Float> {
+                let layer = norm == "syncbn" ? SyncBatchNorm<Float>(featureCount: C, synchronizing: world) : BatchNorm<Float>(featureCount: C)
+                if let g = inputs.gamma { layer.weight.value.scalars = g }
+                if let b = inputs.beta { layer.bias.value.scalars = b }
+                return layer
+            }
+            let layer = makeLayer()
+            let y = try layer.forward(x, mode: .training)
+            let dx = try layer.backward(dy)
+
+            if let out {
+                let ys = try world.allGather(y.scalars), dxs = try world.allGather(dx.scalars)
+                var dgamma = layer.weight.gradient.scalars, dbeta = layer.bias.gradient.scalars
+                try world.allReduceSum(&dgamma)
+                try world.allReduceSum(&dbeta)
+                let stats = layer.lastStatistics
+                let means = try world.allGather((stats?.mean ?? []).map(Float.init))
+                let variances = try world.allGather((stats?.variance ?? []).map(Float.init))
+                let runningMeans = try world.allGather(layer.runningMean.value.scalars)
+                let runningVars = try world.allGather(layer.runningVariance.value.scalars)
+                if world.rank == 0 {
+                    try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+                    func perChannel(_ parts: [[Float]]) -> Tensor<Float> {
+                        norm == "syncbn" || world.size == 1 ? Tensor(shape: [C], scalars: parts[0])
+                            : Tensor(shape: [world.size, C], scalars: parts.flatMap { $0.isEmpty ? [Float](repeating: .nan, count: C) : $0 })
+                    }
+                    let full = inputs.x.shape
+                    try writeNumpy(Tensor(shape: full, scalars: ys.flatMap { $0 }), to: out + "/y.npy")
+                    try writeNumpy(Tensor(shape: full, scalars: dxs.flatMap { $0 }), to: out + "/dx.npy")
+                    try writeNumpy(Tensor(shape: [C], scalars: dgamma), to: out + "/dgamma.npy")
+                    try writeNumpy(Tensor(shape: [C], scalars: dbeta), to: out + "/dbeta.npy")
+                    try writeNumpy(perChannel(means), to: out + "/mean.npy")
+                    try writeNumpy(perChannel(variances), to: out + "/var.npy")
+                    try writeNumpy(perChannel(runningMeans), to: out + "/running_mean.npy")
+                    try writeNumpy(perChannel(runningVars), to: out + "/running_var.npy")
+                    _ = sampleShape
+                }
+            }
+
+            guard repeats > 0 else { return }
+            var times: [Double] = []
+            for _ in 0..<repeats {
+                try world.barrier()
+                let start = DispatchTime.now().uptimeNanoseconds
+                let timedLayer = makeLayer()
+                _ = try timedLayer.forward(x, mode: .training)
+                _ = try timedLayer.backward(dy)
+                times.append(Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9)
+            }
+            times.sort()
+            let median = times[times.count / 2]
+            let bytes = Double(6 * 4 * x.count)
+            let gbps = bytes / median / 1e9
+            if world.rank == 0 {
+                FileHandle.standardError.write(Data(String(format: "layer %@ %@ on %d rank(s): median %.3f ms per forward+backward, %.2f GB/s per rank (6×4 bytes/element)\n",
+                                                           norm, inputs.x.shape.map(String.init).joined(separator: "×"), world.size, median * 1e3, gbps).utf8))
+                let json: [String: Any] = ["benchmark": "layer", "norm": norm, "shape": inputs.x.shape, "ranks": world.size,
+                                           "repeat": repeats, "median_s": median, "gb_per_s": gbps]
+                let data = try JSONSerialization.data(withJSONObject: json, options: [.sortedKeys])
+                FileHandle.standardOutput.write(data + Data("\n".utf8))
+            }
+        }
+    }
+}
+
+/// Runs the communicator conformance suite on the job's communicator.
+struct SelfTest: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "selftest",
+        abstract: "Check every collective of the job's communicator against closed-form values.")
+
+    @Option(help: "Fail unless the job has exactly this many ranks (so a group of one cannot pass by accident).")
+    var expectSize: Int?
+
+    func run() throws {
+        let expected = expectSize
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench") { world in
+            if let expected, world.size != expected {
+                throw CommunicatorError.invalidArgument("selftest expected \(expected) ranks, the job has \(world.size)")
+            }
+            let failures = try CommunicatorConformance.run(world)
+            let all = try world.allGather([Int64(failures.count)])
+            for failure in failures { FileHandle.standardError.write(Data("selftest: \(failure)\n".utf8)) }
+            let total = all.reduce(0) { $0 + $1[0] }
+            if world.rank == 0 {
+                print("selftest: \(type(of: world)) size \(world.size): \(total == 0 ? "all checks passed" : "\(total) failures")")
+            }
+            if total > 0 { throw CollectiveRunError("\(total) collective checks failed") }
+        }
+    }
+}
+
+SyncBNBench.main()

@@ -1,0 +1,143 @@
+import ArgumentParser
+import Collectives
+import CollectivesMPI
+import Foundation
+import CommandSupport
+import Kernels
+import Training
+
+/// `syncbn-train`: data-parallel training with synchronized batch normalization.
+struct SyncBNTrain: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "syncbn-train",
+        abstract: "Train a CNN data-parallel over MPI with batch statistics shared across ranks.",
+        discussion: """
+        Run under mpirun for several processes (mpirun -n 4 syncbn-train), plainly for one, or with
+        --simulate-ranks N for N ranks as threads of one process. With no options it trains the default
+        convnet with SyncBN on the built-in synthetic data set.
+        """,
+        subcommands: [Train.self],
+        defaultSubcommand: Train.self)
+}
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "train", abstract: "Train a model (the default subcommand).")
+
+    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], idx:IMAGES,LABELS, cifar10:DIR or npy:X,Y.")
+    var data: String = DataSource.defaultSynthetic.description
+    @Option(help: "Held-out data for evaluation (same forms as --data); default: the source's test set or the last --holdout-fraction.")
+    var evalData: String?
+    @Option(help: "Fraction of --data held out for evaluation when the source has no test set.")
+    var holdoutFraction: Double = 0.1
+    @Option(help: "Model: convnet or mlp.")
+    var model: String = ModelKind.convnet.rawValue
+    @Option(help: "Normalization: bn (per-rank statistics) or syncbn (statistics over each sync group).")
+    var norm: String = NormalizationKind.syncbn.rawValue
+    @Option(help: "Consecutive ranks that share batch statistics under syncbn (1 = per rank; default: all ranks).")
+    var syncGroupSize: Int?
+    @Option(help: "Samples per rank per step.")
+    var batchSize: Int = 32
+    @Option(help: "Passes over the training set (ignored when --steps is given).")
+    var epochs: Int = 6
+    @Option(help: "Total optimizer steps (overrides --epochs).")
+    var steps: Int?
+    @Option(help: "Learning rate (constant).")
+    var lr: Double = 0.1
+    @Option(help: "SGD momentum.")
+    var momentum: Double = 0.9
+    @Option(help: "Weight decay (L2, applied to every parameter as PyTorch's SGD).")
+    var weightDecay: Double = 5e-4
+    @Option(help: "Momentum of the BN running statistics.")
+    var bnMomentum: Double = 0.1
+    @Option(help: "Seed for initialisation and the sampling order.")
+    var seed: UInt64 = 0
+    @Option(help: "Evaluate on the held-out set every N steps (0: only at the end).")
+    var evalEvery: Int = 0
+    @Option(help: "Write JSON-lines metrics to this file (rank 0).")
+    var metrics: String?
+    @Option(help: "Save a safetensors checkpoint here at the end (rank 0, atomic).")
+    var save: String?
+    @Option(help: "Resume from a checkpoint written by --save.")
+    var resume: String?
+    @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
+    var simulateRanks: Int?
+    @Option(help: "Log a metrics line every N steps.")
+    var logEvery: Int = 10
+
+    func validate() throws {
+        guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be one of \(ModelKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(model)'") }
+        guard NormalizationKind(rawValue: norm) != nil else { throw ValidationError("--norm must be one of \(NormalizationKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(norm)'") }
+        guard batchSize >= 1 && batchSize <= 1 << 20 else { throw ValidationError("--batch-size must be between 1 and 1048576, got \(batchSize)") }
+        guard epochs >= 1 || steps != nil else { throw ValidationError("--epochs must be ≥ 1, got \(epochs)") }
+        if let steps, steps < 1 { throw ValidationError("--steps must be ≥ 1, got \(steps)") }
+        guard lr.isFinite && lr > 0 else { throw ValidationError("--lr must be a positive number, got \(lr)") }
+        guard momentum.isFinite && (0..<1).contains(momentum) else { throw ValidationError("--momentum must be in [0, 1), got \(momentum)") }
+        guard weightDecay.isFinite && weightDecay >= 0 else { throw ValidationError("--weight-decay must be ≥ 0, got \(weightDecay)") }
+        guard bnMomentum.isFinite && bnMomentum > 0 && bnMomentum <= 1 else { throw ValidationError("--bn-momentum must be in (0, 1], got \(bnMomentum)") }
+        guard evalEvery >= 0 else { throw ValidationError("--eval-every must be ≥ 0, got \(evalEvery)") }
+        guard logEvery >= 1 else { throw ValidationError("--log-every must be ≥ 1, got \(logEvery)") }
+        guard holdoutFraction > 0 && holdoutFraction < 1 else { throw ValidationError("--holdout-fraction must be in (0, 1), got \(holdoutFraction)") }
+        if let syncGroupSize, syncGroupSize < 1 { throw ValidationError("--sync-group-size must be ≥ 1, got \(syncGroupSize)") }
+        if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
+        if let save {
+            let directory = URL(fileURLWithPath: save).deletingLastPathComponent().path
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw ValidationError("--save \(save): directory \(directory) does not exist")
+            }
+        }
+        if let resume, !FileManager.default.fileExists(atPath: resume) { throw ValidationError("--resume \(resume): no such file") }
+    }
+
+    var trainingConfiguration: TrainingConfiguration {
+        var c = TrainingConfiguration()
+        c.data = data
+        c.evalData = evalData
+        c.heldOutFraction = holdoutFraction
+        c.model = ModelKind(rawValue: model)!
+        c.norm = NormalizationKind(rawValue: norm)!
+        c.syncGroupSize = syncGroupSize
+        c.batchSize = batchSize
+        c.epochs = epochs
+        c.steps = steps
+        c.learningRate = lr
+        c.momentum = momentum
+        c.weightDecay = weightDecay
+        c.bnMomentum = bnMomentum
+        c.seed = seed
+        c.evalEvery = evalEvery
+        c.logEvery = logEvery
+        return c
+    }
+
+    func run() throws {
+        let configuration = trainingConfiguration
+        let split: DataSplit
+        do {
+            split = try DataSource.split(try DataSource(parsing: data), evaluation: try evalData.map(DataSource.init(parsing:)),
+                                         heldOutFraction: holdoutFraction)
+        } catch {
+            RankLaunch.fail("syncbn-train", RankLaunch.describe(error))
+        }
+        let metricsPath = metrics, savePath = save, resumePath = resume
+        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train") { world in
+            let trainer = try Trainer(configuration: configuration, data: split, world: world)
+            if let resumePath { try trainer.resume(from: resumePath) }
+            if world.rank == 0 {
+                if let metricsPath { trainer.metrics = try MetricsWriter(path: metricsPath) }
+                trainer.progress = ProgressReporter()
+                let groups = configuration.norm == .syncbn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
+                trainer.progress?.line("syncbn-train: \(configuration.model.rawValue) with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples")
+            }
+            let summary = try trainer.run()
+            if let savePath { try trainer.save(to: savePath) }
+            if world.rank == 0 {
+                trainer.progress?.line(String(format: "done: held-out accuracy %.2f%%, loss %.4f after %d steps on %d rank(s), %.1f s, %.0f samples/s%@",
+                                              summary.evaluation.accuracy * 100, summary.evaluation.loss, summary.steps, world.size,
+                                              summary.seconds, summary.samplesPerSecond, savePath.map { ", saved \($0)" } ?? ""))
+            }
+        }
+    }
+}
+
+SyncBNTrain.main()
