@@ -38,7 +38,7 @@ let package = Package(
 
         .testTarget(name: "CollectivesTests", dependencies: ["Collectives", "CollectiveChecks"]),
         .testTarget(name: "KernelsTests", dependencies: ["Kernels", "TestSupport"]),
-        .testTarget(name: "NormalizationTests", dependencies: ["Normalization", "Collectives", "TestSupport"]),
+        .testTarget(name: "NormalizationTests", dependencies: ["Normalization", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "Collectives", "TestSupport"]),
         .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "TestSupport"]),
         .target(name: "TestSupport", dependencies: ["Kernels"], path: "Tests/TestSupport"),

@@ -1,0 +1,169 @@
+import Kernels
+import TestSupport
+import XCTest
+
+/// Naive float64 references and finite-difference gradient checks for every basic layer.
+final class LayerTests: XCTestCase {
+    // MARK: Conv2d
+
+    /// y[n,o,i,j] = b[o] + Σ_{c,u,v} W[o,c,u,v]·x[n,c,i·s−p+u, j·s−p+v], by the definition.
+    func naiveConvolution(_ x: Tensor<Double>, _ w: Tensor<Double>, _ b: [Double]?, stride: Int, padding: Int) -> [Double] {
+        let (N, C, H, W) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+        let (O, K) = (w.shape[0], w.shape[2])
+        let OH = (H + 2 * padding - K) / stride + 1, OW = (W + 2 * padding - K) / stride + 1
+        var y = [Double](repeating: 0, count: N * O * OH * OW)
+        for n in 0..<N { for o in 0..<O { for i in 0..<OH { for j in 0..<OW {
+            var total = b?[o] ?? 0
+            for c in 0..<C { for u in 0..<K { for v in 0..<K {
+                let yy = i * stride - padding + u, xx = j * stride - padding + v
+                if yy >= 0 && yy < H && xx >= 0 && xx < W {
+                    total += w.scalars[((o * C + c) * K + u) * K + v] * x.scalars[((n * C + c) * H + yy) * W + xx]
+                }
+            } } }
+            y[((n * O + o) * OH + i) * OW + j] = total
+        } } } }
+        return y
+    }
+
+    func testConv2dForwardMatchesTheDefinitionWithStrideAndPadding() throws {
+        for (stride, padding, kernel) in [(1, 0, 3), (1, 1, 3), (2, 1, 3), (2, 0, 1), (3, 2, 5)] {
+            var random = DeterministicRandom(seed: 1)
+            let conv = Conv2d<Double>(inputChannels: 3, outputChannels: 4, kernelSize: kernel, stride: stride, padding: padding, random: &random)
+            let x = randomTensor([2, 3, 7, 6], seed: 2)
+            let y = try conv.forward(x, mode: .inference)
+            let expected = naiveConvolution(x, conv.weight.value, conv.bias!.value.scalars, stride: stride, padding: padding)
+            XCTAssertEqual(y.shape, [2, 4, (7 + 2 * padding - kernel) / stride + 1, (6 + 2 * padding - kernel) / stride + 1])
+            assertClose(y.scalars, expected, relTol: 1e-12, absTol: 1e-12, "stride \(stride) padding \(padding) kernel \(kernel)")
+        }
+    }
+
+    func testConv2dGradientsMatchFiniteDifferences() throws {
+        for (stride, padding, bias) in [(1, 1, true), (2, 1, false), (2, 0, true)] {
+            var random = DeterministicRandom(seed: 3)
+            let conv = Conv2d<Double>(inputChannels: 2, outputChannels: 3, kernelSize: 3, stride: stride, padding: padding, bias: bias, random: &random)
+            try checkGradients(of: conv, input: randomTensor([2, 2, 5, 5], seed: 4))
+        }
+    }
+
+    func testConv2dInFloatAgreesWithDouble() throws {
+        var r1 = DeterministicRandom(seed: 5), r2 = DeterministicRandom(seed: 5)
+        let convF = Conv2d<Float>(inputChannels: 3, outputChannels: 8, kernelSize: 3, padding: 1, random: &r1)
+        let convD = Conv2d<Double>(inputChannels: 3, outputChannels: 8, kernelSize: 3, padding: 1, random: &r2)
+        let x = randomTensor([4, 3, 8, 8], seed: 6)
+        let yF = try convF.forward(x.converted(to: Float.self), mode: .training)
+        let yD = try convD.forward(x, mode: .training)
+        XCTAssertLessThan(relativeError(yF.scalars, yD.scalars), 1e-6)
+        let dy = randomTensor(yD.shape, seed: 7)
+        let dxF = try convF.backward(dy.converted(to: Float.self)), dxD = try convD.backward(dy)
+        XCTAssertLessThan(relativeError(dxF.scalars, dxD.scalars), 1e-6)
+        XCTAssertLessThan(relativeError(convF.weight.gradient.scalars, convD.weight.gradient.scalars), 1e-6)
+    }
+
+    func testConv2dRejectsAWrongChannelCountAndTooSmallInputs() {
+        var random = DeterministicRandom(seed: 1)
+        let conv = Conv2d<Double>(inputChannels: 3, outputChannels: 2, kernelSize: 5, random: &random)
+        XCTAssertThrowsError(try conv.forward(Tensor(shape: [1, 2, 8, 8]), mode: .training)) { error in
+            XCTAssertTrue("\(error)".contains("expected N×3×H×W"), "\(error)")
+        }
+        XCTAssertThrowsError(try conv.forward(Tensor(shape: [1, 3, 4, 4]), mode: .training))
+    }
+
+    func testConv2dHandlesAnEmptyBatch() throws {
+        var random = DeterministicRandom(seed: 1)
+        let conv = Conv2d<Double>(inputChannels: 2, outputChannels: 3, kernelSize: 3, padding: 1, random: &random)
+        let y = try conv.forward(Tensor(shape: [0, 2, 4, 4]), mode: .training)
+        XCTAssertEqual(y.shape, [0, 3, 4, 4])
+        let dx = try conv.backward(y)
+        XCTAssertEqual(dx.shape, [0, 2, 4, 4])
+        XCTAssertEqual(conv.weight.gradient.scalars, [Double](repeating: 0, count: conv.weight.value.count))
+    }
+
+    // MARK: Linear
+
+    func testLinearForwardMatchesTheDefinition() throws {
+        var random = DeterministicRandom(seed: 8)
+        let linear = Linear<Double>(inputFeatures: 5, outputFeatures: 3, random: &random)
+        let x = randomTensor([4, 5], seed: 9)
+        let y = try linear.forward(x, mode: .inference)
+        var expected = [Double]()
+        for n in 0..<4 { for o in 0..<3 {
+            expected.append(linear.bias!.value.scalars[o] + (0..<5).reduce(0) { $0 + linear.weight.value.scalars[o * 5 + $1] * x.scalars[n * 5 + $1] })
+        } }
+        assertClose(y.scalars, expected, relTol: 1e-12, absTol: 1e-12)
+    }
+
+    func testLinearGradientsMatchFiniteDifferences() throws {
+        var random = DeterministicRandom(seed: 10)
+        try checkGradients(of: Linear<Double>(inputFeatures: 6, outputFeatures: 4, random: &random), input: randomTensor([5, 6], seed: 11))
+        try checkGradients(of: Linear<Double>(inputFeatures: 3, outputFeatures: 2, bias: false, random: &random), input: randomTensor([2, 3], seed: 12))
+    }
+
+    func testLinearHandlesAnEmptyBatch() throws {
+        var random = DeterministicRandom(seed: 10)
+        let linear = Linear<Double>(inputFeatures: 3, outputFeatures: 2, random: &random)
+        let y = try linear.forward(Tensor(shape: [0, 3]), mode: .training)
+        XCTAssertEqual(y.shape, [0, 2])
+        XCTAssertEqual(try linear.backward(y).shape, [0, 3])
+        XCTAssertEqual(linear.bias!.gradient.scalars, [0, 0])
+    }
+
+    // MARK: Activations and pooling
+
+    func testReLUForwardAndGradient() throws {
+        let relu = ReLU<Double>()
+        let x = Tensor<Double>(shape: [1, 4], scalars: [-1, 0.5, 2, -0.25])
+        XCTAssertEqual(try relu.forward(x, mode: .inference).scalars, [0, 0.5, 2, 0])
+        // Finite differences are exact away from the kink at 0.
+        try checkGradients(of: relu, input: randomTensor([3, 4, 2, 2], seed: 13))
+    }
+
+    func testMaxPoolForwardPicksTheWindowMaximumAndGradientsMatch() throws {
+        let pool = MaxPool2d<Double>(kernelSize: 2)
+        let x = Tensor<Double>(shape: [1, 1, 2, 4], scalars: [1, 5, 2, 0, 3, 4, 8, -1])
+        XCTAssertEqual(try pool.forward(x, mode: .inference).scalars, [5, 8])
+        try checkGradients(of: MaxPool2d<Double>(kernelSize: 3, stride: 2, padding: 1), input: randomTensor([2, 2, 5, 5], seed: 14))
+        try checkGradients(of: MaxPool2d<Double>(kernelSize: 2), input: randomTensor([1, 3, 4, 6], seed: 15))
+    }
+
+    func testAveragePoolingForwardAndGradients() throws {
+        let pool = AvgPool2d<Double>(kernelSize: 2)
+        let x = Tensor<Double>(shape: [1, 1, 2, 4], scalars: [1, 5, 2, 0, 3, 4, 8, -1])
+        XCTAssertEqual(try pool.forward(x, mode: .inference).scalars, [3.25, 2.25])
+        try checkGradients(of: AvgPool2d<Double>(kernelSize: 3, stride: 2, padding: 1), input: randomTensor([2, 2, 5, 5], seed: 16))
+        let gap = GlobalAvgPool<Double>()
+        XCTAssertEqual(try gap.forward(x, mode: .inference).scalars, [2.75])
+        try checkGradients(of: gap, input: randomTensor([3, 4, 3, 2], seed: 17))
+    }
+
+    func testFlattenRoundTripsShapes() throws {
+        let flatten = Flatten<Double>()
+        let x = randomTensor([2, 3, 2, 2], seed: 18)
+        let y = try flatten.forward(x, mode: .training)
+        XCTAssertEqual(y.shape, [2, 12])
+        XCTAssertEqual(try flatten.backward(y), x)
+    }
+
+    // MARK: Loss
+
+    func testSoftmaxCrossEntropyMatchesTheDefinitionAndFiniteDifferences() throws {
+        var logits = randomTensor([5, 4], seed: 19, std: 3)
+        let labels: [Int32] = [0, 3, 1, 1, 2]
+        let (lossSum, correct, gradient) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0.2)
+        var expectedLoss = 0.0, expectedCorrect = 0
+        for n in 0..<5 {
+            let row = Array(logits.scalars[(n * 4)..<(n * 4 + 4)])
+            expectedLoss += log(row.map(exp).reduce(0, +)) - row[Int(labels[n])]
+            if row.firstIndex(of: row.max()!) == Int(labels[n]) { expectedCorrect += 1 }
+        }
+        XCTAssertEqual(lossSum, expectedLoss, accuracy: 1e-12)
+        XCTAssertEqual(correct, expectedCorrect)
+        let numeric = try numericalGradient(count: logits.count, get: { logits.scalars[$0] }, set: { logits.scalars[$0] = $1 }) { try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0).lossSum * 0.2 }
+        assertGradient(gradient.scalars, numeric, 1e-7, "logit gradient")
+    }
+
+    func testCrossEntropyRejectsLabelsOutsideTheClasses() {
+        XCTAssertThrowsError(try softmaxCrossEntropy(logits: Tensor<Double>(shape: [1, 3]), labels: [3], scale: 1)) { error in
+            XCTAssertTrue("\(error)".contains("label 3"), "\(error)")
+        }
+    }
+}

@@ -1,0 +1,76 @@
+import Foundation
+
+/// The output of a finished child process.
+public struct ProcessResult {
+    public let status: Int32
+    public let stdout: String
+    public let stderr: String
+    public let seconds: Double
+    /// True when the watchdog had to kill the process.
+    public let timedOut: Bool
+}
+
+/// Where `swift build`/`swift test` put the package's executables: beside the test bundle.
+public var productsDirectory: String {
+    let bundle = Bundle.allBundles.first { $0.bundlePath.hasSuffix(".xctest") }?.bundlePath ?? CommandLine.arguments[0]
+    return URL(fileURLWithPath: bundle).deletingLastPathComponent().path
+}
+
+/// Runs `executable` with `arguments`, killing it (and its process group) after `timeout`
+/// seconds so that a hang fails the test quickly instead of stalling the suite.
+public func runProcess(_ executable: String, _ arguments: [String], environment extra: [String: String] = [:],
+                       timeout: Double, directory: String? = nil) throws -> ProcessResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    var environment = ProcessInfo.processInfo.environment
+    // A test run may itself be started by mpirun; the child must decide for itself.
+    for key in environment.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") || key.hasPrefix("PMI_") {
+        environment.removeValue(forKey: key)
+    }
+    environment.merge(extra) { $1 }
+    process.environment = environment
+    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    let outData = DataCollector(out.fileHandleForReading), errData = DataCollector(err.fileHandleForReading)
+    let started = Date()
+    try process.run()
+    let finished = DispatchSemaphore(value: 0)
+    DispatchQueue.global().async { process.waitUntilExit(); finished.signal() }
+    var timedOut = false
+    if finished.wait(timeout: .now() + timeout) == .timedOut {
+        timedOut = true
+        kill(-process.processIdentifier, SIGKILL)
+        process.terminate()
+        kill(process.processIdentifier, SIGKILL)
+        _ = finished.wait(timeout: .now() + 10)
+    }
+    return ProcessResult(status: process.terminationStatus, stdout: outData.text(), stderr: errData.text(),
+                         seconds: Date().timeIntervalSince(started), timedOut: timedOut)
+}
+
+/// Drains a pipe on a background queue so a chatty child never blocks on a full pipe.
+final class DataCollector: @unchecked Sendable {
+    private var data = Data()
+    private let lock = NSLock()
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ handle: FileHandle) {
+        DispatchQueue.global().async {
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { break }
+                self.lock.lock(); self.data.append(chunk); self.lock.unlock()
+            }
+            self.done.signal()
+        }
+    }
+
+    func text() -> String {
+        _ = done.wait(timeout: .now() + 10)
+        lock.lock(); defer { lock.unlock() }
+        return String(decoding: data, as: UTF8.self)
+    }
+}
