@@ -7,7 +7,7 @@ import Kernels
 /// rank. Global batch t of an epoch is the slice [t·G, (t+1)·G) of it, with G = ranks × per-rank
 /// batch; the last batch of an epoch may be short. Rank r takes the r-th contiguous piece of the
 /// global batch (``contiguousPiece(of:parts:index:)``: sizes differ by at most one, and a rank may
-/// get nothing). A W-rank run with per-rank batch b therefore sees exactly the global batches of a
+/// get nothing). A last batch of one sample is dropped. A W-rank run with per-rank batch b therefore sees exactly the global batches of a
 /// 1-rank run with batch W·b.
 public struct ShardedSampler {
     public let sampleCount: Int
@@ -27,8 +27,12 @@ public struct ShardedSampler {
         self.rank = rank
     }
 
-    /// ⌈samples / G⌉.
-    public var stepsPerEpoch: Int { (sampleCount + globalBatchSize - 1) / globalBatchSize }
+    /// ⌈samples / G⌉, except that a last batch of a single sample is dropped: batch statistics
+    /// of one sample are undefined for N×C input (PyTorch raises there too).
+    public var stepsPerEpoch: Int {
+        let remainder = sampleCount % globalBatchSize
+        return max(sampleCount / globalBatchSize + (remainder >= 2 ? 1 : 0), 1)
+    }
 
     /// The epoch's permutation of 0 ..< sampleCount (Fisher–Yates).
     public static func permutation(count: Int, seed: UInt64, epoch: Int) -> [Int] {

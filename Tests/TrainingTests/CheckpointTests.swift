@@ -1,0 +1,105 @@
+import Collectives
+import Foundation
+import Kernels
+import TestSupport
+import Training
+import XCTest
+
+final class CheckpointTests: XCTestCase {
+    static let data = try! DataSource.split(.synthetic(train: 40, heldOut: 8, seed: 5), evaluation: nil, heldOutFraction: 0.1)
+
+    func configuration(steps: Int, norm: NormalizationKind = .syncbn, model: ModelKind = .convnet) -> TrainingConfiguration {
+        var c = TrainingConfiguration()
+        c.model = model
+        c.norm = norm
+        c.batchSize = 4
+        c.steps = steps
+        c.learningRate = 0.05
+        c.seed = 2
+        return c
+    }
+
+    /// Trains `steps` steps on `ranks` ranks, optionally resuming and saving; returns rank 0's
+    /// state and momentum buffers.
+    func run(_ c: TrainingConfiguration, ranks: Int, resume: String? = nil, save: String? = nil) throws -> ([String: [Float]], [String: [Float]]) {
+        try InProcessGroup.run(size: ranks) { comm -> ([String: [Float]], [String: [Float]]) in
+            let trainer = try Trainer(configuration: c, data: Self.data, world: comm)
+            if let resume { try trainer.resume(from: resume) }
+            while trainer.step < trainer.totalSteps { try trainer.trainStep() }
+            if let save { try trainer.save(to: save) }
+            return (stateDictionary(trainer.network), trainer.optimizer.momentumBuffers)
+        }[0]
+    }
+
+    func testResumedRunContinuesBitIdentically() throws {
+        let dir = temporaryDirectory()
+        for (ranks, norm) in [(1, NormalizationKind.syncbn), (2, .syncbn), (2, .bn)] {
+            let straight = try run(configuration(steps: 14, norm: norm), ranks: ranks)
+            let path = dir + "/half-\(ranks)-\(norm).safetensors"
+            _ = try run(configuration(steps: 6, norm: norm), ranks: ranks, save: path)
+            let resumed = try run(configuration(steps: 14, norm: norm), ranks: ranks, resume: path)
+            XCTAssertEqual(straight.0.keys.sorted(), resumed.0.keys.sorted())
+            for (name, values) in straight.0 {
+                XCTAssertEqual(values.map(\.bitPattern), resumed.0[name]!.map(\.bitPattern), "\(ranks) ranks \(norm): \(name)")
+            }
+            for (name, values) in straight.1 {
+                XCTAssertEqual(values.map(\.bitPattern), resumed.1[name]!.map(\.bitPattern), "momentum of \(name)")
+            }
+            XCTAssertEqual(straight.0["features.0.bn.num_batches_tracked"], [14])
+        }
+    }
+
+    func testCheckpointHoldsEveryEntryUnderItsDottedNameAndMetadata() throws {
+        let path = temporaryDirectory() + "/c.safetensors"
+        let (state, _) = try run(configuration(steps: 3), ranks: 1, save: path)
+        let (tensors, metadata) = try Safetensors.read(path)
+        for name in ["features.0.conv.weight", "features.0.bn.weight", "features.0.bn.bias", "features.0.bn.running_mean",
+                     "features.0.bn.running_var", "features.2.bn.num_batches_tracked", "classifier.weight", "classifier.bias",
+                     "optimizer.momentum_buffer.features.0.conv.weight"] {
+            XCTAssertNotNil(tensors[name], name)
+        }
+        XCTAssertEqual(tensors["features.0.bn.num_batches_tracked"]?.int64, 3)
+        XCTAssertEqual(tensors["features.0.conv.weight"]?.shape, [16, 3, 3, 3])
+        XCTAssertEqual(tensors["classifier.bias"]?.floats, state["classifier.bias"])
+        XCTAssertEqual(metadata["step"], "3")
+        XCTAssertEqual(metadata["format"], Checkpoint.format)
+        let saved = try JSONDecoder().decode(TrainingConfiguration.self, from: Data(metadata["configuration"]!.utf8))
+        XCTAssertEqual(saved, configuration(steps: 3))
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: URL(fileURLWithPath: path).deletingLastPathComponent().path),
+                       ["c.safetensors"], "no temporary file is left behind")
+    }
+
+    func testBadCheckpointsAreRejectedWithTheFileAndProblemAndLeaveTheModelUntouched() throws {
+        let dir = temporaryDirectory()
+        let good = dir + "/good.safetensors"
+        _ = try run(configuration(steps: 2), ranks: 1, save: good)
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: good))
+        try bytes.prefix(bytes.count - 100).write(to: URL(fileURLWithPath: dir + "/truncated.safetensors"))
+        try Data("not a checkpoint at all".utf8).write(to: URL(fileURLWithPath: dir + "/garbage.safetensors"))
+        let mlp = dir + "/mlp.safetensors"
+        _ = try run(configuration(steps: 1, model: .mlp), ranks: 1, save: mlp)
+
+        for (file, problem) in [("truncated.safetensors", "truncated"), ("garbage.safetensors", "safetensors"),
+                                ("mlp.safetensors", "another model"), ("missing.safetensors", "no such file")] {
+            let trainer = try Trainer(configuration: configuration(steps: 2), data: Self.data, world: SingleProcessCommunicator())
+            let before = stateDictionary(trainer.network)
+            XCTAssertThrowsError(try trainer.resume(from: dir + "/" + file)) { error in
+                XCTAssertTrue("\(error)".contains(file) && "\(error)".contains(problem), "\(file): \(error)")
+            }
+            XCTAssertEqual(stateDictionary(trainer.network), before, "\(file) changed the model")
+        }
+    }
+
+    func testSafetensorsRoundTripAndPadding() throws {
+        let path = temporaryDirectory() + "/t.safetensors"
+        try Safetensors.write([("a", StoredTensor(floats: [1, 2, 3], shape: [3])), ("n", StoredTensor(int64: -7))],
+                              metadata: ["k": "v \"quoted\""], to: path)
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+        let headerLength = bytes.prefix(8).enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
+        XCTAssertEqual(headerLength % 8, 0, "header padded to 8 bytes")
+        let (tensors, metadata) = try Safetensors.read(path)
+        XCTAssertEqual(tensors["a"]?.floats, [1, 2, 3])
+        XCTAssertEqual(tensors["n"]?.int64, -7)
+        XCTAssertEqual(metadata["k"], "v \"quoted\"")
+    }
+}

@@ -1,0 +1,131 @@
+import Foundation
+import Kernels
+import TestSupport
+import Training
+import XCTest
+
+final class DataTests: XCTestCase {
+    var dir = ""
+    override func setUp() { dir = temporaryDirectory() }
+
+    func write(_ name: String, _ bytes: [UInt8]) -> String {
+        let path = dir + "/" + name
+        FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        return path
+    }
+
+    func idx(_ dims: [Int], _ values: [UInt8]) -> [UInt8] {
+        [0, 0, 8, UInt8(dims.count)] + dims.flatMap { d in (0..<4).map { UInt8((d >> (8 * (3 - $0))) & 0xFF) } } + values
+    }
+
+    func assertDataError(_ text: String, _ parts: [String], file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertThrowsError(try DataSource.split(try DataSource(parsing: text), evaluation: nil, heldOutFraction: 0.25), file: file, line: line) { error in
+            let message = "\(error)"
+            for part in parts { XCTAssertTrue(message.contains(part), "'\(message)' lacks '\(part)'", file: file, line: line) }
+            XCTAssertFalse(message.contains("\n"), "one line: \(message)", file: file, line: line)
+        }
+    }
+
+    func testIDXFilesLoadAsSingleChannelImagesScaledAndStandardized() throws {
+        let images = write("img", idx([4, 2, 3], (0..<24).map { UInt8($0 * 10) }))
+        let labels = write("lab", idx([4], [0, 1, 2, 1]))
+        let (train, heldOut) = try DataSource.idx(images: images, labels: labels).load()
+        XCTAssertNil(heldOut)
+        XCTAssertEqual(train.sampleShape, [1, 2, 3])
+        XCTAssertEqual(train.classes, 3)
+        XCTAssertEqual(train.samples[5], 50 / 255)
+        let split = try DataSource.split(.idx(images: images, labels: labels), evaluation: nil, heldOutFraction: 0.25)
+        XCTAssertEqual(split.train.count, 3)
+        XCTAssertEqual(split.heldOut.count, 1)
+        let (mean, std) = split.train.channelMoments()
+        XCTAssertEqual(mean[0], 0, accuracy: 1e-6)
+        XCTAssertEqual(std[0], 1, accuracy: 1e-6)
+    }
+
+    func testBrokenIDXFilesNameTheFileAndTheProblem() {
+        let labels = write("lab", idx([4], [0, 1, 2, 1]))
+        let truncated = write("short", Array(idx([4, 2, 3], [UInt8](repeating: 1, count: 24)).dropLast(5)))
+        assertDataError("idx:\(truncated),\(labels)", ["short", "truncated"])
+        let fewer = write("three", idx([3, 2, 3], [UInt8](repeating: 1, count: 18)))
+        assertDataError("idx:\(fewer),\(labels)", ["lab", "4 labels", "3 images"])
+        let magic = write("magic", [1, 2, 3, 4, 5])
+        assertDataError("idx:\(magic),\(labels)", ["magic", "not an IDX file"])
+        assertDataError("idx:\(dir)/nope,\(labels)", ["nope", "no such file"])
+        assertDataError("idx:only-one", ["expected idx:FILE1,FILE2"])
+    }
+
+    func testCIFAR10BinaryBatchesLoadWithTheTestBatchHeldOut() throws {
+        let cifar = dir + "/cifar"
+        try FileManager.default.createDirectory(atPath: cifar, withIntermediateDirectories: true)
+        let record: (UInt8) -> [UInt8] = { [$0] + [UInt8](repeating: $0 * 20, count: 3072) }
+        FileManager.default.createFile(atPath: cifar + "/data_batch_1.bin", contents: Data(record(1) + record(7) + record(3)))
+        FileManager.default.createFile(atPath: cifar + "/test_batch.bin", contents: Data(record(9) + record(0)))
+        let split = try DataSource.split(try DataSource(parsing: "cifar10:\(cifar)"), evaluation: nil, heldOutFraction: 0.1)
+        XCTAssertEqual(split.train.count, 3)
+        XCTAssertEqual(split.heldOut.count, 2)
+        XCTAssertEqual(split.train.sampleShape, [3, 32, 32])
+        XCTAssertEqual(split.heldOut.labels, [9, 0])
+        FileManager.default.createFile(atPath: cifar + "/data_batch_2.bin", contents: Data(Array(record(2).dropLast())))
+        assertDataError("cifar10:\(cifar)", ["data_batch_2.bin", "not a multiple"])
+        assertDataError("cifar10:\(dir)/none", ["none", "no such directory"])
+    }
+
+    func testNumpyPairsLoadAndRejectMismatchesNaNAndFractionalLabels() throws {
+        try writeNumpy(Tensor<Float>(shape: [6, 4], scalars: (0..<24).map(Float.init)), to: dir + "/x.npy")
+        try writeNumpy(Tensor<Double>(shape: [6], scalars: [0, 1, 0, 1, 2, 2]), to: dir + "/y.npy")
+        let split = try DataSource.split(try DataSource(parsing: "npy:\(dir)/x.npy,\(dir)/y.npy"), evaluation: nil, heldOutFraction: 0.34)
+        XCTAssertEqual(split.train.sampleShape, [4])
+        XCTAssertEqual(split.train.classes, 3)
+        XCTAssertEqual(split.train.count + split.heldOut.count, 6)
+
+        try writeNumpy(Tensor<Double>(shape: [5], scalars: [0, 1, 0, 1, 2]), to: dir + "/y5.npy")
+        assertDataError("npy:\(dir)/x.npy,\(dir)/y5.npy", ["y5.npy", "5 labels", "6 samples"])
+        try writeNumpy(Tensor<Double>(shape: [6], scalars: [0, 1, 0.5, 1, 2, 2]), to: dir + "/yf.npy")
+        assertDataError("npy:\(dir)/x.npy,\(dir)/yf.npy", ["yf.npy", "integers"])
+        try writeNumpy(Tensor<Float>(shape: [6, 4], scalars: [.nan] + (1..<24).map(Float.init)), to: dir + "/xn.npy")
+        assertDataError("npy:\(dir)/xn.npy,\(dir)/y.npy", ["xn.npy", "not finite"])
+    }
+
+    func testDataSourceParsingRejectsUnknownFormsInOneLine() {
+        for (text, part) in [("imagenet:/x", "unknown source"), ("synthetic:train=abc", "train=N"),
+                             ("synthetic:colour=3", "unknown option"), ("cifar10:", "cifar10:DIRECTORY"), ("synthetic:train=1", "train ≥ 2")] {
+            XCTAssertThrowsError(try DataSource(parsing: text), text) { XCTAssertTrue("\($0)".contains(part), "\(text): \($0)") }
+        }
+        XCTAssertEqual(try DataSource(parsing: "synthetic"), .defaultSynthetic)
+        XCTAssertEqual(try DataSource(parsing: "synthetic:train=100,seed=4"), .synthetic(train: 100, heldOut: 2048, seed: 4))
+    }
+
+    func testSyntheticDataDependsOnlyOnTheSeedAndIsBalancedEnough() {
+        let a = SyntheticImages.make(trainCount: 500, heldOutCount: 10, seed: 1)
+        let b = SyntheticImages.make(trainCount: 500, heldOutCount: 10, seed: 1)
+        let c = SyntheticImages.make(trainCount: 500, heldOutCount: 10, seed: 2)
+        XCTAssertEqual(a.train.samples, b.train.samples)
+        XCTAssertEqual(a.train.labels, b.train.labels)
+        XCTAssertNotEqual(a.train.samples, c.train.samples)
+        for k in 0..<10 { XCTAssertGreaterThan(a.train.labels.filter { $0 == k }.count, 25, "class \(k)") }
+        // A shorter set is a prefix of a longer one: sample i depends on (seed, i) only.
+        let prefix = SyntheticImages.make(trainCount: 100, heldOutCount: 10, seed: 1)
+        XCTAssertEqual(Array(a.train.samples.prefix(100 * 768)), prefix.train.samples)
+    }
+
+    func testSamplerCoversEachEpochOnceAndShardsTheGlobalBatch() {
+        let count = 23, ranks = 3, batch = 2
+        var samplers = (0..<ranks).map { ShardedSampler(sampleCount: count, globalBatchSize: ranks * batch, seed: 9, ranks: ranks, rank: $0) }
+        var single = ShardedSampler(sampleCount: count, globalBatchSize: ranks * batch, seed: 9, ranks: 1, rank: 0)
+        XCTAssertEqual(single.stepsPerEpoch, 4)   // 23 = 3·6 + 5
+        for epoch in 0..<2 {
+            var seen: [Int] = []
+            for step in (epoch * 4)..<(epoch * 4 + 4) {
+                let pieces = (0..<ranks).map { samplers[$0].batch(step: step) }
+                let whole = single.batch(step: step)
+                XCTAssertEqual(pieces.flatMap { Array($0.indices) }, Array(whole.indices))
+                XCTAssertTrue(pieces.allSatisfy { $0.globalCount == whole.indices.count && $0.epoch == epoch })
+                seen += whole.indices
+            }
+            XCTAssertEqual(seen.sorted(), Array(0..<count), "epoch \(epoch) visits every sample once")
+        }
+        XCTAssertNotEqual(ShardedSampler.permutation(count: 50, seed: 9, epoch: 0), ShardedSampler.permutation(count: 50, seed: 9, epoch: 1))
+        // A trailing batch of one sample is dropped: 25 = 4·6 + 1.
+        XCTAssertEqual(ShardedSampler(sampleCount: 25, globalBatchSize: 6, seed: 0, ranks: 1, rank: 0).stepsPerEpoch, 4)
+    }
+}

@@ -1,0 +1,58 @@
+import Collectives
+import Kernels
+import TestSupport
+import Training
+import XCTest
+
+final class TrainerTests: XCTestCase {
+    func testTheDefaultConvnetLearnsTheSyntheticData() throws {
+        let data = try DataSource.split(.synthetic(train: 1024, heldOut: 256, seed: 0), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.steps = 60
+        let trainer = try Trainer(configuration: c, data: data, world: SingleProcessCommunicator())
+        let before = try trainer.evaluate()
+        let summary = try trainer.run()
+        XCTAssertLessThan(before.accuracy, 0.3)
+        XCTAssertGreaterThan(summary.evaluation.accuracy, 0.6, "60 steps of SGD should be far above chance (10%)")
+        XCTAssertEqual(summary.evaluation.count, 256)
+    }
+
+    func testDivergenceIsReportedOnEveryRankAsOneCollectiveError() throws {
+        let data = try DataSource.split(.synthetic(train: 64, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.steps = 50
+        c.learningRate = 1e30
+        c.model = .mlp
+        XCTAssertThrowsError(try InProcessGroup.run(size: 2) { comm -> Int in
+            let trainer = try Trainer(configuration: c, data: data, world: comm)
+            _ = try trainer.run()
+            return 0
+        }) { error in
+            XCTAssertTrue(error is CollectiveRunError, "\(error)")
+            XCTAssertTrue("\(error)".contains("lower --lr"), "\(error)")
+        }
+    }
+
+    func testSyncGroupLargerThanTheJobIsRejected() throws {
+        let data = try DataSource.split(.synthetic(train: 16, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.syncGroupSize = 3
+        XCTAssertThrowsError(try InProcessGroup.run(size: 2) { comm in try Trainer(configuration: c, data: data, world: comm) }) {
+            XCTAssertTrue("\($0)".contains("exceeds the 2 ranks"), "\($0)")
+        }
+    }
+
+    func testOneGradientCollectivePerStepPlusTwoPerSyncBNLayer() throws {
+        let data = try DataSource.split(.synthetic(train: 32, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.batchSize = 4
+        c.steps = 2
+        let counts = try InProcessGroup.run(size: 2) { comm -> Int in
+            let trainer = try Trainer(configuration: c, data: data, world: comm)
+            trainer.ledger.reset()
+            try trainer.trainStep()
+            return trainer.ledger.totalCollectives
+        }
+        XCTAssertEqual(counts, [1 + 2 * 3, 1 + 2 * 3], "3 SyncBN layers × (forward + backward) + 1 gradient all-reduce")
+    }
+}
