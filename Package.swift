@@ -40,7 +40,7 @@ let package = Package(
         .testTarget(name: "KernelsTests", dependencies: ["Kernels", "TestSupport"]),
         .testTarget(name: "NormalizationTests", dependencies: ["Normalization", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "Collectives", "TestSupport"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "TestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "Training", "TestSupport"]),
         .target(name: "TestSupport", dependencies: ["Kernels"], path: "Tests/TestSupport"),
     ]
 )

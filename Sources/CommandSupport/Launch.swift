@@ -50,6 +50,15 @@ public enum RankLaunch {
         }
     }
 
+    /// How `world` was started, for the first line of a run's output.
+    public static func transportName(_ world: any Communicator) -> String {
+        switch world {
+        case is MPICommunicator: return "MPI"
+        case is InProcessGroup: return "in-process threads"
+        default: return "single process, MPI not initialised"
+        }
+    }
+
     /// Prints the message once per job (by launcher rank 0) and exits with code 2. For errors
     /// found before any collective, which every rank finds alike.
     public static func fail(_ command: String, _ message: String) -> Never {
@@ -62,7 +71,6 @@ public enum RankLaunch {
     }
 
     public static func describe(_ error: Error) -> String {
-        if let error = error as? CustomStringConvertible { return error.description }
-        return "\(error)"
+        String(describing: error)
     }
 }

@@ -127,7 +127,7 @@ struct Train: ParsableCommand {
                 if let metricsPath { trainer.metrics = try MetricsWriter(path: metricsPath) }
                 trainer.progress = ProgressReporter()
                 let groups = configuration.norm == .syncbn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
-                trainer.progress?.line("syncbn-train: \(configuration.model.rawValue) with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples")
+                trainer.progress?.line("syncbn-train: \(configuration.model.rawValue) with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) (\(RankLaunch.transportName(world))) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples")
             }
             let summary = try trainer.run()
             if let savePath { try trainer.save(to: savePath) }

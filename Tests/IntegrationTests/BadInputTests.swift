@@ -1,0 +1,74 @@
+import Foundation
+import Kernels
+import TestSupport
+import XCTest
+
+/// Bad input gets a one-line error naming the problem and a non-zero exit: no trace, no hang.
+final class BadInputTests: XCTestCase {
+    var dir = ""
+    override func setUp() { dir = temporaryDirectory("syncbn-bad-input") }
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func assertOneLineError(_ result: ProcessResult, mentions parts: [String], status: Int32? = 2,
+                            file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertFalse(result.timedOut, describe(result), file: file, line: line)
+        if let status { XCTAssertEqual(result.status, status, describe(result), file: file, line: line) } else { XCTAssertNotEqual(result.status, 0, file: file, line: line) }
+        XCTAssertFalse(result.stderr.contains("Stack dump") || result.stderr.contains("Fatal error"), describe(result), file: file, line: line)
+        guard let first = result.stderr.split(separator: "\n").first(where: { $0.lowercased().contains("error") }) else {
+            return XCTFail("no error line: \(describe(result))", file: file, line: line)
+        }
+        for part in parts { XCTAssertTrue(first.contains(part), "'\(first)' lacks '\(part)'", file: file, line: line) }
+    }
+
+    func testMissingTruncatedAndMismatchedDataFiles() throws {
+        try writeNumpy(Tensor<Float>(shape: [6, 4], repeating: 1), to: dir + "/x.npy")
+        try writeNumpy(Tensor<Float>(shape: [5], repeating: 1), to: dir + "/y.npy")
+        let cases: [([String], [String])] = [
+            (["--data", "idx:\(dir)/none,\(dir)/none2"], ["none", "no such file"]),
+            (["--data", "npy:\(dir)/x.npy,\(dir)/y.npy"], ["y.npy", "5 labels", "6 samples"]),
+            (["--data", "cifar10:\(dir)"], ["data_batch"]),
+            (["--data", "mnist:/tmp/x"], ["unknown source"]),
+        ]
+        for (args, parts) in cases {
+            assertOneLineError(try Harness.direct(Harness.train, args, timeout: 60), mentions: parts)
+        }
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: dir + "/x.npy"))
+        bytes.removeLast(9)
+        try bytes.write(to: URL(fileURLWithPath: dir + "/cut.npy"))
+        try writeNumpy(Tensor<Float>(shape: [6], repeating: 1), to: dir + "/y6.npy")
+        assertOneLineError(try Harness.direct(Harness.train, ["--data", "npy:\(dir)/cut.npy,\(dir)/y6.npy"], timeout: 60), mentions: ["cut.npy", "truncated"])
+    }
+
+    func testAbsurdFlagsAreRejectedUpFront() throws {
+        for (args, part) in [(["--batch-size", "0"], "--batch-size"), (["--lr", "-1"], "--lr"), (["--model", "resnet"], "--model"),
+                             (["--norm", "layernorm"], "--norm"), (["--steps", "0"], "--steps"), (["--lr", "nan"], "--lr"),
+                             (["--save", "/no/such/dir/a.safetensors"], "does not exist")] {
+            let result = try Harness.direct(Harness.train, args, timeout: 60)
+            assertOneLineError(result, mentions: [part], status: nil)
+        }
+        let result = try Harness.direct(Harness.train, ["--sync-group-size", "3", "--steps", "1", "--data", "synthetic:train=64,heldout=8"], timeout: 60)
+        assertOneLineError(result, mentions: ["--sync-group-size 3 exceeds"])
+    }
+
+    func testACorruptCheckpointIsRejectedAndADivergingRunStops() throws {
+        FileManager.default.createFile(atPath: dir + "/bad.safetensors", contents: Data([1, 2, 3]))
+        assertOneLineError(try Harness.direct(Harness.train, ["--resume", dir + "/bad.safetensors", "--steps", "1"], timeout: 60),
+                           mentions: ["bad.safetensors"])
+        let diverging = try Harness.direct(Harness.train, ["--lr", "1e30", "--steps", "50", "--model", "mlp", "--data", "synthetic:train=64,heldout=8"], timeout: 60)
+        assertOneLineError(diverging, mentions: ["diverged"])
+    }
+
+    func testErrorsUnderMpirunEndEveryRankWithOneMessage() throws {
+        let missing = try Harness.mpi(4, Harness.train, ["--data", "idx:\(dir)/none,\(dir)/none2"], timeout: 60)
+        XCTAssertFalse(missing.timedOut, describe(missing))
+        XCTAssertNotEqual(missing.status, 0)
+        XCTAssertEqual(missing.stderr.components(separatedBy: "syncbn-train: error:").count - 1, 1, describe(missing))
+        let diverging = try Harness.mpi(2, Harness.train, ["--lr", "1e30", "--steps", "50", "--model", "mlp", "--data", "synthetic:train=64,heldout=8"], timeout: 60)
+        XCTAssertFalse(diverging.timedOut, describe(diverging))
+        XCTAssertNotEqual(diverging.status, 0)
+        XCTAssertEqual(diverging.stderr.components(separatedBy: "syncbn-train: error:").count - 1, 1, describe(diverging))
+        let bench = try Harness.mpi(2, Harness.bench, ["layer", "--input", dir + "/none.npy"], timeout: 60)
+        XCTAssertNotEqual(bench.status, 0)
+        XCTAssertTrue(bench.stderr.contains("none.npy: no such file"), describe(bench))
+    }
+}

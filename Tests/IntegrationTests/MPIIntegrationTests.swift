@@ -1,0 +1,162 @@
+import Foundation
+import Kernels
+import TestSupport
+import Training
+import XCTest
+
+/// The real binaries under real `mpirun`. Every process has a watchdog, so a hang fails fast.
+final class MPIIntegrationTests: XCTestCase {
+    var dir = ""
+    override func setUp() { dir = temporaryDirectory("syncbn-integration") }
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func testCollectivesPassTheConformanceSuiteUnderMpirunAtSizesOneToFour() throws {
+        for ranks in 1...4 {
+            let result = try Harness.mpi(ranks, Harness.bench, ["selftest", "--expect-size", String(ranks)], timeout: 60)
+            XCTAssertEqual(result.status, 0, describe(result))
+            XCTAssertTrue(result.stdout.contains("MPICommunicator size \(ranks): all checks passed"), describe(result))
+        }
+    }
+
+    /// W ranks × batch b ≡ 1 rank × batch W·b (DESIGN §3.3), on the acceptance command and on a
+    /// data set whose short last batch leaves one of the four ranks empty.
+    func testFourRanksFollowTheTrajectoryOfOneRankWithFourTimesTheBatch() throws {
+        let cases: [(String, [String])] = [
+            ("default", ["--norm", "syncbn", "--steps", "20", "--seed", "3"]),
+            // 611 = 19·32 + 3: step 20 has 3 samples over 4 ranks; 22 steps reach the next epoch.
+            ("uneven", ["--data", "synthetic:train=611,heldout=64", "--steps", "22", "--seed", "4"]),
+        ]
+        for (label, common) in cases {
+            let a = dir + "/\(label)-4.safetensors", b = dir + "/\(label)-1.safetensors"
+            let multi = try Harness.mpi(4, Harness.train, common + ["--batch-size", "8", "--save", a])
+            XCTAssertEqual(multi.status, 0, describe(multi))
+            XCTAssertTrue(multi.stderr.contains("4 rank(s) (MPI)"), describe(multi))
+            let single = try Harness.direct(Harness.train, common + ["--batch-size", "32", "--save", b])
+            XCTAssertEqual(single.status, 0, describe(single))
+            let left = try checkpointTensors(a), right = try checkpointTensors(b)
+            XCTAssertEqual(left.keys.sorted(), right.keys.sorted())
+            XCTAssertTrue(left.keys.contains("features.2.bn.running_var"))
+            for (name, values) in left {
+                let error = relativeError(values, right[name]!)
+                XCTAssertLessThan(error, 1e-4, "\(label): \(name) differs by \(error)")
+            }
+        }
+    }
+
+    func testWithoutMpirunItRunsAsOneProcessWithoutInitialisingMPI() throws {
+        let result = try Harness.direct(Harness.train, ["--data", "synthetic:train=256,heldout=64", "--steps", "5", "--batch-size", "16"])
+        XCTAssertEqual(result.status, 0, describe(result))
+        XCTAssertTrue(result.stderr.contains("1 rank(s) (single process, MPI not initialised)"), describe(result))
+        XCTAssertTrue(result.stderr.contains("held-out accuracy"), describe(result))
+    }
+
+    func testSimulatedRanksMatchMPIRanks() throws {
+        let common = ["--data", "synthetic:train=300,heldout=64", "--steps", "8", "--batch-size", "4"]
+        let a = dir + "/mpi.safetensors", b = dir + "/sim.safetensors"
+        let mpi = try Harness.mpi(3, Harness.train, common + ["--save", a])
+        XCTAssertEqual(mpi.status, 0, describe(mpi))
+        let simulated = try Harness.direct(Harness.train, common + ["--simulate-ranks", "3", "--save", b])
+        XCTAssertEqual(simulated.status, 0, describe(simulated))
+        XCTAssertTrue(simulated.stderr.contains("3 rank(s) (in-process threads)"), describe(simulated))
+        let left = try checkpointTensors(a), right = try checkpointTensors(b)
+        for (name, values) in left { XCTAssertLessThan(relativeError(values, right[name]!), 1e-5, name) }
+    }
+
+    func testResumeUnderMpirunContinuesBitIdentically() throws {
+        let common = ["--data", "synthetic:train=200,heldout=32", "--batch-size", "8", "--norm", "bn", "--seed", "6"]
+        let straight = dir + "/straight.safetensors", half = dir + "/half.safetensors", resumed = dir + "/resumed.safetensors"
+        for args in [["--steps", "16", "--save", straight], ["--steps", "7", "--save", half], ["--steps", "16", "--resume", half, "--save", resumed]] {
+            let result = try Harness.mpi(2, Harness.train, common + args)
+            XCTAssertEqual(result.status, 0, describe(result))
+        }
+        let left = try checkpointTensors(straight), right = try checkpointTensors(resumed)
+        XCTAssertEqual(left.keys.sorted(), right.keys.sorted())
+        for (name, values) in left { XCTAssertEqual(values.map(\.bitPattern), right[name]!.map(\.bitPattern), name) }
+    }
+
+    /// `syncbn-bench layer` on 13×8×5×5 input with per-channel mean 1e4 and std 1, split 4/3/3/3
+    /// over 4 ranks, against a float64 two-pass reference on the same Float32 values.
+    func testBenchLayerMatchesAFloat64ReferenceWhenTheMeanDwarfsTheSpread() throws {
+        let shape = [13, 8, 5, 5]
+        var random = DeterministicRandom(seed: 42)
+        let x = Tensor<Float>(shape: shape, scalars: (0..<(13 * 200)).map { i in Float(1e4 + Double((i / 25) % 8) + random.normal()) })
+        let dy = Tensor<Float>(shape: shape, scalars: (0..<(13 * 200)).map { _ in Float(random.normal()) })
+        let gamma = Tensor<Float>(shape: [8], scalars: (0..<8).map { 0.5 + Float($0) * 0.25 })
+        let beta = Tensor<Float>(shape: [8], scalars: (0..<8).map { Float($0) - 3 })
+        for (name, t) in [("x", x), ("dy", dy), ("gamma", gamma), ("beta", beta)] { try writeNumpy(t, to: "\(dir)/\(name).npy") }
+        let out = dir + "/out"
+        let result = try Harness.mpi(4, Harness.bench, ["layer", "--input", dir + "/x.npy", "--grad", dir + "/dy.npy",
+                                                        "--gamma", dir + "/gamma.npy", "--beta", dir + "/beta.npy",
+                                                        "--norm", "syncbn", "--out", out])
+        XCTAssertEqual(result.status, 0, describe(result))
+
+        // Reference: two passes in Double on the Float32 values.
+        let M = 13.0 * 25, eps = 1e-5
+        let xs = x.scalars.map(Double.init), dys = dy.scalars.map(Double.init)
+        let gs = gamma.scalars.map(Double.init), bs = beta.scalars.map(Double.init)
+        func channel(_ i: Int) -> Int { (i / 25) % 8 }
+        var mean = [Double](repeating: 0, count: 8), variance = mean
+        for i in 0..<xs.count { mean[channel(i)] += xs[i] / M }
+        for i in 0..<xs.count {
+            let d = xs[i] - mean[channel(i)]
+            variance[channel(i)] += d * d / M
+        }
+        let invStd = variance.map { 1 / ($0 + eps).squareRoot() }
+        var xhat = [Double](repeating: 0, count: xs.count), y = xhat, dx = xhat
+        var sumDy = [Double](repeating: 0, count: 8), sumDyXhat = sumDy
+        for i in 0..<xs.count {
+            let c = channel(i)
+            xhat[i] = (xs[i] - mean[c]) * invStd[c]
+            y[i] = gs[c] * xhat[i] + bs[c]
+            sumDy[c] += dys[i]
+            sumDyXhat[c] += dys[i] * xhat[i]
+        }
+        for i in 0..<xs.count {
+            let c = channel(i)
+            dx[i] = gs[c] * invStd[c] * (dys[i] - sumDy[c] / M - xhat[i] * sumDyXhat[c] / M)
+        }
+        func read(_ name: String) throws -> [Double] { try NumpyArray(contentsOf: "\(out)/\(name).npy").doubles() }
+        XCTAssertLessThan(relativeError(try read("mean"), mean), 1e-6)
+        XCTAssertLessThan(relativeError(try read("var"), variance), 1e-6)
+        XCTAssertLessThan(relativeError(try read("y"), y), 1e-4)
+        XCTAssertLessThan(relativeError(try read("dx"), dx), 1e-4)
+        XCTAssertLessThan(relativeError(try read("dgamma"), sumDyXhat), 1e-4)
+        XCTAssertLessThan(relativeError(try read("dbeta"), sumDy), 1e-5)
+        XCTAssertLessThan(relativeError(try read("running_mean"), mean.map { 0.1 * $0 }), 1e-6)
+        XCTAssertLessThan(relativeError(try read("running_var"), variance.map { 0.9 + 0.1 * $0 * M / (M - 1) }), 1e-6)
+    }
+
+    func testARankThatDiesEndsTheWholeJobWithinSeconds() throws {
+        guard let mpirun = Harness.mpirun else { throw XCTSkip("mpirun is not installed") }
+        let metrics = dir + "/m.jsonl"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: mpirun)
+        process.arguments = Harness.mpirunArguments(ranks: 4) + [Harness.train, "--steps", "100000", "--log-every", "1", "--metrics", metrics]
+        let err = Pipe()
+        process.standardError = err
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        // Wait until training is under way (a metrics line), at most 60 s.
+        let started = Date()
+        while (try? String(contentsOfFile: metrics, encoding: .utf8))?.contains("\"step\"") != true {
+            XCTAssertLessThan(Date().timeIntervalSince(started), 60, "training never started")
+            if Date().timeIntervalSince(started) > 60 || !process.isRunning { return }
+            usleep(100_000)
+        }
+        let children = try runProcess("/usr/bin/pgrep", ["-P", String(process.processIdentifier), "syncbn-train"], timeout: 10)
+        let pids = children.stdout.split(separator: "\n").compactMap { Int32($0) }
+        XCTAssertEqual(pids.count, 4, "expected 4 ranks as children of mpirun: \(children.stdout)")
+        guard let victim = pids.last else { return }
+        kill(victim, SIGKILL)
+        let killed = Date()
+        while process.isRunning && Date().timeIntervalSince(killed) < 30 { usleep(50_000) }
+        let seconds = Date().timeIntervalSince(killed)
+        XCTAssertFalse(process.isRunning, "the job still runs \(seconds) s after a rank died")
+        if process.isRunning { return }
+        XCTAssertNotEqual(process.terminationStatus, 0)
+        XCTAssertLessThan(seconds, 15)
+        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertTrue(message.contains("signal 9") || message.contains("Killed") || message.contains("exited"), message)
+    }
+}
