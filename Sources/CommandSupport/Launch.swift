@@ -10,8 +10,15 @@ public enum RankLaunch {
     /// way for every subcommand: a one-line message and exit code 2, never a trace or a hang.
     /// Collective errors (raised identically on every rank) end every rank cleanly; any other error
     /// on an MPI rank aborts the job so that the other ranks do not wait for it forever.
-    public static func run(simulateRanks: Int?, command: String, _ body: @escaping (any Communicator) throws -> Void) -> Never {
+    ///
+    /// `preflight` is an error found before the ranks started (a bad data file). Under MPI the
+    /// ranks first agree, with one all-gather, whether any of them has one: then the lowest such
+    /// rank prints it and every rank finalises and exits 2, so the message is never lost to a
+    /// rank that exits first, and a rank whose files were fine does not wait forever.
+    public static func run(simulateRanks: Int?, command: String, preflight: Error? = nil,
+                           _ body: @escaping (any Communicator) throws -> Void) -> Never {
         if let n = simulateRanks, n > 1 {
+            if let preflight { fail(command, describe(preflight)) }
             if MPICommunicator.launchedByMPI {
                 fail(command, "--simulate-ranks cannot be combined with an MPI launcher; use one or the other")
             }
@@ -28,6 +35,12 @@ public enum RankLaunch {
             let world: MPICommunicator
             do { world = try MPICommunicator.world() } catch { fail(command, describe(error)) }
             do {
+                let flags = try world.allGather([Int64(preflight == nil ? 0 : 1)])
+                if let first = flags.firstIndex(where: { $0 == [1] }) {
+                    if world.rank == first, let preflight { printError(command, describe(preflight)) }
+                    MPICommunicator.finalize()
+                    exit(2)
+                }
                 try body(world)
                 MPICommunicator.finalize()
                 exit(0)
@@ -42,6 +55,7 @@ public enum RankLaunch {
                 exit(2)
             }
         }
+        if let preflight { fail(command, describe(preflight)) }
         do {
             try body(SingleProcessCommunicator())
             exit(0)
@@ -72,5 +86,13 @@ public enum RankLaunch {
 
     public static func describe(_ error: Error) -> String {
         String(describing: error)
+    }
+}
+
+extension Result {
+    /// The error of a failed result, nil for a success.
+    public var failure: Failure? {
+        if case let .failure(error) = self { return error }
+        return nil
     }
 }

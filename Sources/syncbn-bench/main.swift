@@ -92,10 +92,10 @@ struct LayerBench: ParsableCommand {
     }
 
     func run() throws {
-        let inputs: (x: Tensor<Float>, dy: Tensor<Float>, gamma: [Float]?, beta: [Float]?)
-        do { inputs = try loadInputs() } catch { RankLaunch.fail("syncbn-bench", RankLaunch.describe(error)) }
+        let loaded = Result { try loadInputs() }
         let norm = self.norm, out = self.out, repeats = self.repetitions
-        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench") { world in
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench", preflight: loaded.failure) { world in
+            let inputs = try loaded.get()
             let C = inputs.x.shape[1], sampleShape = Array(inputs.x.shape.dropFirst())
             let piece = contiguousPiece(of: inputs.x.shape[0], parts: world.size, index: world.rank)
             let x = inputs.x.slice(samples: piece), dy = inputs.dy.slice(samples: piece)

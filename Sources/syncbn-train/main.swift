@@ -112,15 +112,13 @@ struct Train: ParsableCommand {
 
     func run() throws {
         let configuration = trainingConfiguration
-        let split: DataSplit
-        do {
-            split = try DataSource.split(try DataSource(parsing: data), evaluation: try evalData.map(DataSource.init(parsing:)),
-                                         heldOutFraction: holdoutFraction)
-        } catch {
-            RankLaunch.fail("syncbn-train", RankLaunch.describe(error))
+        let loaded = Result {
+            try DataSource.split(try DataSource(parsing: data), evaluation: try evalData.map(DataSource.init(parsing:)),
+                                 heldOutFraction: holdoutFraction)
         }
         let metricsPath = metrics, savePath = save, resumePath = resume
-        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train") { world in
+        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { world in
+            let split = try loaded.get()
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
             if let resumePath { try trainer.resume(from: resumePath) }
             if world.rank == 0 {
