@@ -1,22 +1,14 @@
 /// Max pooling over k×k windows with the given stride and padding (padding never wins).
 public final class MaxPool2d<Scalar: TensorScalar>: Layer {
-    public let kernelSize: Int, stride: Int, padding: Int
+    public let window: PoolingWindow
     private var argmax: [Int32] = []
     private var lastShape: [Int] = []
 
     public init(kernelSize: Int, stride: Int? = nil, padding: Int = 0) {
-        precondition(kernelSize > 0 && (stride ?? kernelSize) > 0 && padding >= 0 && padding * 2 <= kernelSize, "invalid MaxPool2d configuration")
-        self.kernelSize = kernelSize
-        self.stride = stride ?? kernelSize
-        self.padding = padding
+        window = PoolingWindow(kernelSize: kernelSize, stride: stride, padding: padding, layer: "MaxPool2d")
     }
 
-    func geometry(_ shape: [Int]) throws -> PoolingGeometry {
-        try requireShape(shape.count == 4, "MaxPool2d", "expected N×C×H×W input, got \(shape)")
-        let g = PoolingGeometry(height: shape[2], width: shape[3], kernel: kernelSize, stride: stride, padding: padding)
-        try requireShape(g.outputHeight > 0 && g.outputWidth > 0, "MaxPool2d", "input \(shape[2])×\(shape[3]) is smaller than the window")
-        return g
-    }
+    func geometry(_ shape: [Int]) throws -> PoolingGeometry { try window.geometry(shape) }
 
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         let g = try geometry(input.shape)
@@ -49,22 +41,14 @@ public final class MaxPool2d<Scalar: TensorScalar>: Layer {
 
 /// Average pooling over k×k windows (divides by k², padding included, as PyTorch's default).
 public final class AvgPool2d<Scalar: TensorScalar>: Layer {
-    public let kernelSize: Int, stride: Int, padding: Int
+    public let window: PoolingWindow
     private var lastShape: [Int] = []
 
     public init(kernelSize: Int, stride: Int? = nil, padding: Int = 0) {
-        precondition(kernelSize > 0 && (stride ?? kernelSize) > 0 && padding >= 0 && padding * 2 <= kernelSize, "invalid AvgPool2d configuration")
-        self.kernelSize = kernelSize
-        self.stride = stride ?? kernelSize
-        self.padding = padding
+        window = PoolingWindow(kernelSize: kernelSize, stride: stride, padding: padding, layer: "AvgPool2d")
     }
 
-    func geometry(_ shape: [Int]) throws -> PoolingGeometry {
-        try requireShape(shape.count == 4, "AvgPool2d", "expected N×C×H×W input, got \(shape)")
-        let g = PoolingGeometry(height: shape[2], width: shape[3], kernel: kernelSize, stride: stride, padding: padding)
-        try requireShape(g.outputHeight > 0 && g.outputWidth > 0, "AvgPool2d", "input \(shape[2])×\(shape[3]) is smaller than the window")
-        return g
-    }
+    func geometry(_ shape: [Int]) throws -> PoolingGeometry { try window.geometry(shape) }
 
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         let g = try geometry(input.shape)
@@ -114,5 +98,27 @@ public final class GlobalAvgPool<Scalar: TensorScalar>: Layer {
             }
         }
         return inputGradient
+    }
+}
+
+/// A k×k pooling window with stride (default k) and padding (at most k/2), shared by the pooling
+/// layers.
+public struct PoolingWindow: Equatable {
+    public let kernelSize: Int, stride: Int, padding: Int
+    let layer: String
+
+    init(kernelSize: Int, stride: Int?, padding: Int, layer: String) {
+        precondition(kernelSize > 0 && (stride ?? kernelSize) > 0 && padding >= 0 && padding * 2 <= kernelSize, "invalid \(layer) configuration")
+        self.kernelSize = kernelSize
+        self.stride = stride ?? kernelSize
+        self.padding = padding
+        self.layer = layer
+    }
+
+    func geometry(_ shape: [Int]) throws -> PoolingGeometry {
+        try requireShape(shape.count == 4, layer, "expected N×C×H×W input, got \(shape)")
+        let g = PoolingGeometry(height: shape[2], width: shape[3], kernel: kernelSize, stride: stride, padding: padding)
+        try requireShape(g.outputHeight > 0 && g.outputWidth > 0, layer, "input \(shape[2])×\(shape[3]) is smaller than the window")
+        return g
     }
 }
