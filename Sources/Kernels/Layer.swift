@@ -1,7 +1,12 @@
-/// Whether a layer computes with batch statistics and records what backward needs.
+/// How a layer runs a forward pass.
 public enum Mode: Sendable {
+    /// Batch statistics, state updates (running statistics) and everything backward needs.
     case training
+    /// Population (running) statistics; nothing is recorded and no collective is issued.
     case inference
+    /// Batch statistics (synchronized as in training) with the model frozen: no state update,
+    /// nothing kept for backward. The mode of a PreciseBN pass.
+    case batchStatistics
 }
 
 /// A trainable tensor and the gradient of the loss with respect to it.

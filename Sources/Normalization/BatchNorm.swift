@@ -33,7 +33,8 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     public let runningVariance: Buffer<Scalar>
     public let batchesTracked: Counter
 
-    /// Statistics of the last training batch (over the whole group), for inspection and tests.
+    /// Statistics of the last batch seen in `.training` or `.batchStatistics` mode (over the whole
+    /// group; nil when the group had no data), for PreciseBN, inspection and tests.
     public private(set) var lastStatistics: BatchStatistics?
 
     private var normalized = Tensor<Scalar>(shape: [0])
@@ -74,23 +75,32 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
             let mean = runningMean.value.scalars.map(Double.init)
             let invStd = runningVariance.value.scalars.map { 1 / (Double($0) + epsilon).squareRoot() }
             return apply(input, layout: layout, mean: mean, invStd: invStd, keepNormalized: false)
-        case .training:
+        case .training, .batchStatistics:
             let shift = runningMean.value.scalars.map(Double.init)
             let statistics = try BatchStatistics.compute(input, layout: layout, shift: shift, group: group)
-            lastLayout = layout
-            lastShape = input.shape
+            let training = mode == .training
+            if training {
+                lastLayout = layout
+                lastShape = input.shape
+            }
             guard let statistics else {
                 // No rank of the group has data this step: nothing to normalize, nothing to learn.
                 lastStatistics = nil
-                invStd = Array(repeating: 0, count: featureCount)
-                normalized = Tensor(shape: input.shape)
+                if training {
+                    invStd = Array(repeating: 0, count: featureCount)
+                    normalized = Tensor(shape: input.shape)
+                }
                 return Tensor(shape: input.shape)
             }
             guard statistics.count > 1 else {
                 throw LayerError("\(Self.self): batch statistics need more than 1 value per channel, got 1 (input \(input.shape)); use a larger batch or sync over more ranks")
             }
             lastStatistics = statistics
-            invStd = statistics.variance.map { 1 / ($0 + epsilon).squareRoot() }
+            let inverse = statistics.variance.map { 1 / ($0 + epsilon).squareRoot() }
+            guard training else {
+                return apply(input, layout: layout, mean: statistics.mean, invStd: inverse, keepNormalized: false)
+            }
+            invStd = inverse
             updateRunningStatistics(statistics)
             return apply(input, layout: layout, mean: statistics.mean, invStd: invStd, keepNormalized: true)
         }

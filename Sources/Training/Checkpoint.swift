@@ -8,14 +8,23 @@ import Kernels
 public enum Checkpoint {
     public static let format = "syncbn-checkpoint-1"
     static let momentumPrefix = "optimizer.momentum_buffer."
+    static let emaPrefix = "ema."
 
-    public static func save(network: Network, optimizer: SGD?, metadata: [String: String], to path: String) throws {
+    /// `emaBuffers`, when the running statistics are PreciseBN's, are the EMA values by buffer
+    /// name; they are stored as `ema.NAME` so that resuming continues from the EMA.
+    public static func save(network: Network, optimizer: SGD?, emaBuffers: [String: [Float]]? = nil,
+                            metadata: [String: String], to path: String) throws {
         var tensors: [(name: String, tensor: StoredTensor)] = []
         for entry in network.state {
             switch entry {
             case let .parameter(name, p): tensors.append((name, StoredTensor(floats: p.value.scalars, shape: p.value.shape)))
             case let .buffer(name, b): tensors.append((name, StoredTensor(floats: b.value.scalars, shape: b.value.shape)))
             case let .counter(name, c): tensors.append((name, StoredTensor(int64: c.value)))
+            }
+        }
+        if let emaBuffers {
+            for (name, buffer) in network.namedBuffers {
+                tensors.append((emaPrefix + name, StoredTensor(floats: emaBuffers[name] ?? buffer.value.scalars, shape: buffer.value.shape)))
             }
         }
         if let optimizer {
@@ -30,14 +39,19 @@ public enum Checkpoint {
     }
 
     /// Loads `path` into the model (and optimizer). Every entry the model has must be present with
-    /// the same shape, and the file may hold nothing else; returns the metadata.
+    /// the same shape, and the file may hold nothing else. Returns the metadata and, when the file
+    /// keeps EMA statistics beside PreciseBN's (`ema.NAME`), those by buffer name. With
+    /// `preferEMA` the EMA values go into the buffers (what continuing training needs); without,
+    /// the stored running statistics do (what inference uses).
     @discardableResult
-    public static func load(_ path: String, into network: Network, optimizer: SGD?) throws -> [String: String] {
+    public static func load(_ path: String, into network: Network, optimizer: SGD?,
+                            preferEMA: Bool = true) throws -> (metadata: [String: String], emaBuffers: [String: [Float]]?) {
         let (tensors, metadata) = try Safetensors.read(path)
         guard metadata["format"] == format else {
             throw FileFormatError(path, "not a syncbn checkpoint (metadata format is \(metadata["format"].map { "'\($0)'" } ?? "missing"))")
         }
         var used = Set<String>()
+        var emaBuffers: [String: [Float]] = [:]
         func floats(_ name: String, shape: [Int]) throws -> [Float] {
             guard let stored = tensors[name] else {
                 throw FileFormatError(path, "has no '\(name)': the checkpoint was written for another model or normalization")
@@ -59,8 +73,13 @@ public enum Checkpoint {
                 let values = try floats(name, shape: p.value.shape)
                 assignments.append { p.value.scalars = values }
             case let .buffer(name, b):
-                let values = try floats(name, shape: b.value.shape)
-                assignments.append { b.value.scalars = values }
+                var values = try floats(name, shape: b.value.shape)
+                if tensors[emaPrefix + name] != nil {
+                    let ema = try floats(emaPrefix + name, shape: b.value.shape)
+                    emaBuffers[name] = ema
+                    if preferEMA { values = ema }
+                }
+                assignments.append { [values] in b.value.scalars = values }
             case let .counter(name, c):
                 guard let value = tensors[name]?.int64 else { throw FileFormatError(path, "has no integer '\(name)'") }
                 used.insert(name)
@@ -80,6 +99,6 @@ public enum Checkpoint {
             throw FileFormatError(path, "has '\(first)'\(unknown.count > 1 ? " and \(unknown.count - 1) more entries" : "") that the model does not: written for another model?")
         }
         assignments.forEach { $0() }
-        return metadata
+        return (metadata, emaBuffers.isEmpty ? nil : emaBuffers)
     }
 }

@@ -22,7 +22,10 @@ public struct Evaluation: Equatable, Sendable {
 /// What a finished run reports.
 public struct TrainingSummary: Sendable {
     public let steps: Int
+    /// The final evaluation with the statistics the model ends with (PreciseBN's when computed).
     public let evaluation: Evaluation
+    /// Every final evaluation by statistics (`ema`, `precise`).
+    public let evaluations: [String: Evaluation]
     public let seconds: Double
     public let samplesPerSecond: Double
 }
@@ -49,6 +52,9 @@ public final class Trainer {
 
     private var sampler: ShardedSampler
     private let averageRunningStatistics: Bool
+    /// The EMA running statistics by buffer name while the model holds PreciseBN's instead
+    /// (after the final evaluation); saved beside them so that a resumed run continues from the EMA.
+    public private(set) var emaBuffers: [String: [Float]]?
 
     /// Builds the model and, for SyncBN with `syncGroupSize` < ranks, splits the world into
     /// groups of consecutive ranks. `world` is wrapped to count collectives and their time.
@@ -83,9 +89,11 @@ public final class Trainer {
     public var stepsPerEpoch: Int { sampler.stepsPerEpoch }
     public var totalSteps: Int { configuration.steps ?? configuration.epochs * sampler.stepsPerEpoch }
 
-    /// Continues from a checkpoint written by ``save(to:)``.
-    public func resume(from path: String) throws {
-        let metadata = try Checkpoint.load(path, into: network, optimizer: optimizer)
+    /// Continues from a checkpoint written by ``save(to:)``: with the EMA statistics when the file
+    /// keeps them beside PreciseBN's (`forTraining`), otherwise with the statistics it stores.
+    public func resume(from path: String, forTraining: Bool = true) throws {
+        let (metadata, ema) = try Checkpoint.load(path, into: network, optimizer: optimizer, preferEMA: forTraining)
+        emaBuffers = forTraining ? nil : ema
         guard let text = metadata["step"], let saved = Int(text), saved >= 0 else {
             throw FileFormatError(path, "metadata has no valid 'step'")
         }
@@ -97,9 +105,10 @@ public final class Trainer {
         guard world.rank == 0 else { return }
         let configurationJSON = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
         var metadata = ["step": String(step), "epoch": String(step / max(sampler.stepsPerEpoch, 1)),
-                        "configuration": configurationJSON, "ranks": String(world.size), "statistics": "ema"]
+                        "configuration": configurationJSON, "ranks": String(world.size),
+                        "statistics": emaBuffers == nil ? "ema" : "precise"]
         metadata.merge(extraMetadata) { $1 }
-        try Checkpoint.save(network: network, optimizer: optimizer, metadata: metadata, to: path)
+        try Checkpoint.save(network: network, optimizer: optimizer, emaBuffers: emaBuffers, metadata: metadata, to: path)
     }
 
     /// One optimizer step; returns the global mean loss and accuracy of the batch.
@@ -160,6 +169,39 @@ public final class Trainer {
         return Evaluation(loss: totals[0] / totals[2], accuracy: totals[1] / totals[2], count: Int(totals[2]))
     }
 
+    /// Replaces the running statistics with PreciseBN's, computed on the training set with the
+    /// configured budget and batch size (the model is otherwise untouched). With `rememberEMA`
+    /// the EMA values are kept in ``emaBuffers`` (and so in the next checkpoint).
+    @discardableResult
+    public func recomputePopulationStatistics(on dataset: Dataset? = nil, rememberEMA: Bool = false) throws -> PreciseBN.Report {
+        if rememberEMA && emaBuffers == nil {
+            emaBuffers = Dictionary(uniqueKeysWithValues: network.namedBuffers.map { ($0.name, $0.buffer.value.scalars) })
+        }
+        return try PreciseBN.recompute(network: network, data: dataset ?? data.train, sampleBudget: configuration.preciseBNSamples,
+                                batchSize: configuration.preciseBNBatchSize ?? configuration.batchSize,
+                                seed: configuration.seed, world: world)
+    }
+
+    /// Evaluates with the statistics `--eval-stats` asks for. PreciseBN's statistics replace the
+    /// EMA only for the evaluation, unless `keepPrecise` (the end of a run), in which case the
+    /// EMA values are kept in ``emaBuffers`` for the checkpoint.
+    public func evaluations(keepPrecise: Bool = false) throws -> [(statistics: String, evaluation: Evaluation)] {
+        var results: [(statistics: String, evaluation: Evaluation)] = []
+        if configuration.evalStats != .precise { results.append(("ema", try evaluate())) }
+        if configuration.evalStats != .ema {
+            let ema = Dictionary(uniqueKeysWithValues: network.namedBuffers.map { ($0.name, $0.buffer.value.scalars) })
+            try recomputePopulationStatistics()
+            results.append(("precise", try evaluate()))
+            if keepPrecise {
+                emaBuffers = emaBuffers ?? ema
+            } else {
+                for (name, buffer) in network.namedBuffers { buffer.value.scalars = ema[name]! }
+            }
+        }
+        for (statistics, evaluation) in results { report(evaluation, statistics: statistics) }
+        return results
+    }
+
     /// Verifies that every rank holds bitwise the same parameters and buffers (they must: all
     /// ranks apply the same all-reduced update). One all-gather of a checksum.
     public func verifyReplicasAgree() throws {
@@ -208,21 +250,22 @@ public final class Trainer {
                 intervalStart = Date(); intervalSamples = 0; intervalComm = ledger.blockedSeconds
             }
             if configuration.evalEvery > 0 && step % configuration.evalEvery == 0 && step < total {
-                report(try evaluate())
+                _ = try evaluations()
             }
         }
-        let evaluation = try evaluate()
-        report(evaluation)
-        try verifyReplicasAgree()
         let seconds = Date().timeIntervalSince(started)
-        return TrainingSummary(steps: step, evaluation: evaluation, seconds: seconds,
-                               samplesPerSecond: Double(trained) / max(seconds, 1e-9))
+        let final = try evaluations(keepPrecise: true)
+        try verifyReplicasAgree()
+        return TrainingSummary(steps: step, evaluation: final.last!.evaluation,
+                               evaluations: Dictionary(uniqueKeysWithValues: final.map { ($0.statistics, $0.evaluation) }),
+                               seconds: seconds, samplesPerSecond: Double(trained) / max(seconds, 1e-9))
     }
 
-    private func report(_ evaluation: Evaluation) {
+    private func report(_ evaluation: Evaluation, statistics: String) {
         guard world.rank == 0 else { return }
-        metrics?.write(["event": "eval", "stats": "ema", "step": step, "loss": evaluation.loss, "accuracy": evaluation.accuracy])
-        progress?.line(String(format: "eval  step %d  held-out loss %.4f  accuracy %.2f%% (%d samples, EMA statistics)",
-                              step, evaluation.loss, evaluation.accuracy * 100, evaluation.count))
+        metrics?.write(["event": "eval", "stats": statistics, "step": step, "loss": evaluation.loss, "accuracy": evaluation.accuracy])
+        progress?.line(String(format: "eval  step %d  held-out loss %.4f  accuracy %.2f%% (%d samples, %@ statistics)",
+                              step, evaluation.loss, evaluation.accuracy * 100, evaluation.count,
+                              statistics == "ema" ? "EMA" : "PreciseBN"))
     }
 }

@@ -21,8 +21,24 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     /// Evaluate every this many steps (0 = only at the end).
     public var evalEvery: Int = 0
     public var evalBatchSize: Int = 256
+    /// Which running statistics evaluations use.
+    public var evalStats: EvaluationStatistics = .both
+    /// PreciseBN's sample budget over all ranks.
+    public var preciseBNSamples: Int = 8192
+    /// PreciseBN's per-rank batch size; nil = `batchSize`.
+    public var preciseBNBatchSize: Int?
     /// Log a metrics line every this many steps.
     public var logEvery: Int = 10
 
     public init() {}
+}
+
+/// The statistics an evaluation normalizes with.
+public enum EvaluationStatistics: String, Codable, CaseIterable, Sendable {
+    /// The running (EMA) statistics kept during training.
+    case ema
+    /// Population statistics recomputed by PreciseBN before evaluating.
+    case precise
+    /// Both, reported side by side.
+    case both
 }

@@ -16,7 +16,7 @@ struct SyncBNTrain: ParsableCommand {
         --simulate-ranks N for N ranks as threads of one process. With no options it trains the default
         convnet with SyncBN on the built-in synthetic data set.
         """,
-        subcommands: [Train.self],
+        subcommands: [Train.self, RecomputeStats.self],
         defaultSubcommand: Train.self)
 }
 
@@ -63,6 +63,9 @@ struct Train: ParsableCommand {
     var simulateRanks: Int?
     @Option(help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
+    @Option(help: "Statistics for evaluation: ema (running averages), precise (PreciseBN) or both.")
+    var evalStats: String = EvaluationStatistics.both.rawValue
+    @OptionGroup var precise: PreciseBNOptions
 
     func validate() throws {
         guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be one of \(ModelKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(model)'") }
@@ -78,6 +81,7 @@ struct Train: ParsableCommand {
         guard logEvery >= 1 else { throw ValidationError("--log-every must be ≥ 1, got \(logEvery)") }
         guard holdoutFraction > 0 && holdoutFraction < 1 else { throw ValidationError("--holdout-fraction must be in (0, 1), got \(holdoutFraction)") }
         if let syncGroupSize, syncGroupSize < 1 { throw ValidationError("--sync-group-size must be ≥ 1, got \(syncGroupSize)") }
+        guard EvaluationStatistics(rawValue: evalStats) != nil else { throw ValidationError("--eval-stats must be ema, precise or both, got '\(evalStats)'") }
         if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
         if let save {
             let directory = URL(fileURLWithPath: save).deletingLastPathComponent().path
@@ -107,6 +111,9 @@ struct Train: ParsableCommand {
         c.seed = seed
         c.evalEvery = evalEvery
         c.logEvery = logEvery
+        c.evalStats = EvaluationStatistics(rawValue: evalStats)!
+        c.preciseBNSamples = precise.preciseBnSamples
+        c.preciseBNBatchSize = precise.preciseBnBatchSize
         return c
     }
 
@@ -130,9 +137,92 @@ struct Train: ParsableCommand {
             let summary = try trainer.run()
             if let savePath { try trainer.save(to: savePath) }
             if world.rank == 0 {
-                trainer.progress?.line(String(format: "done: held-out accuracy %.2f%%, loss %.4f after %d steps on %d rank(s), %.1f s, %.0f samples/s%@",
-                                              summary.evaluation.accuracy * 100, summary.evaluation.loss, summary.steps, world.size,
-                                              summary.seconds, summary.samplesPerSecond, savePath.map { ", saved \($0)" } ?? ""))
+                let accuracies = ["ema", "precise"].compactMap { key in
+                    summary.evaluations[key].map { String(format: "%.2f%% (%@)", $0.accuracy * 100, key == "ema" ? "EMA" : "PreciseBN") }
+                }.joined(separator: ", ")
+                trainer.progress?.line(String(format: "done: held-out accuracy %@ after %d steps on %d rank(s), %.1f s, %.0f samples/s%@",
+                                              accuracies, summary.steps, world.size, summary.seconds, summary.samplesPerSecond,
+                                              savePath.map { ", saved \($0)" } ?? ""))
+            }
+        }
+    }
+}
+
+/// PreciseBN's options, shared by `train` and `recompute-stats`.
+struct PreciseBNOptions: ParsableArguments {
+    @Option(help: "PreciseBN: samples over all ranks used to recompute the population statistics.")
+    var preciseBnSamples: Int = 8192
+    @Option(help: "PreciseBN: samples per rank per forward pass (default: the training batch size).")
+    var preciseBnBatchSize: Int?
+
+    func validate() throws {
+        guard preciseBnSamples >= 2 && preciseBnSamples <= 1 << 30 else { throw ValidationError("--precise-bn-samples must be between 2 and 2^30, got \(preciseBnSamples)") }
+        if let b = preciseBnBatchSize, !(1...(1 << 20)).contains(b) { throw ValidationError("--precise-bn-batch-size must be between 1 and 1048576, got \(b)") }
+    }
+}
+
+/// Loads a checkpoint, recomputes PreciseBN statistics on the given data over all ranks and saves
+/// a new checkpoint. On data from another domain this is AdaBN (Li et al. 2016, arXiv 1603.04779).
+struct RecomputeStats: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "recompute-stats",
+        abstract: "Recompute a checkpoint's BN population statistics (PreciseBN; AdaBN on another domain's data).",
+        discussion: """
+        The model, normalization and sync groups come from the checkpoint's configuration. The statistics
+        are pooled over --precise-bn-samples samples of --data's training split (all ranks together) and
+        the held-out accuracy is reported before and after. Every rank ends with the same statistics.
+        """)
+
+    @Option(help: "Checkpoint to start from (written by syncbn-train --save).")
+    var resume: String
+    @Option(help: "Where to write the checkpoint with the recomputed statistics.")
+    var save: String
+    @Option(help: "Data to compute the statistics on (default: the checkpoint's training data).")
+    var data: String?
+    @Option(help: "Held-out data for the before/after accuracy (default: the source's test set or last 10%).")
+    var evalData: String?
+    @OptionGroup var precise: PreciseBNOptions
+    @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
+    var simulateRanks: Int?
+
+    func validate() throws {
+        guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
+        let directory = URL(fileURLWithPath: save).deletingLastPathComponent().path
+        guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("--save \(save): directory \(directory) does not exist") }
+        if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
+    }
+
+    func run() throws {
+        let resumePath = resume, savePath = save, options = precise
+        let prepared = Result { () -> (TrainingConfiguration, DataSplit) in
+            let (_, metadata) = try Safetensors.read(resumePath)
+            guard let text = metadata["configuration"],
+                  var configuration = try? JSONDecoder().decode(TrainingConfiguration.self, from: Data(text.utf8)) else {
+                throw FileFormatError(resumePath, "metadata has no readable 'configuration' (not written by syncbn-train?)")
+            }
+            if let data { configuration.data = data }
+            configuration.evalData = evalData ?? (data == nil ? configuration.evalData : nil)
+            configuration.preciseBNSamples = options.preciseBnSamples
+            configuration.preciseBNBatchSize = options.preciseBnBatchSize
+            let split = try DataSource.split(try DataSource(parsing: configuration.data),
+                                             evaluation: try configuration.evalData.map(DataSource.init(parsing:)),
+                                             heldOutFraction: configuration.heldOutFraction)
+            return (configuration, split)
+        }
+        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train recompute-stats", preflight: prepared.failure) { world in
+            let (configuration, split) = try prepared.get()
+            let trainer = try Trainer(configuration: configuration, data: split, world: world)
+            try trainer.resume(from: resumePath, forTraining: false)
+            let before = try trainer.evaluate()
+            let report = try trainer.recomputePopulationStatistics(rememberEMA: true)
+            let after = try trainer.evaluate()
+            try trainer.verifyReplicasAgree()
+            try trainer.save(to: savePath, extraMetadata: ["statistics": "precise", "precise_bn_samples": String(report.samples),
+                                                           "precise_bn_data": configuration.data])
+            if world.rank == 0 {
+                let line = String(format: "recompute-stats: %d samples in %d batches on %d rank(s); held-out accuracy %.2f%% with the checkpoint's statistics, %.2f%% with the recomputed ones; saved %@",
+                                  report.samples, report.batches, world.size, before.accuracy * 100, after.accuracy * 100, savePath)
+                FileHandle.standardError.write(Data((line + "\n").utf8))
             }
         }
     }

@@ -74,6 +74,27 @@ final class MPIIntegrationTests: XCTestCase {
         for (name, values) in left { XCTAssertEqual(values.map(\.bitPattern), right[name]!.map(\.bitPattern), name) }
     }
 
+    func testRecomputeStatsUnderMpirunGivesEveryRankTheSameStatistics() throws {
+        let trained = dir + "/trained.safetensors", mpi = dir + "/mpi.safetensors", simulated = dir + "/sim.safetensors"
+        let train = try Harness.direct(Harness.train, ["--data", "synthetic:train=512,heldout=128", "--steps", "12", "--batch-size", "16",
+                                                       "--eval-stats", "ema", "--save", trained])
+        XCTAssertEqual(train.status, 0, describe(train))
+        let common = ["recompute-stats", "--resume", trained, "--precise-bn-samples", "512", "--precise-bn-batch-size", "32"]
+        let multi = try Harness.mpi(4, Harness.train, common + ["--save", mpi])
+        XCTAssertEqual(multi.status, 0, describe(multi))   // exits non-zero if the ranks' replicas differ
+        XCTAssertTrue(multi.stderr.contains("512 samples in 4 batches on 4 rank(s)"), describe(multi))
+        let threads = try Harness.direct(Harness.train, common + ["--save", simulated, "--simulate-ranks", "4"])
+        XCTAssertEqual(threads.status, 0, describe(threads))
+        let before = try checkpointTensors(trained), left = try checkpointTensors(mpi), right = try checkpointTensors(simulated)
+        let (_, metadata) = try Safetensors.read(mpi)
+        XCTAssertEqual(metadata["statistics"], "precise")
+        for name in left.keys where name.hasSuffix("running_var") && !name.hasPrefix("ema.") {
+            XCTAssertLessThan(relativeError(left[name]!, right[name]!), 1e-6, name)
+            XCTAssertGreaterThan(relativeError(left[name]!, before[name]!), 1e-4, "\(name) was not recomputed")
+            XCTAssertEqual(left["ema." + name], before[name], "the EMA is kept beside")
+        }
+    }
+
     /// `syncbn-bench layer` on 13×8×5×5 input with per-channel mean 1e4 and std 1, split 4/3/3/3
     /// over 4 ranks, against a float64 two-pass reference on the same Float32 values.
     func testBenchLayerMatchesAFloat64ReferenceWhenTheMeanDwarfsTheSpread() throws {

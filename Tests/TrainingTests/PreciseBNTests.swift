@@ -1,0 +1,109 @@
+import Collectives
+import Kernels
+import Normalization
+import TestSupport
+import Training
+import XCTest
+
+final class PreciseBNTests: XCTestCase {
+    /// 48 samples of 2×3×3 with per-channel means 5 and −2 and different spreads.
+    static let data: Dataset = {
+        var random = DeterministicRandom(seed: 77)
+        let samples = (0..<(48 * 18)).map { i -> Float in
+            let channel = (i / 9) % 2
+            return Float((channel == 0 ? 5 : -2) + (channel == 0 ? 3 : 0.5) * random.normal())
+        }
+        return Dataset(sampleShape: [2, 3, 3], classes: 2, samples: samples, labels: [Int32](repeating: 0, count: 48))
+    }()
+
+    /// The exact unbiased population statistics of `data`, in Double.
+    func exactStatistics() -> (mean: [Double], variance: [Double]) {
+        var values: [[Double]] = [[], []]
+        for i in 0..<Self.data.samples.count { values[(i / 9) % 2].append(Double(Self.data.samples[i])) }
+        let mean = values.map { $0.reduce(0, +) / Double($0.count) }
+        let variance = zip(values, mean).map { v, m in v.reduce(0) { $0 + ($1 - m) * ($1 - m) } / Double(v.count - 1) }
+        return (mean, variance)
+    }
+
+    /// A network whose first (and only) BN layer sees the data directly.
+    func bareNetwork(group: (any Communicator)?) -> (Network, BatchNorm<Float>) {
+        let bn = group.map { SyncBatchNorm<Float>(featureCount: 2, synchronizing: $0) } ?? BatchNorm<Float>(featureCount: 2)
+        return (Network(layers: [("bn", bn)]), bn)
+    }
+
+    func testRecomputedStatisticsAreTheExactPopulationStatisticsOnEveryRank() throws {
+        let (mean, variance) = exactStatistics()
+        for (ranks, synced, batch) in [(1, false, 6), (3, false, 4), (3, true, 4), (4, true, 3)] {
+            let results = try InProcessGroup.run(size: ranks) { base -> ([Float], [Float], Int, Int) in
+                let comm = InstrumentedCommunicator(base)
+                let (network, bn) = self.bareNetwork(group: synced ? comm : nil)
+                let report = try PreciseBN.recompute(network: network, data: Self.data, sampleBudget: 48, batchSize: batch, seed: 1, world: comm)
+                return (bn.runningMean.value.scalars, bn.runningVariance.value.scalars, comm.ledger.totalCollectives, report.batches)
+            }
+            let label = "\(ranks) ranks, \(synced ? "SyncBN" : "BN"), batch \(batch)"
+            for (rank, result) in results.enumerated() {
+                XCTAssertEqual(result.0.map(\.bitPattern), results[0].0.map(\.bitPattern), "\(label): rank \(rank) mean")
+                XCTAssertEqual(result.1.map(\.bitPattern), results[0].1.map(\.bitPattern), "\(label): rank \(rank) var")
+                let batches = result.3
+                XCTAssertEqual(batches, 48 / (batch * ranks))
+                XCTAssertEqual(result.2, 1 + (synced ? batches : 0), "\(label): one aggregation collective plus SyncBN's")
+            }
+            assertClose(results[0].0, mean, relTol: 1e-6, absTol: 1e-6, "\(label) mean")
+            assertClose(results[0].1, variance, relTol: 1e-6, "\(label) unbiased variance")
+        }
+    }
+
+    func testThePassChangesNothingButTheRunningStatistics() throws {
+        let split = try DataSource.split(.synthetic(train: 64, heldOut: 16, seed: 1), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.batchSize = 8
+        c.steps = 3
+        c.preciseBNSamples = 64
+        let trainer = try Trainer(configuration: c, data: split, world: SingleProcessCommunicator())
+        for _ in 0..<3 { try trainer.trainStep() }
+        let before = stateDictionary(trainer.network), momentum = trainer.optimizer.momentumBuffers
+        try trainer.recomputePopulationStatistics()
+        let after = stateDictionary(trainer.network)
+        for (name, values) in before {
+            if name.hasSuffix("running_mean") || name.hasSuffix("running_var") {
+                XCTAssertNotEqual(values, after[name], "\(name) should be recomputed")
+            } else {
+                XCTAssertEqual(values, after[name], "\(name) changed (num_batches_tracked included)")
+            }
+        }
+        XCTAssertEqual(trainer.optimizer.momentumBuffers, momentum)
+    }
+
+    func testEvaluationReportsBothStatisticsAndTheCheckpointKeepsTheEMA() throws {
+        let split = try DataSource.split(.synthetic(train: 96, heldOut: 32, seed: 2), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.batchSize = 8
+        c.steps = 6
+        c.preciseBNSamples = 96
+        let dir = temporaryDirectory()
+        let trainer = try Trainer(configuration: c, data: split, world: SingleProcessCommunicator())
+        trainer.metrics = try MetricsWriter(path: dir + "/m.jsonl")
+        let emaState = { () -> [String: [Float]] in
+            while trainer.step < trainer.totalSteps { try! trainer.trainStep() }
+            return stateDictionary(trainer.network)
+        }()
+        let summary = try trainer.run()
+        XCTAssertEqual(Set(summary.evaluations.keys), ["ema", "precise"])
+        try trainer.save(to: dir + "/c.safetensors")
+        let lines = try String(contentsOfFile: dir + "/m.jsonl", encoding: .utf8).split(separator: "\n")
+        XCTAssertTrue(lines.contains { $0.contains("\"stats\":\"ema\"") })
+        XCTAssertTrue(lines.contains { $0.contains("\"stats\":\"precise\"") })
+        let (tensors, metadata) = try Safetensors.read(dir + "/c.safetensors")
+        XCTAssertEqual(metadata["statistics"], "precise")
+        let name = "features.1.bn.running_var"
+        XCTAssertEqual(tensors["ema." + name]?.floats, emaState[name], "EMA kept beside the PreciseBN statistics")
+        XCTAssertEqual(tensors[name]?.floats, stateDictionary(trainer.network)[name])
+        XCTAssertNotEqual(tensors[name]?.floats, emaState[name])
+        // Resuming for training restores the EMA; for inference keeps PreciseBN's.
+        let resumed = try Trainer(configuration: c, data: split, world: SingleProcessCommunicator())
+        try resumed.resume(from: dir + "/c.safetensors")
+        XCTAssertEqual(stateDictionary(resumed.network)[name], emaState[name])
+        try resumed.resume(from: dir + "/c.safetensors", forTraining: false)
+        XCTAssertEqual(stateDictionary(resumed.network)[name], tensors[name]?.floats)
+    }
+}
