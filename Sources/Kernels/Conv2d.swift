@@ -6,7 +6,7 @@
 /// dW = Σ_n dy_n·cols_nᵀ; dx_n = col2im(Wᵀ·dy_n).
 /// Init: PyTorch's default, U(±1/√K) for weight and bias. A conv followed by BatchNorm takes
 /// `bias: false` (β does that job).
-public final class Conv2d<Scalar: TensorScalar>: Layer {
+public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     public let inputChannels: Int, outputChannels: Int, kernelSize: Int, stride: Int, padding: Int
     public let weight: Parameter<Scalar>
     public let bias: Parameter<Scalar>?
@@ -29,6 +29,12 @@ public final class Conv2d<Scalar: TensorScalar>: Layer {
         let bound = 1 / Double(inputChannels * kernelSize * kernelSize).squareRoot()
         weight = Parameter(.uniform(shape: [outputChannels, inputChannels, kernelSize, kernelSize], bound: bound, using: &random))
         self.bias = bias ? Parameter(.uniform(shape: [outputChannels], bound: bound, using: &random)) : nil
+    }
+
+    public var patchWeight: Parameter<Scalar> { weight }
+
+    public var lastPatches: (values: [Scalar], batch: Int, patchSize: Int, positions: Int)? {
+        lastGeometry.map { (columns, lastBatch, $0.patchSize, $0.positions) }
     }
 
     public var state: [StateEntry<Scalar>] {

@@ -33,15 +33,23 @@ public final class Counter {
     public init(_ value: Int64 = 0) { self.value = value }
 }
 
+/// State that differs between ranks by design (cross-iteration BN's window of local sums):
+/// a flat Double vector whose layout its owner defines. Checkpoints keep one copy per rank.
+public final class RankLocalState {
+    public var values: [Double]
+    public init(_ values: [Double] = []) { self.values = values }
+}
+
 /// One named piece of a layer's state, as it appears in checkpoints.
 public enum StateEntry<Scalar: TensorScalar> {
     case parameter(String, Parameter<Scalar>)
     case buffer(String, Buffer<Scalar>)
     case counter(String, Counter)
+    case rankLocal(String, RankLocalState)
 
     public var name: String {
         switch self {
-        case let .parameter(name, _), let .buffer(name, _), let .counter(name, _): return name
+        case let .parameter(name, _), let .buffer(name, _), let .counter(name, _), let .rankLocal(name, _): return name
         }
     }
 
@@ -51,6 +59,7 @@ public enum StateEntry<Scalar: TensorScalar> {
         case let .parameter(name, p): return .parameter(prefix + "." + name, p)
         case let .buffer(name, b): return .buffer(prefix + "." + name, b)
         case let .counter(name, c): return .counter(prefix + "." + name, c)
+        case let .rankLocal(name, r): return .rankLocal(prefix + "." + name, r)
         }
     }
 }
@@ -80,4 +89,16 @@ extension Layer {
 
 func requireShape(_ ok: Bool, _ layer: String, _ message: @autoclosure () -> String) throws {
     if !ok { throw LayerError("\(layer): \(message())") }
+}
+
+/// A layer whose output at position i is θ_c·patch_i for output channel c (a convolution via
+/// im2col, or a linear layer with patch = input row): what cross-iteration BN needs to
+/// differentiate the next layer's batch statistics with respect to θ analytically.
+public protocol PatchSource<Scalar>: AnyObject {
+    associatedtype Scalar: TensorScalar
+    /// θ, viewed as C_out × K.
+    var patchWeight: Parameter<Scalar> { get }
+    /// The patches of the last training forward, N × K × P (P = 1 for a linear layer); nil
+    /// before the first one.
+    var lastPatches: (values: [Scalar], batch: Int, patchSize: Int, positions: Int)? { get }
 }

@@ -1,6 +1,6 @@
 /// Fully connected layer on N×in input: y = x·Wᵀ + b, W of shape out×in (PyTorch's layout).
 /// Backward: dW = dyᵀ·x, db = Σ_n dy, dx = dy·W. Init U(±1/√in) as PyTorch.
-public final class Linear<Scalar: TensorScalar>: Layer {
+public final class Linear<Scalar: TensorScalar>: Layer, PatchSource {
     public let inputFeatures: Int, outputFeatures: Int
     public let weight: Parameter<Scalar>
     public let bias: Parameter<Scalar>?
@@ -13,6 +13,12 @@ public final class Linear<Scalar: TensorScalar>: Layer {
         let bound = 1 / Double(inputFeatures).squareRoot()
         weight = Parameter(.uniform(shape: [outputFeatures, inputFeatures], bound: bound, using: &random))
         self.bias = bias ? Parameter(.uniform(shape: [outputFeatures], bound: bound, using: &random)) : nil
+    }
+
+    public var patchWeight: Parameter<Scalar> { weight }
+
+    public var lastPatches: (values: [Scalar], batch: Int, patchSize: Int, positions: Int)? {
+        lastInput.map { ($0.scalars, $0.shape[0], inputFeatures, 1) }
     }
 
     public var state: [StateEntry<Scalar>] {

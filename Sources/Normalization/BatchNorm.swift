@@ -35,12 +35,13 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
 
     /// Statistics of the last batch seen in `.training` or `.batchStatistics` mode (over the whole
     /// group; nil when the group had no data), for PreciseBN, inspection and tests.
-    public private(set) var lastStatistics: BatchStatistics?
+    public internal(set) var lastStatistics: BatchStatistics?
 
     private var normalized = Tensor<Scalar>(shape: [0])
     private var invStd: [Double] = []
     private var lastLayout = ChannelLayout(batch: 0, channels: 0, spatial: 0)
     private var lastShape: [Int] = []
+    private var backwardCounts: [Double] = []
 
     public init(featureCount: Int, epsilon: Double = 1e-5, momentum: Double? = 0.1, group: (any Communicator)? = nil) {
         precondition(featureCount > 0, "BatchNorm needs at least one feature")
@@ -75,35 +76,58 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
             let mean = runningMean.value.scalars.map(Double.init)
             let invStd = runningVariance.value.scalars.map { 1 / (Double($0) + epsilon).squareRoot() }
             return apply(input, layout: layout, mean: mean, invStd: invStd, keepNormalized: false)
-        case .training, .batchStatistics:
-            let shift = runningMean.value.scalars.map(Double.init)
-            let statistics = try BatchStatistics.compute(input, layout: layout, shift: shift, group: group)
-            let training = mode == .training
-            if training {
-                lastLayout = layout
-                lastShape = input.shape
-            }
-            guard let statistics else {
+        case .batchStatistics:
+            guard let statistics = try batchStatistics(input, layout: layout) else { return Tensor(shape: input.shape) }
+            let inverse = statistics.variance.map { 1 / ($0 + epsilon).squareRoot() }
+            return apply(input, layout: layout, mean: statistics.mean, invStd: inverse, keepNormalized: false)
+        case .training:
+            lastLayout = layout
+            lastShape = input.shape
+            guard let normalization = try trainingStatistics(input, layout: layout) else {
                 // No rank of the group has data this step: nothing to normalize, nothing to learn.
-                lastStatistics = nil
-                if training {
-                    invStd = Array(repeating: 0, count: featureCount)
-                    normalized = Tensor(shape: input.shape)
-                }
+                invStd = Array(repeating: 0, count: featureCount)
+                normalized = Tensor(shape: input.shape)
                 return Tensor(shape: input.shape)
             }
-            guard statistics.count > 1 else {
-                throw LayerError("\(Self.self): batch statistics need more than 1 value per channel, got 1 (input \(input.shape)); use a larger batch or sync over more ranks")
-            }
-            lastStatistics = statistics
-            let inverse = statistics.variance.map { 1 / ($0 + epsilon).squareRoot() }
-            guard training else {
-                return apply(input, layout: layout, mean: statistics.mean, invStd: inverse, keepNormalized: false)
-            }
-            invStd = inverse
-            updateRunningStatistics(statistics)
-            return apply(input, layout: layout, mean: statistics.mean, invStd: invStd, keepNormalized: true)
+            updateRunningStatistics(normalization.current)
+            invStd = normalization.variance.map { 1 / ($0 + epsilon).squareRoot() }
+            backwardCounts = normalization.counts
+            return apply(input, layout: layout, mean: normalization.mean, invStd: invStd, keepNormalized: true)
         }
+    }
+
+    /// The statistics a training forward normalizes with: `mean` and (biased) `variance` per
+    /// channel, `current` the batch's own statistics (for the running statistics), and `counts`
+    /// per channel, the number of values the mean effectively averages over (M for BN; the
+    /// backward pass divides the gradient sums by it).
+    struct TrainingNormalization {
+        var mean: [Double]
+        var variance: [Double]
+        var counts: [Double]
+        var current: BatchStatistics
+    }
+
+    /// Batch statistics over the group (one all-reduce); nil when the group has no data. Records
+    /// them as ``lastStatistics``.
+    func batchStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> BatchStatistics? {
+        let shift = runningMean.value.scalars.map(Double.init)
+        let statistics = try BatchStatistics.compute(input, layout: layout, shift: shift, group: group)
+        lastStatistics = statistics
+        try requireMoreThanOneValue(statistics, input.shape)
+        return statistics
+    }
+
+    func requireMoreThanOneValue(_ statistics: BatchStatistics?, _ shape: [Int]) throws {
+        if let statistics, statistics.count <= 1 {
+            throw LayerError("\(Self.self): batch statistics need more than 1 value per channel, got 1 (input \(shape)); use a larger batch or sync over more ranks")
+        }
+    }
+
+    /// What a training forward normalizes with; subclasses (cross-iteration BN) override this.
+    func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
+        guard let statistics = try batchStatistics(input, layout: layout) else { return nil }
+        return TrainingNormalization(mean: statistics.mean, variance: statistics.variance,
+                                     counts: Array(repeating: statistics.count, count: featureCount), current: statistics)
     }
 
     /// The EMA (or cumulative average) update, in Double, with the unbiased variance over M.
@@ -156,10 +180,10 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         weight.gradient = Tensor(shape: [C], scalars: local[C...].map { Scalar($0) })
         var global = local
         if let group { try group.allReduceSum(&global) }
-        guard let count = lastStatistics?.count else { return Tensor(shape: lastShape) }
+        guard lastStatistics != nil else { return Tensor(shape: lastShape) }
         let scale = (0..<C).map { Double(weight.value.scalars[$0]) * invStd[$0] }
-        let meanGradient = global[0..<C].map { $0 / count }
-        let meanGradientNormalized = global[C...].map { $0 / count }
+        let meanGradient = (0..<C).map { global[$0] / backwardCounts[$0] }
+        let meanGradientNormalized = (0..<C).map { global[C + $0] / backwardCounts[$0] }
         var inputGradient = Tensor<Scalar>(shape: lastShape)
         outputGradient.scalars.withUnsafeBufferPointer { dy in
             normalized.scalars.withUnsafeBufferPointer { n in

@@ -12,14 +12,20 @@ public enum Checkpoint {
 
     /// `emaBuffers`, when the running statistics are PreciseBN's, are the EMA values by buffer
     /// name; they are stored as `ema.NAME` so that resuming continues from the EMA.
+    /// `rankLocal` holds, for every rank-local entry, each rank's values (gathered by the caller);
+    /// they are stored as `NAME.rankR` (F64).
     public static func save(network: Network, optimizer: SGD?, emaBuffers: [String: [Float]]? = nil,
-                            metadata: [String: String], to path: String) throws {
+                            rankLocal: [String: [[Double]]] = [:], metadata: [String: String], to path: String) throws {
         var tensors: [(name: String, tensor: StoredTensor)] = []
         for entry in network.state {
             switch entry {
             case let .parameter(name, p): tensors.append((name, StoredTensor(floats: p.value.scalars, shape: p.value.shape)))
             case let .buffer(name, b): tensors.append((name, StoredTensor(floats: b.value.scalars, shape: b.value.shape)))
             case let .counter(name, c): tensors.append((name, StoredTensor(int64: c.value)))
+            case let .rankLocal(name, state):
+                for (rank, values) in (rankLocal[name] ?? [state.values]).enumerated() {
+                    tensors.append(("\(name).rank\(rank)", StoredTensor(doubles: values, shape: [values.count])))
+                }
             }
         }
         if let emaBuffers {
@@ -45,7 +51,7 @@ public enum Checkpoint {
     /// the stored running statistics do (what inference uses).
     @discardableResult
     public static func load(_ path: String, into network: Network, optimizer: SGD?,
-                            preferEMA: Bool = true) throws -> (metadata: [String: String], emaBuffers: [String: [Float]]?) {
+                            preferEMA: Bool = true, rank: Int = 0) throws -> (metadata: [String: String], emaBuffers: [String: [Float]]?) {
         let (tensors, metadata) = try Safetensors.read(path)
         guard metadata["format"] == format else {
             throw FileFormatError(path, "not a syncbn checkpoint (metadata format is \(metadata["format"].map { "'\($0)'" } ?? "missing"))")
@@ -84,6 +90,12 @@ public enum Checkpoint {
                 guard let value = tensors[name]?.int64 else { throw FileFormatError(path, "has no integer '\(name)'") }
                 used.insert(name)
                 assignments.append { c.value = value }
+            case let .rankLocal(name, state):
+                let key = "\(name).rank\(rank)"
+                guard let values = tensors[key]?.doubles else {
+                    throw FileFormatError(path, "has no '\(key)': it was written by \(metadata["ranks"] ?? "another number of") rank(s); resume cross-iteration BN on as many ranks")
+                }
+                assignments.append { state.values = values }
             }
         }
         if let optimizer {
@@ -94,7 +106,10 @@ public enum Checkpoint {
                 assignments.append { optimizer.setMomentumBuffer(values, for: name) }
             }
         }
-        let unknown = Set(tensors.keys).subtracting(used).filter { !$0.hasPrefix(momentumPrefix) }
+        let rankLocalNames = network.state.compactMap { if case let .rankLocal(name, _) = $0 { return name + ".rank" } else { return nil } }
+        let unknown = Set(tensors.keys).subtracting(used).filter { key in
+            !key.hasPrefix(momentumPrefix) && !rankLocalNames.contains { key.hasPrefix($0) }
+        }
         if let first = unknown.sorted().first {
             throw FileFormatError(path, "has '\(first)'\(unknown.count > 1 ? " and \(unknown.count - 1) more entries" : "") that the model does not: written for another model?")
         }

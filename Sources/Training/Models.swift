@@ -17,6 +17,20 @@ public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
     case bn
     /// Statistics over the ranks of each sync group (DESIGN §3.1–3.2).
     case syncbn
+    /// Cross-iteration BN over each sync group: the last `window` iterations, compensated.
+    case cbn
+}
+
+/// Cross-iteration BN's options (see `CrossIterationBatchNorm`).
+public struct CrossIterationOptions: Codable, Equatable, Sendable {
+    public var window: Int = 4
+    public var rho: Double = 1
+    public var burnIn: Int = 0
+    public init(window: Int = 4, rho: Double = 1, burnIn: Int = 0) {
+        self.window = window
+        self.rho = rho
+        self.burnIn = burnIn
+    }
 }
 
 /// Builds normalization layers for a model: the kind, and the group that SyncBN synchronizes.
@@ -25,16 +39,25 @@ public struct NormalizationFactory {
     public let group: (any Communicator)?
     public let epsilon: Double
     public let momentum: Double?
+    public let crossIteration: CrossIterationOptions
 
-    public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1) {
+    public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1,
+                crossIteration: CrossIterationOptions = CrossIterationOptions()) {
         self.kind = kind
         self.group = group
         self.epsilon = epsilon
         self.momentum = momentum
+        self.crossIteration = crossIteration
     }
 
-    public func make(featureCount: Int) -> any Layer<Float> {
+    /// A normalization layer for the output of `source` (whose weight cross-iteration BN
+    /// differentiates its statistics by).
+    public func make(featureCount: Int, source: any PatchSource<Float>) -> any Layer<Float> {
         switch kind {
+        case .cbn:
+            return CrossIterationBatchNorm<Float>(featureCount: featureCount, source: source, window: crossIteration.window,
+                                                  rho: crossIteration.rho, burnIn: crossIteration.burnIn,
+                                                  epsilon: epsilon, momentum: momentum, group: group)
         case .bn:
             return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum)
         case .syncbn:
@@ -59,9 +82,10 @@ extension Network {
             var layers: [(name: String, layer: any Layer<Float>)] = []
             var channels = sampleShape[0]
             for (i, width) in widths.enumerated() {
-                layers.append(("features.\(i).conv", Conv2d<Float>(inputChannels: channels, outputChannels: width, kernelSize: 3,
-                                                                    stride: i == 0 ? 1 : 2, padding: 1, bias: false, random: &random)))
-                layers.append(("features.\(i).bn", normalization.make(featureCount: width)))
+                let conv = Conv2d<Float>(inputChannels: channels, outputChannels: width, kernelSize: 3,
+                                         stride: i == 0 ? 1 : 2, padding: 1, bias: false, random: &random)
+                layers.append(("features.\(i).conv", conv))
+                layers.append(("features.\(i).bn", normalization.make(featureCount: width, source: conv)))
                 layers.append(("features.\(i).relu", ReLU<Float>()))
                 channels = width
             }
@@ -73,8 +97,9 @@ extension Network {
             var layers: [(name: String, layer: any Layer<Float>)] = [("flatten", Flatten<Float>())]
             var features = inputs
             for i in 0..<2 {
-                layers.append(("features.\(i).linear", Linear<Float>(inputFeatures: features, outputFeatures: 128, bias: false, random: &random)))
-                layers.append(("features.\(i).bn", normalization.make(featureCount: 128)))
+                let linear = Linear<Float>(inputFeatures: features, outputFeatures: 128, bias: false, random: &random)
+                layers.append(("features.\(i).linear", linear))
+                layers.append(("features.\(i).bn", normalization.make(featureCount: 128, source: linear)))
                 layers.append(("features.\(i).relu", ReLU<Float>()))
                 features = 128
             }

@@ -14,6 +14,18 @@ public struct StoredTensor: Equatable {
         bytes = floats.withUnsafeBytes { Array($0) }
     }
 
+    public init(doubles: [Double], shape: [Int]) {
+        dtype = .f64
+        self.shape = shape
+        bytes = doubles.withUnsafeBytes { Array($0) }
+    }
+
+    /// F64 values exactly (nil for other dtypes).
+    public var doubles: [Double]? {
+        guard dtype == .f64 else { return nil }
+        return bytes.withUnsafeBytes { raw in (0..<(bytes.count / 8)).map { Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * $0, as: UInt64.self))) } }
+    }
+
     public init(int64: Int64) {
         dtype = .i64
         shape = []

@@ -71,14 +71,16 @@ public final class Trainer {
             throw DataError("--sync-group-size \(groupSize) exceeds the \(ranks) rank\(ranks == 1 ? "" : "s") of this job")
         }
         var group: (any Communicator)?
-        if configuration.norm == .syncbn && ranks > 1 && groupSize > 1 {
+        let synced = configuration.norm == .syncbn || configuration.norm == .cbn
+        if synced && ranks > 1 && groupSize > 1 {
             group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
         }
-        let sharesAll = configuration.norm == .syncbn && groupSize == ranks
+        let sharesAll = synced && groupSize == ranks
         averageRunningStatistics = ranks > 1 && !sharesAll
         network = try Network.make(configuration.model, sampleShape: data.train.sampleShape, classes: data.train.classes,
                                    normalization: NormalizationFactory(kind: configuration.norm, group: group,
-                                                                       epsilon: configuration.bnEpsilon, momentum: configuration.bnMomentum),
+                                                                       epsilon: configuration.bnEpsilon, momentum: configuration.bnMomentum,
+                                                                       crossIteration: configuration.crossIteration),
                                    seed: configuration.seed)
         optimizer = SGD(learningRate: Float(configuration.learningRate), momentum: Float(configuration.momentum),
                         weightDecay: Float(configuration.weightDecay))
@@ -92,7 +94,7 @@ public final class Trainer {
     /// Continues from a checkpoint written by ``save(to:)``: with the EMA statistics when the file
     /// keeps them beside PreciseBN's (`forTraining`), otherwise with the statistics it stores.
     public func resume(from path: String, forTraining: Bool = true) throws {
-        let (metadata, ema) = try Checkpoint.load(path, into: network, optimizer: optimizer, preferEMA: forTraining)
+        let (metadata, ema) = try Checkpoint.load(path, into: network, optimizer: optimizer, preferEMA: forTraining, rank: world.rank)
         emaBuffers = forTraining ? nil : ema
         guard let text = metadata["step"], let saved = Int(text), saved >= 0 else {
             throw FileFormatError(path, "metadata has no valid 'step'")
@@ -100,15 +102,21 @@ public final class Trainer {
         step = saved
     }
 
-    /// Writes a checkpoint (rank 0 only; other ranks return at once).
+    /// Writes a checkpoint. Collective: rank-local state (cross-iteration BN windows) is
+    /// gathered from every rank, then rank 0 writes the file.
     public func save(to path: String, extraMetadata: [String: String] = [:]) throws {
+        var rankLocal: [String: [[Double]]] = [:]
+        for entry in network.state {
+            if case let .rankLocal(name, state) = entry { rankLocal[name] = try world.allGather(state.values) }
+        }
         guard world.rank == 0 else { return }
         let configurationJSON = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
         var metadata = ["step": String(step), "epoch": String(step / max(sampler.stepsPerEpoch, 1)),
                         "configuration": configurationJSON, "ranks": String(world.size),
                         "statistics": emaBuffers == nil ? "ema" : "precise"]
         metadata.merge(extraMetadata) { $1 }
-        try Checkpoint.save(network: network, optimizer: optimizer, emaBuffers: emaBuffers, metadata: metadata, to: path)
+        try Checkpoint.save(network: network, optimizer: optimizer, emaBuffers: emaBuffers, rankLocal: rankLocal,
+                            metadata: metadata, to: path)
     }
 
     /// One optimizer step; returns the global mean loss and accuracy of the batch.
@@ -212,6 +220,7 @@ public final class Trainer {
             case let .parameter(_, p): values = p.value.scalars
             case let .buffer(_, b): values = b.value.scalars
             case let .counter(_, c): values = [Float(c.value)]
+            case .rankLocal: continue   // differs between ranks by design
             }
             for v in values { hash = (hash ^ UInt64(v.bitPattern)) &* 0x100_0000_01B3 }
         }

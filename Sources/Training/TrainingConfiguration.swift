@@ -17,6 +17,8 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var weightDecay: Double = 5e-4
     public var bnMomentum: Double = 0.1
     public var bnEpsilon: Double = 1e-5
+    /// Cross-iteration BN's window, rho and burn-in (used with `norm == .cbn`).
+    public var crossIteration = CrossIterationOptions()
     public var seed: UInt64 = 0
     /// Evaluate every this many steps (0 = only at the end).
     public var evalEvery: Int = 0

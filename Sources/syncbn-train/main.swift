@@ -31,9 +31,9 @@ struct Train: ParsableCommand {
     var holdoutFraction: Double = 0.1
     @Option(help: "Model: convnet or mlp.")
     var model: String = ModelKind.convnet.rawValue
-    @Option(help: "Normalization: bn (per-rank statistics) or syncbn (statistics over each sync group).")
+    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group) or cbn (cross-iteration BN over each sync group).")
     var norm: String = NormalizationKind.syncbn.rawValue
-    @Option(help: "Consecutive ranks that share batch statistics under syncbn (1 = per rank; default: all ranks).")
+    @Option(help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
     var syncGroupSize: Int?
     @Option(help: "Samples per rank per step.")
     var batchSize: Int = 32
@@ -66,6 +66,12 @@ struct Train: ParsableCommand {
     @Option(help: "Statistics for evaluation: ema (running averages), precise (PreciseBN) or both.")
     var evalStats: String = EvaluationStatistics.both.rawValue
     @OptionGroup var precise: PreciseBNOptions
+    @Option(help: "Cross-iteration BN: iterations in the window, the current one included.")
+    var cbnWindow: Int = 4
+    @Option(help: "Cross-iteration BN: scale of the Taylor compensation (0 = naive averaging).")
+    var cbnRho: Double = 1
+    @Option(help: "Cross-iteration BN: steps of plain SyncBN before the window is used.")
+    var cbnBurnin: Int = 0
 
     func validate() throws {
         guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be one of \(ModelKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(model)'") }
@@ -81,6 +87,9 @@ struct Train: ParsableCommand {
         guard logEvery >= 1 else { throw ValidationError("--log-every must be ≥ 1, got \(logEvery)") }
         guard holdoutFraction > 0 && holdoutFraction < 1 else { throw ValidationError("--holdout-fraction must be in (0, 1), got \(holdoutFraction)") }
         if let syncGroupSize, syncGroupSize < 1 { throw ValidationError("--sync-group-size must be ≥ 1, got \(syncGroupSize)") }
+        guard (1...64).contains(cbnWindow) else { throw ValidationError("--cbn-window must be between 1 and 64, got \(cbnWindow)") }
+        guard cbnRho.isFinite && cbnRho >= 0 && cbnRho <= 10 else { throw ValidationError("--cbn-rho must be between 0 and 10, got \(cbnRho)") }
+        guard cbnBurnin >= 0 else { throw ValidationError("--cbn-burnin must be ≥ 0, got \(cbnBurnin)") }
         guard EvaluationStatistics(rawValue: evalStats) != nil else { throw ValidationError("--eval-stats must be ema, precise or both, got '\(evalStats)'") }
         if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
         if let save {
@@ -112,6 +121,7 @@ struct Train: ParsableCommand {
         c.evalEvery = evalEvery
         c.logEvery = logEvery
         c.evalStats = EvaluationStatistics(rawValue: evalStats)!
+        c.crossIteration = CrossIterationOptions(window: cbnWindow, rho: cbnRho, burnIn: cbnBurnin)
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize
         return c
@@ -131,7 +141,7 @@ struct Train: ParsableCommand {
             if world.rank == 0 {
                 if let metricsPath { trainer.metrics = try MetricsWriter(path: metricsPath) }
                 trainer.progress = ProgressReporter()
-                let groups = configuration.norm == .syncbn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
+                let groups = configuration.norm != .bn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
                 trainer.progress?.line("syncbn-train: \(configuration.model.rawValue) with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) (\(RankLaunch.transportName(world))) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples")
             }
             let summary = try trainer.run()

@@ -23,6 +23,7 @@ final class MPIIntegrationTests: XCTestCase {
     func testFourRanksFollowTheTrajectoryOfOneRankWithFourTimesTheBatch() throws {
         let cases: [(String, [String])] = [
             ("default", ["--norm", "syncbn", "--steps", "20", "--seed", "3"]),
+            ("cbn", ["--norm", "cbn", "--steps", "40", "--seed", "5"]),
             // 611 = 19·32 + 3: step 20 has 3 samples over 4 ranks; 22 steps reach the next epoch.
             ("uneven", ["--data", "synthetic:train=611,heldout=64", "--steps", "22", "--seed", "4"]),
         ]
@@ -33,7 +34,9 @@ final class MPIIntegrationTests: XCTestCase {
             XCTAssertTrue(multi.stderr.contains("4 rank(s) (MPI)"), describe(multi))
             let single = try Harness.direct(Harness.train, common + ["--batch-size", "32", "--save", b])
             XCTAssertEqual(single.status, 0, describe(single))
-            let left = try checkpointTensors(a), right = try checkpointTensors(b)
+            // Cross-iteration windows are per rank (local sums) and so differ in layout by design.
+            let left = try checkpointTensors(a).filter { !$0.key.contains("cbn_window") }
+            let right = try checkpointTensors(b).filter { !$0.key.contains("cbn_window") }
             XCTAssertEqual(left.keys.sorted(), right.keys.sorted())
             XCTAssertTrue(left.keys.contains("features.2.bn.running_var"))
             for (name, values) in left {

@@ -33,7 +33,7 @@ final class CheckpointTests: XCTestCase {
 
     func testResumedRunContinuesBitIdentically() throws {
         let dir = temporaryDirectory()
-        for (ranks, norm) in [(1, NormalizationKind.syncbn), (2, .syncbn), (2, .bn)] {
+        for (ranks, norm) in [(1, NormalizationKind.syncbn), (2, .syncbn), (2, .bn), (2, .cbn), (3, .cbn)] {
             let straight = try run(configuration(steps: 14, norm: norm), ranks: ranks)
             let path = dir + "/half-\(ranks)-\(norm).safetensors"
             _ = try run(configuration(steps: 6, norm: norm), ranks: ranks, save: path)
@@ -46,6 +46,20 @@ final class CheckpointTests: XCTestCase {
                 XCTAssertEqual(values.map(\.bitPattern), resumed.1[name]!.map(\.bitPattern), "momentum of \(name)")
             }
             XCTAssertEqual(straight.0["features.0.bn.num_batches_tracked"], [14])
+        }
+    }
+
+    func testCrossIterationWindowsAreSavedPerRankAndNeedTheSameRankCount() throws {
+        let path = temporaryDirectory() + "/cbn.safetensors"
+        _ = try run(configuration(steps: 5, norm: .cbn), ranks: 2, save: path)
+        let (tensors, _) = try Safetensors.read(path)
+        let rank0 = tensors["features.1.bn.cbn_window.rank0"]?.doubles, rank1 = tensors["features.1.bn.cbn_window.rank1"]?.doubles
+        XCTAssertNotNil(rank0)
+        XCTAssertEqual(rank0?.count, rank1?.count)
+        XCTAssertNotEqual(rank0, rank1, "each rank keeps its own local sums")
+        XCTAssertEqual(rank0?.prefix(2), [5, 3], "5 iterations, window of 4 keeps 3 past entries")
+        XCTAssertThrowsError(try run(configuration(steps: 6, norm: .cbn), ranks: 3, resume: path)) { error in
+            XCTAssertTrue("\(error)".contains("written by 2 rank(s)"), "\(error)")
         }
     }
 

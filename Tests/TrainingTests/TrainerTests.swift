@@ -42,17 +42,22 @@ final class TrainerTests: XCTestCase {
         }
     }
 
-    func testOneGradientCollectivePerStepPlusTwoPerSyncBNLayer() throws {
+    func testOneGradientCollectivePerStepPlusTwoPerSyncBNOrCBNLayer() throws {
         let data = try DataSource.split(.synthetic(train: 32, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
-        var c = TrainingConfiguration()
-        c.batchSize = 4
-        c.steps = 2
-        let counts = try InProcessGroup.run(size: 2) { comm -> Int in
-            let trainer = try Trainer(configuration: c, data: data, world: comm)
-            trainer.ledger.reset()
-            try trainer.trainStep()
-            return trainer.ledger.totalCollectives
+        for norm in [NormalizationKind.syncbn, .cbn] {
+            var c = TrainingConfiguration()
+            c.batchSize = 4
+            c.steps = 6
+            c.norm = norm
+            let counts = try InProcessGroup.run(size: 2) { comm -> [Int] in
+                let trainer = try Trainer(configuration: c, data: data, world: comm)
+                return try (0..<5).map { _ in
+                    trainer.ledger.reset()
+                    try trainer.trainStep()
+                    return trainer.ledger.totalCollectives
+                }
+            }
+            XCTAssertEqual(counts[0], [Int](repeating: 1 + 2 * 3, count: 5), "\(norm): 3 layers × (forward + backward) + 1 gradient all-reduce")
         }
-        XCTAssertEqual(counts, [1 + 2 * 3, 1 + 2 * 3], "3 SyncBN layers × (forward + backward) + 1 gradient all-reduce")
     }
 }

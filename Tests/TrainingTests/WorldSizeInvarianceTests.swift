@@ -61,6 +61,17 @@ final class WorldSizeInvarianceTests: XCTestCase {
         assertSameTrajectory(multi, single, "mlp 4 ranks × 3")
     }
 
+    func testCrossIterationBNOnTwoThreeAndFourRanksMatchesOneRank() throws {
+        for (ranks, batch, model) in [(2, 5, ModelKind.convnet), (3, 4, .convnet), (4, 2, .convnet), (4, 3, .mlp)] {
+            let steps = 43 / (ranks * batch) + 3
+            var single = configuration(model: model, batch: ranks * batch, steps: steps, norm: .cbn)
+            single.crossIteration = CrossIterationOptions(window: 3, rho: 1, burnIn: 1)
+            var multi = single
+            multi.batchSize = batch
+            assertSameTrajectory(try train(multi, ranks: ranks), try train(single, ranks: 1), "cbn \(model) \(ranks) ranks × \(batch)")
+        }
+    }
+
     func testPerRankStatisticsDoDiffer() throws {
         // The invariance is a property of SyncBN, not an accident of the test: per-rank BN breaks it.
         let single = try train(configuration(model: .convnet, batch: 8, steps: 3, norm: .bn), ranks: 1)
@@ -86,6 +97,7 @@ func stateDictionary(_ network: Network) -> [String: [Float]] {
         case let .parameter(name, p): state[name] = p.value.scalars
         case let .buffer(name, b): state[name] = b.value.scalars
         case let .counter(name, c): state[name] = [Float(c.value)]
+        case .rankLocal: continue
         }
     }
     return state

@@ -1,0 +1,206 @@
+import Collectives
+import Kernels
+import Normalization
+import TestSupport
+import XCTest
+
+/// Presents a convolution's patches with a weight of its own choosing, so that a test can hold
+/// the compensation target fixed while it perturbs the real weight.
+final class FrozenWeightSource: PatchSource {
+    let conv: Conv2d<Double>
+    let patchWeight: Parameter<Double>
+    init(_ conv: Conv2d<Double>) {
+        self.conv = conv
+        patchWeight = Parameter(conv.weight.value)
+    }
+    var lastPatches: (values: [Double], batch: Int, patchSize: Int, positions: Int)? { conv.lastPatches }
+}
+
+/// conv → CBN as one layer whose every forward starts from the same window and running
+/// statistics: what a finite-difference check of one iteration needs.
+final class ConvCBNPair: Layer {
+    let conv: Conv2d<Double>
+    let cbn: CrossIterationBatchNorm<Double>
+    private var snapshot: [String: [Double]] = [:]
+
+    init(conv: Conv2d<Double>, cbn: CrossIterationBatchNorm<Double>) {
+        self.conv = conv
+        self.cbn = cbn
+        for entry in cbn.state {
+            switch entry {
+            case let .buffer(name, b): snapshot[name] = b.value.scalars
+            case let .rankLocal(name, r): snapshot[name] = r.values
+            default: break
+            }
+        }
+    }
+
+    var state: [StateEntry<Double>] { conv.state + cbn.state.filter { if case .parameter = $0 { return true } else { return false } } }
+
+    func forward(_ input: Tensor<Double>, mode: Mode) throws -> Tensor<Double> {
+        for entry in cbn.state {
+            switch entry {
+            case let .buffer(name, b): b.value.scalars = snapshot[name]!
+            case let .rankLocal(name, r): r.values = snapshot[name]!
+            default: break
+            }
+        }
+        return try cbn.forward(try conv.forward(input, mode: mode), mode: mode)
+    }
+
+    func backward(_ outputGradient: Tensor<Double>) throws -> Tensor<Double> {
+        try conv.backward(try cbn.backward(outputGradient))
+    }
+}
+
+final class CrossIterationBatchNormTests: XCTestCase {
+    func makeConv(seed: UInt64 = 1, channels: Int = 3) -> Conv2d<Double> {
+        var random = DeterministicRandom(seed: seed)
+        return Conv2d<Double>(inputChannels: 2, outputChannels: channels, kernelSize: 3, padding: 1, bias: false, random: &random)
+    }
+
+    func perturb(_ conv: Conv2d<Double>, by scale: Double, seed: UInt64) {
+        let direction = randomTensor(conv.weight.value.shape, seed: seed)
+        for i in 0..<conv.weight.value.count { conv.weight.value.scalars[i] += scale * direction.scalars[i] }
+    }
+
+    func testGradientsThroughConvAndCBNMatchFiniteDifferencesWithPastEntriesConstant() throws {
+        let conv = makeConv()
+        let source = FrozenWeightSource(conv)
+        let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: source, window: 4)
+        cbn.weight.value.scalars = [1.2, 0.8, -0.5]
+        cbn.bias.value.scalars = [0.1, 0.2, 0.3]
+        // Three past iterations with different batches and weights fill the window.
+        for step in 0..<3 {
+            perturb(conv, by: 0.05, seed: UInt64(100 + step))
+            source.patchWeight.value = conv.weight.value
+            _ = try cbn.forward(try conv.forward(randomTensor([3, 2, 4, 4], seed: UInt64(10 + step), mean: 0.5), mode: .training), mode: .training)
+        }
+        XCTAssertEqual(cbn.entries.count, 3)
+        perturb(conv, by: 0.05, seed: 200)
+        source.patchWeight.value = conv.weight.value
+        try checkGradients(of: ConvCBNPair(conv: conv, cbn: cbn), input: randomTensor([2, 2, 4, 4], seed: 20, mean: 0.3), tolerance: 1e-6)
+    }
+
+    func testWithUnchangedWeightsTheLayerIsBatchNormOverTheUnionOfTheWindow() throws {
+        let conv = makeConv(seed: 2)
+        let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 4)
+        var outputs: [Tensor<Double>] = []
+        var y = Tensor<Double>(shape: [0])
+        for step in 0..<4 {
+            let x = try conv.forward(randomTensor([2, 2, 3, 3], seed: UInt64(30 + step), mean: Double(step)), mode: .training)
+            outputs.append(x)
+            if step == 3 {
+                for entry in cbn.entries {
+                    let (sum, squares) = CrossIterationBatchNorm<Double>.compensate(entry, to: conv.weight.value.scalars, rho: 1)
+                    XCTAssertEqual(sum, entry.sum, "θ unchanged: compensation is the identity")
+                    XCTAssertEqual(squares, entry.sumOfSquares)
+                }
+            }
+            y = try cbn.forward(x, mode: .training)
+        }
+        let union = Tensor.concatenate(outputs, sampleShape: [3, 3, 3])
+        let (mean, variance) = referenceStatistics(union.scalars, shape: union.shape)
+        let expected = referenceForward(outputs[3].scalars, shape: outputs[3].shape, mean: mean, variance: variance,
+                                        gamma: [1, 1, 1], beta: [0, 0, 0])
+        assertClose(y.scalars, expected, relTol: 1e-9, absTol: 1e-10)
+        // The running statistics follow the current batch only.
+        assertClose(cbn.lastStatistics!.mean, referenceStatistics(outputs[3].scalars, shape: outputs[3].shape).mean, relTol: 1e-12)
+    }
+
+    func testMeanCompensationIsExactAndSecondMomentErrorShrinksQuadratically() throws {
+        let conv = makeConv(seed: 3)
+        let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 2)
+        let batch = randomTensor([3, 2, 5, 5], seed: 40, mean: 0.7)
+        _ = try cbn.forward(try conv.forward(batch, mode: .training), mode: .training)
+        let entry = cbn.entries[0]
+        let original = conv.weight.value
+        var errors: [Double] = []
+        for epsilon in [1e-1, 5e-2, 2.5e-2] {
+            conv.weight.value = original
+            perturb(conv, by: epsilon, seed: 41)
+            let (sum, squares) = CrossIterationBatchNorm<Double>.compensate(entry, to: conv.weight.value.scalars, rho: 1)
+            // Recompute the past batch with the current weights.
+            let recomputed = try conv.forward(batch, mode: .inference)
+            let layout = ChannelLayout(shape: recomputed.shape)!
+            let exact = BatchStatistics.localSums(recomputed, layout: layout, shift: [0, 0, 0])
+            assertClose(sum, Array(exact[1...3]), relTol: 1e-10, absTol: 1e-10, "mean compensation is exact (μ is linear in θ)")
+            errors.append(zip(squares, exact[4...]).map { abs($0 - $1) }.max()!)
+        }
+        XCTAssertGreaterThan(errors[0], 1e-8, "the second moment is not linear in θ")
+        for i in 1..<errors.count {
+            let ratio = errors[i - 1] / errors[i]
+            XCTAssertEqual(ratio, 4, accuracy: 0.05, "halving Δθ quarters the E[x²] error (\(errors))")
+        }
+    }
+
+    func testNegativeCompensatedVarianceDropsTheEntry() throws {
+        // A huge weight change makes the linear compensation of S2 overshoot below S1²/m.
+        let conv = makeConv(seed: 4, channels: 2)
+        let cbn = CrossIterationBatchNorm<Double>(featureCount: 2, source: conv, window: 2)
+        _ = try cbn.forward(try conv.forward(randomTensor([2, 2, 3, 3], seed: 50, mean: 2), mode: .training), mode: .training)
+        for i in 0..<conv.weight.value.count { conv.weight.value.scalars[i] *= -3 }
+        let past = cbn.entries[0]
+        let x = try conv.forward(randomTensor([2, 2, 3, 3], seed: 51, mean: 2), mode: .training)
+        let y = try cbn.forward(x, mode: .training)
+        let (sum, squares) = CrossIterationBatchNorm<Double>.compensate(past, to: conv.weight.value.scalars, rho: 1)
+        let (mean, variance) = referenceStatistics(x.scalars, shape: x.shape)
+        for c in 0..<2 {
+            let mu = sum[c] / past.count, nu = squares[c] / past.count
+            let kept = nu - mu * mu >= 0
+            let expectedMean = kept ? (mean[c] + mu) / 2 : mean[c]
+            let expectedSecond = kept ? (variance[c] + mean[c] * mean[c] + nu) / 2 : variance[c] + mean[c] * mean[c]
+            let expectedVariance = expectedSecond - expectedMean * expectedMean
+            let spatial = 9
+            for n in 0..<2 {
+                for p in 0..<spatial {
+                    let i = (n * 2 + c) * spatial + p
+                    XCTAssertEqual(y.scalars[i], (x.scalars[i] - expectedMean) / (expectedVariance + 1e-5).squareRoot(), accuracy: 1e-9)
+                }
+            }
+        }
+        XCTAssertTrue((0..<2).contains { c in squares[c] / past.count - pow(sum[c] / past.count, 2) < 0 }, "the test must exercise the mask")
+    }
+
+    func testOneCollectivePerForwardAndBackwardWithAFullWindow() throws {
+        let counts = try InProcessGroup.run(size: 2) { base -> [Int] in
+            let comm = InstrumentedCommunicator(base)
+            let conv = self.makeConv(seed: 5)
+            let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, group: comm)
+            var perStep: [Int] = []
+            for step in 0..<4 {
+                comm.ledger.reset()
+                let y = try cbn.forward(try conv.forward(randomTensor([2, 2, 3, 3], seed: UInt64(60 + step + 10 * comm.rank)), mode: .training), mode: .training)
+                _ = try cbn.backward(y)
+                perStep.append(comm.ledger.totalCollectives)
+            }
+            return perStep
+        }
+        XCTAssertEqual(counts, [[2, 2, 2, 2], [2, 2, 2, 2]])
+    }
+
+    func testSyncedCBNOverRanksEqualsOneRankOnTheConcatenatedBatches() throws {
+        // Three iterations; each rank holds part of every batch, weights change between steps.
+        let sizes = [2, 0, 3]
+        func batches(_ step: Int) -> Tensor<Double> { randomTensor([5, 2, 3, 3], seed: UInt64(70 + step), mean: 0.2 * Double(step)) }
+        func run(_ x: Tensor<Double>, conv: Conv2d<Double>, cbn: CrossIterationBatchNorm<Double>, step: Int) throws -> [Double] {
+            conv.weight.value = makeConv(seed: UInt64(80 + step)).weight.value
+            let y = try cbn.forward(try conv.forward(x, mode: .training), mode: .training)
+            return try conv.backward(try cbn.backward(y)).scalars
+        }
+        let single: [[Double]] = try {
+            let conv = makeConv()
+            let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, rho: 0.7)
+            return try (0..<3).map { try run(batches($0), conv: conv, cbn: cbn, step: $0) }
+        }()
+        let ranks = try InProcessGroup.run(size: 3) { comm -> [[Double]] in
+            let conv = self.makeConv()
+            let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, rho: 0.7, group: comm)
+            let start = sizes[..<comm.rank].reduce(0, +)
+            return try (0..<3).map { try run(batches($0).slice(samples: start..<(start + sizes[comm.rank])), conv: conv, cbn: cbn, step: $0) }
+        }
+        for step in 0..<3 {
+            assertClose(ranks.map { $0[step] }.flatMap { $0 }, single[step], relTol: 1e-9, absTol: 1e-12, "step \(step) input gradients")
+        }
+    }
+}
