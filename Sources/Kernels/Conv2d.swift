@@ -55,7 +55,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         let g = try geometry(for: input.shape)
         let n = input.shape[0], K = g.patchSize, P = g.positions
         var output = Tensor<Scalar>(shape: [n, outputChannels, g.outputHeight, g.outputWidth])
-        var cols = [Scalar](repeating: 0, count: n * K * P)
+        var cols = Scalar.filled(n * K * P, with: 0)
         let inputPlane = inputChannels * g.height * g.width
         input.scalars.withUnsafeBufferPointer { x in
             cols.withUnsafeMutableBufferPointer { c in
@@ -94,7 +94,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                          "output gradient \(outputGradient.shape) does not match the forward output")
         var inputGradient = Tensor<Scalar>(shape: [n, inputChannels, g.height, g.width])
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
-        var dcols = [Scalar](repeating: 0, count: K * P)
+        var dcols = Scalar.filled(K * P, with: 0)
         let inputPlane = inputChannels * g.height * g.width
         outputGradient.scalars.withUnsafeBufferPointer { dy in
             columns.withUnsafeBufferPointer { c in

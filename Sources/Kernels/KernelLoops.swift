@@ -214,6 +214,10 @@ extension TensorScalar {
         return (lossSum, correct)
     }
 
+    public static func filled(_ count: Int, with value: Self) -> [Self] { [Self](repeating: value, count: count) }
+    public static func widened(_ values: [Self]) -> [Double] { values.map { Double($0) } }
+    public static func narrowed(_ values: [Double]) -> [Self] { values.map { Self($0) } }
+
     public static func allFinite(_ x: UnsafeBufferPointer<Self>) -> Bool {
         for v in x where !v.isFinite { return false }
         return true

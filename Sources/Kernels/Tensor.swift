@@ -10,7 +10,7 @@ public struct Tensor<Scalar: TensorScalar>: Equatable {
     public init(shape: [Int], repeating value: Scalar = 0) {
         precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in \(shape)")
         self.shape = shape
-        self.scalars = Array(repeating: value, count: shape.reduce(1, *))
+        self.scalars = Scalar.filled(shape.reduce(1, *), with: value)
     }
 
     /// A tensor of `shape` over `scalars` (their count must be the product of `shape`).

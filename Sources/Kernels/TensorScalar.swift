@@ -35,6 +35,13 @@ public protocol TensorScalar: BinaryFloatingPoint, Codable, Sendable where Self.
                                     gradientScale: Self, gradient: UnsafeMutableBufferPointer<Self>) -> (lossSum: Double, correct: Int)
     /// True when every element is finite.
     static func allFinite(_ x: UnsafeBufferPointer<Self>) -> Bool
+    /// `count` copies of `value` (a specialised fill: generic code in other modules would copy
+    /// element by element through value witnesses).
+    static func filled(_ count: Int, with value: Self) -> [Self]
+    /// The values as Doubles (a specialised loop, for generic code in other modules).
+    static func widened(_ values: [Self]) -> [Double]
+    /// Doubles rounded to this type.
+    static func narrowed(_ values: [Double]) -> [Self]
 }
 
 extension Float: TensorScalar {

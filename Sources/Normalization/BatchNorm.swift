@@ -73,8 +73,8 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         let layout = try layout(of: input.shape)
         switch mode {
         case .inference:
-            let mean = runningMean.value.scalars.map(Double.init)
-            let invStd = runningVariance.value.scalars.map { 1 / (Double($0) + epsilon).squareRoot() }
+            let mean = Scalar.widened(runningMean.value.scalars)
+            let invStd = Scalar.widened(runningVariance.value.scalars).map { 1 / ($0 + epsilon).squareRoot() }
             return apply(input, layout: layout, mean: mean, invStd: invStd, keepNormalized: false)
         case .batchStatistics:
             guard let statistics = try batchStatistics(input, layout: layout) else { return Tensor(shape: input.shape) }
@@ -110,7 +110,7 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     /// Batch statistics over the group (one all-reduce); nil when the group has no data. Records
     /// them as ``lastStatistics``.
     func batchStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> BatchStatistics? {
-        let shift = runningMean.value.scalars.map(Double.init)
+        let shift = Scalar.widened(runningMean.value.scalars)
         let statistics = try BatchStatistics.compute(input, layout: layout, shift: shift, group: group)
         lastStatistics = statistics
         try requireMoreThanOneValue(statistics, input.shape)
@@ -176,8 +176,8 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
             }
         }
         // dγ and dβ stay local: the data-parallel gradient exchange sums them over ranks.
-        bias.gradient = Tensor(shape: [C], scalars: local[0..<C].map { Scalar($0) })
-        weight.gradient = Tensor(shape: [C], scalars: local[C...].map { Scalar($0) })
+        bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(Array(local[0..<C])))
+        weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(Array(local[C...])))
         var global = local
         if let group { try group.allReduceSum(&global) }
         guard lastStatistics != nil else { return Tensor(shape: lastShape) }

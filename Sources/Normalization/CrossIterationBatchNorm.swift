@@ -117,8 +117,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             throw LayerError("CrossIterationBatchNorm: its source layer must run the training forward that produced this input")
         }
         let packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
-        var sumGradient = [Scalar](repeating: 0, count: K)
-        var squaresGradient = [Scalar](repeating: 0, count: C * K)
+        var sumGradient = Scalar.filled(K, with: 0)
+        var squaresGradient = Scalar.filled(C * K, with: 0)
         let P = layout.spatial
         patches.values.withUnsafeBufferPointer { cols in
             sumGradient.withUnsafeMutableBufferPointer { g in
@@ -136,7 +136,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             }
         }
         return WindowEntry(count: packed[0], sum: Array(packed[1...C]), sumOfSquares: Array(packed[(C + 1)...]),
-                           sumGradient: sumGradient.map(Double.init), sumOfSquaresGradient: squaresGradient.map(Double.init),
+                           sumGradient: Scalar.widened(sumGradient), sumOfSquaresGradient: Scalar.widened(squaresGradient),
                            weight: weight)
     }
 
@@ -147,7 +147,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             return try super.trainingStatistics(input, layout: layout)
         }
         let C = featureCount
-        let weight = source.patchWeight.value.scalars.map(Double.init)
+        let weight = Scalar.widened(source.patchWeight.value.scalars)
         let current = try currentEntry(input, layout: layout, weight: weight)
         let past = entries
 
