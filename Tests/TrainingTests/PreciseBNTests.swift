@@ -53,25 +53,34 @@ final class PreciseBNTests: XCTestCase {
         }
     }
 
-    func testThePassChangesNothingButTheRunningStatistics() throws {
+    func testThePassChangesNothingButTheRunningStatisticsForBNSyncBNAndCBN() throws {
         let split = try DataSource.split(.synthetic(train: 64, heldOut: 16, seed: 1), evaluation: nil, heldOutFraction: 0.1)
-        var c = TrainingConfiguration()
-        c.batchSize = 8
-        c.steps = 3
-        c.preciseBNSamples = 64
-        let trainer = try Trainer(configuration: c, data: split, world: SingleProcessCommunicator())
-        for _ in 0..<3 { try trainer.trainStep() }
-        let before = stateDictionary(trainer.network), momentum = trainer.optimizer.momentumBuffers
-        try trainer.recomputePopulationStatistics()
-        let after = stateDictionary(trainer.network)
-        for (name, values) in before {
-            if name.hasSuffix("running_mean") || name.hasSuffix("running_var") {
-                XCTAssertNotEqual(values, after[name], "\(name) should be recomputed")
-            } else {
-                XCTAssertEqual(values, after[name], "\(name) changed (num_batches_tracked included)")
+        for norm in NormalizationKind.allCases {
+            var c = TrainingConfiguration()
+            c.batchSize = 4
+            c.steps = 3
+            c.norm = norm
+            c.preciseBNSamples = 64
+            try InProcessGroup.run(size: 2) { comm in
+                let trainer = try Trainer(configuration: c, data: split, world: comm)
+                for _ in 0..<3 { try trainer.trainStep() }
+                let windows = { trainer.network.state.compactMap { entry -> [Double]? in
+                    if case let .rankLocal(_, state) = entry { return state.values } else { return nil } } }
+                let before = stateDictionary(trainer.network), momentum = trainer.optimizer.momentumBuffers, window = windows()
+                try trainer.recomputePopulationStatistics()
+                let after = stateDictionary(trainer.network)
+                for (name, values) in before {
+                    if name.hasSuffix("running_mean") || name.hasSuffix("running_var") {
+                        XCTAssertNotEqual(values, after[name], "\(norm): \(name) should be recomputed")
+                    } else {
+                        XCTAssertEqual(values, after[name], "\(norm): \(name) changed (num_batches_tracked included)")
+                    }
+                }
+                XCTAssertEqual(trainer.optimizer.momentumBuffers, momentum)
+                XCTAssertEqual(windows(), window, "\(norm): cross-iteration windows are untouched")
+                if norm == .cbn { XCTAssertFalse(window.isEmpty) }
             }
         }
-        XCTAssertEqual(trainer.optimizer.momentumBuffers, momentum)
     }
 
     func testEvaluationReportsBothStatisticsAndTheCheckpointKeepsTheEMA() throws {
