@@ -13,6 +13,17 @@ public struct Tensor<Scalar: TensorScalar>: Equatable {
         self.scalars = Scalar.filled(shape.reduce(1, *), with: value)
     }
 
+    /// A tensor of `shape` whose every element `fill` writes (no zero-fill pass first: kernels
+    /// that write every output element use this).
+    public init(shape: [Int], filling fill: (UnsafeMutableBufferPointer<Scalar>) -> Void) {
+        let count = shape.reduce(1, *)
+        self.shape = shape
+        self.scalars = [Scalar](unsafeUninitializedCapacity: count) { buffer, initialized in
+            fill(buffer)
+            initialized = count
+        }
+    }
+
     /// A tensor of `shape` over `scalars` (their count must be the product of `shape`).
     public init(shape: [Int], scalars: [Scalar]) {
         precondition(shape.reduce(1, *) == scalars.count, "\(scalars.count) scalars do not fill shape \(shape)")

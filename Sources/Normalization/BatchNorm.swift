@@ -37,7 +37,9 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     /// group; nil when the group had no data), for PreciseBN, inspection and tests.
     public internal(set) var lastStatistics: BatchStatistics?
 
-    private var normalized = Tensor<Scalar>(shape: [0])
+    /// The last training input (shared storage, not a copy): backward recomputes x̂ from it.
+    private var lastInput = Tensor<Scalar>(shape: [0])
+    private var lastMean: [Double] = []
     private var invStd: [Double] = []
     private var lastLayout = ChannelLayout(batch: 0, channels: 0, spatial: 0)
     private var lastShape: [Int] = []
@@ -75,24 +77,27 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         case .inference:
             let mean = Scalar.widened(runningMean.value.scalars)
             let invStd = Scalar.widened(runningVariance.value.scalars).map { 1 / ($0 + epsilon).squareRoot() }
-            return apply(input, layout: layout, mean: mean, invStd: invStd, keepNormalized: false)
+            return apply(input, layout: layout, mean: mean, invStd: invStd)
         case .batchStatistics:
             guard let statistics = try batchStatistics(input, layout: layout) else { return Tensor(shape: input.shape) }
             let inverse = statistics.variance.map { 1 / ($0 + epsilon).squareRoot() }
-            return apply(input, layout: layout, mean: statistics.mean, invStd: inverse, keepNormalized: false)
+            return apply(input, layout: layout, mean: statistics.mean, invStd: inverse)
         case .training:
             lastLayout = layout
             lastShape = input.shape
             guard let normalization = try trainingStatistics(input, layout: layout) else {
                 // No rank of the group has data this step: nothing to normalize, nothing to learn.
                 invStd = Array(repeating: 0, count: featureCount)
-                normalized = Tensor(shape: input.shape)
+                lastMean = invStd
+                lastInput = input
                 return Tensor(shape: input.shape)
             }
             updateRunningStatistics(normalization.current)
             invStd = normalization.variance.map { 1 / ($0 + epsilon).squareRoot() }
             backwardCounts = normalization.counts
-            return apply(input, layout: layout, mean: normalization.mean, invStd: invStd, keepNormalized: true)
+            lastMean = normalization.mean
+            lastInput = input
+            return apply(input, layout: layout, mean: normalization.mean, invStd: invStd)
         }
     }
 
@@ -142,64 +147,63 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         }
     }
 
-    private func apply(_ input: Tensor<Scalar>, layout: ChannelLayout, mean: [Double], invStd: [Double], keepNormalized: Bool) -> Tensor<Scalar> {
-        var output = Tensor<Scalar>(shape: input.shape)
-        var xhat = Tensor<Scalar>(shape: keepNormalized ? input.shape : [0])
-        input.scalars.withUnsafeBufferPointer { x in
-            mean.withUnsafeBufferPointer { mu in
-                invStd.withUnsafeBufferPointer { s in
-                    weight.value.scalars.withUnsafeBufferPointer { g in
-                        bias.value.scalars.withUnsafeBufferPointer { b in
-                            xhat.scalars.withUnsafeMutableBufferPointer { n in
-                                output.scalars.withUnsafeMutableBufferPointer { y in
-                                    Scalar.normalize(x, layout: layout, mean: mu, invStd: s, gamma: g, beta: b, normalized: n, output: y)
-                                }
-                            }
-                        }
-                    }
+    /// y = γ(x − μ)/σ + β as y = a·x + b per channel, in Double.
+    private func apply(_ input: Tensor<Scalar>, layout: ChannelLayout, mean: [Double], invStd: [Double]) -> Tensor<Scalar> {
+        let gamma = Scalar.widened(weight.value.scalars), beta = Scalar.widened(bias.value.scalars)
+        let scale = (0..<featureCount).map { gamma[$0] * invStd[$0] }
+        let offset = (0..<featureCount).map { beta[$0] - mean[$0] * scale[$0] }
+        return Tensor(shape: input.shape) { y in
+            input.scalars.withUnsafeBufferPointer { x in
+                scale.withUnsafeBufferPointer { a in
+                    offset.withUnsafeBufferPointer { b in Scalar.affine(x, layout: layout, scale: a, offset: b, into: y) }
                 }
             }
         }
-        if keepNormalized { normalized = xhat }
-        return output
     }
 
+    /// dx = γ/σ·(dy − Σdy/M − x̂·Σ(dy·x̂)/M) with x̂ = (x − μ)/σ recomputed from the saved input;
+    /// the sums come from one all-reduce over the group (M per channel: see `backwardCounts`).
+    /// dγ = Σdy·x̂ and dβ = Σdy stay local: the data-parallel gradient exchange sums them.
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
         guard outputGradient.shape == lastShape else {
             throw LayerError("\(Self.self): gradient \(outputGradient.shape) does not match the forward input \(lastShape)")
         }
-        let C = featureCount, layout = lastLayout
+        let C = featureCount, layout = lastLayout, input = lastInput
         var local = [Double](repeating: 0, count: 2 * C)
         outputGradient.scalars.withUnsafeBufferPointer { dy in
-            normalized.scalars.withUnsafeBufferPointer { n in
-                local.withUnsafeMutableBufferPointer { Scalar.gradientSums(dy, normalized: n, layout: layout, into: $0) }
+            input.scalars.withUnsafeBufferPointer { x in
+                lastMean.withUnsafeBufferPointer { mu in
+                    local.withUnsafeMutableBufferPointer { Scalar.gradientSums(dy, x, layout: layout, mean: mu, into: $0) }
+                }
             }
         }
-        // dγ and dβ stay local: the data-parallel gradient exchange sums them over ranks.
+        for c in 0..<C { local[C + c] *= invStd[c] }   // Σdy·(x − μ) → Σdy·x̂
         bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(Array(local[0..<C])))
         weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(Array(local[C...])))
         var global = local
         if let group { try group.allReduceSum(&global) }
         guard lastStatistics != nil else { return Tensor(shape: lastShape) }
-        let scale = (0..<C).map { Double(weight.value.scalars[$0]) * invStd[$0] }
-        let meanGradient = (0..<C).map { global[$0] / backwardCounts[$0] }
-        let meanGradientNormalized = (0..<C).map { global[C + $0] / backwardCounts[$0] }
-        var inputGradient = Tensor<Scalar>(shape: lastShape)
-        outputGradient.scalars.withUnsafeBufferPointer { dy in
-            normalized.scalars.withUnsafeBufferPointer { n in
-                scale.withUnsafeBufferPointer { s in
-                    meanGradient.withUnsafeBufferPointer { a in
-                        meanGradientNormalized.withUnsafeBufferPointer { b in
-                            inputGradient.scalars.withUnsafeMutableBufferPointer { dx in
-                                Scalar.normalizeBackward(dy, normalized: n, layout: layout, scale: s, meanGradient: a,
-                                                         meanGradientNormalized: b, into: dx)
+        let gamma = Scalar.widened(weight.value.scalars)
+        // dx = p·dy + q·x + r per channel.
+        var p = [Double](repeating: 0, count: C), q = p, r = p
+        for c in 0..<C {
+            p[c] = gamma[c] * invStd[c]
+            q[c] = -p[c] * invStd[c] * global[C + c] / backwardCounts[c]
+            r[c] = -p[c] * global[c] / backwardCounts[c] - q[c] * lastMean[c]
+        }
+        return Tensor(shape: lastShape) { dx in
+            outputGradient.scalars.withUnsafeBufferPointer { dy in
+                input.scalars.withUnsafeBufferPointer { x in
+                    p.withUnsafeBufferPointer { pp in
+                        q.withUnsafeBufferPointer { qq in
+                            r.withUnsafeBufferPointer { rr in
+                                Scalar.combine(dy, x, layout: layout, dyScale: pp, xScale: qq, offset: rr, into: dx)
                             }
                         }
                     }
                 }
             }
         }
-        return inputGradient
     }
 }
 

@@ -1,25 +1,28 @@
 import Kernels
 
-/// The per-element loops of batch normalization, specialised for Float and Double in this module
-/// (see `TensorScalar` for why loops are protocol requirements). Shape legend: `layout.batch`
-/// samples N, `layout.channels` channels C, `layout.spatial` positions H·W per channel.
-/// Statistics are accumulated in Double.
+/// The per-element loops of batch normalization (see `TensorScalar` for why loops are protocol
+/// requirements). Shape legend: `layout.batch` samples N, `layout.channels` channels C,
+/// `layout.spatial` positions H·W per channel. Statistics and per-element arithmetic are in
+/// Double, so |mean| ≫ std costs no precision; Float has SIMD witnesses (`BatchNormFloat.swift`).
+///
+/// Memory traffic per element: forward reads x twice (sums, then normalize) and writes y;
+/// backward reads x and dy twice (sums, then dx) and writes dx. x̂ is never stored: backward
+/// recomputes it from x, μ and 1/σ, which costs no extra pass and saves a tensor.
 public protocol BatchNormScalar: TensorScalar {
     /// sums[c] = Σ(x − K_c), sums[C + c] = Σ(x − K_c)² over the N·H·W values of channel c.
     static func shiftedSums(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, shift: UnsafeBufferPointer<Double>,
                             into sums: UnsafeMutableBufferPointer<Double>)
-    /// x̂ = (x − μ_c)·s_c with the subtraction in Double (|μ| ≫ σ loses every digit in Float),
-    /// y = γ_c·x̂ + β_c; x̂ is stored when `normalized` is non-empty.
-    static func normalize(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, mean: UnsafeBufferPointer<Double>,
-                          invStd: UnsafeBufferPointer<Double>, gamma: UnsafeBufferPointer<Self>, beta: UnsafeBufferPointer<Self>,
-                          normalized: UnsafeMutableBufferPointer<Self>, output: UnsafeMutableBufferPointer<Self>)
-    /// sums[c] = Σ dy, sums[C + c] = Σ dy·x̂ over channel c.
-    static func gradientSums(_ dy: UnsafeBufferPointer<Self>, normalized: UnsafeBufferPointer<Self>, layout: ChannelLayout,
-                             into sums: UnsafeMutableBufferPointer<Double>)
-    /// dx = γ_c/σ_c · (dy − Σdy/M − x̂·Σ(dy·x̂)/M), with the global sums already divided by M.
-    static func normalizeBackward(_ dy: UnsafeBufferPointer<Self>, normalized: UnsafeBufferPointer<Self>, layout: ChannelLayout,
-                                  scale: UnsafeBufferPointer<Double>, meanGradient: UnsafeBufferPointer<Double>,
-                                  meanGradientNormalized: UnsafeBufferPointer<Double>, into dx: UnsafeMutableBufferPointer<Self>)
+    /// y = a_c·x + b_c per element, computed in Double (a = γ/σ, b = β − μ·a: Double keeps
+    /// |μ·a| ≈ 1e4 to 1e-12, far below Float's resolution of y).
+    static func affine(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, scale: UnsafeBufferPointer<Double>,
+                       offset: UnsafeBufferPointer<Double>, into y: UnsafeMutableBufferPointer<Self>)
+    /// sums[c] = Σ dy, sums[C + c] = Σ dy·(x − μ_c) over channel c.
+    static func gradientSums(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
+                             mean: UnsafeBufferPointer<Double>, into sums: UnsafeMutableBufferPointer<Double>)
+    /// dx = p_c·dy + q_c·x + r_c per element, in Double.
+    static func combine(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
+                        dyScale: UnsafeBufferPointer<Double>, xScale: UnsafeBufferPointer<Double>,
+                        offset: UnsafeBufferPointer<Double>, into dx: UnsafeMutableBufferPointer<Self>)
 }
 
 extension BatchNormScalar {
@@ -42,57 +45,47 @@ extension BatchNormScalar {
         }
     }
 
-    public static func normalize(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, mean: UnsafeBufferPointer<Double>,
-                                 invStd: UnsafeBufferPointer<Double>, gamma: UnsafeBufferPointer<Self>, beta: UnsafeBufferPointer<Self>,
-                                 normalized: UnsafeMutableBufferPointer<Self>, output: UnsafeMutableBufferPointer<Self>) {
+    public static func affine(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, scale: UnsafeBufferPointer<Double>,
+                              offset: UnsafeBufferPointer<Double>, into y: UnsafeMutableBufferPointer<Self>) {
         let C = layout.channels, HW = layout.spatial
-        let keep = normalized.count > 0
         for n in 0..<layout.batch {
             for c in 0..<C {
-                let base = (n * C + c) * HW
-                let mu = mean[c], s = invStd[c], g = Double(gamma[c]), b = Double(beta[c])
-                for p in 0..<HW {
-                    let xhat = (Double(x[base + p]) - mu) * s
-                    if keep { normalized[base + p] = Self(xhat) }
-                    output[base + p] = Self(g * xhat + b)
-                }
+                let base = (n * C + c) * HW, a = scale[c], b = offset[c]
+                for p in 0..<HW { y[base + p] = Self(a * Double(x[base + p]) + b) }
             }
         }
     }
 
-    public static func gradientSums(_ dy: UnsafeBufferPointer<Self>, normalized: UnsafeBufferPointer<Self>, layout: ChannelLayout,
-                                    into sums: UnsafeMutableBufferPointer<Double>) {
+    public static func gradientSums(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
+                                    mean: UnsafeBufferPointer<Double>, into sums: UnsafeMutableBufferPointer<Double>) {
         let C = layout.channels, HW = layout.spatial
         for c in 0..<C {
-            var sumDy = 0.0, sumDyXhat = 0.0
+            var sumDy = 0.0, sumDyX = 0.0
+            let mu = mean[c]
             for n in 0..<layout.batch {
                 let base = (n * C + c) * HW
                 for p in 0..<HW {
                     let g = Double(dy[base + p])
                     sumDy += g
-                    sumDyXhat += g * Double(normalized[base + p])
+                    sumDyX += g * (Double(x[base + p]) - mu)
                 }
             }
             sums[c] = sumDy
-            sums[C + c] = sumDyXhat
+            sums[C + c] = sumDyX
         }
     }
 
-    public static func normalizeBackward(_ dy: UnsafeBufferPointer<Self>, normalized: UnsafeBufferPointer<Self>, layout: ChannelLayout,
-                                         scale: UnsafeBufferPointer<Double>, meanGradient: UnsafeBufferPointer<Double>,
-                                         meanGradientNormalized: UnsafeBufferPointer<Double>, into dx: UnsafeMutableBufferPointer<Self>) {
+    public static func combine(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
+                               dyScale: UnsafeBufferPointer<Double>, xScale: UnsafeBufferPointer<Double>,
+                               offset: UnsafeBufferPointer<Double>, into dx: UnsafeMutableBufferPointer<Self>) {
         let C = layout.channels, HW = layout.spatial
         for n in 0..<layout.batch {
             for c in 0..<C {
-                let base = (n * C + c) * HW
-                let s = scale[c], a = meanGradient[c], b = meanGradientNormalized[c]
-                for p in 0..<HW {
-                    dx[base + p] = Self(s * (Double(dy[base + p]) - a - Double(normalized[base + p]) * b))
-                }
+                let base = (n * C + c) * HW, p1 = dyScale[c], q = xScale[c], r = offset[c]
+                for p in 0..<HW { dx[base + p] = Self(p1 * Double(dy[base + p]) + q * Double(x[base + p]) + r) }
             }
         }
     }
 }
 
-extension Float: BatchNormScalar {}
 extension Double: BatchNormScalar {}

@@ -13,7 +13,7 @@ struct SyncBNBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "syncbn-bench",
         abstract: "Benchmark and verify syncbn's layers and collectives (run under mpirun for several ranks).",
-        subcommands: [LayerBench.self, SelfTest.self])
+        subcommands: [Limits.self, LayerBench.self, SelfTest.self])
 }
 
 /// One BN layer forward + backward, sharded over the ranks of the job.
@@ -152,13 +152,85 @@ struct LayerBench: ParsableCommand {
             let median = times[times.count / 2]
             let bytes = Double(6 * 4 * x.count)
             let gbps = bytes / median / 1e9
+            try world.barrier()
+            let copy = MachineLimits.copyBandwidth()
             if world.rank == 0 {
-                FileHandle.standardError.write(Data(String(format: "layer %@ %@ on %d rank(s): median %.3f ms per forward+backward, %.2f GB/s per rank (6×4 bytes/element)\n",
-                                                           norm, inputs.x.shape.map(String.init).joined(separator: "×"), world.size, median * 1e3, gbps).utf8))
-                let json: [String: Any] = ["benchmark": "layer", "norm": norm, "shape": inputs.x.shape, "ranks": world.size,
-                                           "repeat": repeats, "median_s": median, "gb_per_s": gbps]
-                let data = try JSONSerialization.data(withJSONObject: json, options: [.sortedKeys])
-                FileHandle.standardOutput.write(data + Data("\n".utf8))
+                printTable(String(format: "layer %@ %@ on %d rank(s): median %.3f ms per forward+backward, %.2f GB/s per rank (6×4 bytes/element) = %.0f%% of the %.2f GB/s copy bandwidth measured in this run",
+                                  norm, inputs.x.shape.map(String.init).joined(separator: "×"), world.size, median * 1e3, gbps, 100 * gbps / copy, copy))
+                printJSON(["benchmark": "layer", "norm": norm, "shape": inputs.x.shape, "ranks": world.size, "repeat": repeats,
+                           "median_s": median, "gb_per_s": gbps, "copy_gb_per_s": copy, "fraction_of_copy": gbps / copy])
+            }
+        }
+    }
+}
+
+/// This machine's limits, measured the way the other benchmarks are compared with them.
+enum MachineLimits {
+    /// Copy bandwidth in GB/s counting bytes read + written: the median of `repeats` memcpy's of
+    /// `bytes` (large enough to leave every cache).
+    static func copyBandwidth(bytes: Int = 256 << 20, repeats: Int = 7) -> Double {
+        let source = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+        let target = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+        defer { source.deallocate(); target.deallocate() }
+        memset(source, 1, bytes)
+        memset(target, 0, bytes)
+        var times: [Double] = []
+        for _ in 0..<repeats {
+            let start = DispatchTime.now().uptimeNanoseconds
+            memcpy(target, source, bytes)
+            times.append(Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9)
+        }
+        return Double(2 * bytes) / times.sorted()[times.count / 2] / 1e9
+    }
+
+    /// sgemm GFLOP/s through the project's GEMM path on n×n×n (median of `repeats`).
+    static func gemmGFLOPs(n: Int = 512, repeats: Int = 7) -> Double {
+        var random = DeterministicRandom(seed: 3)
+        let a = Tensor<Float>.normal(shape: [n, n], using: &random), b = Tensor<Float>.normal(shape: [n, n], using: &random)
+        var c = [Float](repeating: 0, count: n * n)
+        var times: [Double] = []
+        for _ in 0..<repeats {
+            let start = DispatchTime.now().uptimeNanoseconds
+            a.scalars.withUnsafeBufferPointer { ap in
+                b.scalars.withUnsafeBufferPointer { bp in
+                    c.withUnsafeMutableBufferPointer { cp in
+                        Float.gemm(transposeA: false, transposeB: false, m: n, n: n, k: n, alpha: 1, a: ap.baseAddress!, lda: n,
+                                   b: bp.baseAddress!, ldb: n, beta: 0, c: cp.baseAddress!, ldc: n)
+                    }
+                }
+            }
+            times.append(Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9)
+        }
+        return 2 * Double(n * n * n) / times.sorted()[times.count / 2] / 1e9
+    }
+}
+
+func printJSON(_ object: [String: Any]) {
+    if let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) {
+        FileHandle.standardOutput.write(data + Data("\n".utf8))
+    }
+}
+
+func printTable(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
+}
+
+/// `syncbn-bench limits`: memory bandwidth and GEMM throughput, per rank.
+struct Limits: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "limits",
+        abstract: "Measure this machine's copy bandwidth (bytes read + written) and sgemm GFLOP/s through the project's GEMM path.")
+
+    func run() throws {
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench") { world in
+            try world.barrier()
+            let copy = MachineLimits.copyBandwidth()
+            let gemm = MachineLimits.gemmGFLOPs()
+            let copies = try world.allGather([copy]).map { $0[0] }, gemms = try world.allGather([gemm]).map { $0[0] }
+            if world.rank == 0 {
+                printTable(String(format: "limits on %d rank(s) at once: copy %.2f GB/s per rank (read + write, 256 MiB memcpy), sgemm 512³ %.1f GFLOP/s per rank",
+                                  world.size, copies.reduce(0, +) / Double(copies.count), gemms.reduce(0, +) / Double(gemms.count)))
+                printJSON(["benchmark": "limits", "ranks": world.size, "copy_gb_per_s": copies, "sgemm_gflop_per_s": gemms])
             }
         }
     }
