@@ -1,3 +1,5 @@
+import Foundation
+
 /// 2-D convolution (cross-correlation, as PyTorch) of N×C_in×H×W input with a
 /// C_out×C_in×k_h×k_w weight, by im2col and one GEMM per sample.
 ///
@@ -16,6 +18,18 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     public private(set) var columns: [Scalar] = []
     public private(set) var lastGeometry: ConvolutionGeometry?
     private var lastBatch = 0
+    /// Seconds spent inside GEMM calls and the floating-point operations they did (2·m·n·k each),
+    /// since creation: lets a benchmark report the GEMM throughput achieved inside this layer.
+    public private(set) var gemmSeconds = 0.0
+    public private(set) var gemmOperations = 0.0
+
+    @inline(__always)
+    private func timedGEMM(m: Int, n: Int, k: Int, _ body: () -> Void) {
+        let start = DispatchTime.now().uptimeNanoseconds
+        body()
+        gemmSeconds += Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+        gemmOperations += 2 * Double(m * n * k)
+    }
 
     public init(inputChannels: Int, outputChannels: Int, kernelSize: Int, stride: Int = 1, padding: Int = 0,
                 bias: Bool = true, random: inout DeterministicRandom) {
@@ -64,9 +78,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                         for sample in 0..<n {
                             let colSample = UnsafeMutableBufferPointer(rebasing: c[(sample * K * P)..<((sample + 1) * K * P)])
                             Scalar.im2col(UnsafeBufferPointer(rebasing: x[(sample * inputPlane)..<((sample + 1) * inputPlane)]), g, into: colSample)
-                            Scalar.gemm(transposeA: false, transposeB: false, m: outputChannels, n: P, k: K, alpha: 1,
-                                        a: w.baseAddress!, lda: K, b: colSample.baseAddress!, ldb: P,
-                                        beta: 0, c: y.baseAddress! + sample * outputChannels * P, ldc: P)
+                            timedGEMM(m: outputChannels, n: P, k: K) {
+                                Scalar.gemm(transposeA: false, transposeB: false, m: outputChannels, n: P, k: K, alpha: 1,
+                                            a: w.baseAddress!, lda: K, b: colSample.baseAddress!, ldb: P,
+                                            beta: 0, c: y.baseAddress! + sample * outputChannels * P, ldc: P)
+                            }
                         }
                     }
                 }
@@ -105,13 +121,17 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                                 for sample in 0..<n {
                                     let dySample = dy.baseAddress! + sample * outputChannels * P
                                     // dW += dy_n (C_out × P) · cols_nᵀ (P × K)
-                                    Scalar.gemm(transposeA: false, transposeB: true, m: outputChannels, n: K, k: P, alpha: 1,
-                                                a: dySample, lda: P, b: c.baseAddress! + sample * K * P, ldb: P,
-                                                beta: sample == 0 ? 0 : 1, c: dw.baseAddress!, ldc: K)
+                                    timedGEMM(m: outputChannels, n: K, k: P) {
+                                        Scalar.gemm(transposeA: false, transposeB: true, m: outputChannels, n: K, k: P, alpha: 1,
+                                                    a: dySample, lda: P, b: c.baseAddress! + sample * K * P, ldb: P,
+                                                    beta: sample == 0 ? 0 : 1, c: dw.baseAddress!, ldc: K)
+                                    }
                                     // dcols = Wᵀ (K × C_out) · dy_n (C_out × P)
-                                    Scalar.gemm(transposeA: true, transposeB: false, m: K, n: P, k: outputChannels, alpha: 1,
-                                                a: w.baseAddress!, lda: K, b: dySample, ldb: P,
-                                                beta: 0, c: dc.baseAddress!, ldc: P)
+                                    timedGEMM(m: K, n: P, k: outputChannels) {
+                                        Scalar.gemm(transposeA: true, transposeB: false, m: K, n: P, k: outputChannels, alpha: 1,
+                                                    a: w.baseAddress!, lda: K, b: dySample, ldb: P,
+                                                    beta: 0, c: dc.baseAddress!, ldc: P)
+                                    }
                                     Scalar.col2imAccumulate(UnsafeBufferPointer(dc), g,
                                                             into: UnsafeMutableBufferPointer(rebasing: dx[(sample * inputPlane)..<((sample + 1) * inputPlane)]))
                                 }

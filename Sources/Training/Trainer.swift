@@ -47,6 +47,8 @@ public final class Trainer {
     public let optimizer: SGD
     public let data: DataSplit
     public private(set) var step = 0
+    /// Seconds spent assembling batches (sampling and gathering samples), since creation.
+    public private(set) var dataSeconds = 0.0
     public var metrics: MetricsWriter?
     public var progress: ProgressReporter?
 
@@ -122,8 +124,10 @@ public final class Trainer {
     /// One optimizer step; returns the global mean loss and accuracy of the batch.
     @discardableResult
     public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int) {
+        let dataStart = DispatchTime.now().uptimeNanoseconds
         let (indices, globalCount, epoch) = sampler.batch(step: step)
         let (x, labels) = data.train.batch(indices)
+        dataSeconds += Double(DispatchTime.now().uptimeNanoseconds - dataStart) * 1e-9
         let logits = try network.forward(x, mode: .training)
         let (lossSum, correct, gradient) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 1 / Float(globalCount))
         try network.backward(gradient)

@@ -13,7 +13,7 @@ struct SyncBNBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "syncbn-bench",
         abstract: "Benchmark and verify syncbn's layers and collectives (run under mpirun for several ranks).",
-        subcommands: [Limits.self, LayerBench.self, SelfTest.self])
+        subcommands: [Limits.self, LayerBench.self, AllReduceBench.self, TrainBench.self, SelfTest.self])
 }
 
 /// One BN layer forward + backward, sharded over the ranks of the job.
@@ -232,6 +232,140 @@ struct Limits: ParsableCommand {
                                   world.size, copies.reduce(0, +) / Double(copies.count), gemms.reduce(0, +) / Double(gemms.count)))
                 printJSON(["benchmark": "limits", "ranks": world.size, "copy_gb_per_s": copies, "sgemm_gflop_per_s": gemms])
             }
+        }
+    }
+}
+
+/// `syncbn-bench allreduce`: latency and bandwidth of the job's communicator.
+struct AllReduceBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "allreduce",
+        abstract: "Latency and bandwidth of an all-reduce(SUM) of Float32 from 8 B to 4 MiB over the job's ranks.",
+        discussion: "Bandwidth is the message size divided by the median time (algorithm bandwidth).")
+
+    @Option(help: "Timed repetitions per size (after 3 warm-up calls).")
+    var repeats: Int = 50
+
+    func validate() throws {
+        guard (1...100_000).contains(repeats) else { throw ValidationError("--repeats must be between 1 and 100000, got \(repeats)") }
+    }
+
+    func run() throws {
+        let repeats = self.repeats
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench") { world in
+            var rows: [[String: Any]] = []
+            var bytes = 8
+            while bytes <= 4 << 20 {
+                var values = [Float](repeating: 1, count: bytes / 4)
+                for _ in 0..<3 { try world.allReduceSum(&values) }
+                var times: [Double] = []
+                for _ in 0..<repeats {
+                    try world.barrier()
+                    let start = DispatchTime.now().uptimeNanoseconds
+                    try world.allReduceSum(&values)
+                    times.append(Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9)
+                }
+                let median = times.sorted()[times.count / 2]
+                rows.append(["bytes": bytes, "median_s": median, "gb_per_s": Double(bytes) / median / 1e9])
+                if world.rank == 0 {
+                    printTable(String(format: "allreduce %8d B on %d rank(s): %9.1f µs, %7.3f GB/s", bytes, world.size, median * 1e6, Double(bytes) / median / 1e9))
+                }
+                bytes *= 2
+            }
+            if world.rank == 0 { printJSON(["benchmark": "allreduce", "ranks": world.size, "repeat": repeats, "sizes": rows]) }
+        }
+    }
+}
+
+/// `syncbn-bench train`: a training step of the default model, where its time goes, for one or
+/// more normalizations in the same run.
+struct TrainBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "train",
+        abstract: "Time training steps of a model and split them into compute, communication and data.",
+        discussion: """
+        For each --norm (default: bn then syncbn, so their ratio comes from one run): samples/s over all ranks,
+        seconds per step split into compute / communication (time blocked in collectives) / data, peak RSS
+        per rank, the GEMM GFLOP/s achieved inside the conv layers (as a fraction of sgemm 512³ measured in
+        this run), and collectives per step. The first --warmup steps are not timed.
+        """)
+
+    @Option(help: "Comma-separated normalizations to compare (bn, syncbn, cbn).")
+    var norms: String = "bn,syncbn"
+    @Option(help: "Model: convnet or mlp.")
+    var model: String = ModelKind.convnet.rawValue
+    @Option(help: "Samples per rank per step.")
+    var batchSize: Int = 32
+    @Option(help: "Timed steps.")
+    var steps: Int = 60
+    @Option(help: "Untimed steps first.")
+    var warmup: Int = 5
+
+    func validate() throws {
+        guard norms.split(separator: ",").allSatisfy({ NormalizationKind(rawValue: String($0)) != nil }) else {
+            throw ValidationError("--norms must list bn, syncbn or cbn, got '\(norms)'")
+        }
+        guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be convnet or mlp, got '\(model)'") }
+        guard (1...65536).contains(batchSize), (1...100_000).contains(steps), (0...10_000).contains(warmup) else {
+            throw ValidationError("--batch-size, --steps and --warmup must be positive and reasonable")
+        }
+    }
+
+    func run() throws {
+        let kinds = norms.split(separator: ",").map { NormalizationKind(rawValue: String($0))! }
+        let model = ModelKind(rawValue: self.model)!, batch = batchSize, steps = self.steps, warmup = self.warmup
+        let data = Result { try DataSource.split(.defaultSynthetic, evaluation: nil, heldOutFraction: 0.1) }
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench", preflight: data.failure) { world in
+            let split = try data.get()
+            let gemmLimit = MachineLimits.gemmGFLOPs()
+            var results: [[String: Any]] = []
+            var stepSeconds: [NormalizationKind: Double] = [:]
+            for kind in kinds {
+                var c = TrainingConfiguration()
+                c.model = model
+                c.norm = kind
+                c.batchSize = batch
+                c.steps = warmup + steps
+                let trainer = try Trainer(configuration: c, data: split, world: world)
+                for _ in 0..<warmup { try trainer.trainStep() }
+                let convs = trainer.network.layers.compactMap { $0.layer as? Conv2d<Float> }
+                let gemm0 = convs.reduce(0.0) { $0 + $1.gemmSeconds }, ops0 = convs.reduce(0.0) { $0 + $1.gemmOperations }
+                trainer.ledger.reset()
+                let data0 = trainer.dataSeconds
+                try world.barrier()
+                let start = DispatchTime.now().uptimeNanoseconds
+                var samples = 0
+                for _ in 0..<steps { samples += try trainer.trainStep().samples }
+                let total = Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+                let comm = trainer.ledger.blockedSeconds, dataTime = trainer.dataSeconds - data0
+                let gemmSeconds = convs.reduce(0.0) { $0 + $1.gemmSeconds } - gemm0
+                let gemmRate = (convs.reduce(0.0) { $0 + $1.gemmOperations } - ops0) / max(gemmSeconds, 1e-12) / 1e9
+                var usage = rusage()
+                getrusage(RUSAGE_SELF.rawValue, &usage)
+                let rss = try world.allGather([Double(usage.ru_maxrss) / 1024]).map { $0[0] }
+                let perStep = try world.allGather([total / Double(steps)]).map { $0[0] }.max()!
+                stepSeconds[kind] = perStep
+                let row: [String: Any] = [
+                    "norm": kind.rawValue, "samples_per_s": Double(samples) / total, "step_s": perStep,
+                    "compute_s": (total - comm - dataTime) / Double(steps), "comm_s": comm / Double(steps), "data_s": dataTime / Double(steps),
+                    "peak_rss_mib": rss, "conv_gemm_gflop_per_s": gemmRate, "conv_gemm_fraction_of_sgemm": gemmRate / gemmLimit,
+                    "collectives_per_step": Double(trainer.ledger.totalCollectives) / Double(steps),
+                ]
+                results.append(row)
+                if world.rank == 0 {
+                    printTable(String(format: "train %@ %@ batch %d × %d rank(s): %.0f samples/s, %.2f ms/step = compute %.2f + comm %.2f + data %.2f ms; peak RSS %.0f MiB/rank; conv GEMM %.1f GFLOP/s (%.0f%% of sgemm 512³ %.1f); %.0f collectives/step",
+                                      model.rawValue, kind.rawValue, batch, world.size, Double(samples) / total, perStep * 1e3,
+                                      (total - comm - dataTime) / Double(steps) * 1e3, comm / Double(steps) * 1e3, dataTime / Double(steps) * 1e3,
+                                      rss.max()!, gemmRate, 100 * gemmRate / gemmLimit, gemmLimit, Double(trainer.ledger.totalCollectives) / Double(steps)))
+                }
+            }
+            var json: [String: Any] = ["benchmark": "train", "model": model.rawValue, "ranks": world.size, "batch_size": batch,
+                                       "steps": steps, "sgemm_gflop_per_s": gemmLimit, "runs": results]
+            if let bn = stepSeconds[.bn], let sync = stepSeconds[.syncbn] {
+                json["syncbn_over_bn"] = sync / bn
+                if world.rank == 0 { printTable(String(format: "syncbn step / bn step = %.3f", sync / bn)) }
+            }
+            if world.rank == 0 { printJSON(json) }
         }
     }
 }
