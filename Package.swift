@@ -26,7 +26,10 @@ let package = Package(
         .target(name: "Kernels", dependencies: ["COpenBLAS"]),
         .target(name: "Normalization", dependencies: ["Kernels", "Collectives"]),
         .target(name: "Training", dependencies: ["Kernels", "Normalization", "Collectives"]),
-        .target(name: "CommandSupport", dependencies: ["Collectives", "CollectivesMPI", "Kernels", "Training"]),
+        .target(name: "CommandSupport", dependencies: [
+            "Collectives", "CollectivesMPI", "Kernels", "Training",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .executableTarget(name: "syncbn-train", dependencies: [
             "Training", "CollectivesMPI", "CommandSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

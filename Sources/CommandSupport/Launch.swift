@@ -1,3 +1,4 @@
+import ArgumentParser
 import Collectives
 import CollectivesMPI
 import Foundation
@@ -88,6 +89,21 @@ public enum RankLaunch {
 
     public static func describe(_ error: Error) -> String {
         String(describing: error)
+    }
+}
+
+extension ParsableCommand {
+    /// `main()`, except that under an MPI launcher only rank 0 prints a usage error, so a bad
+    /// flag gives one message per job rather than one per rank. Exit codes are ArgumentParser's.
+    public static func mainOnce() -> Never {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+            Foundation.exit(0)
+        } catch {
+            if MPICommunicator.launcherRank == 0 { exit(withError: error) }
+            Foundation.exit(exitCode(for: error).rawValue)
+        }
     }
 }
 

@@ -33,14 +33,16 @@ public final class ProgressReporter {
         self.live = live
     }
 
-    public func step(_ text: String, force: Bool = false) {
+    /// A progress update: on a terminal it redraws the live line (at most 5 times a second, and
+    /// always for the `final` one); otherwise it prints a line only when `milestone`.
+    public func step(_ text: String, milestone: Bool, final: Bool = false) {
         if live {
             let now = Date()
-            guard force || now.timeIntervalSince(lastPrinted) > 0.2 else { return }
+            guard final || now.timeIntervalSince(lastPrinted) > 0.2 else { return }
             lastPrinted = now
             FileHandle.standardError.write(Data(("\r\u{1B}[K" + text).utf8))
             lineOpen = true
-        } else if force {
+        } else if milestone || final {
             line(text)
         }
     }

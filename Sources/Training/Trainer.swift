@@ -252,7 +252,7 @@ public final class Trainer {
                 let rate = Double(intervalSamples) / max(elapsed, 1e-9)
                 let text = String(format: "step %d/%d  epoch %d  loss %.4f  acc %.1f%%  %.0f samples/s",
                                   step, total, (step - 1) / max(sampler.stepsPerEpoch, 1), loss, accuracy * 100, rate)
-                progress?.step(text, force: step % plainEvery == 0 || step == total)
+                progress?.step(text, milestone: step % plainEvery == 0, final: step == total)
                 if logNow {
                     metrics?.write(["step": step, "epoch": (step - 1) / max(sampler.stepsPerEpoch, 1), "loss": loss,
                                     "accuracy": accuracy, "lr": configuration.learningRate, "samples_per_s": rate,

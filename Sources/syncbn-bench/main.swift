@@ -397,4 +397,4 @@ struct SelfTest: ParsableCommand {
     }
 }
 
-SyncBNBench.main()
+SyncBNBench.mainOnce()

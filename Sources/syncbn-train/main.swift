@@ -238,4 +238,4 @@ struct RecomputeStats: ParsableCommand {
     }
 }
 
-SyncBNTrain.main()
+SyncBNTrain.mainOnce()
