@@ -20,6 +20,7 @@ let package = Package(
         .systemLibrary(name: "CMPI", pkgConfig: "ompi-c", providers: [.apt(["libopenmpi-dev"])]),
         .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
 
+        .target(name: "CAllocator"),
         .target(name: "Collectives"),
         .target(name: "CollectivesMPI", dependencies: ["Collectives", "CMPI"]),
         .target(name: "CollectiveChecks", dependencies: ["Collectives"]),
@@ -27,7 +28,7 @@ let package = Package(
         .target(name: "Normalization", dependencies: ["Kernels", "Collectives"]),
         .target(name: "Training", dependencies: ["Kernels", "Normalization", "Collectives"]),
         .target(name: "CommandSupport", dependencies: [
-            "Collectives", "CollectivesMPI", "Kernels", "Training",
+            "Collectives", "CollectivesMPI", "Kernels", "Training", "CAllocator",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "syncbn-train", dependencies: [

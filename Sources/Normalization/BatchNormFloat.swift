@@ -22,6 +22,8 @@ extension Float: BatchNormScalar {
         let C = layout.channels, HW = layout.spatial
         for i in 0..<sums.count { sums[i] = 0 }
         guard let xp = x.baseAddress else { return }
+        // Per-channel vector totals: no horizontal sum per plane (planes may be only 8×8).
+        var first = [SIMD4<Double>](repeating: SIMD4(), count: C), second = first
         for n in 0..<layout.batch {
             for c in 0..<C {
                 let plane = xp + (n * C + c) * HW
@@ -41,9 +43,15 @@ extension Float: BatchNormScalar {
                     s1 += d; s2 += d * d
                     p += 1
                 }
-                sums[c] += s1 + (a1 + b1).sum()
-                sums[C + c] += s2 + (a2 + b2).sum()
+                first[c] += a1 + b1
+                second[c] += a2 + b2
+                sums[c] += s1
+                sums[C + c] += s2
             }
+        }
+        for c in 0..<C {
+            sums[c] += first[c].sum()
+            sums[C + c] += second[c].sum()
         }
     }
 
@@ -71,6 +79,7 @@ extension Float: BatchNormScalar {
         let C = layout.channels, HW = layout.spatial
         for i in 0..<sums.count { sums[i] = 0 }
         guard let gp = dy.baseAddress, let xp = x.baseAddress else { return }
+        var first = [SIMD4<Double>](repeating: SIMD4(), count: C), second = first
         for n in 0..<layout.batch {
             for c in 0..<C {
                 let base = (n * C + c) * HW
@@ -90,9 +99,15 @@ extension Float: BatchNormScalar {
                     s1 += g; s2 += g * (Double(xp[base + p]) - mu)
                     p += 1
                 }
-                sums[c] += s1 + (a1 + b1).sum()
-                sums[C + c] += s2 + (a2 + b2).sum()
+                first[c] += a1 + b1
+                second[c] += a2 + b2
+                sums[c] += s1
+                sums[C + c] += s2
             }
+        }
+        for c in 0..<C {
+            sums[c] += first[c].sum()
+            sums[C + c] += second[c].sum()
         }
     }
 
