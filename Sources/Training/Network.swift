@@ -19,8 +19,18 @@ public final class Network {
     /// Back-propagates the gradient of the loss with respect to the logits; writes every
     /// parameter's gradient.
     public func backward(_ outputGradient: Tensor<Float>) throws {
+        try backward(outputGradient) { _ in }
+    }
+
+    /// Back-propagates, calling `finished` with each layer right after its backward (last layer
+    /// first): from then on that layer's parameter gradients are final, which lets the trainer
+    /// start their all-reduce while earlier layers are still computing.
+    public func backward(_ outputGradient: Tensor<Float>, finished: (any Layer<Float>) throws -> Void) throws {
         var g = outputGradient
-        for (_, layer) in layers.reversed() { g = try layer.backward(g) }
+        for (_, layer) in layers.reversed() {
+            g = try layer.backward(g)
+            try finished(layer)
+        }
     }
 
     /// Every parameter, buffer and counter under its full dotted name, in layer order.

@@ -34,9 +34,10 @@ public struct TrainingSummary: Sendable {
 ///
 /// Per step: this rank's piece of the global batch, forward in training mode, softmax
 /// cross-entropy scaled by 1/(global batch size), backward (SyncBN layers issue their own
-/// collectives), then one all-reduce(SUM) of the flattened gradients — which then are the
-/// gradients of the global mean loss on every rank — and an SGD step. The same all-reduce carries
-/// the step's loss sum and correct count, and, when batch statistics are not shared by all ranks
+/// collectives) with the flattened gradients all-reduced(SUM) in buckets started without
+/// blocking as backward produces them — afterwards they are the gradients of the global mean
+/// loss on every rank — and an SGD step. The last bucket carries the step's loss sum and correct
+/// count, and, when batch statistics are not shared by all ranks
 /// (`--norm bn`, or sync groups smaller than the job), each rank's running statistics divided by
 /// the number of ranks, so the buffers stay the rank average and identical everywhere.
 public final class Trainer {
@@ -130,24 +131,50 @@ public final class Trainer {
         dataSeconds += Double(DispatchTime.now().uptimeNanoseconds - dataStart) * 1e-9
         let logits = try network.forward(x, mode: .training)
         let (lossSum, correct, gradient) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 1 / Float(globalCount))
-        try network.backward(gradient)
 
-        let parameters = network.namedParameters
-        let buffers = averageRunningStatistics ? network.namedBuffers : []
-        var flat: [Float] = []
-        flat.reserveCapacity(network.parameterCount + 2)
-        for (_, p) in parameters { flat.append(contentsOf: p.gradient.scalars) }
-        let share = 1 / Float(world.size)
-        for (_, b) in buffers { flat.append(contentsOf: b.value.scalars.map { $0 * share }) }
-        flat.append(Float(lossSum))
-        flat.append(Float(correct))
-        try world.allReduceSum(&flat)
-
-        var offset = 0
-        for (_, p) in parameters {
-            p.gradient.scalars.replaceSubrange(0..<p.gradient.count, with: flat[offset..<(offset + p.gradient.count)])
-            offset += p.gradient.count
+        // Gradient buckets: as soon as backward has finished enough layers to fill a bucket, its
+        // all-reduce starts without blocking and overlaps the rest of backward. The last bucket
+        // also carries the running statistics (when ranks keep their own) and the step's loss sum
+        // and correct count. Every rank forms the same buckets in the same order.
+        var pending: [Parameter<Float>] = []
+        var pendingCount = 0
+        var inFlight: [(request: AllReduceRequest<Float>, parameters: [Parameter<Float>])] = []
+        func startBucket(extra: [Float] = []) throws {
+            var flat: [Float] = []
+            flat.reserveCapacity(pendingCount + extra.count)
+            for p in pending { flat.append(contentsOf: p.gradient.scalars) }
+            flat.append(contentsOf: extra)
+            inFlight.append((try world.startAllReduceSum(flat), pending))
+            pending = []
+            pendingCount = 0
         }
+        let bucketSize = max(configuration.gradientBucketSize, 1)
+        try network.backward(gradient) { layer in
+            for p in layer.parameters.reversed() {
+                pending.append(p)
+                pendingCount += p.gradient.count
+            }
+            if pendingCount >= bucketSize { try startBucket() }
+        }
+        let buffers = averageRunningStatistics ? network.namedBuffers : []
+        let share = 1 / Float(world.size)
+        var extra: [Float] = []
+        for (_, b) in buffers { extra.append(contentsOf: b.value.scalars.map { $0 * share }) }
+        extra.append(Float(lossSum))
+        extra.append(Float(correct))
+        try startBucket(extra: extra)
+
+        var flat: [Float] = []
+        for (request, parameters) in inFlight {
+            flat = try request.wait()
+            var offset = 0
+            for p in parameters {
+                p.gradient.scalars.replaceSubrange(0..<p.gradient.count, with: flat[offset..<(offset + p.gradient.count)])
+                offset += p.gradient.count
+            }
+            flat.removeFirst(offset)
+        }
+        var offset = 0
         for (_, b) in buffers {
             b.value.scalars.replaceSubrange(0..<b.value.count, with: flat[offset..<(offset + b.value.count)])
             offset += b.value.count
@@ -157,7 +184,7 @@ public final class Trainer {
         guard loss.isFinite else {
             throw CollectiveRunError("loss is \(loss) at step \(step + 1) (epoch \(epoch)): training diverged; lower --lr")
         }
-        optimizer.step(parameters)
+        optimizer.step(network.namedParameters)
         step += 1
         return (loss, accuracy, globalCount)
     }

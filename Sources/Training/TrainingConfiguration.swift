@@ -29,6 +29,9 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var preciseBNSamples: Int = 8192
     /// PreciseBN's per-rank batch size; nil = `batchSize`.
     public var preciseBNBatchSize: Int?
+    /// Gradients are all-reduced in buckets of at least this many values, each started (without
+    /// blocking) as soon as backward has produced it.
+    public var gradientBucketSize: Int = 1 << 16
     /// Log a metrics line every this many steps.
     public var logEvery: Int = 10
 

@@ -63,6 +63,8 @@ struct Train: ParsableCommand {
     var simulateRanks: Int?
     @Option(help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
+    @Option(help: "Gradient values per all-reduce bucket; buckets start during backward.")
+    var bucketSize: Int = 1 << 16
     @Option(help: "Statistics for evaluation: ema (running averages), precise (PreciseBN) or both.")
     var evalStats: String = EvaluationStatistics.both.rawValue
     @OptionGroup var precise: PreciseBNOptions
@@ -87,6 +89,7 @@ struct Train: ParsableCommand {
         guard logEvery >= 1 else { throw ValidationError("--log-every must be ≥ 1, got \(logEvery)") }
         guard holdoutFraction > 0 && holdoutFraction < 1 else { throw ValidationError("--holdout-fraction must be in (0, 1), got \(holdoutFraction)") }
         if let syncGroupSize, syncGroupSize < 1 { throw ValidationError("--sync-group-size must be ≥ 1, got \(syncGroupSize)") }
+        guard bucketSize >= 1 else { throw ValidationError("--bucket-size must be ≥ 1, got \(bucketSize)") }
         guard (1...64).contains(cbnWindow) else { throw ValidationError("--cbn-window must be between 1 and 64, got \(cbnWindow)") }
         guard cbnRho.isFinite && cbnRho >= 0 && cbnRho <= 10 else { throw ValidationError("--cbn-rho must be between 0 and 10, got \(cbnRho)") }
         guard cbnBurnin >= 0 else { throw ValidationError("--cbn-burnin must be ≥ 0, got \(cbnBurnin)") }
@@ -121,6 +124,7 @@ struct Train: ParsableCommand {
         c.evalEvery = evalEvery
         c.logEvery = logEvery
         c.evalStats = EvaluationStatistics(rawValue: evalStats)!
+        c.gradientBucketSize = bucketSize
         c.crossIteration = CrossIterationOptions(window: cbnWindow, rho: cbnRho, burnIn: cbnBurnin)
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize

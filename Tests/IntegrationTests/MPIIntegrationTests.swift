@@ -25,7 +25,8 @@ final class MPIIntegrationTests: XCTestCase {
             ("default", ["--norm", "syncbn", "--steps", "20", "--seed", "3"]),
             ("cbn", ["--norm", "cbn", "--steps", "40", "--seed", "5"]),
             // 611 = 19·32 + 3: step 20 has 3 samples over 4 ranks; 22 steps reach the next epoch.
-            ("uneven", ["--data", "synthetic:train=611,heldout=64", "--steps", "22", "--seed", "4"]),
+            // Small gradient buckets: non-blocking all-reduces in flight during SyncBN's blocking ones.
+            ("uneven", ["--data", "synthetic:train=611,heldout=64", "--steps", "22", "--seed", "4", "--bucket-size", "2000"]),
         ]
         for (label, common) in cases {
             let a = dir + "/\(label)-4.safetensors", b = dir + "/\(label)-1.safetensors"

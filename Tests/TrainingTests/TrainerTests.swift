@@ -33,6 +33,31 @@ final class TrainerTests: XCTestCase {
         }
     }
 
+    func testGradientBucketsStartedDuringBackwardGiveBitwiseTheSameTrajectory() throws {
+        let data = try DataSource.split(.synthetic(train: 48, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
+        func run(bucket: Int) throws -> ([String: [Float]], [Int]) {
+            var c = TrainingConfiguration()
+            c.batchSize = 4
+            c.steps = 4
+            c.norm = .bn
+            c.gradientBucketSize = bucket
+            return try InProcessGroup.run(size: 3) { comm -> ([String: [Float]], [Int]) in
+                let trainer = try Trainer(configuration: c, data: data, world: comm)
+                var counts: [Int] = []
+                for _ in 0..<4 {
+                    trainer.ledger.reset()
+                    try trainer.trainStep()
+                    counts.append(trainer.ledger.collectiveCounts["startAllReduceSum"] ?? 0)
+                }
+                return (stateDictionary(trainer.network), counts)
+            }[0]
+        }
+        let one = try run(bucket: 1 << 20), many = try run(bucket: 2000)
+        XCTAssertEqual(one.1, [1, 1, 1, 1])
+        XCTAssertGreaterThanOrEqual(many.1[0], 3, "several buckets per step")
+        for (name, values) in one.0 { XCTAssertEqual(values.map(\.bitPattern), many.0[name]!.map(\.bitPattern), name) }
+    }
+
     func testSyncGroupLargerThanTheJobIsRejected() throws {
         let data = try DataSource.split(.synthetic(train: 16, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
         var c = TrainingConfiguration()
