@@ -65,28 +65,50 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         return g
     }
 
+    /// A 1×1 convolution with stride 1 and no padding: the input sample already is its im2col
+    /// matrix (K = C_in rows, P = H·W columns), so neither im2col nor col2im runs.
+    public var isPointwise: Bool { kernelSize == 1 && stride == 1 && padding == 0 }
+
+    /// im2col storage reused across steps (`columns` in training, this in inference) and the
+    /// backward pass's column gradient: allocated once per shape, not once per step.
+    private var inferenceColumns: [Scalar] = []
+    private var columnGradient: [Scalar] = []
+
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         let g = try geometry(for: input.shape)
         let n = input.shape[0], K = g.patchSize, P = g.positions
         var output = Tensor<Scalar>(shape: [n, outputChannels, g.outputHeight, g.outputWidth])
-        var cols = Scalar.filled(n * K * P, with: 0)
         let inputPlane = inputChannels * g.height * g.width
-        input.scalars.withUnsafeBufferPointer { x in
-            cols.withUnsafeMutableBufferPointer { c in
-                weight.value.scalars.withUnsafeBufferPointer { w in
-                    output.scalars.withUnsafeMutableBufferPointer { y in
-                        for sample in 0..<n {
-                            let colSample = UnsafeMutableBufferPointer(rebasing: c[(sample * K * P)..<((sample + 1) * K * P)])
-                            Scalar.im2col(UnsafeBufferPointer(rebasing: x[(sample * inputPlane)..<((sample + 1) * inputPlane)]), g, into: colSample)
-                            timedGEMM(m: outputChannels, n: P, k: K) {
-                                Scalar.gemm(transposeA: false, transposeB: false, m: outputChannels, n: P, k: K, alpha: 1,
-                                            a: w.baseAddress!, lda: K, b: colSample.baseAddress!, ldb: P,
-                                            beta: 0, c: y.baseAddress! + sample * outputChannels * P, ldc: P)
-                            }
+        func multiply(_ cols: UnsafeBufferPointer<Scalar>) {
+            weight.value.scalars.withUnsafeBufferPointer { w in
+                output.scalars.withUnsafeMutableBufferPointer { y in
+                    for sample in 0..<n {
+                        timedGEMM(m: outputChannels, n: P, k: K) {
+                            Scalar.gemm(transposeA: false, transposeB: false, m: outputChannels, n: P, k: K, alpha: 1,
+                                        a: w.baseAddress!, lda: K, b: cols.baseAddress! + sample * K * P, ldb: P,
+                                        beta: 0, c: y.baseAddress! + sample * outputChannels * P, ldc: P)
                         }
                     }
                 }
             }
+        }
+        if isPointwise {
+            input.scalars.withUnsafeBufferPointer { multiply($0) }
+            if mode == .training { columns = input.scalars }   // shares storage, no copy
+        } else {
+            var cols = mode == .training ? columns : inferenceColumns
+            if mode == .training { columns = [] } else { inferenceColumns = [] }   // keep the buffer uniquely referenced
+            if cols.count != n * K * P { cols = Scalar.filled(n * K * P, with: 0) }
+            input.scalars.withUnsafeBufferPointer { x in
+                cols.withUnsafeMutableBufferPointer { c in
+                    for sample in 0..<n {
+                        Scalar.im2col(UnsafeBufferPointer(rebasing: x[(sample * inputPlane)..<((sample + 1) * inputPlane)]), g,
+                                      into: UnsafeMutableBufferPointer(rebasing: c[(sample * K * P)..<((sample + 1) * K * P)]))
+                    }
+                }
+            }
+            cols.withUnsafeBufferPointer { multiply($0) }
+            if mode == .training { columns = cols } else { inferenceColumns = cols }
         }
         if let bias {
             bias.value.scalars.withUnsafeBufferPointer { b in
@@ -96,7 +118,6 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
             }
         }
         if mode == .training {
-            columns = cols
             lastGeometry = g
             lastBatch = n
         }
@@ -110,7 +131,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                          "output gradient \(outputGradient.shape) does not match the forward output")
         var inputGradient = Tensor<Scalar>(shape: [n, inputChannels, g.height, g.width])
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
-        var dcols = Scalar.filled(K * P, with: 0)
+        var dcols = columnGradient
+        columnGradient = []
+        if dcols.count != K * P { dcols = Scalar.filled(K * P, with: 0) }
+        let pointwise = isPointwise
         let inputPlane = inputChannels * g.height * g.width
         outputGradient.scalars.withUnsafeBufferPointer { dy in
             columns.withUnsafeBufferPointer { c in
@@ -127,13 +151,17 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                                                     beta: sample == 0 ? 0 : 1, c: dw.baseAddress!, ldc: K)
                                     }
                                     // dcols = Wᵀ (K × C_out) · dy_n (C_out × P)
+                                    // dcols = Wᵀ·dy_n, written straight into dx_n for a pointwise conv.
+                                    let target = pointwise ? dx.baseAddress! + sample * inputPlane : dc.baseAddress!
                                     timedGEMM(m: K, n: P, k: outputChannels) {
                                         Scalar.gemm(transposeA: true, transposeB: false, m: K, n: P, k: outputChannels, alpha: 1,
                                                     a: w.baseAddress!, lda: K, b: dySample, ldb: P,
-                                                    beta: 0, c: dc.baseAddress!, ldc: P)
+                                                    beta: 0, c: target, ldc: P)
                                     }
-                                    Scalar.col2imAccumulate(UnsafeBufferPointer(dc), g,
-                                                            into: UnsafeMutableBufferPointer(rebasing: dx[(sample * inputPlane)..<((sample + 1) * inputPlane)]))
+                                    if !pointwise {
+                                        Scalar.col2imAccumulate(UnsafeBufferPointer(dc), g,
+                                                                into: UnsafeMutableBufferPointer(rebasing: dx[(sample * inputPlane)..<((sample + 1) * inputPlane)]))
+                                    }
                                 }
                             }
                         }
@@ -142,6 +170,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
             }
         }
         weight.gradient = weightGradient
+        columnGradient = dcols
         if let bias {
             var biasGradient = Tensor<Scalar>(shape: [outputChannels])
             outputGradient.scalars.withUnsafeBufferPointer { dy in

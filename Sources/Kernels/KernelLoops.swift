@@ -5,6 +5,16 @@ import Foundation
 // C channels, H×W positions; "plane" = one channel of one sample.
 
 extension TensorScalar {
+    /// The output columns x whose input column x·s − p + j falls inside 0 ..< width: computed
+    /// once per kernel offset so the inner loops carry no bounds test.
+    @inline(__always)
+    static func validColumns(_ g: ConvolutionGeometry, offset j: Int) -> Range<Int> {
+        // x·s − p + j ≥ 0  ⇔  x ≥ ⌈(p − j)/s⌉;   x·s − p + j < W  ⇔  x ≤ ⌊(W − 1 + p − j)/s⌋
+        let low = max(0, (g.padding - j + g.stride - 1) / g.stride)
+        let high = min(g.outputWidth, g.width - 1 + g.padding - j < 0 ? 0 : (g.width - 1 + g.padding - j) / g.stride + 1)
+        return low..<max(low, high)
+    }
+
     /// columns[(c, i, j), (oh, ow)] = image[c, oh·s − p + i, ow·s − p + j], 0 outside the image.
     public static func im2col(_ image: UnsafeBufferPointer<Self>, _ g: ConvolutionGeometry, into columns: UnsafeMutableBufferPointer<Self>) {
         let oh = g.outputHeight, ow = g.outputWidth, positions = oh * ow
@@ -14,18 +24,22 @@ extension TensorScalar {
             for i in 0..<g.kernelHeight {
                 for j in 0..<g.kernelWidth {
                     let out = row * positions
+                    let valid = validColumns(g, offset: j)
                     for y in 0..<oh {
                         let iy = y * g.stride - g.padding + i
                         let outRow = out + y * ow
-                        if iy < 0 || iy >= g.height {
+                        if iy < 0 || iy >= g.height || valid.isEmpty {
                             for x in 0..<ow { columns[outRow + x] = 0 }
                             continue
                         }
-                        let inRow = plane + iy * g.width
-                        for x in 0..<ow {
-                            let ix = x * g.stride - g.padding + j
-                            columns[outRow + x] = (ix >= 0 && ix < g.width) ? image[inRow + ix] : 0
+                        let inRow = plane + iy * g.width - g.padding + j
+                        for x in 0..<valid.lowerBound { columns[outRow + x] = 0 }
+                        if g.stride == 1 {
+                            for x in valid { columns[outRow + x] = image[inRow + x] }
+                        } else {
+                            for x in valid { columns[outRow + x] = image[inRow + x * g.stride] }
                         }
+                        for x in valid.upperBound..<ow { columns[outRow + x] = 0 }
                     }
                     row += 1
                 }
@@ -42,14 +56,16 @@ extension TensorScalar {
             for i in 0..<g.kernelHeight {
                 for j in 0..<g.kernelWidth {
                     let out = row * positions
+                    let valid = validColumns(g, offset: j)
                     for y in 0..<oh {
                         let iy = y * g.stride - g.padding + i
                         if iy < 0 || iy >= g.height { continue }
-                        let inRow = plane + iy * g.width
+                        let inRow = plane + iy * g.width - g.padding + j
                         let outRow = out + y * ow
-                        for x in 0..<ow {
-                            let ix = x * g.stride - g.padding + j
-                            if ix >= 0 && ix < g.width { image[inRow + ix] += columns[outRow + x] }
+                        if g.stride == 1 {
+                            for x in valid { image[inRow + x] += columns[outRow + x] }
+                        } else {
+                            for x in valid { image[inRow + x * g.stride] += columns[outRow + x] }
                         }
                     }
                     row += 1

@@ -26,7 +26,7 @@ final class LayerTests: XCTestCase {
     }
 
     func testConv2dForwardMatchesTheDefinitionWithStrideAndPadding() throws {
-        for (stride, padding, kernel) in [(1, 0, 3), (1, 1, 3), (2, 1, 3), (2, 0, 1), (3, 2, 5)] {
+        for (stride, padding, kernel) in [(1, 0, 3), (1, 1, 3), (2, 1, 3), (2, 0, 1), (1, 0, 1), (3, 2, 5)] {
             var random = DeterministicRandom(seed: 1)
             let conv = Conv2d<Double>(inputChannels: 3, outputChannels: 4, kernelSize: kernel, stride: stride, padding: padding, random: &random)
             let x = randomTensor([2, 3, 7, 6], seed: 2)
@@ -43,6 +43,27 @@ final class LayerTests: XCTestCase {
             let conv = Conv2d<Double>(inputChannels: 2, outputChannels: 3, kernelSize: 3, stride: stride, padding: padding, bias: bias, random: &random)
             try checkGradients(of: conv, input: randomTensor([2, 2, 5, 5], seed: 4))
         }
+    }
+
+    func testPointwiseConvolutionSkipsIm2colAndMatchesFiniteDifferences() throws {
+        var random = DeterministicRandom(seed: 31)
+        let conv = Conv2d<Double>(inputChannels: 3, outputChannels: 4, kernelSize: 1, bias: true, random: &random)
+        XCTAssertTrue(conv.isPointwise)
+        try checkGradients(of: conv, input: randomTensor([2, 3, 3, 4], seed: 32))
+    }
+
+    func testReusedBuffersFollowChangingBatchSizes() throws {
+        var random = DeterministicRandom(seed: 33)
+        let conv = Conv2d<Double>(inputChannels: 2, outputChannels: 3, kernelSize: 3, padding: 1, random: &random)
+        for (n, seed) in [(4, 34), (1, 35), (3, 36)] as [(Int, UInt64)] {
+            let x = randomTensor([n, 2, 5, 5], seed: seed)
+            for mode in [Mode.training, .inference] {
+                let y = try conv.forward(x, mode: mode)
+                assertClose(y.scalars, naiveConvolution(x, conv.weight.value, conv.bias!.value.scalars, stride: 1, padding: 1),
+                            relTol: 1e-12, absTol: 1e-12, "batch \(n) \(mode)")
+            }
+        }
+        try checkGradients(of: conv, input: randomTensor([2, 2, 4, 4], seed: 37))
     }
 
     func testConv2dInFloatAgreesWithDouble() throws {
