@@ -97,13 +97,14 @@ extension TensorScalar {
         }
     }
 
+    /// max(x, 0); NaN stays NaN (as PyTorch), so a diverging run is noticed.
     public static func reluForward(_ x: UnsafeBufferPointer<Self>, _ y: UnsafeMutableBufferPointer<Self>) {
-        for i in 0..<x.count { y[i] = x[i] > 0 ? x[i] : 0 }
+        for i in 0..<x.count { y[i] = x[i] <= 0 ? 0 : x[i] }
     }
 
-    /// dx = dy where the output was positive (the subgradient 0 is taken at 0).
+    /// dx = dy where the output was not ≤ 0 (the subgradient 0 is taken at 0).
     public static func reluBackward(_ y: UnsafeBufferPointer<Self>, _ dy: UnsafeBufferPointer<Self>, _ dx: UnsafeMutableBufferPointer<Self>) {
-        for i in 0..<y.count { dx[i] = y[i] > 0 ? dy[i] : 0 }
+        for i in 0..<y.count { dx[i] = y[i] <= 0 ? 0 : dy[i] }
     }
 
     /// Max over each window; padding never wins. argmax holds the flat index within the plane.

@@ -74,3 +74,32 @@ extension Double: TensorScalar {
 public func setGEMMThreads(_ count: Int) {
     openblas_set_num_threads(Int32(count))
 }
+
+// Float witnesses for the element-wise activations: eight lanes at a time with SIMD masks
+// (the generic loops do not vectorize: the compiler cannot rule out that dx aliases dy).
+extension Float {
+    public static func reluForward(_ x: UnsafeBufferPointer<Float>, _ y: UnsafeMutableBufferPointer<Float>) {
+        guard let xp = x.baseAddress, let yp = y.baseAddress else { return }
+        let count = x.count
+        var i = 0
+        while i + 8 <= count {
+            let v = UnsafeRawPointer(xp + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(yp + i).storeBytes(of: v.replacing(with: 0, where: v .<= 0), as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < count { yp[i] = xp[i] <= 0 ? 0 : xp[i]; i += 1 }
+    }
+
+    public static func reluBackward(_ y: UnsafeBufferPointer<Float>, _ dy: UnsafeBufferPointer<Float>, _ dx: UnsafeMutableBufferPointer<Float>) {
+        guard let yp = y.baseAddress, let gp = dy.baseAddress, let dp = dx.baseAddress else { return }
+        let count = y.count
+        var i = 0
+        while i + 8 <= count {
+            let v = UnsafeRawPointer(yp + i).loadUnaligned(as: SIMD8<Float>.self)
+            let g = UnsafeRawPointer(gp + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(dp + i).storeBytes(of: g.replacing(with: 0, where: v .<= 0), as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < count { dp[i] = yp[i] <= 0 ? 0 : gp[i]; i += 1 }
+    }
+}

@@ -134,6 +134,14 @@ final class LayerTests: XCTestCase {
         let relu = ReLU<Double>()
         let x = Tensor<Double>(shape: [1, 4], scalars: [-1, 0.5, 2, -0.25])
         XCTAssertEqual(try relu.forward(x, mode: .inference).scalars, [0, 0.5, 2, 0])
+        // The Float path (SIMD, 8 lanes plus a tail) agrees, and NaN propagates as in PyTorch.
+        let values: [Float] = (0..<19).map { Float($0 % 5) - 2.5 } + [.nan]
+        let floatReLU = ReLU<Float>()
+        let y = try floatReLU.forward(Tensor(shape: [1, 20], scalars: values), mode: .training)
+        XCTAssertEqual(Array(y.scalars.prefix(19)), values.prefix(19).map { max($0, 0) })
+        XCTAssertTrue(y.scalars[19].isNaN)
+        let dx = try floatReLU.backward(Tensor(shape: [1, 20], repeating: 1))
+        XCTAssertEqual(Array(dx.scalars.prefix(19)), values.prefix(19).map { $0 > 0 ? 1 : 0 })
         // Finite differences are exact away from the kink at 0.
         try checkGradients(of: relu, input: randomTensor([3, 4, 2, 2], seed: 13))
     }
