@@ -317,6 +317,7 @@ struct TrainBench: ParsableCommand {
         let data = Result { try DataSource.split(.defaultSynthetic, evaluation: nil, heldOutFraction: 0.1) }
         RankLaunch.run(simulateRanks: nil, command: "syncbn-bench", preflight: data.failure) { world in
             let split = try data.get()
+            try world.barrier()   // every rank measures at once, as they will train at once
             let gemmLimit = MachineLimits.gemmGFLOPs()
             var results: [[String: Any]] = []
             var stepSeconds: [NormalizationKind: Double] = [:]
