@@ -33,6 +33,12 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     public let runningVariance: Buffer<Scalar>
     public let batchesTracked: Counter
 
+    /// FrozenBN ("train with population statistics", Wu & Johnson 2021 §4): when set, training
+    /// forwards normalize with the running statistics, update nothing and issue no collective,
+    /// and backward treats μ and σ as constants (dx = γ/σ·dy).
+    public var frozen = false
+    private var lastPassFrozen = false
+
     /// Statistics of the last batch seen in `.training` or `.batchStatistics` mode (over the whole
     /// group; nil when the group had no data), for PreciseBN, inspection and tests.
     public internal(set) var lastStatistics: BatchStatistics?
@@ -85,6 +91,14 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         case .training:
             lastLayout = layout
             lastShape = input.shape
+            lastPassFrozen = frozen
+            if frozen {
+                // FrozenBN: population statistics, no update, no collective; backward is affine.
+                lastMean = Scalar.widened(runningMean.value.scalars)
+                invStd = Scalar.widened(runningVariance.value.scalars).map { 1 / ($0 + epsilon).squareRoot() }
+                lastInput = input
+                return apply(input, layout: layout, mean: lastMean, invStd: invStd)
+            }
             guard let normalization = try trainingStatistics(input, layout: layout) else {
                 // No rank of the group has data this step: nothing to normalize, nothing to learn.
                 invStd = Array(repeating: 0, count: featureCount)
@@ -181,13 +195,14 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(Array(local[0..<C])))
         weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(Array(local[C...])))
         var global = local
-        if let group { try group.allReduceSum(&global) }
-        guard lastStatistics != nil else { return Tensor(shape: lastShape) }
+        if let group, !lastPassFrozen { try group.allReduceSum(&global) }
+        guard lastPassFrozen || lastStatistics != nil else { return Tensor(shape: lastShape) }
         let gamma = Scalar.widened(weight.value.scalars)
         // dx = p·dy + q·x + r per channel.
         var p = [Double](repeating: 0, count: C), q = p, r = p
         for c in 0..<C {
             p[c] = gamma[c] * invStd[c]
+            guard !lastPassFrozen else { continue }   // μ, σ constants: dx = γ/σ·dy
             q[c] = -p[c] * invStd[c] * global[C + c] / backwardCounts[c]
             r[c] = -p[c] * global[c] / backwardCounts[c] - q[c] * lastMean[c]
         }

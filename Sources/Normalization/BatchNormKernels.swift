@@ -23,6 +23,10 @@ public protocol BatchNormScalar: TensorScalar {
     static func combine(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
                         dyScale: UnsafeBufferPointer<Double>, xScale: UnsafeBufferPointer<Double>,
                         offset: UnsafeBufferPointer<Double>, into dx: UnsafeMutableBufferPointer<Self>)
+    /// Two-pass mean and 1/√(biased variance + ε) of `segments` consecutive runs of `length`
+    /// values each (GroupNorm's per-sample groups).
+    static func segmentStatistics(_ x: UnsafeBufferPointer<Self>, segments: Int, length: Int, epsilon: Double,
+                                  mean: UnsafeMutableBufferPointer<Double>, invStd: UnsafeMutableBufferPointer<Double>)
 }
 
 extension BatchNormScalar {
@@ -84,6 +88,22 @@ extension BatchNormScalar {
                 let base = (n * C + c) * HW, p1 = dyScale[c], q = xScale[c], r = offset[c]
                 for p in 0..<HW { dx[base + p] = Self(p1 * Double(dy[base + p]) + q * Double(x[base + p]) + r) }
             }
+        }
+    }
+}
+
+extension BatchNormScalar {
+    public static func segmentStatistics(_ x: UnsafeBufferPointer<Self>, segments: Int, length: Int, epsilon: Double,
+                                         mean: UnsafeMutableBufferPointer<Double>, invStd: UnsafeMutableBufferPointer<Double>) {
+        for s in 0..<segments {
+            let base = s * length
+            var total = 0.0
+            for i in 0..<length { total += Double(x[base + i]) }
+            let mu = total / Double(length)
+            var squares = 0.0
+            for i in 0..<length { let d = Double(x[base + i]) - mu; squares += d * d }
+            mean[s] = mu
+            invStd[s] = 1 / (squares / Double(length) + epsilon).squareRoot()
         }
     }
 }

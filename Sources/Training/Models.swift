@@ -19,6 +19,8 @@ public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
     case syncbn
     /// Cross-iteration BN over each sync group: the last `window` iterations, compensated.
     case cbn
+    /// GroupNorm: per-sample statistics over channel groups, no batch dependence, no collectives.
+    case gn
 }
 
 /// Cross-iteration BN's options (see `CrossIterationBatchNorm`).
@@ -40,9 +42,12 @@ public struct NormalizationFactory {
     public let epsilon: Double
     public let momentum: Double?
     public let crossIteration: CrossIterationOptions
+    /// GroupNorm's groups per layer (capped at the layer's channels; must divide them).
+    public let groupNormGroups: Int
 
     public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1,
-                crossIteration: CrossIterationOptions = CrossIterationOptions()) {
+                crossIteration: CrossIterationOptions = CrossIterationOptions(), groupNormGroups: Int = 8) {
+        self.groupNormGroups = groupNormGroups
         self.kind = kind
         self.group = group
         self.epsilon = epsilon
@@ -52,8 +57,14 @@ public struct NormalizationFactory {
 
     /// A normalization layer for the output of `source` (whose weight cross-iteration BN
     /// differentiates its statistics by).
-    public func make(featureCount: Int, source: any PatchSource<Float>) -> any Layer<Float> {
+    public func make(featureCount: Int, source: any PatchSource<Float>) throws -> any Layer<Float> {
         switch kind {
+        case .gn:
+            let groups = min(groupNormGroups, featureCount)
+            guard featureCount % groups == 0 else {
+                throw LayerError("--gn-groups \(groupNormGroups) does not divide a layer's \(featureCount) channels")
+            }
+            return GroupNorm<Float>(featureCount: featureCount, groups: groups, epsilon: epsilon)
         case .cbn:
             return CrossIterationBatchNorm<Float>(featureCount: featureCount, source: source, window: crossIteration.window,
                                                   rho: crossIteration.rho, burnIn: crossIteration.burnIn,
@@ -85,7 +96,7 @@ extension Network {
                 let conv = Conv2d<Float>(inputChannels: channels, outputChannels: width, kernelSize: 3,
                                          stride: i == 0 ? 1 : 2, padding: 1, bias: false, random: &random)
                 layers.append(("features.\(i).conv", conv))
-                layers.append(("features.\(i).bn", normalization.make(featureCount: width, source: conv)))
+                layers.append(("features.\(i).bn", try normalization.make(featureCount: width, source: conv)))
                 layers.append(("features.\(i).relu", ReLU<Float>()))
                 channels = width
             }
@@ -99,7 +110,7 @@ extension Network {
             for i in 0..<2 {
                 let linear = Linear<Float>(inputFeatures: features, outputFeatures: 128, bias: false, random: &random)
                 layers.append(("features.\(i).linear", linear))
-                layers.append(("features.\(i).bn", normalization.make(featureCount: 128, source: linear)))
+                layers.append(("features.\(i).bn", try normalization.make(featureCount: 128, source: linear)))
                 layers.append(("features.\(i).relu", ReLU<Float>()))
                 features = 128
             }

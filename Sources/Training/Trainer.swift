@@ -79,11 +79,12 @@ public final class Trainer {
             group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
         }
         let sharesAll = synced && groupSize == ranks
-        averageRunningStatistics = ranks > 1 && !sharesAll
+        averageRunningStatistics = ranks > 1 && !sharesAll && configuration.norm != .gn
         network = try Network.make(configuration.model, sampleShape: data.train.sampleShape, classes: data.train.classes,
                                    normalization: NormalizationFactory(kind: configuration.norm, group: group,
                                                                        epsilon: configuration.bnEpsilon, momentum: configuration.bnMomentum,
-                                                                       crossIteration: configuration.crossIteration),
+                                                                       crossIteration: configuration.crossIteration,
+                                                                       groupNormGroups: configuration.gnGroups),
                                    seed: configuration.seed)
         optimizer = SGD(learningRate: Float(configuration.learningRate), momentum: Float(configuration.momentum),
                         weightDecay: Float(configuration.weightDecay))
@@ -125,6 +126,9 @@ public final class Trainer {
     /// One optimizer step; returns the global mean loss and accuracy of the batch.
     @discardableResult
     public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int) {
+        if let freeze = configuration.freezeBNAfter {
+            for layer in network.batchNormLayers { layer.frozen = step >= freeze }
+        }
         let dataStart = DispatchTime.now().uptimeNanoseconds
         let (indices, globalCount, epoch) = sampler.batch(step: step)
         let (x, labels) = data.train.batch(indices)

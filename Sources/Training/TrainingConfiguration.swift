@@ -19,6 +19,10 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var bnEpsilon: Double = 1e-5
     /// Cross-iteration BN's window, rho and burn-in (used with `norm == .cbn`).
     public var crossIteration = CrossIterationOptions()
+    /// GroupNorm's groups per layer (`norm == .gn`).
+    public var gnGroups: Int = 8
+    /// From this step on, BN layers normalize with their population statistics (FrozenBN).
+    public var freezeBNAfter: Int?
     public var seed: UInt64 = 0
     /// Evaluate every this many steps (0 = only at the end).
     public var evalEvery: Int = 0

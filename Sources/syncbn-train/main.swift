@@ -31,7 +31,7 @@ struct Train: ParsableCommand {
     var holdoutFraction: Double = 0.1
     @Option(help: "Model: convnet or mlp.")
     var model: String = ModelKind.convnet.rawValue
-    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group) or cbn (cross-iteration BN over each sync group).")
+    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group) or gn (GroupNorm).")
     var norm: String = NormalizationKind.syncbn.rawValue
     @Option(help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
     var syncGroupSize: Int?
@@ -63,6 +63,10 @@ struct Train: ParsableCommand {
     var simulateRanks: Int?
     @Option(help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
+    @Option(help: "GroupNorm: channel groups per layer (capped at the layer's channels).")
+    var gnGroups: Int = 8
+    @Option(help: "FrozenBN: from this step on, BN layers use their population statistics (no batch statistics, no updates, no collectives).")
+    var freezeBnAfter: Int?
     @Option(help: "Gradient values per all-reduce bucket; buckets start during backward.")
     var bucketSize: Int = 1 << 16
     @Option(help: "Statistics for evaluation: ema (running averages), precise (PreciseBN) or both.")
@@ -89,6 +93,8 @@ struct Train: ParsableCommand {
         guard logEvery >= 1 else { throw ValidationError("--log-every must be ≥ 1, got \(logEvery)") }
         guard holdoutFraction > 0 && holdoutFraction < 1 else { throw ValidationError("--holdout-fraction must be in (0, 1), got \(holdoutFraction)") }
         if let syncGroupSize, syncGroupSize < 1 { throw ValidationError("--sync-group-size must be ≥ 1, got \(syncGroupSize)") }
+        guard gnGroups >= 1 else { throw ValidationError("--gn-groups must be ≥ 1, got \(gnGroups)") }
+        if let freezeBnAfter, freezeBnAfter < 0 { throw ValidationError("--freeze-bn-after must be ≥ 0, got \(freezeBnAfter)") }
         guard bucketSize >= 1 else { throw ValidationError("--bucket-size must be ≥ 1, got \(bucketSize)") }
         guard (1...64).contains(cbnWindow) else { throw ValidationError("--cbn-window must be between 1 and 64, got \(cbnWindow)") }
         guard cbnRho.isFinite && cbnRho >= 0 && cbnRho <= 10 else { throw ValidationError("--cbn-rho must be between 0 and 10, got \(cbnRho)") }
@@ -125,6 +131,8 @@ struct Train: ParsableCommand {
         c.logEvery = logEvery
         c.evalStats = EvaluationStatistics(rawValue: evalStats)!
         c.gradientBucketSize = bucketSize
+        c.gnGroups = gnGroups
+        c.freezeBNAfter = freezeBnAfter
         c.crossIteration = CrossIterationOptions(window: cbnWindow, rho: cbnRho, burnIn: cbnBurnin)
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize

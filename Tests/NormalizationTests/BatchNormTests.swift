@@ -85,6 +85,20 @@ final class BatchNormTests: XCTestCase {
         }
     }
 
+    func testFrozenBatchNormUsesPopulationStatisticsAndItsGradientsMatchFiniteDifferences() throws {
+        let bn = BatchNorm<Double>(featureCount: 3)
+        bn.runningMean.value.scalars = [0.5, -1, 2]
+        bn.runningVariance.value.scalars = [2, 0.5, 1.5]
+        bn.weight.value.scalars = [1.2, 0.7, -0.4]
+        bn.frozen = true
+        let x = randomTensor([4, 3, 2, 2], seed: 93, mean: 1)
+        let y = try bn.forward(x, mode: .training)
+        assertClose(y.scalars, try bn.forward(x, mode: .inference).scalars, relTol: 1e-14, absTol: 1e-14, "frozen training = inference")
+        XCTAssertEqual(bn.batchesTracked.value, 0, "no update")
+        XCTAssertEqual(bn.runningMean.value.scalars, [0.5, -1, 2])
+        try checkGradients(of: bn, input: x)
+    }
+
     func testOneValuePerChannelIsAnErrorNamingTheFix() {
         let bn = BatchNorm<Float>(featureCount: 2)
         XCTAssertThrowsError(try bn.forward(Tensor(shape: [1, 2]), mode: .training)) { error in

@@ -58,6 +58,49 @@ final class TrainerTests: XCTestCase {
         for (name, values) in one.0 { XCTAssertEqual(values.map(\.bitPattern), many.0[name]!.map(\.bitPattern), name) }
     }
 
+    func testFrozenBNStopsBatchStatisticsUpdatesAndCollectivesFromTheGivenStep() throws {
+        let data = try DataSource.split(.synthetic(train: 48, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.batchSize = 4
+        c.steps = 5
+        c.freezeBNAfter = 2
+        let results = try InProcessGroup.run(size: 2) { comm -> ([Int], [Float], [Float], Int64) in
+            let trainer = try Trainer(configuration: c, data: data, world: comm)
+            var counts: [Int] = []
+            var afterFreeze: [Float] = []
+            for step in 0..<5 {
+                trainer.ledger.reset()
+                try trainer.trainStep()
+                counts.append(trainer.ledger.totalCollectives)
+                if step == 1 { afterFreeze = stateDictionary(trainer.network)["features.1.bn.running_var"]! }
+            }
+            let state = stateDictionary(trainer.network)
+            return (counts, afterFreeze, state["features.1.bn.running_var"]!, trainer.network.batchNormLayers[0].batchesTracked.value)
+        }
+        XCTAssertEqual(results[0].0, [7, 7, 1, 1, 1], "3 SyncBN layers × 2 + gradients, then gradients only")
+        XCTAssertEqual(results[0].1, results[0].2, "running statistics frozen")
+        XCTAssertEqual(results[0].3, 2)
+    }
+
+    func testGroupNormTrainsWithoutNormalizationCollectives() throws {
+        let data = try DataSource.split(.synthetic(train: 48, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.batchSize = 4
+        c.steps = 2
+        c.norm = .gn
+        let counts = try InProcessGroup.run(size: 2) { comm -> Int in
+            let trainer = try Trainer(configuration: c, data: data, world: comm)
+            trainer.ledger.reset()
+            try trainer.trainStep()
+            return trainer.ledger.totalCollectives
+        }
+        XCTAssertEqual(counts, [1, 1])
+        c.gnGroups = 3
+        XCTAssertThrowsError(try Trainer(configuration: c, data: data, world: SingleProcessCommunicator())) {
+            XCTAssertTrue("\($0)".contains("does not divide"), "\($0)")
+        }
+    }
+
     func testSyncGroupLargerThanTheJobIsRejected() throws {
         let data = try DataSource.split(.synthetic(train: 16, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
         var c = TrainingConfiguration()

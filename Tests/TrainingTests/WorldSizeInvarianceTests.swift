@@ -72,6 +72,13 @@ final class WorldSizeInvarianceTests: XCTestCase {
         }
     }
 
+    func testGroupNormOnFourRanksMatchesOneRank() throws {
+        // Batch-independent normalization: the invariance holds by the loss scaling alone.
+        let single = try train(configuration(model: .convnet, batch: 8, steps: 7, norm: .gn), ranks: 1)
+        let multi = try train(configuration(model: .convnet, batch: 2, steps: 7, norm: .gn), ranks: 4)
+        assertSameTrajectory(multi, single, "gn 4 ranks × 2")
+    }
+
     func testPerRankStatisticsDoDiffer() throws {
         // The invariance is a property of SyncBN, not an accident of the test: per-rank BN breaks it.
         let single = try train(configuration(model: .convnet, batch: 8, steps: 3, norm: .bn), ranks: 1)

@@ -1,0 +1,131 @@
+import Kernels
+
+/// Group normalization (Wu & He 2018, arXiv 1803.08494): each sample's channels are split into
+/// `groups` groups, and each group is normalized with its own mean and biased variance over its
+/// (C/G)·H·W values, then scaled and shifted per channel:
+///
+///     x̂ = (x − μ_{n,g}) / √(σ²_{n,g} + ε),   y = γ_c·x̂ + β_c
+///
+/// No batch statistics: the output of a sample does not depend on the rest of the batch, so it
+/// needs no collective, no running statistics, and behaves the same in training and inference —
+/// the batch-independent baseline for the BN family. Defaults: ε = 1e-5, γ = 1, β = 0 (PyTorch's).
+public final class GroupNorm<Scalar: BatchNormScalar>: Layer {
+    public let featureCount: Int
+    public let groups: Int
+    public let epsilon: Double
+    public let weight: Parameter<Scalar>
+    public let bias: Parameter<Scalar>
+
+    private var lastInput = Tensor<Scalar>(shape: [0])
+    private var lastMean: [Double] = []
+    private var lastInvStd: [Double] = []
+
+    public init(featureCount: Int, groups: Int, epsilon: Double = 1e-5) {
+        precondition(featureCount > 0 && groups > 0 && featureCount % groups == 0, "GroupNorm: groups must divide the channels")
+        self.featureCount = featureCount
+        self.groups = groups
+        self.epsilon = epsilon
+        weight = Parameter(Tensor(shape: [featureCount], repeating: 1))
+        bias = Parameter(Tensor(shape: [featureCount]))
+    }
+
+    public var state: [StateEntry<Scalar>] { [.parameter("weight", weight), .parameter("bias", bias)] }
+
+    public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        guard let layout = ChannelLayout(shape: input.shape), layout.channels == featureCount else {
+            throw LayerError("GroupNorm: expected N×\(featureCount) or N×\(featureCount)×H×W input, got \(input.shape)")
+        }
+        let span = featureCount / groups * layout.spatial
+        var mean = [Double](repeating: 0, count: layout.batch * groups), invStd = mean
+        input.scalars.withUnsafeBufferPointer { x in
+            mean.withUnsafeMutableBufferPointer { m in
+                invStd.withUnsafeMutableBufferPointer { s in
+                    Scalar.segmentStatistics(x, segments: layout.batch * groups, length: span, epsilon: epsilon, mean: m, invStd: s)
+                }
+            }
+        }
+        let gamma = Scalar.widened(weight.value.scalars), beta = Scalar.widened(bias.value.scalars)
+        let perGroup = featureCount / groups
+        // y = a·x + b per (sample, channel): a = γ_c/σ_{n,g}, b = β_c − μ_{n,g}·a.
+        var scale = [Double](repeating: 0, count: layout.batch * featureCount), offset = scale
+        for n in 0..<layout.batch {
+            for c in 0..<featureCount {
+                let g = n * groups + c / perGroup
+                scale[n * featureCount + c] = gamma[c] * invStd[g]
+                offset[n * featureCount + c] = beta[c] - mean[g] * scale[n * featureCount + c]
+            }
+        }
+        if mode == .training {
+            lastInput = input
+            lastMean = mean
+            lastInvStd = invStd
+        }
+        let planes = ChannelLayout(batch: 1, channels: layout.batch * featureCount, spatial: layout.spatial)
+        return Tensor(shape: input.shape) { y in
+            input.scalars.withUnsafeBufferPointer { x in
+                scale.withUnsafeBufferPointer { a in
+                    offset.withUnsafeBufferPointer { b in Scalar.affine(x, layout: planes, scale: a, offset: b, into: y) }
+                }
+            }
+        }
+    }
+
+    /// Per group: dx = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)) with g = γ_c·dy; dγ_c = Σ dy·x̂, dβ_c = Σ dy.
+    public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        let input = lastInput
+        guard outputGradient.shape == input.shape, let layout = ChannelLayout(shape: input.shape) else {
+            throw LayerError("GroupNorm: gradient \(outputGradient.shape) does not match the forward input \(input.shape)")
+        }
+        let C = featureCount, HW = layout.spatial, perGroup = C / groups
+        let N = layout.batch
+        // Per (sample, channel): Σdy and Σdy·(x − μ_{n,g}).
+        var sums = [Double](repeating: 0, count: 2 * N * C)
+        let means = (0..<(N * C)).map { lastMean[($0 / C) * groups + ($0 % C) / perGroup] }
+        let planes = ChannelLayout(batch: 1, channels: N * C, spatial: HW)
+        outputGradient.scalars.withUnsafeBufferPointer { dy in
+            input.scalars.withUnsafeBufferPointer { x in
+                means.withUnsafeBufferPointer { mu in
+                    sums.withUnsafeMutableBufferPointer { Scalar.gradientSums(dy, x, layout: planes, mean: mu, into: $0) }
+                }
+            }
+        }
+        let gamma = Scalar.widened(weight.value.scalars)
+        var dgamma = [Double](repeating: 0, count: C), dbeta = dgamma
+        var p = [Double](repeating: 0, count: N * C), q = p, r = p
+        let count = Double(perGroup * HW)
+        for n in 0..<N {
+            for g in 0..<groups {
+                let s = lastInvStd[n * groups + g]
+                var meanG = 0.0, meanGX = 0.0
+                for c in (g * perGroup)..<((g + 1) * perGroup) {
+                    let sumDy = sums[n * C + c], sumDyX = sums[N * C + n * C + c] * s
+                    dbeta[c] += sumDy
+                    dgamma[c] += sumDyX
+                    meanG += gamma[c] * sumDy / count
+                    meanGX += gamma[c] * sumDyX / count
+                }
+                for c in (g * perGroup)..<((g + 1) * perGroup) {
+                    let i = n * C + c
+                    p[i] = gamma[c] * s
+                    q[i] = -s * s * meanGX
+                    r[i] = -s * meanG - q[i] * lastMean[n * groups + g]
+                }
+            }
+        }
+        weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dgamma))
+        bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dbeta))
+        return Tensor(shape: input.shape) { dx in
+            outputGradient.scalars.withUnsafeBufferPointer { dy in
+                input.scalars.withUnsafeBufferPointer { x in
+                    p.withUnsafeBufferPointer { pp in
+                        q.withUnsafeBufferPointer { qq in
+                            r.withUnsafeBufferPointer { rr in
+                                Scalar.combine(dy, x, layout: planes, dyScale: pp, xScale: qq, offset: rr, into: dx)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
