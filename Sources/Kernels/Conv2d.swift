@@ -45,6 +45,19 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         self.bias = bias ? Parameter(.uniform(shape: [outputChannels], bound: bound, using: &random)) : nil
     }
 
+    /// A convolution with the given weight (C_out × C_in × k × k) and optional bias.
+    public init(weight: Tensor<Scalar>, bias: Tensor<Scalar>?, stride: Int = 1, padding: Int = 0) {
+        precondition(weight.rank == 4 && weight.shape[2] == weight.shape[3] && bias.map { $0.shape == [weight.shape[0]] } ?? true,
+                     "Conv2d(weight:bias:) needs a C_out×C_in×k×k weight and C_out biases")
+        outputChannels = weight.shape[0]
+        inputChannels = weight.shape[1]
+        kernelSize = weight.shape[2]
+        self.stride = stride
+        self.padding = padding
+        self.weight = Parameter(weight)
+        self.bias = bias.map { Parameter($0) }
+    }
+
     public var patchWeight: Parameter<Scalar> { weight }
 
     public var lastPatches: (values: [Scalar], batch: Int, patchSize: Int, positions: Int)? {

@@ -15,6 +15,15 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource {
         self.bias = bias ? Parameter(.uniform(shape: [outputFeatures], bound: bound, using: &random)) : nil
     }
 
+    /// A linear layer with the given weight (out × in) and optional bias.
+    public init(weight: Tensor<Scalar>, bias: Tensor<Scalar>?) {
+        precondition(weight.rank == 2 && bias.map { $0.shape == [weight.shape[0]] } ?? true, "Linear(weight:bias:) shapes")
+        outputFeatures = weight.shape[0]
+        inputFeatures = weight.shape[1]
+        self.weight = Parameter(weight)
+        self.bias = bias.map { Parameter($0) }
+    }
+
     public var patchWeight: Parameter<Scalar> { weight }
 
     public var lastPatches: (values: [Scalar], batch: Int, patchSize: Int, positions: Int)? {

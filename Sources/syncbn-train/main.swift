@@ -16,7 +16,7 @@ struct SyncBNTrain: ParsableCommand {
         --simulate-ranks N for N ranks as threads of one process. With no options it trains the default
         convnet with SyncBN on the built-in synthetic data set.
         """,
-        subcommands: [Train.self, RecomputeStats.self],
+        subcommands: [Train.self, RecomputeStats.self, ExportFolded.self],
         defaultSubcommand: Train.self)
 }
 
@@ -217,18 +217,9 @@ struct RecomputeStats: ParsableCommand {
     func run() throws {
         let resumePath = resume, savePath = save, options = precise
         let prepared = Result { () -> (TrainingConfiguration, DataSplit) in
-            let (_, metadata) = try Safetensors.read(resumePath)
-            guard let text = metadata["configuration"],
-                  var configuration = try? JSONDecoder().decode(TrainingConfiguration.self, from: Data(text.utf8)) else {
-                throw FileFormatError(resumePath, "metadata has no readable 'configuration' (not written by syncbn-train?)")
-            }
-            if let data { configuration.data = data }
-            configuration.evalData = evalData ?? (data == nil ? configuration.evalData : nil)
+            var (configuration, split) = try loadCheckpointRun(resumePath, data: data, evalData: evalData)
             configuration.preciseBNSamples = options.preciseBnSamples
             configuration.preciseBNBatchSize = options.preciseBnBatchSize
-            let split = try DataSource.split(try DataSource(parsing: configuration.data),
-                                             evaluation: try configuration.evalData.map(DataSource.init(parsing:)),
-                                             heldOutFraction: configuration.heldOutFraction)
             return (configuration, split)
         }
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train recompute-stats", preflight: prepared.failure) { world in
@@ -246,6 +237,76 @@ struct RecomputeStats: ParsableCommand {
                                   report.samples, report.batches, world.size, before.accuracy * 100, after.accuracy * 100, savePath)
                 FileHandle.standardError.write(Data((line + "\n").utf8))
             }
+        }
+    }
+}
+
+/// The configuration stored in a checkpoint (with `data`/`evalData` overriding its data) and the
+/// data it names, loaded: what a command needs to rebuild the model of a checkpoint.
+func loadCheckpointRun(_ path: String, data: String?, evalData: String?) throws -> (TrainingConfiguration, DataSplit) {
+    let (_, metadata) = try Safetensors.read(path)
+    guard let text = metadata["configuration"],
+          var configuration = try? JSONDecoder().decode(TrainingConfiguration.self, from: Data(text.utf8)) else {
+        throw FileFormatError(path, "metadata has no readable 'configuration' (not written by syncbn-train?)")
+    }
+    if let data { configuration.data = data }
+    configuration.evalData = evalData ?? (data == nil ? configuration.evalData : nil)
+    let split = try DataSource.split(try DataSource(parsing: configuration.data),
+                                     evaluation: try configuration.evalData.map(DataSource.init(parsing:)),
+                                     heldOutFraction: configuration.heldOutFraction)
+    return (configuration, split)
+}
+
+/// Folds every inference-mode BN of a checkpoint into the conv/linear layer before it and writes
+/// the resulting BN-free model.
+struct ExportFolded: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "export-folded",
+        abstract: "Fold BatchNorm into the preceding conv/linear layers and save a model without BN layers.",
+        discussion: """
+        W' = W·γ/√(var+ε), b' = (b − mean)·γ/√(var+ε) + β with the checkpoint's running statistics. The output is a
+        safetensors file of the folded parameters (metadata format syncbn-folded-1). The held-out logits of the folded
+        and the unfolded model are compared and the difference printed.
+        """)
+
+    @Option(help: "Checkpoint to fold (written by syncbn-train --save).")
+    var resume: String
+    @Option(help: "Where to write the folded model.")
+    var out: String
+    @Option(help: "Data for the comparison (default: the checkpoint's).")
+    var data: String?
+
+    func validate() throws {
+        guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
+        let directory = URL(fileURLWithPath: out).deletingLastPathComponent().path
+        guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("--out \(out): directory \(directory) does not exist") }
+    }
+
+    func run() throws {
+        let resumePath = resume, outPath = out
+        let prepared = Result { try loadCheckpointRun(resumePath, data: data, evalData: nil) }
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-folded", preflight: prepared.failure) { world in
+            let (configuration, split) = try prepared.get()
+            let trainer = try Trainer(configuration: configuration, data: split, world: SingleProcessCommunicator())
+            try trainer.resume(from: resumePath, forTraining: false)
+            let folded = try trainer.network.foldingBatchNorm()
+            let (x, _) = split.heldOut.batch(0..<min(split.heldOut.count, 512))
+            let reference = try trainer.network.forward(x, mode: .inference)
+            let logits = try folded.forward(x, mode: .inference)
+            var difference = 0.0, scale = 0.0
+            for i in 0..<reference.count {
+                difference = max(difference, abs(Double(logits.scalars[i]) - Double(reference.scalars[i])))
+                scale = max(scale, abs(Double(reference.scalars[i])))
+            }
+            guard world.rank == 0 else { return }
+            var tensors: [(name: String, tensor: StoredTensor)] = []
+            for case let .parameter(name, p) in folded.state { tensors.append((name, StoredTensor(floats: p.value.scalars, shape: p.value.shape))) }
+            let configurationJSON = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
+            try Safetensors.write(tensors, metadata: ["format": "syncbn-folded-1", "configuration": configurationJSON,
+                                                      "folded_from": URL(fileURLWithPath: resumePath).lastPathComponent], to: outPath)
+            let line = String(format: "export-folded: %d BN layers folded, %d tensors written to %@; held-out logits of %d samples differ by %.2e relative (max|folded − unfolded| / max|unfolded|)",
+                              trainer.network.batchNormLayers.count, tensors.count, outPath, x.shape[0], difference / max(scale, 1e-30))
+            FileHandle.standardError.write(Data((line + "\n").utf8))
         }
     }
 }

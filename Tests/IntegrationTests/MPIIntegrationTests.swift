@@ -99,6 +99,22 @@ final class MPIIntegrationTests: XCTestCase {
         }
     }
 
+    func testExportFoldedWritesABatchNormFreeModelWithTheSameLogits() throws {
+        let trained = dir + "/trained.safetensors", folded = dir + "/folded.safetensors"
+        let train = try Harness.direct(Harness.train, ["--data", "synthetic:train=256,heldout=64", "--steps", "8", "--batch-size", "16", "--save", trained])
+        XCTAssertEqual(train.status, 0, describe(train))
+        let export = try Harness.direct(Harness.train, ["export-folded", "--resume", trained, "--out", folded])
+        XCTAssertEqual(export.status, 0, describe(export))
+        XCTAssertTrue(export.stderr.contains("3 BN layers folded"), describe(export))
+        let (tensors, metadata) = try Safetensors.read(folded)
+        XCTAssertEqual(metadata["format"], "syncbn-folded-1")
+        XCTAssertFalse(tensors.keys.contains { $0.contains(".bn.") }, "\(tensors.keys.sorted())")
+        XCTAssertEqual(tensors["features.0.conv.bias"]?.shape, [16])
+        let reported = export.stderr.components(separatedBy: "differ by ").last?.split(separator: " ").first.flatMap { Double($0) }
+        XCTAssertNotNil(reported)
+        XCTAssertLessThan(reported ?? 1, 1e-5)
+    }
+
     /// `syncbn-bench layer` on 13×8×5×5 input with per-channel mean 1e4 and std 1, split 4/3/3/3
     /// over 4 ranks, against a float64 two-pass reference on the same Float32 values.
     func testBenchLayerMatchesAFloat64ReferenceWhenTheMeanDwarfsTheSpread() throws {

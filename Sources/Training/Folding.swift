@@ -1,0 +1,47 @@
+import Kernels
+import Normalization
+
+extension Network {
+    /// The inference network with every BatchNorm (BN, SyncBN, CBN; inference mode, running
+    /// statistics) folded into the convolution or linear layer before it:
+    ///
+    ///     W'_c = W_c·γ_c/√(var_c + ε),   b'_c = (b_c − mean_c)·γ_c/√(var_c + ε) + β_c
+    ///
+    /// computed in Double. The folded layers are new; the other layers are shared with this
+    /// network (they hold no parameters). A BN not preceded by a conv or linear layer is an error.
+    public func foldingBatchNorm() throws -> Network {
+        var folded: [(name: String, layer: any Layer<Float>)] = []
+        for (name, layer) in layers {
+            guard let bn = layer as? BatchNorm<Float> else {
+                folded.append((name, layer))
+                continue
+            }
+            guard let previous = folded.last else { throw LayerError("cannot fold \(name): nothing before it") }
+            let gamma = bn.weight.value.scalars.map(Double.init), beta = bn.bias.value.scalars.map(Double.init)
+            let mean = bn.runningMean.value.scalars.map(Double.init), variance = bn.runningVariance.value.scalars.map(Double.init)
+            let scale = (0..<bn.featureCount).map { gamma[$0] / (variance[$0] + bn.epsilon).squareRoot() }
+            func foldedParameters(_ weight: Tensor<Float>, _ bias: Tensor<Float>?) -> (Tensor<Float>, Tensor<Float>) {
+                let perChannel = weight.count / bn.featureCount
+                var w = [Float](repeating: 0, count: weight.count)
+                for i in 0..<weight.count { w[i] = Float(Double(weight.scalars[i]) * scale[i / perChannel]) }
+                var b = [Float](repeating: 0, count: bn.featureCount)
+                for c in 0..<bn.featureCount {
+                    let original: Double = bias.map { Double($0.scalars[c]) } ?? 0
+                    b[c] = Float((original - mean[c]) * scale[c] + beta[c])
+                }
+                return (Tensor(shape: weight.shape, scalars: w), Tensor(shape: [bn.featureCount], scalars: b))
+            }
+            switch previous.layer {
+            case let conv as Conv2d<Float>:
+                let (w, b) = foldedParameters(conv.weight.value, conv.bias?.value)
+                folded[folded.count - 1].layer = Conv2d<Float>(weight: w, bias: b, stride: conv.stride, padding: conv.padding)
+            case let linear as Linear<Float>:
+                let (w, b) = foldedParameters(linear.weight.value, linear.bias?.value)
+                folded[folded.count - 1].layer = Linear<Float>(weight: w, bias: b)
+            default:
+                throw LayerError("cannot fold \(name): it does not follow a convolution or linear layer")
+            }
+        }
+        return Network(layers: folded)
+    }
+}
