@@ -38,6 +38,9 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     /// and backward treats μ and σ as constants (dx = γ/σ·dy).
     public var frozen = false
     private var lastPassFrozen = false
+    /// Batch Renormalization's per-channel r and d and the batch mean of the last training pass
+    /// (set by ``BatchRenormalization``; nil for plain BN): backward treats r and d as constants.
+    var lastRenorm: (r: [Double], d: [Double], batchMean: [Double])?
 
     /// Statistics of the last batch seen in `.training` or `.batchStatistics` mode (over the whole
     /// group; nil when the group had no data), for PreciseBN, inspection and tests.
@@ -99,6 +102,7 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
                 lastInput = input
                 return apply(input, layout: layout, mean: lastMean, invStd: invStd)
             }
+            lastRenorm = nil
             guard let normalization = try trainingStatistics(input, layout: layout) else {
                 // No rank of the group has data this step: nothing to normalize, nothing to learn.
                 invStd = Array(repeating: 0, count: featureCount)
@@ -203,6 +207,15 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         for c in 0..<C {
             p[c] = gamma[c] * invStd[c]
             guard !lastPassFrozen else { continue }   // μ, σ constants: dx = γ/σ·dy
+            if let renorm = lastRenorm {
+                // x̂ = r·x̂_B + d with x̂_B = (x − μ_B)/σ_B and r, d constant:
+                // dx = γr/σ_B·(dy − Σdy/M − x̂_B·Σ(dy·x̂_B)/M), Σ(dy·x̂_B) = (Σdy·x̂ − d·Σdy)/r.
+                let sumDyBatch = (global[C + c] - renorm.d[c] * global[c]) / renorm.r[c]
+                let batchInvStd = invStd[c] / renorm.r[c]
+                q[c] = -p[c] * batchInvStd * sumDyBatch / backwardCounts[c]
+                r[c] = -p[c] * global[c] / backwardCounts[c] - q[c] * renorm.batchMean[c]
+                continue
+            }
             q[c] = -p[c] * invStd[c] * global[C + c] / backwardCounts[c]
             r[c] = -p[c] * global[c] / backwardCounts[c] - q[c] * lastMean[c]
         }

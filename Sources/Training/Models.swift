@@ -21,6 +21,8 @@ public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
     case cbn
     /// GroupNorm: per-sample statistics over channel groups, no batch dependence, no collectives.
     case gn
+    /// Batch Renormalization over each sync group, r and d clipped by a warm-up schedule.
+    case brn
 }
 
 /// Cross-iteration BN's options (see `CrossIterationBatchNorm`).
@@ -59,6 +61,8 @@ public struct NormalizationFactory {
     /// differentiates its statistics by).
     public func make(featureCount: Int, source: any PatchSource<Float>) throws -> any Layer<Float> {
         switch kind {
+        case .brn:
+            return BatchRenormalization<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
         case .gn:
             let groups = min(groupNormGroups, featureCount)
             guard featureCount % groups == 0 else {

@@ -74,7 +74,7 @@ public final class Trainer {
             throw DataError("--sync-group-size \(groupSize) exceeds the \(ranks) rank\(ranks == 1 ? "" : "s") of this job")
         }
         var group: (any Communicator)?
-        let synced = configuration.norm == .syncbn || configuration.norm == .cbn
+        let synced = configuration.norm == .syncbn || configuration.norm == .cbn || configuration.norm == .brn
         if synced && ranks > 1 && groupSize > 1 {
             group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
         }
@@ -126,6 +126,13 @@ public final class Trainer {
     /// One optimizer step; returns the global mean loss and accuracy of the batch.
     @discardableResult
     public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int) {
+        if configuration.norm == .brn {
+            let (rMax, dMax) = configuration.brnLimits(step: step, totalSteps: totalSteps)
+            for case let layer as BatchRenormalization<Float> in network.batchNormLayers {
+                layer.rMax = rMax
+                layer.dMax = dMax
+            }
+        }
         if let freeze = configuration.freezeBNAfter {
             for layer in network.batchNormLayers { layer.frozen = step >= freeze }
         }

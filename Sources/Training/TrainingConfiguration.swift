@@ -19,6 +19,9 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var bnEpsilon: Double = 1e-5
     /// Cross-iteration BN's window, rho and burn-in (used with `norm == .cbn`).
     public var crossIteration = CrossIterationOptions()
+    /// Batch Renormalization's final clips (`norm == .brn`), reached by ``brnLimits(step:totalSteps:)``.
+    public var brnRMax: Double = 3
+    public var brnDMax: Double = 5
     /// GroupNorm's groups per layer (`norm == .gn`).
     public var gnGroups: Int = 8
     /// From this step on, BN layers normalize with their population statistics (FrozenBN).
@@ -50,4 +53,16 @@ public enum EvaluationStatistics: String, Codable, CaseIterable, Sendable {
     case precise
     /// Both, reported side by side.
     case both
+}
+
+extension TrainingConfiguration {
+    /// Batch Renormalization's schedule, the paper's shape scaled to the run: plain BN (r_max = 1,
+    /// d_max = 0) for the first 3 % of the steps, then r_max relaxed linearly to ``brnRMax`` by
+    /// 28 % and d_max to ``brnDMax`` by 19 % (Ioffe 2017: 5k warm-up steps, r_max 1→3 over 40k and
+    /// d_max 0→5 over 25k, of a ~160k-step run).
+    public func brnLimits(step: Int, totalSteps: Int) -> (rMax: Double, dMax: Double) {
+        let t = Double(step) / Double(max(totalSteps, 1))
+        guard t >= 0.03 else { return (1, 0) }
+        return (1 + (brnRMax - 1) * min(1, (t - 0.03) / 0.25), brnDMax * min(1, (t - 0.03) / 0.16))
+    }
 }

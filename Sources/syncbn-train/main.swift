@@ -31,7 +31,7 @@ struct Train: ParsableCommand {
     var holdoutFraction: Double = 0.1
     @Option(help: "Model: convnet or mlp.")
     var model: String = ModelKind.convnet.rawValue
-    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group) or gn (GroupNorm).")
+    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group) gn (GroupNorm) or brn (Batch Renormalization over each sync group).")
     var norm: String = NormalizationKind.syncbn.rawValue
     @Option(help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
     var syncGroupSize: Int?
@@ -63,6 +63,10 @@ struct Train: ParsableCommand {
     var simulateRanks: Int?
     @Option(help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
+    @Option(help: "Batch Renorm: final clip of r (reached by 28% of the steps after a 3% plain-BN warm-up).")
+    var brnRmax: Double = 3
+    @Option(help: "Batch Renorm: final clip of |d| (reached by 19% of the steps).")
+    var brnDmax: Double = 5
     @Option(help: "GroupNorm: channel groups per layer (capped at the layer's channels).")
     var gnGroups: Int = 8
     @Option(help: "FrozenBN: from this step on, BN layers use their population statistics (no batch statistics, no updates, no collectives).")
@@ -93,6 +97,8 @@ struct Train: ParsableCommand {
         guard logEvery >= 1 else { throw ValidationError("--log-every must be ≥ 1, got \(logEvery)") }
         guard holdoutFraction > 0 && holdoutFraction < 1 else { throw ValidationError("--holdout-fraction must be in (0, 1), got \(holdoutFraction)") }
         if let syncGroupSize, syncGroupSize < 1 { throw ValidationError("--sync-group-size must be ≥ 1, got \(syncGroupSize)") }
+        guard brnRmax.isFinite && brnRmax >= 1 && brnRmax <= 100 else { throw ValidationError("--brn-rmax must be between 1 and 100, got \(brnRmax)") }
+        guard brnDmax.isFinite && brnDmax >= 0 && brnDmax <= 100 else { throw ValidationError("--brn-dmax must be between 0 and 100, got \(brnDmax)") }
         guard gnGroups >= 1 else { throw ValidationError("--gn-groups must be ≥ 1, got \(gnGroups)") }
         if let freezeBnAfter, freezeBnAfter < 0 { throw ValidationError("--freeze-bn-after must be ≥ 0, got \(freezeBnAfter)") }
         guard bucketSize >= 1 else { throw ValidationError("--bucket-size must be ≥ 1, got \(bucketSize)") }
@@ -132,6 +138,8 @@ struct Train: ParsableCommand {
         c.evalStats = EvaluationStatistics(rawValue: evalStats)!
         c.gradientBucketSize = bucketSize
         c.gnGroups = gnGroups
+        c.brnRMax = brnRmax
+        c.brnDMax = brnDmax
         c.freezeBNAfter = freezeBnAfter
         c.crossIteration = CrossIterationOptions(window: cbnWindow, rho: cbnRho, burnIn: cbnBurnin)
         c.preciseBNSamples = precise.preciseBnSamples

@@ -72,6 +72,12 @@ final class WorldSizeInvarianceTests: XCTestCase {
         }
     }
 
+    func testBatchRenormOnThreeRanksMatchesOneRank() throws {
+        let single = try train(configuration(model: .convnet, batch: 12, steps: 8, norm: .brn), ranks: 1)
+        let multi = try train(configuration(model: .convnet, batch: 4, steps: 8, norm: .brn), ranks: 3)
+        assertSameTrajectory(multi, single, "brn 3 ranks × 4")
+    }
+
     func testGroupNormOnFourRanksMatchesOneRank() throws {
         // Batch-independent normalization: the invariance holds by the loss scaling alone.
         let single = try train(configuration(model: .convnet, batch: 8, steps: 7, norm: .gn), ranks: 1)
