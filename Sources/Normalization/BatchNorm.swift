@@ -166,7 +166,7 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     }
 
     /// y = γ(x − μ)/σ + β as y = a·x + b per channel, in Double.
-    private func apply(_ input: Tensor<Scalar>, layout: ChannelLayout, mean: [Double], invStd: [Double]) -> Tensor<Scalar> {
+    func apply(_ input: Tensor<Scalar>, layout: ChannelLayout, mean: [Double], invStd: [Double]) -> Tensor<Scalar> {
         let gamma = Scalar.widened(weight.value.scalars), beta = Scalar.widened(bias.value.scalars)
         let scale = (0..<featureCount).map { gamma[$0] * invStd[$0] }
         let offset = (0..<featureCount).map { beta[$0] - mean[$0] * scale[$0] }

@@ -46,10 +46,14 @@ public struct NormalizationFactory {
     public let crossIteration: CrossIterationOptions
     /// GroupNorm's groups per layer (capped at the layer's channels; must divide them).
     public let groupNormGroups: Int
+    /// Ghost batches (size, count per rank) for `bn`/`syncbn`; nil = the whole per-rank batch.
+    public let ghost: (size: Int, count: Int)?
 
     public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1,
-                crossIteration: CrossIterationOptions = CrossIterationOptions(), groupNormGroups: Int = 8) {
+                crossIteration: CrossIterationOptions = CrossIterationOptions(), groupNormGroups: Int = 8,
+                ghost: (size: Int, count: Int)? = nil) {
         self.groupNormGroups = groupNormGroups
+        self.ghost = ghost
         self.kind = kind
         self.group = group
         self.epsilon = epsilon
@@ -60,6 +64,10 @@ public struct NormalizationFactory {
     /// A normalization layer for the output of `source` (whose weight cross-iteration BN
     /// differentiates its statistics by).
     public func make(featureCount: Int, source: any PatchSource<Float>) throws -> any Layer<Float> {
+        if let ghost, kind == .bn || kind == .syncbn {
+            return GhostBatchNorm<Float>(featureCount: featureCount, ghostBatchSize: ghost.size, ghostCount: ghost.count,
+                                         epsilon: epsilon, momentum: momentum, group: kind == .syncbn ? group : nil)
+        }
         switch kind {
         case .brn:
             return BatchRenormalization<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)

@@ -70,6 +70,14 @@ public final class Trainer {
         let ranks = base.size
         let groupSize = configuration.syncGroupSize ?? ranks
         guard groupSize >= 1 else { throw DataError("--sync-group-size must be ≥ 1, got \(groupSize)") }
+        if let ghost = configuration.ghostBatchSize {
+            guard configuration.norm == .bn || configuration.norm == .syncbn else {
+                throw DataError("--ghost-batch-size works with --norm bn or syncbn, not \(configuration.norm.rawValue)")
+            }
+            guard ghost >= 1 && ghost <= configuration.batchSize else {
+                throw DataError("--ghost-batch-size must be between 1 and the per-rank batch \(configuration.batchSize), got \(ghost)")
+            }
+        }
         guard groupSize <= ranks else {
             throw DataError("--sync-group-size \(groupSize) exceeds the \(ranks) rank\(ranks == 1 ? "" : "s") of this job")
         }
@@ -84,7 +92,9 @@ public final class Trainer {
                                    normalization: NormalizationFactory(kind: configuration.norm, group: group,
                                                                        epsilon: configuration.bnEpsilon, momentum: configuration.bnMomentum,
                                                                        crossIteration: configuration.crossIteration,
-                                                                       groupNormGroups: configuration.gnGroups),
+                                                                       groupNormGroups: configuration.gnGroups,
+                                                                       ghost: configuration.ghostBatchSize.map { size in
+                                                                           (size, (configuration.batchSize + size - 1) / size) }),
                                    seed: configuration.seed)
         optimizer = SGD(learningRate: Float(configuration.learningRate), momentum: Float(configuration.momentum),
                         weightDecay: Float(configuration.weightDecay))

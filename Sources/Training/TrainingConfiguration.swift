@@ -24,6 +24,8 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var brnDMax: Double = 5
     /// GroupNorm's groups per layer (`norm == .gn`).
     public var gnGroups: Int = 8
+    /// Ghost batch size for `bn`/`syncbn` (nil = the whole per-rank batch).
+    public var ghostBatchSize: Int?
     /// From this step on, BN layers normalize with their population statistics (FrozenBN).
     public var freezeBNAfter: Int?
     public var seed: UInt64 = 0

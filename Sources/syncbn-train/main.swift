@@ -67,6 +67,8 @@ struct Train: ParsableCommand {
     var brnRmax: Double = 3
     @Option(help: "Batch Renorm: final clip of |d| (reached by 19% of the steps).")
     var brnDmax: Double = 5
+    @Option(help: "Ghost BN: normalize each rank's batch in ghost batches of this size (with --norm bn or syncbn; with a sync group, ghost batch j of every rank of the group together).")
+    var ghostBatchSize: Int?
     @Option(help: "GroupNorm: channel groups per layer (capped at the layer's channels).")
     var gnGroups: Int = 8
     @Option(help: "FrozenBN: from this step on, BN layers use their population statistics (no batch statistics, no updates, no collectives).")
@@ -138,6 +140,7 @@ struct Train: ParsableCommand {
         c.evalStats = EvaluationStatistics(rawValue: evalStats)!
         c.gradientBucketSize = bucketSize
         c.gnGroups = gnGroups
+        c.ghostBatchSize = ghostBatchSize
         c.brnRMax = brnRmax
         c.brnDMax = brnDmax
         c.freezeBNAfter = freezeBnAfter

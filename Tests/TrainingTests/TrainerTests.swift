@@ -1,5 +1,6 @@
 import Collectives
 import Kernels
+import Normalization
 import TestSupport
 import Training
 import XCTest
@@ -80,6 +81,24 @@ final class TrainerTests: XCTestCase {
         XCTAssertEqual(results[0].0, [7, 7, 1, 1, 1], "3 SyncBN layers × 2 + gradients, then gradients only")
         XCTAssertEqual(results[0].1, results[0].2, "running statistics frozen")
         XCTAssertEqual(results[0].3, 2)
+    }
+
+    func testGhostBatchesKeepOneCollectivePerLayerAndPass() throws {
+        let data = try DataSource.split(.synthetic(train: 48, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.batchSize = 8
+        c.steps = 2
+        c.ghostBatchSize = 2
+        let counts = try InProcessGroup.run(size: 2) { comm -> Int in
+            let trainer = try Trainer(configuration: c, data: data, world: comm)
+            XCTAssertTrue(trainer.network.batchNormLayers.allSatisfy { $0 is GhostBatchNorm<Float> })
+            trainer.ledger.reset()
+            try trainer.trainStep()
+            return trainer.ledger.totalCollectives
+        }
+        XCTAssertEqual(counts, [7, 7])
+        c.norm = .cbn
+        XCTAssertThrowsError(try Trainer(configuration: c, data: data, world: SingleProcessCommunicator()))
     }
 
     func testGroupNormTrainsWithoutNormalizationCollectives() throws {
