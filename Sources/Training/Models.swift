@@ -23,6 +23,8 @@ public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
     case gn
     /// Batch Renormalization over each sync group, r and d clipped by a warm-up schedule.
     case brn
+    /// Representative BN: centering and scaling calibration around (synced) BN.
+    case rbn
 }
 
 /// Cross-iteration BN's options (see `CrossIterationBatchNorm`).
@@ -69,6 +71,8 @@ public struct NormalizationFactory {
                                          epsilon: epsilon, momentum: momentum, group: kind == .syncbn ? group : nil)
         }
         switch kind {
+        case .rbn:
+            return RepresentativeBatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
         case .brn:
             return BatchRenormalization<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
         case .gn:

@@ -48,9 +48,9 @@ public final class Network {
         state.compactMap { if case let .buffer(name, b) = $0 { return (name, b) } else { return nil } }
     }
 
-    /// The batch-normalization layers, in order.
+    /// The batch-normalization layers, in order (including the BN inside Representative BN).
     public var batchNormLayers: [BatchNorm<Float>] {
-        layers.compactMap { $0.layer as? BatchNorm<Float> }
+        layers.compactMap { ($0.layer as? BatchNorm<Float>) ?? ($0.layer as? RepresentativeBatchNorm<Float>)?.normalization }
     }
 
     public var parameterCount: Int { namedParameters.reduce(0) { $0 + $1.parameter.value.count } }

@@ -82,7 +82,7 @@ public final class Trainer {
             throw DataError("--sync-group-size \(groupSize) exceeds the \(ranks) rank\(ranks == 1 ? "" : "s") of this job")
         }
         var group: (any Communicator)?
-        let synced = configuration.norm == .syncbn || configuration.norm == .cbn || configuration.norm == .brn
+        let synced = [.syncbn, .cbn, .brn, .rbn].contains(configuration.norm)
         if synced && ranks > 1 && groupSize > 1 {
             group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
         }

@@ -31,7 +31,7 @@ struct Train: ParsableCommand {
     var holdoutFraction: Double = 0.1
     @Option(help: "Model: convnet or mlp.")
     var model: String = ModelKind.convnet.rawValue
-    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group) gn (GroupNorm) or brn (Batch Renormalization over each sync group).")
+    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group) gn (GroupNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
     var norm: String = NormalizationKind.syncbn.rawValue
     @Option(help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
     var syncGroupSize: Int?

@@ -78,6 +78,12 @@ final class WorldSizeInvarianceTests: XCTestCase {
         assertSameTrajectory(multi, single, "brn 3 ranks × 4")
     }
 
+    func testRepresentativeBNOnFourRanksMatchesOneRank() throws {
+        let single = try train(configuration(model: .convnet, batch: 8, steps: 7, norm: .rbn), ranks: 1)
+        let multi = try train(configuration(model: .convnet, batch: 2, steps: 7, norm: .rbn), ranks: 4)
+        assertSameTrajectory(multi, single, "rbn 4 ranks × 2")
+    }
+
     func testGroupNormOnFourRanksMatchesOneRank() throws {
         // Batch-independent normalization: the invariance holds by the loss scaling alone.
         let single = try train(configuration(model: .convnet, batch: 8, steps: 7, norm: .gn), ranks: 1)
