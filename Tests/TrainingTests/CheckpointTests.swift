@@ -21,11 +21,11 @@ final class CheckpointTests: XCTestCase {
 
     /// Trains `steps` steps on `ranks` ranks, optionally resuming and saving; returns rank 0's
     /// state and momentum buffers.
-    func run(_ c: TrainingConfiguration, ranks: Int, resume: String? = nil, save: String? = nil) throws -> ([String: [Float]], [String: [Float]]) {
+    func run(_ c: TrainingConfiguration, ranks: Int, resume: String? = nil, save: String? = nil, stopAt: Int? = nil) throws -> ([String: [Float]], [String: [Float]]) {
         try InProcessGroup.run(size: ranks) { comm -> ([String: [Float]], [String: [Float]]) in
             let trainer = try Trainer(configuration: c, data: Self.data, world: comm)
             if let resume { try trainer.resume(from: resume) }
-            while trainer.step < trainer.totalSteps { try trainer.trainStep() }
+            while trainer.step < (stopAt ?? trainer.totalSteps) { try trainer.trainStep() }
             if let save { try trainer.save(to: save) }
             return (stateDictionary(trainer.network), trainer.optimizer.momentumBuffers)
         }[0]
@@ -33,10 +33,11 @@ final class CheckpointTests: XCTestCase {
 
     func testResumedRunContinuesBitIdentically() throws {
         let dir = temporaryDirectory()
-        for (ranks, norm) in [(1, NormalizationKind.syncbn), (2, .syncbn), (2, .bn), (2, .cbn), (3, .cbn)] {
+        for (ranks, norm) in [(1, NormalizationKind.syncbn), (2, .syncbn), (2, .bn), (2, .cbn), (3, .cbn), (2, .brn), (2, .rbn), (2, .gn)] {
             let straight = try run(configuration(steps: 14, norm: norm), ranks: ranks)
             let path = dir + "/half-\(ranks)-\(norm).safetensors"
-            _ = try run(configuration(steps: 6, norm: norm), ranks: ranks, save: path)
+            // Stopped at step 6 of the same 14-step run (Batch Renorm's schedule depends on the total).
+            _ = try run(configuration(steps: 14, norm: norm), ranks: ranks, save: path, stopAt: 6)
             let resumed = try run(configuration(steps: 14, norm: norm), ranks: ranks, resume: path)
             XCTAssertEqual(straight.0.keys.sorted(), resumed.0.keys.sorted())
             for (name, values) in straight.0 {
@@ -45,7 +46,7 @@ final class CheckpointTests: XCTestCase {
             for (name, values) in straight.1 {
                 XCTAssertEqual(values.map(\.bitPattern), resumed.1[name]!.map(\.bitPattern), "momentum of \(name)")
             }
-            XCTAssertEqual(straight.0["features.0.bn.num_batches_tracked"], [14])
+            if norm != .gn { XCTAssertEqual(straight.0["features.0.bn.num_batches_tracked"], [14]) }
         }
     }
 
