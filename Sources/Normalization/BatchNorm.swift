@@ -170,13 +170,7 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         let gamma = Scalar.widened(weight.value.scalars), beta = Scalar.widened(bias.value.scalars)
         let scale = (0..<featureCount).map { gamma[$0] * invStd[$0] }
         let offset = (0..<featureCount).map { beta[$0] - mean[$0] * scale[$0] }
-        return Tensor(shape: input.shape) { y in
-            input.scalars.withUnsafeBufferPointer { x in
-                scale.withUnsafeBufferPointer { a in
-                    offset.withUnsafeBufferPointer { b in Scalar.affine(x, layout: layout, scale: a, offset: b, into: y) }
-                }
-            }
-        }
+        return .affine(input, layout: layout, scale: scale, offset: offset)
     }
 
     /// dx = γ/σ·(dy − Σdy/M − x̂·Σ(dy·x̂)/M) with x̂ = (x − μ)/σ recomputed from the saved input;
@@ -219,19 +213,7 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
             q[c] = -p[c] * invStd[c] * global[C + c] / backwardCounts[c]
             r[c] = -p[c] * global[c] / backwardCounts[c] - q[c] * lastMean[c]
         }
-        return Tensor(shape: lastShape) { dx in
-            outputGradient.scalars.withUnsafeBufferPointer { dy in
-                input.scalars.withUnsafeBufferPointer { x in
-                    p.withUnsafeBufferPointer { pp in
-                        q.withUnsafeBufferPointer { qq in
-                            r.withUnsafeBufferPointer { rr in
-                                Scalar.combine(dy, x, layout: layout, dyScale: pp, xScale: qq, offset: rr, into: dx)
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        return .combining(outputGradient, input, layout: layout, dyScale: p, xScale: q, offset: r)
     }
 }
 

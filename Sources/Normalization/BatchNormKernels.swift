@@ -109,3 +109,33 @@ extension BatchNormScalar {
 }
 
 extension Double: BatchNormScalar {}
+
+extension Tensor where Scalar: BatchNormScalar {
+    /// y = a_c·x + b_c per element (`layout` names the channels of `x`), through the specialised kernel.
+    static func affine(_ x: Tensor, layout: ChannelLayout, scale: [Double], offset: [Double]) -> Tensor {
+        Tensor(shape: x.shape) { y in
+            x.scalars.withUnsafeBufferPointer { xp in
+                scale.withUnsafeBufferPointer { a in
+                    offset.withUnsafeBufferPointer { b in Scalar.affine(xp, layout: layout, scale: a, offset: b, into: y) }
+                }
+            }
+        }
+    }
+
+    /// dx = p_c·dy + q_c·x + r_c per element, through the specialised kernel.
+    static func combining(_ dy: Tensor, _ x: Tensor, layout: ChannelLayout, dyScale p: [Double], xScale q: [Double], offset r: [Double]) -> Tensor {
+        Tensor(shape: dy.shape) { dx in
+            dy.scalars.withUnsafeBufferPointer { g in
+                x.scalars.withUnsafeBufferPointer { xp in
+                    p.withUnsafeBufferPointer { pp in
+                        q.withUnsafeBufferPointer { qq in
+                            r.withUnsafeBufferPointer { rr in
+                                Scalar.combine(g, xp, layout: layout, dyScale: pp, xScale: qq, offset: rr, into: dx)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -110,19 +110,7 @@ public final class GhostBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> {
                 r[c] = -p[c] * global[j * 2 * C + c] / chunk.count - q[c] * chunk.mean[c]
             }
             let x = savedInput.slice(samples: chunk.range)
-            pieces.append(Tensor(shape: dy.shape) { dx in
-                dy.scalars.withUnsafeBufferPointer { g in
-                    x.scalars.withUnsafeBufferPointer { xp in
-                        p.withUnsafeBufferPointer { pp in
-                            q.withUnsafeBufferPointer { qq in
-                                r.withUnsafeBufferPointer { rr in
-                                    Scalar.combine(g, xp, layout: layout, dyScale: pp, xScale: qq, offset: rr, into: dx)
-                                }
-                            }
-                        }
-                    }
-                }
-            })
+            pieces.append(.combining(dy, x, layout: layout, dyScale: p, xScale: q, offset: r))
         }
         chunks = []
         return Tensor.concatenate(pieces, sampleShape: Array(savedInput.shape.dropFirst()))

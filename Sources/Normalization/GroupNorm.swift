@@ -61,13 +61,7 @@ public final class GroupNorm<Scalar: BatchNormScalar>: Layer {
             lastInvStd = invStd
         }
         let planes = ChannelLayout(batch: 1, channels: layout.batch * featureCount, spatial: layout.spatial)
-        return Tensor(shape: input.shape) { y in
-            input.scalars.withUnsafeBufferPointer { x in
-                scale.withUnsafeBufferPointer { a in
-                    offset.withUnsafeBufferPointer { b in Scalar.affine(x, layout: planes, scale: a, offset: b, into: y) }
-                }
-            }
-        }
+        return .affine(input, layout: planes, scale: scale, offset: offset)
     }
 
     /// Per group: dx = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)) with g = γ_c·dy; dγ_c = Σ dy·x̂, dβ_c = Σ dy.
@@ -114,18 +108,6 @@ public final class GroupNorm<Scalar: BatchNormScalar>: Layer {
         }
         weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dgamma))
         bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dbeta))
-        return Tensor(shape: input.shape) { dx in
-            outputGradient.scalars.withUnsafeBufferPointer { dy in
-                input.scalars.withUnsafeBufferPointer { x in
-                    p.withUnsafeBufferPointer { pp in
-                        q.withUnsafeBufferPointer { qq in
-                            r.withUnsafeBufferPointer { rr in
-                                Scalar.combine(dy, x, layout: planes, dyScale: pp, xScale: qq, offset: rr, into: dx)
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        return .combining(outputGradient, input, layout: planes, dyScale: p, xScale: q, offset: r)
     }
 }
