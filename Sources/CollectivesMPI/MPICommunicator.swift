@@ -106,7 +106,7 @@ public final class MPICommunicator: Communicator {
         var mine = Int32(values.count)
         try check(MPI_Allgather(&mine, 1, syncbn_mpi_int(), &counts, 1, syncbn_mpi_int(), comm), "MPI_Allgather")
         var displacements = [Int32](repeating: 0, count: size)
-        for r in 1..<max(size, 1) where r < size { displacements[r] = displacements[r - 1] + counts[r - 1] }
+        for r in 1..<size { displacements[r] = displacements[r - 1] + counts[r - 1] }
         let total = Int(counts.reduce(0, +))
         var gathered = [T](repeating: 0, count: total)
         try values.withUnsafeBytes { send in

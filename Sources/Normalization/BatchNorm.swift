@@ -210,10 +210,21 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
                 r[c] = -p[c] * global[c] / backwardCounts[c] - q[c] * renorm.batchMean[c]
                 continue
             }
-            q[c] = -p[c] * invStd[c] * global[C + c] / backwardCounts[c]
-            r[c] = -p[c] * global[c] / backwardCounts[c] - q[c] * lastMean[c]
+            (p[c], q[c], r[c]) = Self.backwardCoefficients(gamma: gamma[c], invStd: invStd[c], mean: lastMean[c], sumDy: global[c],
+                                                            sumDyNormalized: global[C + c], count: backwardCounts[c])
         }
         return .combining(outputGradient, input, layout: layout, dyScale: p, xScale: q, offset: r)
+    }
+}
+
+extension BatchNorm {
+    /// One channel's dx = p·dy + q·x + r for dx = γ/σ·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), x̂ = (x − μ)/σ,
+    /// in Double (|q·μ| ≈ |q·x| does not cancel there).
+    static func backwardCoefficients(gamma: Double, invStd: Double, mean: Double, sumDy: Double, sumDyNormalized: Double,
+                                     count: Double) -> (Double, Double, Double) {
+        let p = gamma * invStd
+        let q = -p * invStd * sumDyNormalized / count
+        return (p, q, -p * sumDy / count - q * mean)
     }
 }
 

@@ -105,9 +105,9 @@ public final class GhostBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> {
             guard chunk.count > 0 else { pieces.append(Tensor(shape: dy.shape)); continue }
             var p = [Double](repeating: 0, count: C), q = p, r = p
             for c in 0..<C {
-                p[c] = gamma[c] * chunk.invStd[c]
-                q[c] = -p[c] * chunk.invStd[c] * global[j * 2 * C + C + c] / chunk.count
-                r[c] = -p[c] * global[j * 2 * C + c] / chunk.count - q[c] * chunk.mean[c]
+                (p[c], q[c], r[c]) = Self.backwardCoefficients(gamma: gamma[c], invStd: chunk.invStd[c], mean: chunk.mean[c],
+                                                                sumDy: global[j * 2 * C + c], sumDyNormalized: global[j * 2 * C + C + c],
+                                                                count: chunk.count)
             }
             let x = savedInput.slice(samples: chunk.range)
             pieces.append(.combining(dy, x, layout: layout, dyScale: p, xScale: q, offset: r))

@@ -229,14 +229,17 @@ public final class Trainer {
         return Evaluation(loss: totals[0] / totals[2], accuracy: totals[1] / totals[2], count: Int(totals[2]))
     }
 
+    /// The running statistics by buffer name.
+    var runningStatistics: [String: [Float]] {
+        Dictionary(uniqueKeysWithValues: network.namedBuffers.map { ($0.name, $0.buffer.value.scalars) })
+    }
+
     /// Replaces the running statistics with PreciseBN's, computed on the training set with the
     /// configured budget and batch size (the model is otherwise untouched). With `rememberEMA`
     /// the EMA values are kept in ``emaBuffers`` (and so in the next checkpoint).
     @discardableResult
     public func recomputePopulationStatistics(on dataset: Dataset? = nil, rememberEMA: Bool = false) throws -> PreciseBN.Report {
-        if rememberEMA && emaBuffers == nil {
-            emaBuffers = Dictionary(uniqueKeysWithValues: network.namedBuffers.map { ($0.name, $0.buffer.value.scalars) })
-        }
+        if rememberEMA && emaBuffers == nil { emaBuffers = runningStatistics }
         return try PreciseBN.recompute(network: network, data: dataset ?? data.train, sampleBudget: configuration.preciseBNSamples,
                                 batchSize: configuration.preciseBNBatchSize ?? configuration.batchSize,
                                 seed: configuration.seed, world: world)
@@ -249,12 +252,10 @@ public final class Trainer {
         var results: [(statistics: String, evaluation: Evaluation)] = []
         if configuration.evalStats != .precise { results.append(("ema", try evaluate())) }
         if configuration.evalStats != .ema {
-            let ema = Dictionary(uniqueKeysWithValues: network.namedBuffers.map { ($0.name, $0.buffer.value.scalars) })
-            try recomputePopulationStatistics()
+            let ema = runningStatistics
+            try recomputePopulationStatistics(rememberEMA: keepPrecise)
             results.append(("precise", try evaluate()))
-            if keepPrecise {
-                emaBuffers = emaBuffers ?? ema
-            } else {
+            if !keepPrecise {
                 for (name, buffer) in network.namedBuffers { buffer.value.scalars = ema[name]! }
             }
         }
