@@ -21,12 +21,14 @@ let package = Package(
         .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
 
         .target(name: "CAllocator"),
+        // zlib (Debian's zlib1g-dev) for gzipped IDX files; inflateInit2 is a macro, hence C.
+        .target(name: "CGzip", linkerSettings: [.linkedLibrary("z")]),
         .target(name: "Collectives"),
         .target(name: "CollectivesMPI", dependencies: ["Collectives", "CMPI"]),
         .target(name: "CollectiveChecks", dependencies: ["Collectives"]),
         .target(name: "Kernels", dependencies: ["COpenBLAS"]),
         .target(name: "Normalization", dependencies: ["Kernels", "Collectives"]),
-        .target(name: "Training", dependencies: ["Kernels", "Normalization", "Collectives"]),
+        .target(name: "Training", dependencies: ["Kernels", "Normalization", "Collectives", "CGzip"]),
         .target(name: "CommandSupport", dependencies: [
             "Collectives", "CollectivesMPI", "Kernels", "Training", "CAllocator",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -43,7 +45,7 @@ let package = Package(
         .testTarget(name: "CollectivesTests", dependencies: ["Collectives", "CollectiveChecks"]),
         .testTarget(name: "KernelsTests", dependencies: ["Kernels", "TestSupport"]),
         .testTarget(name: "NormalizationTests", dependencies: ["Normalization", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
-        .testTarget(name: "TrainingTests", dependencies: ["Training", "Collectives", "TestSupport"]),
+        .testTarget(name: "TrainingTests", dependencies: ["Training", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "Training", "TestSupport"]),
         .target(name: "TestSupport", dependencies: ["Kernels"], path: "Tests/TestSupport"),
     ]

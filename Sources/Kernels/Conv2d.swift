@@ -31,8 +31,17 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         gemmOperations += 2 * Double(m * n * k)
     }
 
+    /// How a new convolution's weight is drawn.
+    public enum Initialization: Sendable {
+        /// PyTorch's default: U(±1/√K), K = C_in·k·k (kaiming_uniform with a = √5).
+        case pytorchDefault
+        /// N(0, 2/(C_out·k·k)): kaiming_normal_(mode='fan_out', nonlinearity='relu'), what
+        /// torchvision's ResNets use.
+        case kaimingNormalFanOut
+    }
+
     public init(inputChannels: Int, outputChannels: Int, kernelSize: Int, stride: Int = 1, padding: Int = 0,
-                bias: Bool = true, random: inout DeterministicRandom) {
+                bias: Bool = true, initialization: Initialization = .pytorchDefault, random: inout DeterministicRandom) {
         precondition(inputChannels > 0 && outputChannels > 0 && kernelSize > 0 && stride > 0 && padding >= 0,
                      "invalid Conv2d configuration")
         self.inputChannels = inputChannels
@@ -41,7 +50,13 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         self.stride = stride
         self.padding = padding
         let bound = 1 / Double(inputChannels * kernelSize * kernelSize).squareRoot()
-        weight = Parameter(.uniform(shape: [outputChannels, inputChannels, kernelSize, kernelSize], bound: bound, using: &random))
+        let shape = [outputChannels, inputChannels, kernelSize, kernelSize]
+        switch initialization {
+        case .pytorchDefault:
+            weight = Parameter(.uniform(shape: shape, bound: bound, using: &random))
+        case .kaimingNormalFanOut:
+            weight = Parameter(.normal(shape: shape, std: (2 / Double(outputChannels * kernelSize * kernelSize)).squareRoot(), using: &random))
+        }
         self.bias = bias ? Parameter(.uniform(shape: [outputChannels], bound: bound, using: &random)) : nil
     }
 

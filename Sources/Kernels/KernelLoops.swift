@@ -107,6 +107,14 @@ extension TensorScalar {
         for i in 0..<y.count { dx[i] = y[i] <= 0 ? 0 : dy[i] }
     }
 
+    public static func addReLU(_ s: UnsafeBufferPointer<Self>, into y: UnsafeMutableBufferPointer<Self>) {
+        for i in 0..<y.count { let v = y[i] + s[i]; y[i] = v <= 0 ? 0 : v }
+    }
+
+    public static func add(_ s: UnsafeBufferPointer<Self>, into y: UnsafeMutableBufferPointer<Self>) {
+        for i in 0..<y.count { y[i] += s[i] }
+    }
+
     /// Max over each window; padding never wins. argmax holds the flat index within the plane.
     public static func maxPoolForward(_ x: UnsafeBufferPointer<Self>, _ g: PoolingGeometry, planes: Int, _ y: UnsafeMutableBufferPointer<Self>, argmax: UnsafeMutableBufferPointer<Int32>) {
         let oh = g.outputHeight, ow = g.outputWidth, inPlane = g.height * g.width

@@ -157,22 +157,74 @@ public func writeNumpy<T: TensorScalar>(_ tensor: Tensor<T>, to path: String) th
     try writeAtomically(data, to: path)
 }
 
-/// Writes `data` to a temporary file beside `path`, then renames it over `path`, so that a reader
-/// never sees a half-written file.
-public func writeAtomically(_ data: Data, to path: String) throws {
+/// The temporary file a write to `path` goes through: hidden, beside it, and specific to this
+/// process (`.NAME.partial-PID`).
+public func temporaryPath(for path: String) -> String {
     let url = URL(fileURLWithPath: path)
-    let temporary = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())")
-    do {
-        try data.write(to: temporary)
-        if rename(temporary.path, url.path) != 0 {
-            let reason = String(cString: strerror(errno))
-            try? FileManager.default.removeItem(at: temporary)
-            throw FileFormatError(path, "cannot write: \(reason)")
+    return url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).partial-\(getpid())").path
+}
+
+/// Removes temporary files that an earlier, killed write to `path` left beside it
+/// (`.NAME.partial-*`); returns how many it removed.
+@discardableResult
+public func removeStalePartialFiles(for path: String) -> Int {
+    let url = URL(fileURLWithPath: path)
+    let directory = url.deletingLastPathComponent().path
+    let prefix = ".\(url.lastPathComponent).partial-"
+    var removed = 0
+    for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasPrefix(prefix) {
+        if unlink(directory + "/" + name) == 0 { removed += 1 }
+    }
+    return removed
+}
+
+/// Refuses an output path whose current occupant is not a regular file (a device, a directory,
+/// a symbolic link, a FIFO): replacing it would destroy something that is not ours.
+public func checkReplaceableOutput(_ path: String) throws {
+    var info = stat()
+    guard lstat(path, &info) == 0 else { return }   // a new name
+    guard info.st_mode & S_IFMT == S_IFREG else {
+        let kind: String
+        switch info.st_mode & S_IFMT {
+        case S_IFDIR: kind = "a directory"
+        case S_IFLNK: kind = "a symbolic link"
+        case S_IFCHR, S_IFBLK: kind = "a device"
+        default: kind = "not a regular file"
         }
-    } catch let error as FileFormatError {
-        throw error
-    } catch {
-        try? FileManager.default.removeItem(at: temporary)
-        throw FileFormatError(path, "cannot write: \((error as NSError).localizedDescription)")
+        throw FileFormatError(path, "is \(kind); refusing to replace it (give a regular file or a new name)")
+    }
+}
+
+/// Writes `data` to a temporary file beside `path`, flushes it to disk (fsync), renames it over
+/// `path` and flushes the directory, so that a reader never sees a half-written file and a crash
+/// at any moment leaves either the previous file or the new one. The temporary file is removed
+/// on any failure. An existing `path` that is not a regular file is refused.
+public func writeAtomically(_ data: Data, to path: String) throws {
+    try checkReplaceableOutput(path)
+    let temporary = temporaryPath(for: path)
+    func failure(_ what: String) -> FileFormatError {
+        let reason = String(cString: strerror(errno))
+        unlink(temporary)
+        return FileFormatError(path, "cannot write (\(what)): \(reason)")
+    }
+    let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    guard fd >= 0 else { throw failure("create \(temporary)") }
+    let written: Bool = data.withUnsafeBytes { raw in
+        var offset = 0
+        while offset < raw.count {
+            let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
+            if n < 0 { if errno == EINTR { continue }; return false }
+            offset += n
+        }
+        return true
+    }
+    guard written else { close(fd); throw failure("write") }
+    guard fsync(fd) == 0 else { close(fd); throw failure("fsync") }
+    guard close(fd) == 0 else { throw failure("close") }
+    guard rename(temporary, path) == 0 else { throw failure("rename") }
+    let directory = open(URL(fileURLWithPath: path).deletingLastPathComponent().path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    if directory >= 0 {
+        _ = fsync(directory)
+        close(directory)
     }
 }

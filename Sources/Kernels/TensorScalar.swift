@@ -25,6 +25,10 @@ public protocol TensorScalar: BinaryFloatingPoint, Codable, Sendable where Self.
     static func channelSums(_ values: UnsafeBufferPointer<Self>, layout: ChannelLayout, into sums: UnsafeMutableBufferPointer<Self>)
     static func reluForward(_ x: UnsafeBufferPointer<Self>, _ y: UnsafeMutableBufferPointer<Self>)
     static func reluBackward(_ y: UnsafeBufferPointer<Self>, _ dy: UnsafeBufferPointer<Self>, _ dx: UnsafeMutableBufferPointer<Self>)
+    /// y ← max(y + s, 0) (a residual sum and its ReLU in one pass; NaN propagates).
+    static func addReLU(_ s: UnsafeBufferPointer<Self>, into y: UnsafeMutableBufferPointer<Self>)
+    /// y ← y + s.
+    static func add(_ s: UnsafeBufferPointer<Self>, into y: UnsafeMutableBufferPointer<Self>)
     static func maxPoolForward(_ x: UnsafeBufferPointer<Self>, _ geometry: PoolingGeometry, planes: Int, _ y: UnsafeMutableBufferPointer<Self>, argmax: UnsafeMutableBufferPointer<Int32>)
     static func maxPoolBackward(_ dy: UnsafeBufferPointer<Self>, argmax: UnsafeBufferPointer<Int32>, _ geometry: PoolingGeometry, planes: Int, _ dx: UnsafeMutableBufferPointer<Self>)
     static func averagePoolForward(_ x: UnsafeBufferPointer<Self>, _ geometry: PoolingGeometry, planes: Int, _ y: UnsafeMutableBufferPointer<Self>)
@@ -101,5 +105,29 @@ extension Float {
             i += 8
         }
         while i < count { dp[i] = yp[i] <= 0 ? 0 : gp[i]; i += 1 }
+    }
+
+    public static func addReLU(_ s: UnsafeBufferPointer<Float>, into y: UnsafeMutableBufferPointer<Float>) {
+        guard let sp = s.baseAddress, let yp = y.baseAddress else { return }
+        let count = y.count
+        var i = 0
+        while i + 8 <= count {
+            let v = UnsafeRawPointer(yp + i).loadUnaligned(as: SIMD8<Float>.self) + UnsafeRawPointer(sp + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(yp + i).storeBytes(of: v.replacing(with: 0, where: v .<= 0), as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < count { let v = yp[i] + sp[i]; yp[i] = v <= 0 ? 0 : v; i += 1 }
+    }
+
+    public static func add(_ s: UnsafeBufferPointer<Float>, into y: UnsafeMutableBufferPointer<Float>) {
+        guard let sp = s.baseAddress, let yp = y.baseAddress else { return }
+        let count = y.count
+        var i = 0
+        while i + 8 <= count {
+            let v = UnsafeRawPointer(yp + i).loadUnaligned(as: SIMD8<Float>.self) + UnsafeRawPointer(sp + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(yp + i).storeBytes(of: v, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < count { yp[i] += sp[i]; i += 1 }
     }
 }

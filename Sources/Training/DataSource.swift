@@ -1,3 +1,4 @@
+import CGzip
 import Foundation
 import Kernels
 
@@ -7,6 +8,9 @@ import Kernels
 ///   8192 / 2048 samples, seed 0);
 /// - `idx:IMAGES,LABELS` — MNIST-style IDX files (unsigned-byte images N×H×W or N×C×H×W,
 ///   labels N);
+/// - `fashion-mnist` or `fashion-mnist:DIR` — Fashion-MNIST's gzipped IDX files (Debian's
+///   `dataset-fashion-mnist`, default DIR `/usr/share/datasets/fashion-mnist`), with its
+///   10,000-image test set as the held-out set;
 /// - `cifar10:DIR` — CIFAR-10 binary batches: `data_batch_*.bin` for training and
 ///   `test_batch.bin`, when present, as the held-out set;
 /// - `npy:X,Y` — samples X (N×C×H×W, N×H×W or N×F, any numeric dtype) and integer labels Y (N).
@@ -18,6 +22,10 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
     case idx(images: String, labels: String)
     case cifar10(directory: String)
     case npy(samples: String, labels: String)
+    case fashionMNIST(directory: String)
+
+    /// Where Debian's `dataset-fashion-mnist` puts the files.
+    public static let fashionMNISTDirectory = "/usr/share/datasets/fashion-mnist"
 
     public static let defaultSynthetic = DataSource.synthetic(train: 8192, heldOut: 2048, seed: 0)
 
@@ -27,6 +35,7 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
         case let .idx(images, labels): return "idx:\(images),\(labels)"
         case let .cifar10(directory): return "cifar10:\(directory)"
         case let .npy(samples, labels): return "npy:\(samples),\(labels)"
+        case let .fashionMNIST(directory): return "fashion-mnist:\(directory)"
         }
     }
 
@@ -66,11 +75,13 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
         case "npy":
             let (a, b) = try pair()
             self = .npy(samples: a, labels: b)
+        case "fashion-mnist":
+            self = .fashionMNIST(directory: rest.isEmpty ? Self.fashionMNISTDirectory : rest)
         case "cifar10":
             guard !rest.isEmpty else { throw DataError("--data cifar10: expected cifar10:DIRECTORY") }
             self = .cifar10(directory: rest)
         default:
-            throw DataError("--data: unknown source '\(kind)' (synthetic, idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y)")
+            throw DataError("--data: unknown source '\(kind)' (synthetic, fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y)")
         }
     }
 
@@ -86,6 +97,16 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
             return (try loadNumpyPair(samples: samples, labels: labels), nil)
         case let .cifar10(directory):
             return try CIFAR10Format.load(directory: directory)
+        case let .fashionMNIST(directory):
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw FileFormatError(directory, "no such directory" + (directory == Self.fashionMNISTDirectory
+                    ? "; install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)" : ""))
+            }
+            let file = { (name: String) in directory + "/" + name }
+            let train = try IDXFormat.load(images: file("train-images-idx3-ubyte.gz"), labels: file("train-labels-idx1-ubyte.gz"))
+            let test = try IDXFormat.load(images: file("t10k-images-idx3-ubyte.gz"), labels: file("t10k-labels-idx1-ubyte.gz"))
+            return (train, test)
         }
     }
 
@@ -140,17 +161,50 @@ func checkedLabels(_ values: [Int], path: String) throws -> (labels: [Int32], cl
     throw FileFormatError(path, "label \(bad) is not a class index in 0..<65536")
 }
 
+/// The largest decompressed file accepted (4 GiB): a bound against gzip bombs and absurd sizes.
+let maximumDecompressedSize = 1 << 32
+
+/// The bytes of a gzip file, decompressed with zlib (all members).
+func gunzip(_ compressed: [UInt8], path: String) throws -> [UInt8] {
+    var output: UnsafeMutablePointer<UInt8>?
+    var length = 0
+    var message = [CChar](repeating: 0, count: 256)
+    let status = compressed.withUnsafeBufferPointer { input in
+        cgzip_decompress(input.baseAddress, input.count, maximumDecompressedSize, &output, &length, &message, message.count)
+    }
+    guard status == 0, let output else {
+        let text = String(decoding: message.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        throw FileFormatError(path, "cannot decompress: \(text)")
+    }
+    defer { free(output) }
+    return Array(UnsafeBufferPointer(start: output, count: length))
+}
+
 /// MNIST's IDX format: magic 0x0000, a type byte (0x08 = unsigned byte), a dimension count, the
-/// dimensions as big-endian UInt32, then the data.
+/// dimensions as big-endian UInt32, then the data. Gzipped files (`.gz`, or the gzip magic
+/// 1f 8b) are decompressed first.
 enum IDXFormat {
     static func read(_ path: String) throws -> (dims: [Int], values: [UInt8]) {
-        let bytes = try readFile(path)
+        var bytes = try readFile(path)
+        if bytes.count >= 2 && bytes[0] == 0x1F && bytes[1] == 0x8B {
+            bytes = try gunzip(bytes, path: path)
+        } else if path.hasSuffix(".gz") {
+            throw FileFormatError(path, "named .gz but is not gzip data")
+        }
         guard bytes.count >= 4, bytes[0] == 0, bytes[1] == 0 else { throw FileFormatError(path, "not an IDX file (bad magic number)") }
         guard bytes[2] == 0x08 else { throw FileFormatError(path, String(format: "IDX element type 0x%02x is not supported (only unsigned bytes, 0x08)", bytes[2])) }
         let ndims = Int(bytes[3])
         guard ndims >= 1, bytes.count >= 4 + 4 * ndims else { throw FileFormatError(path, "truncated IDX header") }
         let dims = (0..<ndims).map { d in (0..<4).reduce(0) { $0 << 8 | Int(bytes[4 + 4 * d + $1]) } }
-        let count = dims.reduce(1, *), start = 4 + 4 * ndims
+        var count = 1
+        for d in dims {
+            let (product, overflow) = count.multipliedReportingOverflow(by: d)
+            guard !overflow, product <= maximumDecompressedSize else {
+                throw FileFormatError(path, "dimensions \(dims) are too large")
+            }
+            count = product
+        }
+        let start = 4 + 4 * ndims
         guard bytes.count - start >= count else {
             throw FileFormatError(path, "truncated: dimensions \(dims) need \(count) bytes of data, file has \(bytes.count - start)")
         }

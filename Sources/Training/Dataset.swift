@@ -8,6 +8,9 @@ public struct Dataset: Sendable {
     public let classes: Int
     public private(set) var samples: [Float]
     public let labels: [Int32]
+    /// Per channel, the value a zero input (a black pixel) has after ``standardize(mean:std:)``:
+    /// what augmentation pads with, as torchvision pads before normalizing.
+    public private(set) var paddingValues: [Float] = []
 
     public var count: Int { labels.count }
     public var sampleSize: Int { sampleShape.reduce(1, *) }
@@ -18,6 +21,7 @@ public struct Dataset: Sendable {
         self.classes = classes
         self.samples = samples
         self.labels = labels
+        self.paddingValues = [Float](repeating: 0, count: sampleShape.count == 3 ? sampleShape[0] : 1)
     }
 
     /// The samples at `indices` as one N×… tensor, with their labels.
@@ -40,9 +44,11 @@ public struct Dataset: Sendable {
 
     /// Samples `range` as a new data set.
     public func subset(_ range: Range<Int>) -> Dataset {
-        Dataset(sampleShape: sampleShape, classes: classes,
-                samples: Array(samples[(range.lowerBound * sampleSize)..<(range.upperBound * sampleSize)]),
-                labels: Array(labels[range]))
+        var part = Dataset(sampleShape: sampleShape, classes: classes,
+                           samples: Array(samples[(range.lowerBound * sampleSize)..<(range.upperBound * sampleSize)]),
+                           labels: Array(labels[range]))
+        part.paddingValues = paddingValues
+        return part
     }
 
     /// Per-channel mean and standard deviation (channel = first sample dimension for C×H×W,
@@ -70,6 +76,7 @@ public struct Dataset: Sendable {
     /// (x − mean_c)/std_c per channel (std 0 is left unscaled).
     public mutating func standardize(mean: [Double], std: [Double]) {
         let channels = mean.count, perChannel = sampleSize / channels
+        paddingValues = (0..<channels).map { c in Float((Double(paddingValues[c]) - mean[c]) / (std[c] > 0 ? std[c] : 1)) }
         for n in 0..<count {
             for c in 0..<channels {
                 let base = n * sampleSize + c * perChannel

@@ -9,9 +9,24 @@ extension Network {
     ///
     /// computed in Double. The folded layers are new; the other layers are shared with this
     /// network (they hold no parameters). A BN not preceded by a conv or linear layer is an error.
+    /// Inside residual blocks and `Sequential`s each branch is folded on its own.
     public func foldingBatchNorm() throws -> Network {
+        Network(layers: try Self.folding(layers))
+    }
+
+    private static func folding(_ layers: [(name: String, layer: any Layer<Float>)]) throws -> [(name: String, layer: any Layer<Float>)] {
         var folded: [(name: String, layer: any Layer<Float>)] = []
         for (name, layer) in layers {
+            if let block = layer as? ResidualBlock<Float> {
+                let residual = Sequential<Float>(try folding(block.residual.children))
+                let shortcut = try block.shortcut.map { Sequential<Float>(try folding($0.children)) }
+                folded.append((name, ResidualBlock<Float>(residual: residual, shortcut: shortcut)))
+                continue
+            }
+            if let sequence = layer as? Sequential<Float> {
+                folded.append((name, Sequential<Float>(try folding(sequence.children))))
+                continue
+            }
             guard let bn = layer as? BatchNorm<Float> else {
                 folded.append((name, layer))
                 continue
@@ -42,6 +57,6 @@ extension Network {
                 throw LayerError("cannot fold \(name): it does not follow a convolution or linear layer")
             }
         }
-        return Network(layers: folded)
+        return folded
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import Kernels
 
 /// JSON-lines metrics, written by rank 0 (DESIGN §4): one object per logged step
 /// (`step`, `epoch`, `loss`, `accuracy`, `lr`, `samples_per_s`, `comm_s`) and one per evaluation
@@ -7,10 +8,16 @@ public final class MetricsWriter {
     private let handle: FileHandle
     public let path: String
 
-    public init(path: String) throws {
-        guard FileManager.default.createFile(atPath: path, contents: nil), let handle = FileHandle(forWritingAtPath: path) else {
-            throw DataError("--metrics \(path): cannot create the file")
+    /// Opens `path`; with `append` (a resumed run) the earlier history is kept.
+    public init(path: String, append: Bool = false) throws {
+        try checkReplaceableOutput(path)
+        if !(append && FileManager.default.fileExists(atPath: path)) {
+            guard FileManager.default.createFile(atPath: path, contents: nil) else {
+                throw DataError("--metrics \(path): cannot create the file")
+            }
         }
+        guard let handle = FileHandle(forWritingAtPath: path) else { throw DataError("--metrics \(path): cannot open the file for writing") }
+        if append { handle.seekToEndOfFile() }
         self.handle = handle
         self.path = path
     }

@@ -9,6 +9,89 @@ public enum ModelKind: String, CaseIterable, Codable, Sendable {
     case convnet
     /// Flatten, two linear(no bias)–norm–ReLU blocks of 128 units, linear classifier.
     case mlp
+    /// The CIFAR ResNets of He et al. 2016 §4.2: a 16-channel 3×3 stem, three stages of
+    /// n = (depth − 2)/6 BasicBlocks at 16/32/64 channels, global average pool, linear.
+    case resnet20, resnet32, resnet56, resnet110
+    /// torchvision's ResNet-18 for small images: a 64-channel 3×3 stem (stride 1, no max-pool),
+    /// four stages of 2 BasicBlocks at 64/128/256/512 channels.
+    case resnet18
+
+    /// The residual layout, for the ResNets.
+    public var residualStages: (stem: Int, stages: [(channels: Int, blocks: Int, stride: Int)])? {
+        func cifar(_ depth: Int) -> (stem: Int, stages: [(channels: Int, blocks: Int, stride: Int)]) {
+            let n = (depth - 2) / 6
+            return (16, [(16, n, 1), (32, n, 2), (64, n, 2)])
+        }
+        switch self {
+        case .convnet, .mlp: return nil
+        case .resnet20: return cifar(20)
+        case .resnet32: return cifar(32)
+        case .resnet56: return cifar(56)
+        case .resnet110: return cifar(110)
+        case .resnet18: return (64, [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)])
+        }
+    }
+}
+
+/// A channel count scaled by `--width` (at least 1).
+public func scaledChannels(_ channels: Int, width: Double) -> Int {
+    max(1, Int((Double(channels) * width).rounded()))
+}
+
+/// Builds the residual networks, generically so that gradient checks can run them in Double.
+public enum ResNet {
+    /// The layers of a ResNet with torchvision's names: `conv1`, `bn1`, `relu`, `layerS.B`
+    /// (BasicBlocks: `conv1`, `bn1`, `relu`, `conv2`, `bn2`, and `downsample.0`/`downsample.1`, a
+    /// 1×1 conv and its norm, where the shape changes), `avgpool`, `fc`. `norm` makes the
+    /// normalization that follows a convolution. Convolutions have no bias and torchvision's
+    /// kaiming-normal (fan-out) initialisation; `fc` has PyTorch's default.
+    /// torchvision's BasicBlock: conv3×3(stride)–norm–ReLU–conv3×3–norm, plus the identity, or a
+    /// 1×1 conv(stride)–norm projection where the shape changes, then ReLU.
+    public static func basicBlock<Scalar: TensorScalar>(
+        inputChannels: Int, outputChannels: Int, stride: Int,
+        norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>, random: inout DeterministicRandom
+    ) throws -> ResidualBlock<Scalar> {
+        let conv1: Conv2d<Scalar> = convolution(inputChannels, outputChannels, kernel: 3, stride: stride, random: &random)
+        let norm1 = try norm(outputChannels, conv1)
+        let conv2: Conv2d<Scalar> = convolution(outputChannels, outputChannels, kernel: 3, stride: 1, random: &random)
+        let norm2 = try norm(outputChannels, conv2)
+        let residual = Sequential<Scalar>([("conv1", conv1), ("bn1", norm1), ("relu", ReLU<Scalar>()),
+                                           ("conv2", conv2), ("bn2", norm2)])
+        var shortcut: Sequential<Scalar>?
+        if stride != 1 || inputChannels != outputChannels {
+            let projection: Conv2d<Scalar> = convolution(inputChannels, outputChannels, kernel: 1, stride: stride, random: &random)
+            shortcut = Sequential<Scalar>([("0", projection), ("1", try norm(outputChannels, projection))])
+        }
+        return ResidualBlock<Scalar>(residual: residual, shortcut: shortcut)
+    }
+
+    static func convolution<Scalar: TensorScalar>(_ input: Int, _ output: Int, kernel: Int, stride: Int,
+                                                  random: inout DeterministicRandom) -> Conv2d<Scalar> {
+        Conv2d<Scalar>(inputChannels: input, outputChannels: output, kernelSize: kernel, stride: stride,
+                       padding: kernel / 2, bias: false, initialization: .kaimingNormalFanOut, random: &random)
+    }
+
+    public static func layers<Scalar: TensorScalar>(
+        stem: Int, stages: [(channels: Int, blocks: Int, stride: Int)], inputChannels: Int, classes: Int, width: Double,
+        norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>, random: inout DeterministicRandom
+    ) throws -> [(name: String, layer: any Layer<Scalar>)] {
+        var channels = scaledChannels(stem, width: width)
+        let stemConv: Conv2d<Scalar> = convolution(inputChannels, channels, kernel: 3, stride: 1, random: &random)
+        var layers: [(name: String, layer: any Layer<Scalar>)] = [
+            ("conv1", stemConv), ("bn1", try norm(channels, stemConv)), ("relu", ReLU<Scalar>()),
+        ]
+        for (s, stage) in stages.enumerated() {
+            let out = scaledChannels(stage.channels, width: width)
+            for b in 0..<stage.blocks {
+                layers.append(("layer\(s + 1).\(b)", try basicBlock(inputChannels: channels, outputChannels: out,
+                                                                    stride: b == 0 ? stage.stride : 1, norm: norm, random: &random)))
+                channels = out
+            }
+        }
+        layers.append(("avgpool", GlobalAvgPool<Scalar>()))
+        layers.append(("fc", Linear<Scalar>(inputFeatures: channels, outputFeatures: classes, random: &random)))
+        return layers
+    }
 }
 
 /// Which normalization layer follows each conv/linear layer.
@@ -98,14 +181,24 @@ extension Network {
     /// A model for samples of `sampleShape` ([C, H, W], or [F] for the MLP) and `classes`
     /// classes, initialised from `seed` (identically on every rank).
     public static func make(_ kind: ModelKind, sampleShape: [Int], classes: Int, normalization: NormalizationFactory,
-                            seed: UInt64) throws -> Network {
+                            width: Double = 1, seed: UInt64) throws -> Network {
         var random = DeterministicRandom(seed: seed, stream: [0x4D4F_4445_4C])
+        if let (stem, stages) = kind.residualStages {
+            guard sampleShape.count == 3 else {
+                throw LayerError("model \(kind.rawValue) needs C×H×W samples, the data has samples of shape \(sampleShape); use --model mlp")
+            }
+            return Network(layers: try ResNet.layers(stem: stem, stages: stages, inputChannels: sampleShape[0], classes: classes,
+                                                     width: width, norm: { try normalization.make(featureCount: $0, source: $1) },
+                                                     random: &random))
+        }
         switch kind {
+        case .resnet20, .resnet32, .resnet56, .resnet110, .resnet18:
+            preconditionFailure("residual models are built above")
         case .convnet:
             guard sampleShape.count == 3 else {
                 throw LayerError("model convnet needs C×H×W samples, the data has samples of shape \(sampleShape); use --model mlp")
             }
-            let widths = [16, 32, 64]
+            let widths = [16, 32, 64].map { scaledChannels($0, width: width) }
             var layers: [(name: String, layer: any Layer<Float>)] = []
             var channels = sampleShape[0]
             for (i, width) in widths.enumerated() {
@@ -123,12 +216,13 @@ extension Network {
             let inputs = sampleShape.reduce(1, *)
             var layers: [(name: String, layer: any Layer<Float>)] = [("flatten", Flatten<Float>())]
             var features = inputs
+            let units = scaledChannels(128, width: width)
             for i in 0..<2 {
-                let linear = Linear<Float>(inputFeatures: features, outputFeatures: 128, bias: false, random: &random)
+                let linear = Linear<Float>(inputFeatures: features, outputFeatures: units, bias: false, random: &random)
                 layers.append(("features.\(i).linear", linear))
-                layers.append(("features.\(i).bn", try normalization.make(featureCount: 128, source: linear)))
+                layers.append(("features.\(i).bn", try normalization.make(featureCount: units, source: linear)))
                 layers.append(("features.\(i).relu", ReLU<Float>()))
-                features = 128
+                features = units
             }
             layers.append(("classifier", Linear<Float>(inputFeatures: features, outputFeatures: classes, random: &random)))
             return Network(layers: layers)

@@ -1,8 +1,9 @@
 import Kernels
 import Normalization
 
-/// A sequential model whose layers carry dotted names (`features.0.conv`, `classifier`), the
-/// names its parameters and buffers have in checkpoints.
+/// A model: top-level layers under dotted names (`features.0.conv`, `layer1.0`, `fc`), the
+/// names its parameters and buffers have in checkpoints. A layer may be a container (a residual
+/// block, a `Sequential`); ``leaves`` lists the layers inside under their full names.
 public final class Network {
     public let layers: [(name: String, layer: any Layer<Float>)]
 
@@ -33,6 +34,9 @@ public final class Network {
         }
     }
 
+    /// Every non-container layer, depth first, under its full dotted name (`layer1.0.bn1`).
+    public var leaves: [(name: String, layer: any Layer<Float>)] { leafLayers(layers) }
+
     /// Every parameter, buffer and counter under its full dotted name, in layer order.
     public var state: [StateEntry<Float>] {
         layers.flatMap { entry in entry.layer.state.map { $0.prefixed(entry.name) } }
@@ -50,7 +54,7 @@ public final class Network {
 
     /// The batch-normalization layers, in order (including the BN inside Representative BN).
     public var batchNormLayers: [BatchNorm<Float>] {
-        layers.compactMap { ($0.layer as? BatchNorm<Float>) ?? ($0.layer as? RepresentativeBatchNorm<Float>)?.normalization }
+        leaves.compactMap { ($0.layer as? BatchNorm<Float>) ?? ($0.layer as? RepresentativeBatchNorm<Float>)?.normalization }
     }
 
     public var parameterCount: Int { namedParameters.reduce(0) { $0 + $1.parameter.value.count } }

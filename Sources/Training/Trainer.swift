@@ -54,6 +54,7 @@ public final class Trainer {
     public var progress: ProgressReporter?
 
     private var sampler: ShardedSampler
+    private lazy var plan = learningRatePlan
     private let averageRunningStatistics: Bool
     /// The EMA running statistics by buffer name while the model holds PreciseBN's instead
     /// (after the final evaluation); saved beside them so that a resumed run continues from the EMA.
@@ -95,7 +96,7 @@ public final class Trainer {
                                                                        groupNormGroups: configuration.gnGroups,
                                                                        ghost: configuration.ghostBatchSize.map { size in
                                                                            (size, (configuration.batchSize + size - 1) / size) }),
-                                   seed: configuration.seed)
+                                   width: configuration.width, seed: configuration.seed)
         optimizer = SGD(learningRate: Float(configuration.learningRate), momentum: Float(configuration.momentum),
                         weightDecay: Float(configuration.weightDecay))
         sampler = ShardedSampler(sampleCount: data.train.count, globalBatchSize: configuration.batchSize * ranks,
@@ -104,6 +105,14 @@ public final class Trainer {
 
     public var stepsPerEpoch: Int { sampler.stepsPerEpoch }
     public var totalSteps: Int { configuration.steps ?? configuration.epochs * sampler.stepsPerEpoch }
+
+    /// The learning rate of every step: warm-up, schedule and the linear scaling rule.
+    public var learningRatePlan: LearningRatePlan {
+        configuration.learningRatePlan(ranks: world.size, stepsPerEpoch: sampler.stepsPerEpoch, totalSteps: totalSteps)
+    }
+
+    /// Periodic checkpoints: every `every` steps and at the end of ``run()``, to `path`.
+    public var checkpointing: (path: String, every: Int?)?
 
     /// Continues from a checkpoint written by ``save(to:)``: with the EMA statistics when the file
     /// keeps them beside PreciseBN's (`forTraining`), otherwise with the statistics it stores.
@@ -135,7 +144,7 @@ public final class Trainer {
 
     /// One optimizer step; returns the global mean loss and accuracy of the batch.
     @discardableResult
-    public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int) {
+    public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int, learningRate: Double) {
         if configuration.norm == .brn {
             let (rMax, dMax) = configuration.brnLimits(step: step, totalSteps: totalSteps)
             for case let layer as BatchRenormalization<Float> in network.batchNormLayers {
@@ -148,7 +157,7 @@ public final class Trainer {
         }
         let dataStart = DispatchTime.now().uptimeNanoseconds
         let (indices, globalCount, epoch) = sampler.batch(step: step)
-        let (x, labels) = data.train.batch(indices)
+        let (x, labels) = data.train.batch(indices, augmentation: configuration.augmentation, seed: configuration.seed, epoch: epoch)
         dataSeconds += Double(DispatchTime.now().uptimeNanoseconds - dataStart) * 1e-9
         let logits = try network.forward(x, mode: .training)
         let (lossSum, correct, gradient) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 1 / Float(globalCount))
@@ -205,9 +214,11 @@ public final class Trainer {
         guard loss.isFinite else {
             throw CollectiveRunError("loss is \(loss) at step \(step + 1) (epoch \(epoch)): training diverged; lower --lr")
         }
+        let rate = plan.rate(at: step)
+        optimizer.learningRate = Float(rate)
         optimizer.step(network.namedParameters)
         step += 1
-        return (loss, accuracy, globalCount)
+        return (loss, accuracy, globalCount, rate)
     }
 
     /// Held-out loss and accuracy with the running statistics (inference mode: no BN collectives).
@@ -292,19 +303,19 @@ public final class Trainer {
         var trained = 0
         let plainEvery = max(1, total / 20)
         while step < total {
-            let (loss, accuracy, samples) = try trainStep()
+            let (loss, accuracy, samples, rate) = try trainStep()
             intervalSamples += samples
             trained += samples
             let logNow = step % max(configuration.logEvery, 1) == 0 || step == total
             if world.rank == 0 {
                 let elapsed = Date().timeIntervalSince(intervalStart)
-                let rate = Double(intervalSamples) / max(elapsed, 1e-9)
-                let text = String(format: "step %d/%d  epoch %d  loss %.4f  acc %.1f%%  %.0f samples/s",
-                                  step, total, (step - 1) / max(sampler.stepsPerEpoch, 1), loss, accuracy * 100, rate)
+                let samplesPerSecond = Double(intervalSamples) / max(elapsed, 1e-9)
+                let text = String(format: "step %d/%d  epoch %d  loss %.4f  acc %.1f%%  lr %.4g  %.0f samples/s",
+                                  step, total, (step - 1) / max(sampler.stepsPerEpoch, 1), loss, accuracy * 100, rate, samplesPerSecond)
                 progress?.step(text, milestone: step % plainEvery == 0, final: step == total)
                 if logNow {
                     metrics?.write(["step": step, "epoch": (step - 1) / max(sampler.stepsPerEpoch, 1), "loss": loss,
-                                    "accuracy": accuracy, "lr": configuration.learningRate, "samples_per_s": rate,
+                                    "accuracy": accuracy, "lr": rate, "samples_per_s": samplesPerSecond,
                                     "comm_s": ledger.blockedSeconds - intervalComm])
                 }
             }
@@ -313,6 +324,9 @@ public final class Trainer {
             }
             if configuration.evalEvery > 0 && step % configuration.evalEvery == 0 && step < total {
                 _ = try evaluations()
+            }
+            if let (path, every) = checkpointing, let every, step % every == 0 && step < total {
+                try save(to: path)
             }
         }
         let seconds = Date().timeIntervalSince(started)

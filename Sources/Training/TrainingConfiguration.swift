@@ -12,7 +12,21 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var epochs: Int = 6
     /// Total optimizer steps; overrides `epochs` when set.
     public var steps: Int?
+    /// The learning rate at the reference batch (`lrReferenceBatch`); with no reference batch,
+    /// the peak rate itself.
     public var learningRate: Double = 0.1
+    /// Linear scaling rule: the peak rate is `learningRate` × total batch / this. nil = no scaling.
+    public var lrReferenceBatch: Int? = 128
+    public var lrSchedule: LearningRateSchedule = .cosine
+    /// `.step`: epochs at which the rate is multiplied by 0.1.
+    public var lrMilestones: [Double] = []
+    /// Linear warm-up length; at most one of the two is set. Neither: one epoch, at most a tenth of the run.
+    public var warmupEpochs: Double?
+    public var warmupSteps: Int?
+    /// Channel-count multiplier of every layer.
+    public var width: Double = 1
+    /// Training-time augmentation; resolved from the data source when the run starts.
+    public var augmentation = Augmentation()
     public var momentum: Double = 0.9
     public var weightDecay: Double = 5e-4
     public var bnMomentum: Double = 0.1

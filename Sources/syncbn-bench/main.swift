@@ -329,7 +329,7 @@ struct TrainBench: ParsableCommand {
                 c.steps = warmup + steps
                 let trainer = try Trainer(configuration: c, data: split, world: world)
                 for _ in 0..<warmup { try trainer.trainStep() }
-                let convs = trainer.network.layers.compactMap { $0.layer as? Conv2d<Float> }
+                let convs = trainer.network.leaves.compactMap { $0.layer as? Conv2d<Float> }
                 let gemm0 = convs.reduce(0.0) { $0 + $1.gemmSeconds }, ops0 = convs.reduce(0.0) { $0 + $1.gemmOperations }
                 trainer.ledger.reset()
                 let data0 = trainer.dataSeconds

@@ -23,14 +23,16 @@ struct SyncBNTrain: ParsableCommand {
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "train", abstract: "Train a model (the default subcommand).")
 
-    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], idx:IMAGES,LABELS, cifar10:DIR or npy:X,Y.")
+    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR or npy:X,Y.")
     var data: String = DataSource.defaultSynthetic.description
     @Option(help: "Held-out data for evaluation (same forms as --data); default: the source's test set or the last --holdout-fraction.")
     var evalData: String?
     @Option(help: "Fraction of --data held out for evaluation when the source has no test set.")
     var holdoutFraction: Double = 0.1
-    @Option(help: "Model: convnet or mlp.")
+    @Option(help: "Model: convnet, mlp, resnet20, resnet32, resnet56, resnet110 or resnet18.")
     var model: String = ModelKind.convnet.rawValue
+    @Option(help: "Multiplies every layer's channel count (e.g. 0.5, 2).")
+    var width: Double = 1
     @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group) gn (GroupNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
     var norm: String = NormalizationKind.syncbn.rawValue
     @Option(help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
@@ -41,8 +43,22 @@ struct Train: ParsableCommand {
     var epochs: Int = 6
     @Option(help: "Total optimizer steps (overrides --epochs).")
     var steps: Int?
-    @Option(help: "Learning rate (constant).")
+    @Option(help: "Learning rate at the reference batch (--lr-reference-batch); the peak of the schedule.")
     var lr: Double = 0.1
+    @Option(help: "Linear scaling rule: the peak rate is --lr × total batch / this ('none': --lr as given).")
+    var lrReferenceBatch: String = "128"
+    @Option(help: "Learning-rate schedule after warm-up: constant, step (×0.1 at each --lr-milestones epoch) or cosine (to 0 at the end).")
+    var lrSchedule: String = LearningRateSchedule.cosine.rawValue
+    @Option(help: "Epochs at which the step schedule multiplies the rate by 0.1, comma-separated (e.g. 100,150).")
+    var lrMilestones: String?
+    @Option(help: "Linear warm-up over this many epochs (default: 1 epoch, at most a tenth of the run).")
+    var warmupEpochs: Double?
+    @Option(help: "Linear warm-up over this many steps (instead of --warmup-epochs).")
+    var warmupSteps: Int?
+    @Option(help: "Augmentation: auto (crop,flip for fashion-mnist and cifar10, none otherwise), crop,flip, crop, flip or none.")
+    var augment: String = "auto"
+    @Option(help: "Zero-padding before the random crop, in pixels (default: 2 for images up to 28×28, else 4).")
+    var pad: Int?
     @Option(help: "SGD momentum.")
     var momentum: Double = 0.9
     @Option(help: "Weight decay (L2, applied to every parameter as PyTorch's SGD).")
@@ -57,7 +73,9 @@ struct Train: ParsableCommand {
     var metrics: String?
     @Option(help: "Save a safetensors checkpoint here at the end (rank 0, atomic).")
     var save: String?
-    @Option(help: "Resume from a checkpoint written by --save.")
+    @Option(help: "Also save the --save checkpoint every N steps.")
+    var saveEvery: Int?
+    @Option(help: "Resume from a checkpoint written by --save; 'auto': from --save's file when it exists, else start fresh.")
     var resume: String?
     @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
@@ -116,7 +134,41 @@ struct Train: ParsableCommand {
                 throw ValidationError("--save \(save): directory \(directory) does not exist")
             }
         }
-        if let resume, !FileManager.default.fileExists(atPath: resume) { throw ValidationError("--resume \(resume): no such file") }
+        if let resume, resume != "auto", !FileManager.default.fileExists(atPath: resume) { throw ValidationError("--resume \(resume): no such file") }
+        if resume == "auto" && save == nil { throw ValidationError("--resume auto needs --save (the checkpoint it resumes from)") }
+        if let saveEvery {
+            guard saveEvery >= 1 else { throw ValidationError("--save-every must be ≥ 1, got \(saveEvery)") }
+            guard save != nil else { throw ValidationError("--save-every needs --save (where to write)") }
+        }
+        guard width.isFinite && width > 0 && width <= 64 else { throw ValidationError("--width must be in (0, 64], got \(width)") }
+        if lrReferenceBatch != "none" {
+            guard let b = Int(lrReferenceBatch), b >= 1 else { throw ValidationError("--lr-reference-batch must be a positive batch size or 'none', got '\(lrReferenceBatch)'") }
+        }
+        guard let schedule = LearningRateSchedule(rawValue: lrSchedule) else {
+            throw ValidationError("--lr-schedule must be constant, step or cosine, got '\(lrSchedule)'")
+        }
+        let milestones = try parsedMilestones()
+        if schedule == .step && milestones.isEmpty { throw ValidationError("--lr-schedule step needs --lr-milestones (epochs, e.g. 100,150)") }
+        if schedule != .step && !milestones.isEmpty { throw ValidationError("--lr-milestones applies to --lr-schedule step only") }
+        if warmupEpochs != nil && warmupSteps != nil { throw ValidationError("give --warmup-epochs or --warmup-steps, not both") }
+        if let warmupEpochs, !(warmupEpochs.isFinite && warmupEpochs >= 0 && warmupEpochs <= 1e6) { throw ValidationError("--warmup-epochs must be ≥ 0, got \(warmupEpochs)") }
+        if let warmupSteps, warmupSteps < 0 { throw ValidationError("--warmup-steps must be ≥ 0, got \(warmupSteps)") }
+        if augment != "auto" { _ = try augmentation(parsing: augment, padding: pad ?? 4) }
+        if let pad, !(0...64).contains(pad) { throw ValidationError("--pad must be between 0 and 64, got \(pad)") }
+    }
+
+    func parsedMilestones() throws -> [Double] {
+        guard let lrMilestones else { return [] }
+        return try lrMilestones.split(separator: ",").map { item in
+            guard let value = Double(item), value.isFinite, value >= 0 else {
+                throw ValidationError("--lr-milestones must be comma-separated epochs, got '\(lrMilestones)'")
+            }
+            return value
+        }
+    }
+
+    func augmentation(parsing text: String, padding: Int) throws -> Augmentation {
+        do { return try Augmentation(parsing: text, padding: padding) } catch let error as DataError { throw ValidationError(error.message) }
     }
 
     var trainingConfiguration: TrainingConfiguration {
@@ -131,6 +183,12 @@ struct Train: ParsableCommand {
         c.epochs = epochs
         c.steps = steps
         c.learningRate = lr
+        c.lrReferenceBatch = Int(lrReferenceBatch)
+        c.lrSchedule = LearningRateSchedule(rawValue: lrSchedule)!
+        c.lrMilestones = (try? parsedMilestones()) ?? []
+        c.warmupEpochs = warmupEpochs
+        c.warmupSteps = warmupSteps
+        c.width = width
         c.momentum = momentum
         c.weightDecay = weightDecay
         c.bnMomentum = bnMomentum
@@ -151,21 +209,41 @@ struct Train: ParsableCommand {
     }
 
     func run() throws {
-        let configuration = trainingConfiguration
-        let loaded = Result {
-            try DataSource.split(try DataSource(parsing: data), evaluation: try evalData.map(DataSource.init(parsing:)),
-                                 heldOutFraction: holdoutFraction)
+        var configuration = trainingConfiguration
+        let loaded = Result { () -> DataSplit in
+            let source = try DataSource(parsing: data)
+            let split = try DataSource.split(source, evaluation: try evalData.map(DataSource.init(parsing:)),
+                                             heldOutFraction: holdoutFraction)
+            return split
         }
-        let metricsPath = metrics, savePath = save, resumePath = resume
+        if let split = try? loaded.get(), let source = try? DataSource(parsing: data) {
+            let shape = split.train.sampleShape
+            let padding = pad ?? Augmentation.defaultPadding(sampleShape: shape)
+            configuration.augmentation = augment == "auto" ? Augmentation.automatic(for: source, sampleShape: shape)
+                                                           : try augmentation(parsing: augment, padding: padding)
+            configuration.augmentation.padding = padding
+        }
+        let metricsPath = metrics, savePath = save, saveEvery = saveEvery
+        // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
+        let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { world in
             let split = try loaded.get()
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
+            if let savePath {
+                if world.rank == 0 { removeStalePartialFiles(for: savePath) }
+                trainer.checkpointing = (savePath, saveEvery)
+            }
             if let resumePath { try trainer.resume(from: resumePath) }
             if world.rank == 0 {
-                if let metricsPath { trainer.metrics = try MetricsWriter(path: metricsPath) }
+                if let metricsPath { trainer.metrics = try MetricsWriter(path: metricsPath, append: resumePath != nil) }
                 trainer.progress = ProgressReporter()
                 let groups = configuration.norm != .bn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
-                trainer.progress?.line("syncbn-train: \(configuration.model.rawValue) with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) (\(RankLaunch.transportName(world))) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples")
+                let plan = trainer.learningRatePlan
+                let scaling = configuration.lrReferenceBatch.map { " = \(configuration.learningRate) × \(configuration.batchSize * world.size)/\($0)" } ?? ""
+                trainer.progress?.line("syncbn-train: \(configuration.model.rawValue)\(configuration.width == 1 ? "" : " ×\(configuration.width)") with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) (\(RankLaunch.transportName(world))) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples, augmentation \(configuration.augmentation)")
+                trainer.progress?.line(String(format: "lr: peak %.6g%@, %@ schedule, %d warm-up steps", plan.peak, scaling,
+                                              configuration.lrSchedule.rawValue, plan.warmupSteps))
+                if let resumePath { trainer.progress?.line("resumed from \(resumePath) at step \(trainer.step)") }
             }
             let summary = try trainer.run()
             if let savePath { try trainer.save(to: savePath) }
