@@ -292,8 +292,12 @@ struct TrainBench: ParsableCommand {
 
     @Option(help: "Comma-separated normalizations to compare (bn, syncbn, cbn).")
     var norms: String = "bn,syncbn"
-    @Option(help: "Model: convnet or mlp.")
+    @Option(help: "Model: convnet, mlp, resnet20, resnet32, resnet56, resnet110 or resnet18.")
     var model: String = ModelKind.convnet.rawValue
+    @Option(help: "Channel multiplier of the model.")
+    var width: Double = 1
+    @Option(help: "Data the steps train on (as syncbn-train --data), e.g. fashion-mnist for 1×28×28 images.")
+    var data: String = DataSource.defaultSynthetic.description
     @Option(help: "Samples per rank per step.")
     var batchSize: Int = 32
     @Option(help: "Timed steps.")
@@ -305,7 +309,8 @@ struct TrainBench: ParsableCommand {
         guard norms.split(separator: ",").allSatisfy({ NormalizationKind(rawValue: String($0)) != nil }) else {
             throw ValidationError("--norms must list bn, syncbn or cbn, got '\(norms)'")
         }
-        guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be convnet or mlp, got '\(model)'") }
+        guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be one of \(ModelKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(model)'") }
+        guard width.isFinite && width > 0 && width <= 64 else { throw ValidationError("--width must be in (0, 64], got \(width)") }
         guard (1...65536).contains(batchSize), (1...100_000).contains(steps), (0...10_000).contains(warmup) else {
             throw ValidationError("--batch-size, --steps and --warmup must be positive and reasonable")
         }
@@ -314,7 +319,8 @@ struct TrainBench: ParsableCommand {
     func run() throws {
         let kinds = norms.split(separator: ",").map { NormalizationKind(rawValue: String($0))! }
         let model = ModelKind(rawValue: self.model)!, batch = batchSize, steps = self.steps, warmup = self.warmup
-        let data = Result { try DataSource.split(.defaultSynthetic, evaluation: nil, heldOutFraction: 0.1) }
+        let source = self.data, width = self.width
+        let data = Result { try DataSource.split(try DataSource(parsing: source), evaluation: nil, heldOutFraction: 0.1) }
         RankLaunch.run(simulateRanks: nil, command: "syncbn-bench", preflight: data.failure) { world in
             let split = try data.get()
             try world.barrier()   // every rank measures at once, as they will train at once
@@ -324,6 +330,7 @@ struct TrainBench: ParsableCommand {
             for kind in kinds {
                 var c = TrainingConfiguration()
                 c.model = model
+                c.width = width
                 c.norm = kind
                 c.batchSize = batch
                 c.steps = warmup + steps
@@ -360,7 +367,8 @@ struct TrainBench: ParsableCommand {
                                       rss.max()!, gemmRate, 100 * gemmRate / gemmLimit, gemmLimit, Double(trainer.ledger.totalCollectives) / Double(steps)))
                 }
             }
-            var json: [String: Any] = ["benchmark": "train", "model": model.rawValue, "ranks": world.size, "batch_size": batch,
+            var json: [String: Any] = ["benchmark": "train", "model": model.rawValue, "width": width, "data": source,
+                                       "sample_shape": split.train.sampleShape, "ranks": world.size, "batch_size": batch,
                                        "steps": steps, "sgemm_gflop_per_s": gemmLimit, "runs": results]
             if let bn = stepSeconds[.bn], let sync = stepSeconds[.syncbn] {
                 json["syncbn_over_bn"] = sync / bn
