@@ -17,9 +17,11 @@ public var productsDirectory: String {
 }
 
 /// Runs `executable` with `arguments`, killing it (and its process group) after `timeout`
-/// seconds so that a hang fails the test quickly instead of stalling the suite.
+/// seconds so that a hang fails the test quickly instead of stalling the suite. With
+/// `killWhen`, polled every 2 ms, the process is killed with SIGKILL as soon as it returns true
+/// (a crash at a moment the test chooses).
 public func runProcess(_ executable: String, _ arguments: [String], environment extra: [String: String] = [:],
-                       timeout: Double, directory: String? = nil) throws -> ProcessResult {
+                       timeout: Double, directory: String? = nil, killWhen: (() -> Bool)? = nil) throws -> ProcessResult {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
@@ -40,7 +42,17 @@ public func runProcess(_ executable: String, _ arguments: [String], environment 
     let finished = DispatchSemaphore(value: 0)
     DispatchQueue.global().async { process.waitUntilExit(); finished.signal() }
     var timedOut = false
-    if finished.wait(timeout: .now() + timeout) == .timedOut {
+    if let killWhen {
+        let deadline = Date().addingTimeInterval(timeout)
+        while finished.wait(timeout: .now() + 0.002) == .timedOut && Date() < deadline {
+            if killWhen() {
+                kill(process.processIdentifier, SIGKILL)
+                _ = finished.wait(timeout: .now() + 10)
+                break
+            }
+        }
+    }
+    if finished.wait(timeout: .now() + (killWhen == nil ? timeout : 0)) == .timedOut {
         timedOut = true
         kill(-process.processIdentifier, SIGKILL)
         process.terminate()

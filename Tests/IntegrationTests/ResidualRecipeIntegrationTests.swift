@@ -1,0 +1,106 @@
+import Foundation
+import Kernels
+import TestSupport
+import Training
+import XCTest
+
+/// ResNets, schedules, augmentation and crash-safe checkpoints through the real binaries.
+final class ResidualRecipeIntegrationTests: XCTestCase {
+    var dir = ""
+    override func setUp() { dir = temporaryDirectory("syncbn-recipe") }
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    /// resnet20 at width 0.25 with SyncBN, crop+flip and the default cosine schedule with warm-up:
+    /// 4 MPI ranks × 6 ≡ 1 process × 24 after 10 steps (60 samples: the last global batch of an
+    /// epoch has 12 samples, 3 per rank).
+    func testResNetWithAugmentationFollowsTheSameTrajectoryUnderMpirun() throws {
+        let common = ["--model", "resnet20", "--width", "0.25", "--augment", "crop,flip", "--data", "synthetic:train=60,heldout=16",
+                      "--steps", "10", "--seed", "2", "--eval-stats", "ema"]
+        let a = dir + "/four.safetensors", b = dir + "/one.safetensors"
+        let multi = try Harness.mpi(4, Harness.train, common + ["--batch-size", "6", "--save", a])
+        XCTAssertEqual(multi.status, 0, describe(multi))
+        XCTAssertTrue(multi.stderr.contains("4 rank(s) (MPI)"), describe(multi))
+        XCTAssertTrue(multi.stderr.contains("augmentation crop,flip"), describe(multi))
+        let single = try Harness.direct(Harness.train, common + ["--batch-size", "24", "--save", b])
+        XCTAssertEqual(single.status, 0, describe(single))
+        let left = try checkpointTensors(a), right = try checkpointTensors(b)
+        XCTAssertEqual(left.keys.sorted(), right.keys.sorted())
+        XCTAssertNotNil(left["layer2.0.downsample.1.running_var"])
+        for (name, values) in left {
+            XCTAssertLessThan(relativeError(values, right[name]!), 1e-4, name)
+        }
+    }
+
+    /// A run killed with SIGKILL right after a periodic checkpoint, then started again with the
+    /// same command line and `--resume auto`, ends bit-identical to an uninterrupted run; no
+    /// partial file is left behind.
+    func testKilledRunResumesAutomaticallyAndBitIdentically() throws {
+        let common = ["--model", "resnet20", "--width", "0.25", "--augment", "crop,flip", "--data", "synthetic:train=300,heldout=32",
+                      "--batch-size", "6", "--steps", "60", "--seed", "4", "--eval-stats", "ema", "--simulate-ranks", "2"]
+        let straight = dir + "/straight.safetensors", crashed = dir + "/crashed.safetensors"
+        let full = try Harness.direct(Harness.train, common + ["--save", straight])
+        XCTAssertEqual(full.status, 0, describe(full))
+        // Without a file, --resume auto starts fresh.
+        let args = common + ["--save", crashed, "--save-every", "7", "--resume", "auto"]
+        let killed = try runProcess(Harness.train, args, timeout: 120, killWhen: {
+            FileManager.default.fileExists(atPath: crashed)
+        })
+        XCTAssertNotEqual(killed.status, 0, "the run was killed: \(describe(killed))")
+        XCTAssertFalse(killed.stderr.contains("resumed from"), describe(killed))
+        let (_, metadata) = try Safetensors.read(crashed)   // complete and readable
+        let savedAt = Int(metadata["step"] ?? "") ?? -1
+        XCTAssertTrue(savedAt > 0 && savedAt < 60 && savedAt % 7 == 0, "checkpoint at step \(savedAt)")
+        // A partial file as a kill during a write would leave it.
+        let stale = dir + "/.crashed.safetensors.partial-999999"
+        FileManager.default.createFile(atPath: stale, contents: Data([1, 2, 3]))
+        let again = try Harness.direct(Harness.train, args)
+        XCTAssertEqual(again.status, 0, describe(again))
+        XCTAssertTrue(again.stderr.contains("resumed from \(crashed) at step \(savedAt)"), describe(again))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: stale), "stale partial files are removed at start")
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.contains(".partial-") }
+        XCTAssertEqual(leftovers, [])
+        let left = try checkpointTensors(straight), right = try checkpointTensors(crashed)
+        XCTAssertEqual(left.keys.sorted(), right.keys.sorted())
+        for (name, values) in left { XCTAssertEqual(values.map(\.bitPattern), right[name]!.map(\.bitPattern), name) }
+    }
+
+    /// PreciseBN, recompute-stats and export-folded on a ResNet checkpoint.
+    func testResNetCheckpointsWorkWithRecomputeStatsAndExport() throws {
+        let trained = dir + "/trained.safetensors", recomputed = dir + "/recomputed.safetensors", folded = dir + "/folded.safetensors"
+        let train = try Harness.mpi(2, Harness.train, ["--model", "resnet20", "--width", "0.25", "--data", "synthetic:train=128,heldout=32",
+                                                      "--steps", "6", "--batch-size", "8", "--precise-bn-samples", "64", "--save", trained])
+        XCTAssertEqual(train.status, 0, describe(train))
+        XCTAssertTrue(train.stderr.contains("PreciseBN"), describe(train))
+        let recompute = try Harness.mpi(2, Harness.train, ["recompute-stats", "--resume", trained, "--save", recomputed,
+                                                          "--precise-bn-samples", "64"])
+        XCTAssertEqual(recompute.status, 0, describe(recompute))
+        XCTAssertNotNil(try checkpointTensors(recomputed)["layer3.0.downsample.1.running_var"])
+        let export = try Harness.direct(Harness.train, ["export-folded", "--resume", trained, "--out", folded])
+        XCTAssertEqual(export.status, 0, describe(export))
+        XCTAssertTrue(export.stderr.contains("21 BN layers folded"), describe(export))
+        let reported = export.stderr.components(separatedBy: "differ by ").last?.split(separator: " ").first.flatMap { Double($0) }
+        XCTAssertLessThan(reported ?? 1, 1e-5, describe(export))
+        XCTAssertNotNil(try checkpointTensors(folded)["layer1.0.conv2.bias"])
+    }
+
+    func testRecipeFlagsAreCheckedBeforeAnythingRuns() throws {
+        for (args, expected) in [
+            (["--lr-schedule", "linear"], "--lr-schedule"),
+            (["--lr-schedule", "step"], "--lr-milestones"),
+            (["--lr-milestones", "3", "--lr-schedule", "cosine"], "--lr-milestones"),
+            (["--warmup-epochs", "1", "--warmup-steps", "3"], "not both"),
+            (["--augment", "crop,rotate"], "rotate"),
+            (["--lr-reference-batch", "0"], "--lr-reference-batch"),
+            (["--width", "0"], "--width"),
+            (["--model", "resnet21"], "--model"),
+            (["--save-every", "5"], "--save"),
+            (["--resume", "auto"], "--save"),
+            (["--data", "fashion-mnist:\(dir)/none"], "no such directory"),
+        ] {
+            let result = try Harness.direct(Harness.train, args + ["--steps", "1"])
+            XCTAssertNotEqual(result.status, 0, "\(args): \(describe(result))")
+            XCTAssertTrue(result.stderr.contains(expected), "\(args): \(describe(result))")
+            XCTAssertFalse(result.stderr.contains("Fatal error"), describe(result))
+        }
+    }
+}
