@@ -35,7 +35,7 @@ public enum ModelKind: String, CaseIterable, Codable, Sendable {
 
 /// A channel count scaled by `--width` (at least 1).
 public func scaledChannels(_ channels: Int, width: Double) -> Int {
-    max(1, Int((Double(channels) * width).rounded()))
+    max(1, Int((Double(channels) * width).rounded(.toNearestOrEven)))   // as Python's round()
 }
 
 /// Builds the residual networks, generically so that gradient checks can run them in Double.
