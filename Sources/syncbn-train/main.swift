@@ -16,7 +16,7 @@ struct SyncBNTrain: ParsableCommand {
         --simulate-ranks N for N ranks as threads of one process. With no options it trains the default
         convnet with SyncBN on the built-in synthetic data set.
         """,
-        subcommands: [Train.self, RecomputeStats.self, ExportFolded.self],
+        subcommands: [Train.self, Evaluate.self, RecomputeStats.self, ExportFolded.self],
         defaultSubcommand: Train.self)
 }
 
@@ -344,6 +344,72 @@ func loadCheckpointRun(_ path: String, data: String?, evalData: String?) throws 
                                      evaluation: try configuration.evalData.map(DataSource.init(parsing:)),
                                      heldOutFraction: configuration.heldOutFraction)
     return (configuration, split)
+}
+
+/// Evaluates a checkpoint on held-out data with the statistics it stores (and, when it keeps
+/// the EMA beside PreciseBN's, with both), optionally writing inputs and logits as .npy.
+struct Evaluate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "evaluate",
+        abstract: "Held-out loss and accuracy of a checkpoint, with its EMA and PreciseBN statistics.",
+        discussion: """
+        The model and data come from the checkpoint's configuration; --eval-data evaluates on another source (its
+        samples are standardized with the training data's moments, as in training). --inputs and --logits write the
+        first --limit held-out samples as the network sees them and the logits it gives them (.npy, Float32), for
+        checking the model elsewhere.
+        """)
+
+    @Option(help: "Checkpoint to evaluate (written by syncbn-train --save).")
+    var resume: String
+    @Option(help: "Held-out data (same forms as --data); default: the checkpoint's.")
+    var evalData: String?
+    @Option(help: "Write the first --limit standardized held-out inputs here (.npy).")
+    var inputs: String?
+    @Option(help: "Write the logits of those inputs here (.npy), with the checkpoint's stored statistics.")
+    var logits: String?
+    @Option(help: "Samples written by --inputs/--logits.")
+    var limit: Int = 256
+    @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
+    var simulateRanks: Int?
+
+    func validate() throws {
+        guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
+        guard (1...(1 << 20)).contains(limit) else { throw ValidationError("--limit must be between 1 and 1048576, got \(limit)") }
+        for path in [inputs, logits].compactMap({ $0 }) {
+            let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+            guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("\(path): directory \(directory) does not exist") }
+        }
+        if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
+    }
+
+    func run() throws {
+        let resumePath = resume, inputsPath = inputs, logitsPath = logits, limit = limit
+        let prepared = Result { try loadCheckpointRun(resumePath, data: nil, evalData: evalData) }
+        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train evaluate", preflight: prepared.failure) { world in
+            let (configuration, split) = try prepared.get()
+            let trainer = try Trainer(configuration: configuration, data: split, world: world)
+            // The EMA statistics first (when the file keeps them beside PreciseBN's), then the stored ones.
+            try trainer.resume(from: resumePath, forTraining: true)
+            let stored = try Safetensors.read(resumePath).metadata["statistics"] ?? "ema"
+            var results: [(String, Evaluation)] = []
+            if stored == "precise" {
+                results.append(("EMA", try trainer.evaluate()))
+                try trainer.resume(from: resumePath, forTraining: false)
+            }
+            results.append((stored == "precise" ? "PreciseBN" : "EMA", try trainer.evaluate()))
+            if world.rank == 0 {
+                let count = min(limit, split.heldOut.count)
+                let (x, _) = split.heldOut.batch(0..<count)
+                if let inputsPath { try writeNumpy(x, to: inputsPath) }
+                if let logitsPath { try writeNumpy(try trainer.network.forward(x, mode: .inference), to: logitsPath) }
+                for (statistics, evaluation) in results {
+                    let line = String(format: "evaluate: step %d, held-out loss %.4f, accuracy %.2f%% (%d samples, %@ statistics)",
+                                      trainer.step, evaluation.loss, evaluation.accuracy * 100, evaluation.count, statistics)
+                    FileHandle.standardError.write(Data((line + "\n").utf8))
+                }
+            }
+        }
+    }
 }
 
 /// Folds every inference-mode BN of a checkpoint into the conv/linear layer before it and writes

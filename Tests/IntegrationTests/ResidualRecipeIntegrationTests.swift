@@ -104,3 +104,44 @@ final class ResidualRecipeIntegrationTests: XCTestCase {
         }
     }
 }
+
+/// `evaluate` and an independent NumPy forward pass of the checkpoint (PyTorch's layer
+/// definitions, torchvision's names).
+final class EvaluateIntegrationTests: XCTestCase {
+    var dir = ""
+    override func setUp() { dir = temporaryDirectory("syncbn-evaluate") }
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    var referenceScript: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("tools/reference_forward.py").path
+    }
+
+    func accuracies(_ text: String, pattern: String) -> [String] {
+        let regex = try! NSRegularExpression(pattern: pattern)
+        return regex.matches(in: text, range: NSRange(text.startIndex..., in: text)).map { String(text[Range($0.range(at: 1), in: text)!]) }
+    }
+
+    func testEvaluateReproducesTheFinalEvaluationAndNumPyAgreesWithTheLogits() throws {
+        for (model, extra) in [("resnet20", ["--width", "0.25"]), ("convnet", [])] {
+            let checkpoint = dir + "/\(model).safetensors", inputs = dir + "/\(model)-x.npy", logits = dir + "/\(model)-logits.npy"
+            let train = try Harness.mpi(2, Harness.train, ["--model", model, "--data", "synthetic:train=256,heldout=64", "--steps", "12",
+                                                          "--batch-size", "8", "--precise-bn-samples", "128", "--save", checkpoint] + extra)
+            XCTAssertEqual(train.status, 0, describe(train))
+            let evaluate = try Harness.direct(Harness.train, ["evaluate", "--resume", checkpoint, "--inputs", inputs, "--logits", logits,
+                                                              "--limit", "40"])
+            XCTAssertEqual(evaluate.status, 0, describe(evaluate))
+            // The same accuracies as the end of training, EMA and PreciseBN.
+            let trained = accuracies(train.stderr, pattern: #"accuracy ([0-9.]+%) \(\d+ samples, (?:EMA|PreciseBN) statistics\)"#).suffix(2)
+            let evaluated = accuracies(evaluate.stderr, pattern: #"accuracy ([0-9.]+%) \(\d+ samples"#)
+            XCTAssertEqual(Array(trained), evaluated, "\(model): \(describe(train))\n\(describe(evaluate))")
+            XCTAssertEqual(try NumpyArray(contentsOf: logits).shape, [40, 10])
+            guard try runProcess("/usr/bin/env", ["python3", "-c", "import numpy"], timeout: 30).status == 0 else {
+                throw XCTSkip("python3 with numpy is not installed: the NumPy reference forward pass was not run")
+            }
+            let reference = try runProcess("/usr/bin/env", ["python3", referenceScript, checkpoint, inputs, logits, "--tolerance", "1e-5"], timeout: 120)
+            XCTAssertEqual(reference.status, 0, "\(model): \(describe(reference))")
+            XCTAssertTrue(reference.stdout.contains("same predicted class for 100.00%"), describe(reference))
+        }
+    }
+}
