@@ -127,12 +127,26 @@ struct Train: ParsableCommand {
         guard cbnBurnin >= 0 else { throw ValidationError("--cbn-burnin must be ≥ 0, got \(cbnBurnin)") }
         guard EvaluationStatistics(rawValue: evalStats) != nil else { throw ValidationError("--eval-stats must be ema, precise or both, got '\(evalStats)'") }
         if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
-        if let save {
-            let directory = URL(fileURLWithPath: save).deletingLastPathComponent().path
+        // Output paths are checked before anything runs: a directory we can write to, and nothing
+        // there that is not ours to replace (a device, a directory, a link, one of the inputs).
+        let inputs = Set(([data, evalData].compactMap { $0 }.flatMap(Self.inputFiles) + [resume].compactMap { $0 })
+            .map { URL(fileURLWithPath: $0).standardizedFileURL.path })
+        for (flag, path) in [("--save", save), ("--metrics", metrics)] {
+            guard let path else { continue }
+            let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
-                throw ValidationError("--save \(save): directory \(directory) does not exist")
+                throw ValidationError("\(flag) \(path): directory \(directory) does not exist")
             }
+            guard access(directory, W_OK) == 0 else { throw ValidationError("\(flag) \(path): directory \(directory) is not writable") }
+            do { try checkReplaceableOutput(path) } catch let error as FileFormatError { throw ValidationError("\(flag) \(error)") }
+            let resolved = URL(fileURLWithPath: path).standardizedFileURL.path
+            if inputs.contains(resolved) && !(flag == "--save" && resume == path) {
+                throw ValidationError("\(flag) \(path) is one of this run's inputs; refusing to overwrite it")
+            }
+        }
+        if let save, let metrics, URL(fileURLWithPath: save).standardizedFileURL == URL(fileURLWithPath: metrics).standardizedFileURL {
+            throw ValidationError("--save and --metrics name the same file \(save)")
         }
         if let resume, resume != "auto", !FileManager.default.fileExists(atPath: resume) { throw ValidationError("--resume \(resume): no such file") }
         if resume == "auto" && save == nil { throw ValidationError("--resume auto needs --save (the checkpoint it resumes from)") }
@@ -155,6 +169,16 @@ struct Train: ParsableCommand {
         if let warmupSteps, warmupSteps < 0 { throw ValidationError("--warmup-steps must be ≥ 0, got \(warmupSteps)") }
         if augment != "auto" { _ = try augmentation(parsing: augment, padding: pad ?? 4) }
         if let pad, !(0...64).contains(pad) { throw ValidationError("--pad must be between 0 and 64, got \(pad)") }
+    }
+
+    /// The files a `--data`/`--eval-data` value reads (for the output-path checks).
+    static func inputFiles(_ text: String) -> [String] {
+        guard let source = try? DataSource(parsing: text) else { return [] }
+        switch source {
+        case let .idx(images, labels): return [images, labels]
+        case let .npy(samples, labels): return [samples, labels]
+        default: return []
+        }
     }
 
     func parsedMilestones() throws -> [Double] {

@@ -74,4 +74,35 @@ final class BadInputTests: XCTestCase {
         XCTAssertNotEqual(bench.status, 0)
         XCTAssertTrue(bench.stderr.contains("none.npy: no such file"), describe(bench))
     }
+
+    /// Output paths that are not ours to replace are refused before anything runs, and left as they were.
+    func testOutputPathsThatAreNotOursAreRefusedAndLeftAlone() throws {
+        try writeNumpy(Tensor<Float>(shape: [8, 4], repeating: 1), to: dir + "/x.npy")
+        try writeNumpy(Tensor<Float>(shape: [8], scalars: [0, 1, 0, 1, 0, 1, 0, 1]), to: dir + "/y.npy")
+        let target = dir + "/precious.txt"
+        FileManager.default.createFile(atPath: target, contents: Data("keep me".utf8))
+        try FileManager.default.createSymbolicLink(atPath: dir + "/link", withDestinationPath: target)
+        try FileManager.default.createDirectory(atPath: dir + "/folder", withIntermediateDirectories: false)
+        let data = "npy:\(dir)/x.npy,\(dir)/y.npy"
+        let cases: [([String], [String])] = [
+            (["--save", "/dev/full"], ["/dev/full", "device"]),
+            (["--metrics", "/dev/null"], ["/dev/null", "device"]),
+            (["--save", dir + "/link"], ["link", "symbolic link"]),
+            (["--metrics", dir + "/link"], ["link", "symbolic link"]),
+            (["--save", dir + "/folder"], ["folder", "directory"]),
+            (["--metrics", dir + "/x.npy"], ["x.npy", "inputs"]),
+            (["--save", dir + "/y.npy"], ["y.npy", "inputs"]),
+        ]
+        for (args, parts) in cases {
+            let result = try Harness.direct(Harness.train, ["--data", data, "--model", "mlp", "--steps", "1"] + args, timeout: 60)
+            assertOneLineError(result, mentions: parts, status: nil)
+            XCTAssertFalse(result.stderr.contains("step 1/1"), "refused before training: \(describe(result))")
+        }
+        XCTAssertEqual(try String(contentsOfFile: target, encoding: .utf8), "keep me")
+        XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: dir + "/link"), target)
+        XCTAssertEqual(try NumpyArray(contentsOf: dir + "/x.npy").shape, [8, 4])
+        var info = stat()
+        XCTAssertEqual(stat("/dev/full", &info), 0)
+        XCTAssertEqual(info.st_mode & S_IFMT, S_IFCHR, "/dev/full is still a device")
+    }
 }
