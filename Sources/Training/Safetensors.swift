@@ -99,6 +99,7 @@ public enum Safetensors {
         }
         let dataLength = bytes.count - dataStart
         var tensors: [String: StoredTensor] = [:]
+        var ranges: [(start: Int, end: Int, name: String)] = []
         for (name, value) in header where name != "__metadata__" {
             guard let info = value as? [String: Any], let dtypeName = info["dtype"] as? String,
                   let shape = info["shape"] as? [Int], let offsets = info["data_offsets"] as? [Int], offsets.count == 2
@@ -107,15 +108,37 @@ public enum Safetensors {
                 throw FileFormatError(path, "entry '\(name)' has unsupported dtype \(dtypeName)")
             }
             let width = dtype == .f32 ? 4 : 8
-            guard shape.allSatisfy({ $0 >= 0 }), offsets[0] >= 0, offsets[1] >= offsets[0],
-                  offsets[1] - offsets[0] == shape.reduce(1, *) * width else {
+            var size: Int? = width
+            for d in shape {
+                guard let current = size, d >= 0 else { size = nil; break }
+                let (product, overflow) = current.multipliedReportingOverflow(by: d)
+                size = overflow ? nil : product
+            }
+            guard let size, size <= dataLength else {
+                throw FileFormatError(path, "entry '\(name)': shape \(shape) is larger than the file")
+            }
+            guard offsets[0] >= 0, offsets[1] >= offsets[0], offsets[1] - offsets[0] == size else {
                 throw FileFormatError(path, "entry '\(name)': data_offsets \(offsets) do not match shape \(shape) of \(dtypeName)")
             }
             guard offsets[1] <= dataLength else {
                 throw FileFormatError(path, "truncated: entry '\(name)' ends at byte \(offsets[1]) of a \(dataLength)-byte data section")
             }
             tensors[name] = StoredTensor(dtype: dtype, shape: shape, bytes: Array(bytes[(dataStart + offsets[0])..<(dataStart + offsets[1])]))
+            ranges.append((offsets[0], offsets[1], name))
         }
+        // As the format requires, the entries tile the data section: no overlap (two names
+        // reading the same bytes, or a name given twice, whose first entry the JSON parser drops),
+        // no gap, nothing after the last.
+        var end = 0
+        for range in ranges.sorted(by: { ($0.start, $0.end) < ($1.start, $1.end) }) {
+            guard range.start == end else {
+                throw FileFormatError(path, range.start < end
+                    ? "entry '\(range.name)' overlaps the bytes of another entry (data_offsets from \(range.start), previous end \(end))"
+                    : "the data section has \(range.start - end) unclaimed bytes before entry '\(range.name)' (a duplicate name?)")
+            }
+            end = range.end
+        }
+        guard end == dataLength else { throw FileFormatError(path, "\(dataLength - end) bytes of data after the last entry") }
         return (tensors, metadata)
     }
 

@@ -252,6 +252,15 @@ struct Train: ParsableCommand {
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { world in
             let split = try loaded.get()
+            // Before any other collective: every rank must run the same job on the same data.
+            var agreement = RunAgreement()
+            try agreement.add(configuration: configuration)
+            agreement.add(data: split.train, as: "--data (the training set)")
+            agreement.add(data: split.heldOut, as: "--eval-data (the held-out set)")
+            if let resumePath { agreement.add(file: resumePath, as: "--resume") } else { agreement.add("--resume", "unset") }
+            agreement.add("--save", savePath == nil ? "unset" : "set")
+            agreement.add("--save-every", saveEvery.map(String.init) ?? "unset")
+            try agreement.check(world)
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
             if let savePath {
                 if world.rank == 0 { removeStalePartialFiles(for: savePath) }

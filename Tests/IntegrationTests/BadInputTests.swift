@@ -106,3 +106,45 @@ final class BadInputTests: XCTestCase {
         XCTAssertEqual(info.st_mode & S_IFMT, S_IFCHR, "/dev/full is still a device")
     }
 }
+
+/// Ranks started with different settings (an MPMD launch) are caught before training: one line
+/// from rank 0 names the setting and the ranks holding each value, every rank exits non-zero.
+final class MismatchedLaunchTests: XCTestCase {
+    func mpmd(_ a: [String], _ b: [String]) throws -> ProcessResult {
+        guard let mpirun = Harness.mpirun else { throw XCTSkip("mpirun is not installed (launch/setup installs it)") }
+        var global = ["--bind-to", "none", "-x", "OPENBLAS_NUM_THREADS=1", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1"]
+        if getuid() == 0 { global.append("--allow-run-as-root") }
+        let common = ["--data", "synthetic:train=256,heldout=32", "--steps", "4", "--batch-size", "4", "--eval-stats", "ema"]
+        return try runProcess(mpirun, global + ["-n", "2", Harness.train] + common + a + [":", "-n", "2", Harness.train] + common + b,
+                              timeout: 60)
+    }
+
+    func testRanksWithDifferentSettingsStopBeforeTraining() throws {
+        let cases: [([String], [String], String)] = [
+            (["--batch-size", "4"], ["--batch-size", "8"], "--batch-size is 4 on ranks 0,1 but 8 on ranks 2,3"),
+            (["--data", "synthetic:train=256,heldout=32,seed=1"], [], "--data (the training set) is 256 samples of [3, 16, 16], 10 classes, content"),
+            (["--norm", "brn"], ["--norm", "syncbn"], "--norm is brn on ranks 0,1 but syncbn on ranks 2,3"),
+            (["--norm", "syncbn"], ["--norm", "bn"], "--norm"),
+            (["--norm", "cbn", "--cbn-rho", "0.5"], ["--norm", "cbn"], "--cbn-rho"),
+            (["--norm", "brn", "--brn-rmax", "2"], ["--norm", "brn"], "--brn-rmax"),
+            (["--eval-data", "synthetic:train=64,heldout=32,seed=9"], [], "--eval-data (the held-out set)"),
+            (["--sync-group-size", "2"], [], "--sync-group-size is 2 on ranks 0,1 but unset on ranks 2,3"),
+            (["--freeze-bn-after", "2"], [], "--freeze-bn-after"),
+            (["--eval-stats", "both"], [], "--eval-stats"),
+            (["--seed", "1"], ["--seed", "2"], "--seed"),
+            (["--lr", "0.05"], [], "--lr"),
+            (["--momentum", "0.5"], [], "--momentum"),
+        ]
+        for (a, b, expected) in cases {
+            let result = try mpmd(a, b)
+            XCTAssertFalse(result.timedOut, describe(result))
+            XCTAssertNotEqual(result.status, 0, "\(a) vs \(b): \(describe(result))")
+            XCTAssertLessThan(result.seconds, 30)
+            let errors = result.stderr.split(separator: "\n").filter { $0.contains("error:") }
+            XCTAssertEqual(errors.count, 1, "one line per job: \(describe(result))")
+            XCTAssertTrue(errors.first?.contains("ranks were started with different settings") ?? false, describe(result))
+            XCTAssertTrue(errors.first?.contains(expected) ?? false, "\(a) vs \(b): expected '\(expected)' in \(describe(result))")
+            XCTAssertFalse(result.stderr.contains("step 1/"), "stopped before training: \(describe(result))")
+        }
+    }
+}

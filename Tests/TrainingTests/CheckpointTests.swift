@@ -117,4 +117,34 @@ final class CheckpointTests: XCTestCase {
         XCTAssertEqual(tensors["n"]?.int64, -7)
         XCTAssertEqual(metadata["k"], "v \"quoted\"")
     }
+
+    /// Crafted files: entries that overlap, a name given twice, gaps, absurd shapes.
+    func testCraftedSafetensorsAreRejected() throws {
+        let dir = temporaryDirectory()
+        func file(_ header: String, dataBytes: Int) -> String {
+            var padded = Array(header.utf8)
+            while padded.count % 8 != 0 { padded.append(0x20) }
+            var bytes = withUnsafeBytes(of: UInt64(padded.count).littleEndian) { Array($0) } + padded
+            bytes += [UInt8](repeating: 0, count: dataBytes)
+            let path = dir + "/f\(UUID().uuidString).safetensors"
+            FileManager.default.createFile(atPath: path, contents: Data(bytes))
+            return path
+        }
+        let cases: [(String, Int, String)] = [
+            (#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12, "overlaps"),
+            (#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 8, "overlaps"),
+            (#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8, "unclaimed"),
+            (#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 12, "after the last entry"),
+            (#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,4]}}"#, 4, "larger than the file"),
+            (#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, 4, "larger than the file"),
+        ]
+        for (header, size, problem) in cases {
+            XCTAssertThrowsError(try Safetensors.read(file(header, dataBytes: size)), header) { error in
+                XCTAssertTrue("\(error)".contains(problem), "\(header): \(error)")
+            }
+        }
+        // A well-formed file of the same kind is read.
+        let good = file(#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, dataBytes: 12)
+        XCTAssertEqual(try Safetensors.read(good).tensors.count, 2)
+    }
 }

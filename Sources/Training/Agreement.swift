@@ -1,0 +1,126 @@
+import Collectives
+import Foundation
+import Kernels
+
+/// What every rank of a job must agree on before training starts, and the check that they do.
+///
+/// Ranks started with different settings (an MPMD launch, per-node copies of the data that
+/// differ) would otherwise train to the end on silently wrong numbers, hang in mismatched
+/// collectives, or fail with MPI's own errors. One all-gather of a hash per setting finds any
+/// difference; only then is a second all-gather spent on the differing values, so that rank 0 can
+/// say which setting differs and which ranks hold each value.
+public struct RunAgreement {
+    /// (setting, value) in a fixed order; the setting is named as the user knows it (a flag).
+    public private(set) var settings: [(name: String, value: String)] = []
+
+    public init() {}
+
+    public mutating func add(_ name: String, _ value: String) { settings.append((name, value)) }
+
+    /// Every field of the training configuration, under its flag's name.
+    public mutating func add(configuration: TrainingConfiguration) throws {
+        let data = try JSONEncoder().encode(configuration)
+        guard let object = try JSONSerialization.jsonObject(with: data) as? [String: Any] else { return }
+        func flatten(_ value: Any, _ path: String) {
+            if let dictionary = value as? [String: Any] {
+                for key in dictionary.keys.sorted() { flatten(dictionary[key]!, path.isEmpty ? key : path + "." + key) }
+            } else if let string = value as? String {
+                add(Self.flagName(path), string)
+            } else {
+                let text = (try? JSONSerialization.data(withJSONObject: [value], options: [.sortedKeys]))
+                    .map { String(decoding: $0.dropFirst().dropLast(), as: UTF8.self) } ?? "\(value)"
+                add(Self.flagName(path), text)
+            }
+        }
+        // Optional fields are absent from the JSON when nil: each gets exactly one entry, "unset"
+        // or its value, so that "set on some ranks only" is a difference like any other.
+        let optional: Set = ["steps", "syncGroupSize", "ghostBatchSize", "freezeBNAfter", "preciseBNBatchSize",
+                             "lrReferenceBatch", "warmupEpochs", "warmupSteps"]
+        // Settings that may differ: where the data lives (the data's content is compared
+        // instead: see add(data:as:)) and how often rank 0 logs.
+        let perRank: Set = ["data", "evalData", "logEvery"]
+        for key in object.keys.sorted() where !optional.contains(key) && !perRank.contains(key) { flatten(object[key]!, key) }
+        for key in optional.sorted() {
+            if let value = object[key] { flatten(value, key) } else { add(Self.flagName(key), "unset") }
+        }
+    }
+
+    /// A data set's size, shape, classes and a content fingerprint: a hash of 64 records spread
+    /// evenly over it (samples and labels).
+    public mutating func add(data: Dataset, as name: String) {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        func mix(_ value: UInt64) { hash = (hash ^ value) &* 0x100_0000_01B3 }
+        let picks = data.count == 0 ? [] : (0..<min(64, data.count)).map { $0 * data.count / min(64, data.count) }
+        for index in picks {
+            mix(UInt64(bitPattern: Int64(data.labels[index])))
+            for value in data.samples[(index * data.sampleSize)..<((index + 1) * data.sampleSize)] { mix(UInt64(value.bitPattern)) }
+        }
+        add(name, "\(data.count) samples of \(data.sampleShape), \(data.classes) classes, content \(String(hash, radix: 16))")
+    }
+
+    /// A file's identity: its size and a hash of its first MiB (the checkpoint header and more).
+    public mutating func add(file path: String, as name: String) {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return add(name, "unreadable \(path)") }
+        defer { try? handle.close() }
+        let head = handle.readData(ofLength: 1 << 20)
+        let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? -1
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in head { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
+        add(name, "\(size) bytes, content \(String(hash, radix: 16))")
+    }
+
+    /// Checks that every rank of `world` holds the same settings. Collective. On a difference
+    /// every rank throws the same ``CollectiveRunError`` naming the differing settings and which
+    /// ranks hold each value.
+    public func check(_ world: any Communicator) throws {
+        guard world.size > 1 else { return }
+        let hashes = settings.map { Int64(bitPattern: Self.hash($0.name + "=" + $0.value)) }
+        let names = Int64(bitPattern: Self.hash(settings.map(\.name).joined(separator: ",")))
+        let all = try world.allGather([names] + hashes)
+        guard all.contains(where: { $0 != all[0] }) else { return }
+        guard all.allSatisfy({ $0.first == names && $0.count == all[0].count }) else {
+            throw CollectiveRunError("ranks run different versions of syncbn-train (their settings differ in kind); start every rank with the same binary")
+        }
+        let differing = (0..<settings.count).filter { i in all.contains { $0[i + 1] != all[0][i + 1] } }
+        // The values of the differing settings, as bytes, from every rank.
+        let text = differing.map { settings[$0].value }.joined(separator: "\u{1F}")
+        let values = try world.allGather(Array(text.utf8).map { Int64($0) })
+            .map { String(decoding: $0.map { UInt8(truncatingIfNeeded: $0) }, as: UTF8.self).components(separatedBy: "\u{1F}") }
+        var parts: [String] = []
+        for (position, index) in differing.enumerated() {
+            var holders: [(value: String, ranks: [Int])] = []
+            for (rank, rankValues) in values.enumerated() {
+                let value = position < rankValues.count ? rankValues[position] : "?"
+                if let i = holders.firstIndex(where: { $0.value == value }) { holders[i].ranks.append(rank) } else { holders.append((value, [rank])) }
+            }
+            parts.append("\(settings[index].name) is " + holders.map { "\($0.value) on \(Self.describe(ranks: $0.ranks))" }.joined(separator: " but "))
+        }
+        throw CollectiveRunError("ranks were started with different settings: " + parts.joined(separator: "; "))
+    }
+
+    static func describe(ranks: [Int]) -> String {
+        ranks.count == 1 ? "rank \(ranks[0])" : "ranks " + ranks.map(String.init).joined(separator: ",")
+    }
+
+    static func hash(_ text: String) -> UInt64 {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in text.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
+        return hash
+    }
+
+    /// The command-line flag of a configuration field (`batchSize` → `--batch-size`).
+    static func flagName(_ field: String) -> String {
+        let special = ["learningRate": "--lr", "crossIteration.window": "--cbn-window", "crossIteration.rho": "--cbn-rho",
+                       "crossIteration.burnIn": "--cbn-burnin", "gradientBucketSize": "--bucket-size",
+                       "heldOutFraction": "--holdout-fraction", "brnRMax": "--brn-rmax", "brnDMax": "--brn-dmax",
+                       "augmentation.crop": "--augment (crop)", "augmentation.flip": "--augment (flip)", "augmentation.padding": "--pad",
+                       "preciseBNSamples": "--precise-bn-samples", "preciseBNBatchSize": "--precise-bn-batch-size",
+                       "freezeBNAfter": "--freeze-bn-after", "bnEpsilon": "BN epsilon", "evalBatchSize": "evaluation batch size"]
+        if let name = special[field] { return name }
+        var result = "--"
+        for character in field {
+            if character.isUppercase { result += "-" + character.lowercased() } else { result.append(character) }
+        }
+        return result
+    }
+}
