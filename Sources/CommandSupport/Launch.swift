@@ -72,8 +72,21 @@ public enum RankLaunch {
         }
     }
 
+    /// `world` with every collective watched: one that waits longer than `timeout` seconds makes
+    /// this rank print what it was waiting in and end with exit code 3 (under `mpirun`, which then
+    /// ends the job), instead of waiting forever for a stopped or dead rank.
+    public static func watched(_ world: any Communicator, timeout: Double, command: String) -> WatchdogCommunicator {
+        let rank = world.rank, size = world.size
+        return WatchdogCommunicator(world, watchdog: CollectiveWatchdog(timeout: timeout) { message in
+            printError(command, (size > 1 ? "rank \(rank): " : "") + message + String(format: " (--collective-timeout %.0f)", timeout))
+            _exit(3)
+        })
+    }
+
     /// How `world` was started, for the first line of a run's output.
     public static func transportName(_ world: any Communicator) -> String {
+        if let watched = world as? WatchdogCommunicator { return transportName(watched.base) }
+        if let instrumented = world as? InstrumentedCommunicator { return transportName(instrumented.base) }
         switch world {
         case is MPICommunicator: return "MPI"
         case is InProcessGroup: return "in-process threads"

@@ -79,6 +79,8 @@ struct Train: ParsableCommand {
     var resume: String?
     @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
+    @Option(help: "Abort the job when a collective has waited this many seconds (a stopped, dead or diverging rank).")
+    var collectiveTimeout: Double = 600
     @Option(help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
     @Option(help: "Batch Renorm: final clip of r (reached by 28% of the steps after a 3% plain-BN warm-up).")
@@ -154,6 +156,7 @@ struct Train: ParsableCommand {
             guard saveEvery >= 1 else { throw ValidationError("--save-every must be ≥ 1, got \(saveEvery)") }
             guard save != nil else { throw ValidationError("--save-every needs --save (where to write)") }
         }
+        guard collectiveTimeout.isFinite && collectiveTimeout >= 1 else { throw ValidationError("--collective-timeout must be at least 1 second, got \(collectiveTimeout)") }
         guard width.isFinite && width > 0 && width <= 64 else { throw ValidationError("--width must be in (0, 64], got \(width)") }
         if lrReferenceBatch != "none" {
             guard let b = Int(lrReferenceBatch), b >= 1 else { throw ValidationError("--lr-reference-batch must be a positive batch size or 'none', got '\(lrReferenceBatch)'") }
@@ -250,7 +253,9 @@ struct Train: ParsableCommand {
         let metricsPath = metrics, savePath = save, saveEvery = saveEvery
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
-        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { world in
+        let timeout = collectiveTimeout
+        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { launched in
+            let world = RankLaunch.watched(launched, timeout: timeout, command: "syncbn-train")
             let split = try loaded.get()
             // Before any other collective: every rank must run the same job on the same data.
             var agreement = RunAgreement()
@@ -262,6 +267,7 @@ struct Train: ParsableCommand {
             agreement.add("--save-every", saveEvery.map(String.init) ?? "unset")
             try agreement.check(world)
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
+            trainer.watchdog = world.watchdog
             if let savePath {
                 if world.rank == 0 { removeStalePartialFiles(for: savePath) }
                 trainer.checkpointing = (savePath, saveEvery)

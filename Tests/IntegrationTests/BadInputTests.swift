@@ -148,3 +148,42 @@ final class MismatchedLaunchTests: XCTestCase {
         }
     }
 }
+
+/// A rank that stops answering (SIGSTOP) ends the job through the collective watchdog.
+final class StoppedRankTests: XCTestCase {
+    func testAStoppedRankEndsTheJobAfterTheCollectiveTimeout() throws {
+        guard Harness.mpirun != nil else { throw XCTSkip("mpirun is not installed (launch/setup installs it)") }
+        let dir = temporaryDirectory("syncbn-stopped")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let metrics = dir + "/metrics.jsonl"
+        var stopped: Int32?
+        // The ranks are the syncbn-train processes whose command line names this test's directory.
+        func ranks() -> [Int32] {
+            let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+            return entries.compactMap(Int32.init).filter { pid in
+                let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+                let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
+                return comm.hasPrefix("syncbn-train") && cmdline.contains(dir)
+            }
+        }
+        defer { if let stopped { kill(stopped, SIGKILL) } }
+        let started = Date()
+        let result = try runProcess(Harness.mpirun!, Harness.mpirunArguments(ranks: 3) + [
+            Harness.train, "--data", "synthetic:train=2048,heldout=64", "--steps", "100000", "--batch-size", "4", "--log-every", "1",
+            "--eval-stats", "ema", "--metrics", metrics, "--collective-timeout", "10",
+        ], timeout: 90, killWhen: {
+            if stopped == nil, (try? String(contentsOfFile: metrics, encoding: .utf8))?.contains("\"step\":5}") == true,
+               let victim = ranks().max() {
+                kill(victim, SIGSTOP)
+                stopped = victim
+            }
+            return false
+        })
+        XCTAssertNotNil(stopped, "a rank was stopped: \(describe(result))")
+        XCTAssertFalse(result.timedOut, describe(result))
+        XCTAssertNotEqual(result.status, 0, describe(result))
+        XCTAssertLessThan(Date().timeIntervalSince(started), 40, describe(result))
+        XCTAssertTrue(result.stderr.contains("no rank answered for") && result.stderr.contains("--collective-timeout 10"), describe(result))
+        XCTAssertTrue(result.stderr.contains("training step"), describe(result))
+    }
+}

@@ -42,17 +42,19 @@ public func runProcess(_ executable: String, _ arguments: [String], environment 
     let finished = DispatchSemaphore(value: 0)
     DispatchQueue.global().async { process.waitUntilExit(); finished.signal() }
     var timedOut = false
+    var done = false
     if let killWhen {
         let deadline = Date().addingTimeInterval(timeout)
-        while finished.wait(timeout: .now() + 0.002) == .timedOut && Date() < deadline {
+        while Date() < deadline {
+            if finished.wait(timeout: .now() + 0.002) == .success { done = true; break }
             if killWhen() {
                 kill(process.processIdentifier, SIGKILL)
-                _ = finished.wait(timeout: .now() + 10)
+                done = finished.wait(timeout: .now() + 10) == .success
                 break
             }
         }
     }
-    if finished.wait(timeout: .now() + (killWhen == nil ? timeout : 0)) == .timedOut {
+    if !done && finished.wait(timeout: .now() + (killWhen == nil ? timeout : 0)) == .timedOut {
         timedOut = true
         kill(-process.processIdentifier, SIGKILL)
         process.terminate()
