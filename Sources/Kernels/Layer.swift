@@ -37,7 +37,18 @@ public final class Counter {
 /// a flat Double vector whose layout its owner defines. Checkpoints keep one copy per rank.
 public final class RankLocalState {
     public var values: [Double]
-    public init(_ values: [Double] = []) { self.values = values }
+    /// Checks stored values before they are restored: nil when they fit, else what is wrong.
+    public let validate: ([Double]) -> String?
+    /// The values that stand for "no history" (what `--reset-cbn-windows` restores), given
+    /// the values of another rank.
+    public let emptied: ([Double]) -> [Double]
+
+    public init(_ values: [Double] = [], validate: @escaping ([Double]) -> String? = { _ in nil },
+                emptied: @escaping ([Double]) -> [Double] = { _ in [] }) {
+        self.values = values
+        self.validate = validate
+        self.emptied = emptied
+    }
 }
 
 /// One named piece of a layer's state, as it appears in checkpoints.

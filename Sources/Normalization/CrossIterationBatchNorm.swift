@@ -50,7 +50,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     public let burnIn: Int
     public let source: any PatchSource<Scalar>
     /// [iterations, entries, entry…] — rank-local: each rank keeps its own local sums.
-    let saved = RankLocalState([0, 0])
+    let saved: RankLocalState
 
     public init(featureCount: Int, source: any PatchSource<Scalar>, window: Int = 4, rho: Double = 1, burnIn: Int = 0,
                 epsilon: Double = 1e-5, momentum: Double? = 0.1, group: (any Communicator)? = nil) {
@@ -60,6 +60,15 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         self.rho = rho
         self.burnIn = burnIn
         self.source = source
+        let C = featureCount, K = source.patchWeight.value.count / featureCount, width = 1 + 2 * C + K + 2 * C * K
+        saved = RankLocalState([0, 0], validate: { values in
+            guard values.count >= 2, values.allSatisfy(\.isFinite), values[0] >= 0, values[0] == values[0].rounded(),
+                  values[1] >= 0, values[1] <= Double(window - 1), values[1] == values[1].rounded() else {
+                return "is not a cross-iteration window of at most \(window - 1) entries"
+            }
+            let expected = 2 + Int(values[1]) * width
+            return values.count == expected ? nil : "holds \(values.count) values where \(Int(values[1])) window entries of this layer take \(expected)"
+        }, emptied: { other in [other.first ?? 0, 0] })
         super.init(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
     }
 

@@ -50,8 +50,12 @@ public enum Checkpoint {
     /// `preferEMA` the EMA values go into the buffers (what continuing training needs); without,
     /// the stored running statistics do (what inference uses).
     @discardableResult
+    ///
+    /// Rank-local state (cross-iteration windows) is per rank: the file must have been written
+    /// by `ranks` ranks, unless `resetRankLocal`, which starts every window empty instead.
     public static func load(_ path: String, into network: Network, optimizer: SGD?,
-                            preferEMA: Bool = true, rank: Int = 0) throws -> (metadata: [String: String], emaBuffers: [String: [Float]]?) {
+                            preferEMA: Bool = true, rank: Int = 0, ranks: Int = 1,
+                            resetRankLocal: Bool = false) throws -> (metadata: [String: String], emaBuffers: [String: [Float]]?) {
         let (tensors, metadata) = try Safetensors.read(path)
         guard metadata["format"] == format else {
             throw FileFormatError(path, "not a syncbn checkpoint (metadata format is \(metadata["format"].map { "'\($0)'" } ?? "missing"))")
@@ -91,10 +95,20 @@ public enum Checkpoint {
                 used.insert(name)
                 assignments.append { c.value = value }
             case let .rankLocal(name, state):
+                let written = metadata["ranks"].flatMap { Int($0) }
+                if resetRankLocal {
+                    let emptied = state.emptied(tensors["\(name).rank0"]?.doubles ?? [])
+                    assignments.append { state.values = emptied }
+                    continue
+                }
+                guard written == ranks else {
+                    throw FileFormatError(path, "was written by \(written.map(String.init) ?? "an unknown number of") rank(s) and holds each rank's cross-iteration BN window; resume on as many ranks, or pass --reset-cbn-windows to start the windows empty")
+                }
                 let key = "\(name).rank\(rank)"
                 guard let values = tensors[key]?.doubles else {
                     throw FileFormatError(path, "has no '\(key)': it was written by \(metadata["ranks"] ?? "another number of") rank(s); resume cross-iteration BN on as many ranks")
                 }
+                if let problem = state.validate(values) { throw FileFormatError(path, "'\(key)' \(problem)") }
                 assignments.append { state.values = values }
             }
         }

@@ -120,8 +120,11 @@ public final class Trainer {
 
     /// Continues from a checkpoint written by ``save(to:)``: with the EMA statistics when the file
     /// keeps them beside PreciseBN's (`forTraining`), otherwise with the statistics it stores.
-    public func resume(from path: String, forTraining: Bool = true) throws {
-        let (metadata, ema) = try Checkpoint.load(path, into: network, optimizer: optimizer, preferEMA: forTraining, rank: world.rank)
+    /// With `resetCrossIterationWindows` a checkpoint written by another number of ranks may be
+    /// resumed: every cross-iteration BN window starts empty.
+    public func resume(from path: String, forTraining: Bool = true, resetCrossIterationWindows: Bool = false) throws {
+        let (metadata, ema) = try Checkpoint.load(path, into: network, optimizer: optimizer, preferEMA: forTraining, rank: world.rank,
+                                                  ranks: world.size, resetRankLocal: resetCrossIterationWindows)
         emaBuffers = forTraining ? nil : ema
         guard let text = metadata["step"], let saved = Int(text), saved >= 0 else {
             throw FileFormatError(path, "metadata has no valid 'step'")

@@ -79,6 +79,8 @@ struct Train: ParsableCommand {
     var resume: String?
     @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
+    @Flag(help: "Resume a cross-iteration BN checkpoint written by another number of ranks, with every window empty.")
+    var resetCbnWindows = false
     @Option(help: "Abort the job when a collective has waited this many seconds (a stopped, dead or diverging rank).")
     var collectiveTimeout: Double = 600
     @Option(help: "Log a metrics line every N steps.")
@@ -253,7 +255,7 @@ struct Train: ParsableCommand {
         let metricsPath = metrics, savePath = save, saveEvery = saveEvery
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
-        let timeout = collectiveTimeout
+        let timeout = collectiveTimeout, resetWindows = resetCbnWindows
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { launched in
             let world = RankLaunch.watched(launched, timeout: timeout, command: "syncbn-train")
             let split = try loaded.get()
@@ -272,7 +274,7 @@ struct Train: ParsableCommand {
                 if world.rank == 0 { removeStalePartialFiles(for: savePath) }
                 trainer.checkpointing = (savePath, saveEvery)
             }
-            if let resumePath { try trainer.resume(from: resumePath) }
+            if let resumePath { try trainer.resume(from: resumePath, resetCrossIterationWindows: resetWindows) }
             if world.rank == 0 {
                 if let metricsPath { trainer.metrics = try MetricsWriter(path: metricsPath, append: resumePath != nil) }
                 trainer.progress = ProgressReporter()
@@ -428,12 +430,12 @@ struct Evaluate: ParsableCommand {
             let (configuration, split) = try prepared.get()
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
             // The EMA statistics first (when the file keeps them beside PreciseBN's), then the stored ones.
-            try trainer.resume(from: resumePath, forTraining: true)
+            try trainer.resume(from: resumePath, forTraining: true, resetCrossIterationWindows: true)   // windows play no part in inference
             let stored = try Safetensors.read(resumePath).metadata["statistics"] ?? "ema"
             var results: [(String, Evaluation)] = []
             if stored == "precise" {
                 results.append(("EMA", try trainer.evaluate()))
-                try trainer.resume(from: resumePath, forTraining: false)
+                try trainer.resume(from: resumePath, forTraining: false, resetCrossIterationWindows: true)
             }
             results.append((stored == "precise" ? "PreciseBN" : "EMA", try trainer.evaluate()))
             if world.rank == 0 {
@@ -482,7 +484,7 @@ struct ExportFolded: ParsableCommand {
         RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-folded", preflight: prepared.failure) { world in
             let (configuration, split) = try prepared.get()
             let trainer = try Trainer(configuration: configuration, data: split, world: SingleProcessCommunicator())
-            try trainer.resume(from: resumePath, forTraining: false)
+            try trainer.resume(from: resumePath, forTraining: false, resetCrossIterationWindows: true)
             let folded = try trainer.network.foldingBatchNorm()
             let (x, _) = split.heldOut.batch(0..<min(split.heldOut.count, 512))
             let reference = try trainer.network.forward(x, mode: .inference)

@@ -59,8 +59,29 @@ final class CheckpointTests: XCTestCase {
         XCTAssertEqual(rank0?.count, rank1?.count)
         XCTAssertNotEqual(rank0, rank1, "each rank keeps its own local sums")
         XCTAssertEqual(rank0?.prefix(2), [5, 3], "5 iterations, window of 4 keeps 3 past entries")
-        XCTAssertThrowsError(try run(configuration(steps: 6, norm: .cbn), ranks: 3, resume: path)) { error in
-            XCTAssertTrue("\(error)".contains("written by 2 rank(s)"), "\(error)")
+        for ranks in [1, 3] {
+            XCTAssertThrowsError(try run(configuration(steps: 6, norm: .cbn), ranks: ranks, resume: path)) { error in
+                XCTAssertTrue("\(error)".contains("written by 2 rank(s)") && "\(error)".contains("--reset-cbn-windows"), "\(error)")
+            }
+        }
+        // Explicitly allowed: every window starts empty, the iteration count is kept.
+        let resumed = try InProcessGroup.run(size: 1) { comm -> [Double] in
+            let trainer = try Trainer(configuration: self.configuration(steps: 6, norm: .cbn), data: Self.data, world: comm)
+            try trainer.resume(from: path, resetCrossIterationWindows: true)
+            let window = trainer.network.state.compactMap { entry -> [Double]? in
+                if case let .rankLocal(name, state) = entry, name == "features.1.bn.cbn_window" { return state.values } else { return nil }
+            }.first!
+            try trainer.trainStep()
+            return window
+        }[0]
+        XCTAssertEqual(resumed, [5, 0])
+        // Malformed window data is an error that names the entry, not a crash.
+        var file = try Safetensors.read(path)
+        file.tensors["features.1.bn.cbn_window.rank1"] = StoredTensor(doubles: [5, 3, 1, 2], shape: [4])
+        let broken = path + "-broken.safetensors"
+        try Safetensors.write(file.tensors.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }, metadata: file.metadata, to: broken)
+        XCTAssertThrowsError(try run(configuration(steps: 6, norm: .cbn), ranks: 2, resume: broken)) { error in
+            XCTAssertTrue("\(error)".contains("cbn_window.rank1") && "\(error)".contains("values"), "\(error)")
         }
     }
 
