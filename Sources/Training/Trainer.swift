@@ -70,20 +70,36 @@ public final class Trainer {
         self.data = data
         let ranks = base.size
         let groupSize = configuration.syncGroupSize ?? ranks
-        guard groupSize >= 1 else { throw DataError("--sync-group-size must be ≥ 1, got \(groupSize)") }
+        // Errors of the configuration itself: every rank finds them alike (the ranks have agreed
+        // on the configuration), so they are collective errors, printed once.
+        guard groupSize >= 1 else { throw CollectiveRunError("--sync-group-size must be ≥ 1, got \(groupSize)") }
         if let ghost = configuration.ghostBatchSize {
             guard configuration.norm == .bn || configuration.norm == .syncbn else {
-                throw DataError("--ghost-batch-size works with --norm bn or syncbn, not \(configuration.norm.rawValue)")
+                throw CollectiveRunError("--ghost-batch-size works with --norm bn or syncbn, not \(configuration.norm.rawValue)")
             }
             guard ghost >= 1 && ghost <= configuration.batchSize else {
-                throw DataError("--ghost-batch-size must be between 1 and the per-rank batch \(configuration.batchSize), got \(ghost)")
+                throw CollectiveRunError("--ghost-batch-size must be between 1 and the per-rank batch \(configuration.batchSize), got \(ghost)")
             }
         }
         guard groupSize <= ranks else {
-            throw DataError("--sync-group-size \(groupSize) exceeds the \(ranks) rank\(ranks == 1 ? "" : "s") of this job")
+            throw CollectiveRunError("--sync-group-size \(groupSize) exceeds the \(ranks) rank\(ranks == 1 ? "" : "s") of this job")
+        }
+        guard ranks % groupSize == 0 else {
+            throw CollectiveRunError("--sync-group-size \(groupSize) does not divide the \(ranks) ranks of this job (groups would differ in size)")
+        }
+        guard data.train.count >= 2 else { throw CollectiveRunError("the training set has \(data.train.count) sample(s); at least 2 are needed") }
+        guard data.heldOut.count >= 1 else { throw CollectiveRunError("the held-out set is empty: nothing to evaluate on") }
+        let synced = [.syncbn, .cbn, .brn, .rbn].contains(configuration.norm)
+        // Feature vectors (the MLP) have one value per channel and sample: a BN batch of one
+        // sample has no statistics. Caught here rather than after training (PreciseBN).
+        if configuration.model == .mlp && configuration.norm != .gn && configuration.evalStats != .ema {
+            let perRank = configuration.preciseBNBatchSize ?? configuration.batchSize
+            let shared = synced ? groupSize : 1
+            guard perRank * shared >= 2 else {
+                throw CollectiveRunError("--precise-bn-batch-size \(perRank) gives PreciseBN batches of one sample, which have no statistics for the MLP's BN layers; use at least 2 (or --eval-stats ema)")
+            }
         }
         var group: (any Communicator)?
-        let synced = [.syncbn, .cbn, .brn, .rbn].contains(configuration.norm)
         if synced && ranks > 1 && groupSize > 1 {
             group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
         }

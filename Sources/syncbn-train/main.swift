@@ -27,23 +27,23 @@ struct Train: ParsableCommand {
     var data: String = DataSource.defaultSynthetic.description
     @Option(help: "Held-out data for evaluation (same forms as --data); default: the source's test set or the last --holdout-fraction.")
     var evalData: String?
-    @Option(help: "Fraction of --data held out for evaluation when the source has no test set.")
+    @Option(parsing: .unconditional, help: "Fraction of --data held out for evaluation when the source has no test set.")
     var holdoutFraction: Double = 0.1
     @Option(help: "Model: convnet, mlp, resnet20, resnet32, resnet56, resnet110 or resnet18.")
     var model: String = ModelKind.convnet.rawValue
-    @Option(help: "Multiplies every layer's channel count (e.g. 0.5, 2).")
+    @Option(parsing: .unconditional, help: "Multiplies every layer's channel count (e.g. 0.5, 2).")
     var width: Double = 1
     @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group) gn (GroupNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
     var norm: String = NormalizationKind.syncbn.rawValue
-    @Option(help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
+    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
     var syncGroupSize: Int?
-    @Option(help: "Samples per rank per step.")
+    @Option(parsing: .unconditional, help: "Samples per rank per step.")
     var batchSize: Int = 32
-    @Option(help: "Passes over the training set (ignored when --steps is given).")
+    @Option(parsing: .unconditional, help: "Passes over the training set (ignored when --steps is given).")
     var epochs: Int = 6
-    @Option(help: "Total optimizer steps (overrides --epochs).")
+    @Option(parsing: .unconditional, help: "Total optimizer steps (overrides --epochs).")
     var steps: Int?
-    @Option(help: "Learning rate at the reference batch (--lr-reference-batch); the peak of the schedule.")
+    @Option(parsing: .unconditional, help: "Learning rate at the reference batch (--lr-reference-batch); the peak of the schedule.")
     var lr: Double = 0.1
     @Option(help: "Linear scaling rule: the peak rate is --lr × total batch / this ('none': --lr as given).")
     var lrReferenceBatch: String = "128"
@@ -51,60 +51,60 @@ struct Train: ParsableCommand {
     var lrSchedule: String = LearningRateSchedule.cosine.rawValue
     @Option(help: "Epochs at which the step schedule multiplies the rate by 0.1, comma-separated (e.g. 100,150).")
     var lrMilestones: String?
-    @Option(help: "Linear warm-up over this many epochs (default: 1 epoch, at most a tenth of the run).")
+    @Option(parsing: .unconditional, help: "Linear warm-up over this many epochs (default: 1 epoch, at most a tenth of the run).")
     var warmupEpochs: Double?
-    @Option(help: "Linear warm-up over this many steps (instead of --warmup-epochs).")
+    @Option(parsing: .unconditional, help: "Linear warm-up over this many steps (instead of --warmup-epochs).")
     var warmupSteps: Int?
     @Option(help: "Augmentation: auto (crop,flip for fashion-mnist and cifar10, none otherwise), crop,flip, crop, flip or none.")
     var augment: String = "auto"
-    @Option(help: "Zero-padding before the random crop, in pixels (default: 2 for images up to 28×28, else 4).")
+    @Option(parsing: .unconditional, help: "Zero-padding before the random crop, in pixels (default: 2 for images up to 28×28, else 4).")
     var pad: Int?
-    @Option(help: "SGD momentum.")
+    @Option(parsing: .unconditional, help: "SGD momentum.")
     var momentum: Double = 0.9
-    @Option(help: "Weight decay (L2, applied to every parameter as PyTorch's SGD).")
+    @Option(parsing: .unconditional, help: "Weight decay (L2, applied to every parameter as PyTorch's SGD).")
     var weightDecay: Double = 5e-4
-    @Option(help: "Momentum of the BN running statistics.")
+    @Option(parsing: .unconditional, help: "Momentum of the BN running statistics.")
     var bnMomentum: Double = 0.1
-    @Option(help: "Seed for initialisation and the sampling order.")
+    @Option(parsing: .unconditional, help: "Seed for initialisation and the sampling order.")
     var seed: UInt64 = 0
-    @Option(help: "Evaluate on the held-out set every N steps (0: only at the end).")
+    @Option(parsing: .unconditional, help: "Evaluate on the held-out set every N steps (0: only at the end).")
     var evalEvery: Int = 0
     @Option(help: "Write JSON-lines metrics to this file (rank 0).")
     var metrics: String?
     @Option(help: "Save a safetensors checkpoint here at the end (rank 0, atomic).")
     var save: String?
-    @Option(help: "Also save the --save checkpoint every N steps.")
+    @Option(parsing: .unconditional, help: "Also save the --save checkpoint every N steps.")
     var saveEvery: Int?
     @Option(help: "Resume from a checkpoint written by --save; 'auto': from --save's file when it exists, else start fresh.")
     var resume: String?
-    @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
+    @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
     @Flag(help: "Resume a cross-iteration BN checkpoint written by another number of ranks, with every window empty.")
     var resetCbnWindows = false
-    @Option(help: "Abort the job when a collective has waited this many seconds (a stopped, dead or diverging rank).")
+    @Option(parsing: .unconditional, help: "Abort the job when a collective has waited this many seconds (a stopped, dead or diverging rank).")
     var collectiveTimeout: Double = 600
-    @Option(help: "Log a metrics line every N steps.")
+    @Option(parsing: .unconditional, help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
-    @Option(help: "Batch Renorm: final clip of r (reached by 28% of the steps after a 3% plain-BN warm-up).")
+    @Option(parsing: .unconditional, help: "Batch Renorm: final clip of r (reached by 28% of the steps after a 3% plain-BN warm-up).")
     var brnRmax: Double = 3
-    @Option(help: "Batch Renorm: final clip of |d| (reached by 19% of the steps).")
+    @Option(parsing: .unconditional, help: "Batch Renorm: final clip of |d| (reached by 19% of the steps).")
     var brnDmax: Double = 5
-    @Option(help: "Ghost BN: normalize each rank's batch in ghost batches of this size (with --norm bn or syncbn; with a sync group, ghost batch j of every rank of the group together).")
+    @Option(parsing: .unconditional, help: "Ghost BN: normalize each rank's batch in ghost batches of this size (with --norm bn or syncbn; with a sync group, ghost batch j of every rank of the group together).")
     var ghostBatchSize: Int?
-    @Option(help: "GroupNorm: channel groups per layer (capped at the layer's channels).")
+    @Option(parsing: .unconditional, help: "GroupNorm: channel groups per layer (capped at the layer's channels).")
     var gnGroups: Int = 8
-    @Option(help: "FrozenBN: from this step on, BN layers use their population statistics (no batch statistics, no updates, no collectives).")
+    @Option(parsing: .unconditional, help: "FrozenBN: from this step on, BN layers use their population statistics (no batch statistics, no updates, no collectives).")
     var freezeBnAfter: Int?
-    @Option(help: "Gradient values per all-reduce bucket; buckets start during backward.")
+    @Option(parsing: .unconditional, help: "Gradient values per all-reduce bucket; buckets start during backward.")
     var bucketSize: Int = 1 << 16
     @Option(help: "Statistics for evaluation: ema (running averages), precise (PreciseBN) or both.")
     var evalStats: String = EvaluationStatistics.both.rawValue
     @OptionGroup var precise: PreciseBNOptions
-    @Option(help: "Cross-iteration BN: iterations in the window, the current one included.")
+    @Option(parsing: .unconditional, help: "Cross-iteration BN: iterations in the window, the current one included.")
     var cbnWindow: Int = 4
-    @Option(help: "Cross-iteration BN: scale of the Taylor compensation (0 = naive averaging).")
+    @Option(parsing: .unconditional, help: "Cross-iteration BN: scale of the Taylor compensation (0 = naive averaging).")
     var cbnRho: Double = 1
-    @Option(help: "Cross-iteration BN: steps of plain SyncBN before the window is used.")
+    @Option(parsing: .unconditional, help: "Cross-iteration BN: steps of plain SyncBN before the window is used.")
     var cbnBurnin: Int = 0
 
     func validate() throws {
@@ -302,9 +302,9 @@ struct Train: ParsableCommand {
 
 /// PreciseBN's options, shared by `train` and `recompute-stats`.
 struct PreciseBNOptions: ParsableArguments {
-    @Option(help: "PreciseBN: samples over all ranks used to recompute the population statistics.")
+    @Option(parsing: .unconditional, help: "PreciseBN: samples over all ranks used to recompute the population statistics.")
     var preciseBnSamples: Int = 8192
-    @Option(help: "PreciseBN: samples per rank per forward pass (default: the training batch size).")
+    @Option(parsing: .unconditional, help: "PreciseBN: samples per rank per forward pass (default: the training batch size).")
     var preciseBnBatchSize: Int?
 
     func validate() throws {
@@ -334,7 +334,7 @@ struct RecomputeStats: ParsableCommand {
     @Option(help: "Held-out data for the before/after accuracy (default: the source's test set or last 10%).")
     var evalData: String?
     @OptionGroup var precise: PreciseBNOptions
-    @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
+    @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
 
     func validate() throws {
@@ -408,9 +408,9 @@ struct Evaluate: ParsableCommand {
     var inputs: String?
     @Option(help: "Write the logits of those inputs here (.npy), with the checkpoint's stored statistics.")
     var logits: String?
-    @Option(help: "Samples written by --inputs/--logits.")
+    @Option(parsing: .unconditional, help: "Samples written by --inputs/--logits.")
     var limit: Int = 256
-    @Option(help: "Run N ranks as threads of this process instead of under mpirun.")
+    @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
 
     func validate() throws {

@@ -75,6 +75,29 @@ final class BadInputTests: XCTestCase {
         XCTAssertTrue(bench.stderr.contains("none.npy: no such file"), describe(bench))
     }
 
+    /// Mistakes that used to surface late or not at all are one-line errors at the start.
+    func testConfigurationMistakesFailAtTheStart() throws {
+        try writeNumpy(Tensor<Float>(shape: [8, 4], repeating: 1), to: dir + "/x.npy")
+        try writeNumpy(Tensor<Float>(shape: [8], scalars: [0, 1, 0, 1, 0, 1, 0, 1]), to: dir + "/y.npy")
+        try writeNumpy(Tensor<Float>(shape: [0, 4]), to: dir + "/x0.npy")
+        try writeNumpy(Tensor<Float>(shape: [0]), to: dir + "/y0.npy")
+        let small = ["--data", "synthetic:train=64,heldout=16", "--steps", "2"]
+        let cases: [([String], [String], Int32?)] = [
+            (["--lr", "-0.1"], ["--lr", "-0.1"], 64),
+            (["--momentum", "-1"], ["--momentum"], 64),
+            (small + ["--simulate-ranks", "4", "--sync-group-size", "3"], ["--sync-group-size 3", "does not divide"], 2),
+            (small + ["--model", "mlp", "--precise-bn-batch-size", "1"], ["--precise-bn-batch-size 1"], 2),
+            (["--data", "npy:\(dir)/x.npy,\(dir)/y.npy", "--eval-data", "npy:\(dir)/x0.npy,\(dir)/y0.npy", "--model", "mlp", "--steps", "2"],
+             ["held-out set is empty"], 2),
+        ]
+        for (args, parts, status) in cases {
+            let result = try Harness.direct(Harness.train, args, timeout: 60)
+            assertOneLineError(result, mentions: parts, status: status)
+            XCTAssertEqual(result.stderr.lowercased().components(separatedBy: "error").count - 1, 1, "printed once: \(describe(result))")
+            XCTAssertFalse(result.stderr.contains("step 1/"), describe(result))
+        }
+    }
+
     /// Output paths that are not ours to replace are refused before anything runs, and left as they were.
     func testOutputPathsThatAreNotOursAreRefusedAndLeftAlone() throws {
         try writeNumpy(Tensor<Float>(shape: [8, 4], repeating: 1), to: dir + "/x.npy")
