@@ -97,8 +97,15 @@ public enum RankLaunch {
     /// Prints the message once per job (by launcher rank 0) and exits with code 2. For errors
     /// found before any collective, which every rank finds alike.
     public static func fail(_ command: String, _ message: String) -> Never {
-        if MPICommunicator.launcherRank == 0 { printError(command, message) }
+        if MPICommunicator.launcherRank == 0 { printError(command, message) } else { letRankZeroSpeakFirst() }
         exit(2)
+    }
+
+    /// A rank other than 0 that exits with an error waits a moment first: `mpirun` ends the whole
+    /// job when the first rank exits non-zero, and rank 0's message, if it has not reached
+    /// `mpirun` by then, is lost.
+    public static func letRankZeroSpeakFirst() {
+        if MPICommunicator.launcherRank != 0 { usleep(1_500_000) }
     }
 
     public static func printError(_ command: String, _ message: String) {
@@ -120,6 +127,7 @@ extension ParsableCommand {
             Foundation.exit(0)
         } catch {
             if MPICommunicator.launcherRank == 0 { exit(withError: error) }
+            RankLaunch.letRankZeroSpeakFirst()
             Foundation.exit(exitCode(for: error).rawValue)
         }
     }
