@@ -71,9 +71,17 @@ public struct NumpyArray {
             guard let v = Int(d), v >= 0 else { throw FileFormatError(path, "bad shape (\(shapeText))") }
             shape.append(v)
         }
-        let count = shape.reduce(1, *)
         guard let (width, decode) = Self.decoder(for: descr) else {
             throw FileFormatError(path, "unsupported dtype '\(descr)' (use float32, float64 or an integer type)")
+        }
+        // Checked arithmetic: a crafted shape must give an error, not an overflow trap.
+        var count = 1
+        for d in shape {
+            let (product, overflow) = count.multipliedReportingOverflow(by: d)
+            guard !overflow, product <= bytes.count else {
+                throw FileFormatError(path, "truncated: shape \(shape) needs more data than the file's \(bytes.count) bytes")
+            }
+            count = product
         }
         let start = headerStart + headerLength
         let needed = count * width

@@ -26,6 +26,10 @@ final class NumpyFileTests: XCTestCase {
             ("short.npy", good.prefix(good.count - 8), "truncated"),
             ("long.npy", good + Data([1, 2, 3, 4]), "trailing"),
             ("dtype.npy", replacing(Data("<f4".utf8), with: Data("<c8".utf8), in: good), "unsupported dtype"),
+            // Crafted shapes whose element count overflows or dwarfs the file.
+            ("huge.npy", npy(shape: "(4611686018427387904, 4)"), "truncated"),
+            ("overflow.npy", npy(shape: "(9223372036854775807, 9223372036854775807)"), "truncated"),
+            ("big.npy", npy(shape: "(1000000000, 1000000000)"), "truncated"),
         ]
         for (name, data, problem) in cases {
             try data.write(to: URL(fileURLWithPath: dir + "/" + name))
@@ -37,6 +41,17 @@ final class NumpyFileTests: XCTestCase {
         XCTAssertThrowsError(try NumpyArray(contentsOf: dir + "/missing.npy")) { error in
             XCTAssertTrue("\(error)".contains("no such file"))
         }
+    }
+
+    /// A version-1 .npy file with the given shape text and 16 data bytes.
+    func npy(shape: String) -> Data {
+        var header = "{'descr': '<f4', 'fortran_order': False, 'shape': \(shape), }"
+        while (10 + header.utf8.count + 1) % 64 != 0 { header += " " }
+        header += "\n"
+        var data = Data([0x93] + Array("NUMPY".utf8) + [1, 0, UInt8(header.utf8.count & 0xFF), UInt8(header.utf8.count >> 8)])
+        data.append(contentsOf: Array(header.utf8))
+        data.append(contentsOf: [UInt8](repeating: 0, count: 16))
+        return data
     }
 
     func replacing(_ old: Data, with new: Data, in data: Data) -> Data {

@@ -187,6 +187,13 @@ final class RecipeTests: XCTestCase {
         assertFails("crc.gz", badCRC, ["crc.gz", "cannot decompress"])
         assertFails("fake.gz", [0, 0, 8, 1, 0, 0, 0, 0], ["fake.gz", "not gzip"])
         assertFails("garbage.gz", compressed + [1, 2, 3], ["garbage.gz", "trailing garbage"])
+        // Crafted IDX dimensions whose product overflows or exceeds any real file.
+        for (name, dims) in [("huge.idx", [0xFFFF_FFFF, 0xFFFF_FFFF, 0xFFFF_FFFF]), ("wide.idx", [0x7FFF_FFFF, 0x7FFF_FFFF])] {
+            let path = write(name, idx(dims, [1, 2, 3, 4]))
+            XCTAssertThrowsError(try DataSource.idx(images: path, labels: labels).load()) { error in
+                XCTAssertTrue("\(error)".contains(name) && "\(error)".contains("too large"), "\(error)")
+            }
+        }
     }
 
     func testFashionMNISTReadsTheFourFilesWithTheTestSetHeldOut() throws {
