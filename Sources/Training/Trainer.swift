@@ -297,7 +297,7 @@ public final class Trainer {
                 for (name, buffer) in network.namedBuffers { buffer.value.scalars = ema[name]! }
             }
         }
-        for (statistics, evaluation) in results { report(evaluation, statistics: statistics) }
+        for (statistics, evaluation) in results { try report(evaluation, statistics: statistics) }
         return results
     }
 
@@ -326,34 +326,41 @@ public final class Trainer {
     public func run() throws -> TrainingSummary {
         let total = totalSteps
         let started = Date()
-        var intervalStart = Date(), intervalSamples = 0, intervalComm = ledger.blockedSeconds
+        // The interval since the last log line: loss and accuracy are sample-weighted means over
+        // its steps (each step's value is the global batch mean), samples/s counts training only.
+        var intervalStart = Date(), intervalSamples = 0, intervalSteps = 0, intervalComm = ledger.blockedSeconds
+        var intervalLoss = 0.0, intervalCorrect = 0.0
         var trained = 0
-        let plainEvery = max(1, total / 20)
         while step < total {
             let (loss, accuracy, samples, rate) = try trainStep()
             intervalSamples += samples
+            intervalSteps += 1
+            intervalLoss += loss * Double(samples)
+            intervalCorrect += accuracy * Double(samples)
             trained += samples
             let logNow = step % max(configuration.logEvery, 1) == 0 || step == total
             if world.rank == 0 {
                 let elapsed = Date().timeIntervalSince(intervalStart)
                 let samplesPerSecond = Double(intervalSamples) / max(elapsed, 1e-9)
+                let meanLoss = intervalLoss / Double(max(intervalSamples, 1)), meanAccuracy = intervalCorrect / Double(max(intervalSamples, 1))
+                let epoch = (step - 1) / max(sampler.stepsPerEpoch, 1)
                 let text = String(format: "step %d/%d  epoch %d  loss %.4f  acc %.1f%%  lr %.4g  %.0f samples/s",
-                                  step, total, (step - 1) / max(sampler.stepsPerEpoch, 1), loss, accuracy * 100, rate, samplesPerSecond)
-                progress?.step(text, milestone: step % plainEvery == 0, final: step == total)
+                                  step, total, epoch, meanLoss, meanAccuracy * 100, rate, samplesPerSecond)
+                progress?.step(text, milestone: logNow, final: step == total)
                 if logNow {
-                    metrics?.write(["step": step, "epoch": (step - 1) / max(sampler.stepsPerEpoch, 1), "loss": loss,
-                                    "accuracy": accuracy, "lr": rate, "samples_per_s": samplesPerSecond,
-                                    "comm_s": ledger.blockedSeconds - intervalComm])
+                    try metrics?.write(["step": step, "epoch": epoch, "steps": intervalSteps, "loss": meanLoss, "accuracy": meanAccuracy,
+                                    "lr": rate, "samples_per_s": samplesPerSecond, "comm_s": ledger.blockedSeconds - intervalComm])
                 }
-            }
-            if logNow {
-                intervalStart = Date(); intervalSamples = 0; intervalComm = ledger.blockedSeconds
             }
             if configuration.evalEvery > 0 && step % configuration.evalEvery == 0 && step < total {
                 _ = try evaluations()
             }
             if let (path, every) = checkpointing, let every, step % every == 0 && step < total {
                 try save(to: path)
+            }
+            if logNow {
+                intervalStart = Date(); intervalSamples = 0; intervalSteps = 0; intervalComm = ledger.blockedSeconds
+                intervalLoss = 0; intervalCorrect = 0
             }
         }
         let seconds = Date().timeIntervalSince(started)
@@ -364,9 +371,9 @@ public final class Trainer {
                                seconds: seconds, samplesPerSecond: Double(trained) / max(seconds, 1e-9))
     }
 
-    private func report(_ evaluation: Evaluation, statistics: String) {
+    private func report(_ evaluation: Evaluation, statistics: String) throws {
         guard world.rank == 0 else { return }
-        metrics?.write(["event": "eval", "stats": statistics, "step": step, "loss": evaluation.loss, "accuracy": evaluation.accuracy])
+        try metrics?.write(["event": "eval", "stats": statistics, "step": step, "loss": evaluation.loss, "accuracy": evaluation.accuracy])
         progress?.line(String(format: "eval  step %d  held-out loss %.4f  accuracy %.2f%% (%d samples, %@ statistics)",
                               step, evaluation.loss, evaluation.accuracy * 100, evaluation.count,
                               statistics == "ema" ? "EMA" : "PreciseBN"))

@@ -69,8 +69,10 @@ struct Train: ParsableCommand {
     var seed: UInt64 = 0
     @Option(parsing: .unconditional, help: "Evaluate on the held-out set every N steps (0: only at the end).")
     var evalEvery: Int = 0
-    @Option(help: "Write JSON-lines metrics to this file (rank 0).")
+    @Option(help: "Write JSON-lines metrics to this file (rank 0); a resumed run appends to it.")
     var metrics: String?
+    @Flag(help: "Replace an existing --metrics file when not resuming (otherwise that is an error).")
+    var overwriteMetrics = false
     @Option(help: "Save a safetensors checkpoint here at the end (rank 0, atomic).")
     var save: String?
     @Option(parsing: .unconditional, help: "Also save the --save checkpoint every N steps.")
@@ -148,6 +150,9 @@ struct Train: ParsableCommand {
             if inputs.contains(resolved) && !(flag == "--save" && resume == path) {
                 throw ValidationError("\(flag) \(path) is one of this run's inputs; refusing to overwrite it")
             }
+        }
+        if let metrics, resume == nil, !overwriteMetrics, FileManager.default.fileExists(atPath: metrics) {
+            throw ValidationError("--metrics \(metrics) already exists; pass --overwrite-metrics to replace it, or --resume to continue its run")
         }
         if let save, let metrics, URL(fileURLWithPath: save).standardizedFileURL == URL(fileURLWithPath: metrics).standardizedFileURL {
             throw ValidationError("--save and --metrics name the same file \(save)")
@@ -276,7 +281,10 @@ struct Train: ParsableCommand {
             }
             if let resumePath { try trainer.resume(from: resumePath, resetCrossIterationWindows: resetWindows) }
             if world.rank == 0 {
-                if let metricsPath { trainer.metrics = try MetricsWriter(path: metricsPath, append: resumePath != nil) }
+                if let metricsPath {
+                    trainer.metrics = try MetricsWriter(path: metricsPath, append: resumePath != nil)
+                    try trainer.metrics?.writeStart(configuration: configuration, ranks: world.size, resumedAt: resumePath.map { _ in trainer.step })
+                }
                 trainer.progress = ProgressReporter()
                 let groups = configuration.norm != .bn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
                 let plan = trainer.learningRatePlan

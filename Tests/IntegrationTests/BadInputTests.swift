@@ -195,8 +195,10 @@ final class StoppedRankTests: XCTestCase {
             Harness.train, "--data", "synthetic:train=2048,heldout=64", "--steps", "100000", "--batch-size", "4", "--log-every", "1",
             "--eval-stats", "ema", "--metrics", metrics, "--collective-timeout", "10",
         ], timeout: 90, killWhen: {
-            if stopped == nil, (try? String(contentsOfFile: metrics, encoding: .utf8))?.contains("\"step\":5}") == true,
-               let victim = ranks().max() {
+            let logged = ((try? String(contentsOfFile: metrics, encoding: .utf8)) ?? "").split(separator: "\n").compactMap {
+                (try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])?["step"] as? Int
+            }
+            if stopped == nil, (logged.max() ?? 0) >= 5, let victim = ranks().max() {
                 kill(victim, SIGSTOP)
                 stopped = victim
             }

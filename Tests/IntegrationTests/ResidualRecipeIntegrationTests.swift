@@ -41,7 +41,8 @@ final class ResidualRecipeIntegrationTests: XCTestCase {
         let full = try Harness.direct(Harness.train, common + ["--save", straight])
         XCTAssertEqual(full.status, 0, describe(full))
         // Without a file, --resume auto starts fresh.
-        let args = common + ["--save", crashed, "--save-every", "7", "--resume", "auto"]
+        let metrics = dir + "/metrics.jsonl"
+        let args = common + ["--save", crashed, "--save-every", "7", "--resume", "auto", "--metrics", metrics]
         let killed = try runProcess(Harness.train, args, timeout: 120, killWhen: {
             FileManager.default.fileExists(atPath: crashed)
         })
@@ -62,6 +63,18 @@ final class ResidualRecipeIntegrationTests: XCTestCase {
         let left = try checkpointTensors(straight), right = try checkpointTensors(crashed)
         XCTAssertEqual(left.keys.sorted(), right.keys.sorted())
         for (name, values) in left { XCTAssertEqual(values.map(\.bitPattern), right[name]!.map(\.bitPattern), name) }
+        // The metrics file kept the killed run's lines and continued after a "resume" line.
+        let events = try String(contentsOfFile: metrics, encoding: .utf8).split(separator: "\n")
+            .compactMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])?["event"] as? String }
+        XCTAssertEqual(events.first, "start")
+        XCTAssertTrue(events.contains("resume"), "\(events)")
+        // Without --resume, an existing metrics file is not replaced unless asked.
+        let refused = try Harness.direct(Harness.train, ["--data", "synthetic:train=64,heldout=16", "--steps", "2", "--metrics", metrics])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.stderr.contains("already exists") && refused.stderr.contains("--overwrite-metrics"), describe(refused))
+        let replaced = try Harness.direct(Harness.train, ["--data", "synthetic:train=64,heldout=16", "--steps", "2", "--metrics", metrics,
+                                                          "--overwrite-metrics"])
+        XCTAssertEqual(replaced.status, 0, describe(replaced))
     }
 
     /// PreciseBN, recompute-stats and export-folded on a ResNet checkpoint.
