@@ -279,7 +279,12 @@ struct Train: ParsableCommand {
                 if world.rank == 0 { removeStalePartialFiles(for: savePath) }
                 trainer.checkpointing = (savePath, saveEvery)
             }
-            if let resumePath { try trainer.resume(from: resumePath, resetCrossIterationWindows: resetWindows) }
+            if let resumePath {
+                try trainer.resume(from: resumePath, resetCrossIterationWindows: resetWindows)
+                guard trainer.step < trainer.totalSteps else {
+                    throw CollectiveRunError("\(resumePath) is at step \(trainer.step), at or past this run's \(trainer.totalSteps) steps: nothing to train (raise --steps or --epochs, or use syncbn-train evaluate)")
+                }
+            }
             if world.rank == 0 {
                 if let metricsPath {
                     trainer.metrics = try MetricsWriter(path: metricsPath, append: resumePath != nil)

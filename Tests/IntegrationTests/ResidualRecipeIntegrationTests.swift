@@ -77,6 +77,31 @@ final class ResidualRecipeIntegrationTests: XCTestCase {
         XCTAssertEqual(replaced.status, 0, describe(replaced))
     }
 
+    /// SIGKILL while a checkpoint is being written (its partial file exists): the previous
+    /// checkpoint is intact, and the next start removes the partial file.
+    func testAKillDuringASaveLeavesThePreviousCheckpointIntact() throws {
+        let path = dir + "/big.safetensors", partialPrefix = ".big.safetensors.partial-"
+        // resnet18: ~90 MB per checkpoint (weights and momentum), written every step.
+        let args = ["--model", "resnet18", "--width", "0.75", "--data", "synthetic:train=64,heldout=16", "--batch-size", "2",
+                    "--steps", "400", "--save", path, "--save-every", "1", "--eval-stats", "ema"]
+        var sawPartial = false
+        let killed = try runProcess(Harness.train, args, timeout: 120, killWhen: {
+            guard FileManager.default.fileExists(atPath: path) else { return false }
+            sawPartial = ((try? FileManager.default.contentsOfDirectory(atPath: self.dir)) ?? []).contains { $0.hasPrefix(partialPrefix) }
+            return sawPartial
+        })
+        XCTAssertTrue(sawPartial, "killed while writing: \(describe(killed))")
+        XCTAssertNotEqual(killed.status, 0)
+        let (_, metadata) = try Safetensors.read(path)   // the previous checkpoint, complete
+        XCTAssertNotNil(Int(metadata["step"] ?? ""))
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix(partialPrefix) }
+        XCTAssertEqual(leftovers.count, 1, "the killed write left its partial file")
+        let again = try Harness.direct(Harness.train, args.map { $0 == "400" ? "1" : $0 } + ["--resume", "auto"])
+        XCTAssertNotEqual(again.status, 0, "resuming past --steps is not silent")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix(partialPrefix) }, [],
+                       "stale partial files are removed at start")
+    }
+
     /// PreciseBN, recompute-stats and export-folded on a ResNet checkpoint.
     func testResNetCheckpointsWorkWithRecomputeStatsAndExport() throws {
         let trained = dir + "/trained.safetensors", recomputed = dir + "/recomputed.safetensors", folded = dir + "/folded.safetensors"
