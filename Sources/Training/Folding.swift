@@ -34,6 +34,9 @@ extension Network {
             guard let previous = folded.last else { throw LayerError("cannot fold \(name): nothing before it") }
             let gamma = bn.weight.value.scalars.map(Double.init), beta = bn.bias.value.scalars.map(Double.init)
             let mean = bn.runningMean.value.scalars.map(Double.init), variance = bn.runningVariance.value.scalars.map(Double.init)
+            if let bad = variance.firstIndex(where: { !($0 + bn.epsilon > 0) || !$0.isFinite }) {
+                throw LayerError("cannot fold \(name): its running variance of channel \(bad) is \(variance[bad]); a variance must be ≥ 0")
+            }
             let scale = (0..<bn.featureCount).map { gamma[$0] / (variance[$0] + bn.epsilon).squareRoot() }
             func foldedParameters(_ weight: Tensor<Float>, _ bias: Tensor<Float>?) -> (Tensor<Float>, Tensor<Float>) {
                 let perChannel = weight.count / bn.featureCount

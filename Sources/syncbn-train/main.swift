@@ -509,12 +509,21 @@ struct ExportFolded: ParsableCommand {
             }
             guard world.rank == 0 else { return }
             var tensors: [(name: String, tensor: StoredTensor)] = []
-            for case let .parameter(name, p) in folded.state { tensors.append((name, StoredTensor(floats: p.value.scalars, shape: p.value.shape))) }
+            // Parameters and the buffers of layers that stay (Representative BN keeps its statistics).
+            for entry in folded.state {
+                switch entry {
+                case let .parameter(name, p): tensors.append((name, StoredTensor(floats: p.value.scalars, shape: p.value.shape)))
+                case let .buffer(name, b): tensors.append((name, StoredTensor(floats: b.value.scalars, shape: b.value.shape)))
+                case .counter, .rankLocal: continue
+                }
+            }
             let configurationJSON = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
             try Safetensors.write(tensors, metadata: ["format": "syncbn-folded-1", "configuration": configurationJSON,
                                                       "folded_from": URL(fileURLWithPath: resumePath).lastPathComponent], to: outPath)
-            let line = String(format: "export-folded: %d BN layers folded, %d tensors written to %@; held-out logits of %d samples differ by %.2e relative (max|folded − unfolded| / max|unfolded|)",
-                              trainer.network.batchNormLayers.count, tensors.count, outPath, x.shape[0], difference / max(scale, 1e-30))
+            let kept = folded.batchNormLayers.count
+            let line = String(format: "export-folded: %d BN layers folded%@, %d tensors written to %@; held-out logits of %d samples differ by %.2e relative (max|folded − unfolded| / max|unfolded|)",
+                              trainer.network.batchNormLayers.count - kept, kept > 0 ? ", \(kept) Representative BN layers kept with their statistics" : "",
+                              tensors.count, outPath, x.shape[0], difference / max(scale, 1e-30))
             FileHandle.standardError.write(Data((line + "\n").utf8))
         }
     }

@@ -31,4 +31,15 @@ final class FoldingTests: XCTestCase {
         let network = Network(layers: [("relu", ReLU<Float>()), ("bn", BatchNorm<Float>(featureCount: 2))])
         XCTAssertThrowsError(try network.foldingBatchNorm()) { XCTAssertTrue("\($0)".contains("cannot fold bn"), "\($0)") }
     }
+
+    func testANegativeRunningVarianceCannotBeFolded() throws {
+        var random = DeterministicRandom(seed: 1)
+        let bn = BatchNorm<Float>(featureCount: 2)
+        bn.runningVariance.value.scalars = [1, -0.5]
+        let network = Network(layers: [("conv", Conv2d<Float>(inputChannels: 1, outputChannels: 2, kernelSize: 3, padding: 1, random: &random)),
+                                       ("bn", bn)])
+        XCTAssertThrowsError(try network.foldingBatchNorm()) {
+            XCTAssertTrue("\($0)".contains("cannot fold bn") && "\($0)".contains("channel 1"), "\($0)")
+        }
+    }
 }
