@@ -56,6 +56,10 @@ public enum RankLaunch {
                 if world.rank == 0 { printError(command, error.message) }
                 MPICommunicator.finalize()
                 exit(2)
+            } catch let error as CollectiveMismatchError {
+                if world.rank == 0 { printError(command, error.description) }
+                MPICommunicator.finalize()
+                exit(2)
             } catch {
                 printError(command, (world.size > 1 ? "rank \(world.rank): " : "") + describe(error))
                 if world.size > 1 { MPICommunicator.abort(code: 2) }
@@ -86,6 +90,7 @@ public enum RankLaunch {
     /// How `world` was started, for the first line of a run's output.
     public static func transportName(_ world: any Communicator) -> String {
         if let watched = world as? WatchdogCommunicator { return transportName(watched.base) }
+        if let checked = world as? CheckedCommunicator { return transportName(checked.base) }
         if let instrumented = world as? InstrumentedCommunicator { return transportName(instrumented.base) }
         switch world {
         case is MPICommunicator: return "MPI"

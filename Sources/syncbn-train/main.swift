@@ -83,6 +83,8 @@ struct Train: ParsableCommand {
     var simulateRanks: Int?
     @Flag(help: "Resume a cross-iteration BN checkpoint written by another number of ranks, with every window empty.")
     var resetCbnWindows = false
+    @Flag(help: "Debugging: before every collective, check that all ranks issue the same operation, size and sequence number, and name the first divergence.")
+    var checkCollectives = false
     @Option(parsing: .unconditional, help: "Abort the job when a collective has waited this many seconds (a stopped, dead or diverging rank).")
     var collectiveTimeout: Double = 600
     @Option(parsing: .unconditional, help: "Log a metrics line every N steps.")
@@ -260,9 +262,10 @@ struct Train: ParsableCommand {
         let metricsPath = metrics, savePath = save, saveEvery = saveEvery
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
-        let timeout = collectiveTimeout, resetWindows = resetCbnWindows
+        let timeout = collectiveTimeout, resetWindows = resetCbnWindows, checked = checkCollectives
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { launched in
-            let world = RankLaunch.watched(launched, timeout: timeout, command: "syncbn-train")
+            let watched = RankLaunch.watched(launched, timeout: timeout, command: "syncbn-train")
+            let world: any Communicator = checked ? CheckedCommunicator(watched) : watched
             let split = try loaded.get()
             // Before any other collective: every rank must run the same job on the same data.
             var agreement = RunAgreement()
@@ -274,7 +277,7 @@ struct Train: ParsableCommand {
             agreement.add("--save-every", saveEvery.map(String.init) ?? "unset")
             try agreement.check(world)
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
-            trainer.watchdog = world.watchdog
+            trainer.watchdog = watched.watchdog
             if let savePath {
                 if world.rank == 0 { removeStalePartialFiles(for: savePath) }
                 trainer.checkpointing = (savePath, saveEvery)

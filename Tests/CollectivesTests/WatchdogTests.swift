@@ -43,3 +43,38 @@ final class LockedText: @unchecked Sendable {
     func set(_ value: String) { lock.lock(); text = value; lock.unlock() }
     func get() -> String { lock.lock(); defer { lock.unlock() }; return text }
 }
+
+final class CheckedCommunicatorTests: XCTestCase {
+    func divergence(_ body: @escaping (CheckedCommunicator) throws -> Void) -> [String] {
+        let results = try? InProcessGroup.run(size: 3) { comm -> String in
+            do { try body(CheckedCommunicator(comm)); return "" } catch { return "\(error)" }
+        }
+        return results ?? []
+    }
+
+    func testMatchingCollectivesPassAndGatherMayDifferInCount() throws {
+        let messages = divergence { comm in
+            var values = [1.0, 2.0]
+            try comm.allReduceSum(&values)
+            _ = try comm.allGather([Int64](repeating: 1, count: comm.rank + 1))
+            try comm.broadcast(&values, root: 1)
+            try comm.barrier()
+        }
+        XCTAssertEqual(messages, ["", "", ""])
+    }
+
+    func testTheFirstDivergenceIsNamedOnEveryRank() throws {
+        let counts = divergence { comm in
+            var values = [Double](repeating: 1, count: comm.rank == 2 ? 5 : 4)
+            try comm.allReduceSum(&values)
+        }
+        XCTAssertEqual(Set(counts).count, 1, "every rank reports the same: \(counts)")
+        XCTAssertTrue(counts[0].contains("ranks 0,1 called allReduceSum of 4 value(s) as its collective #1; rank 2 called allReduceSum of 5"), counts[0])
+        let operations = divergence { comm in
+            var values = [1.0]
+            try comm.barrier()
+            if comm.rank == 0 { _ = try comm.allGather(values) } else { try comm.allReduceSum(&values) }
+        }
+        XCTAssertTrue(operations[0].contains("rank 0 called allGather of 1 value(s) as its collective #2; ranks 1,2 called allReduceSum"), operations[0])
+    }
+}

@@ -142,6 +142,16 @@ final class MismatchedLaunchTests: XCTestCase {
                               timeout: 60)
     }
 
+    func testCheckedCollectivesChangeNothingWhenRanksAgree() throws {
+        let args = ["--data", "synthetic:train=256,heldout=32", "--steps", "6", "--batch-size", "4", "--norm", "cbn"]
+        let plain = try Harness.mpi(3, Harness.train, args)
+        let checked = try Harness.mpi(3, Harness.train, args + ["--check-collectives"])
+        XCTAssertEqual(checked.status, 0, describe(checked))
+        let summary = { (r: ProcessResult) in r.stderr.split(separator: "\n").first { $0.hasPrefix("done:") }?.components(separatedBy: " after ").first }
+        XCTAssertNotNil(summary(plain))
+        XCTAssertEqual(summary(plain), summary(checked), "same accuracies with and without the checks")
+    }
+
     func testRanksWithDifferentSettingsStopBeforeTraining() throws {
         let cases: [([String], [String], String)] = [
             (["--batch-size", "4"], ["--batch-size", "8"], "--batch-size is 4 on ranks 0,1 but 8 on ranks 2,3"),
