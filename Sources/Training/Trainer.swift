@@ -69,6 +69,7 @@ public final class Trainer {
         self.ledger = instrumented.ledger
         self.data = data
         let ranks = base.size
+        if let problem = configuration.problem() { throw CollectiveRunError(problem) }
         let groupSize = configuration.syncGroupSize ?? ranks
         // Errors of the configuration itself: every rank finds them alike (the ranks have agreed
         // on the configuration), so they are collective errors, printed once.

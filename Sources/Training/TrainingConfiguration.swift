@@ -82,3 +82,47 @@ extension TrainingConfiguration {
         return (1 + (brnRMax - 1) * min(1, (t - 0.03) / 0.25), brnDMax * min(1, (t - 0.03) / 0.16))
     }
 }
+
+extension TrainingConfiguration {
+    /// Checks every value as the command line does, so that a configuration read from a
+    /// checkpoint (or built in code) with, say, a batch size of 0 is a clear error, not a crash.
+    /// Returns the first problem, naming the flag.
+    public func problem() -> String? {
+        func outside<T: Comparable>(_ value: T, _ range: ClosedRange<T>, _ flag: String) -> String? {
+            range.contains(value) ? nil : "\(flag) must be between \(range.lowerBound) and \(range.upperBound), got \(value)"
+        }
+        let checks: [String?] = [
+            outside(batchSize, 1...(1 << 20), "--batch-size"),
+            outside(epochs, 1...1_000_000, "--epochs"),
+            steps.flatMap { outside($0, 1...1_000_000_000, "--steps") },
+            learningRate.isFinite && learningRate > 0 ? nil : "--lr must be a positive number, got \(learningRate)",
+            momentum.isFinite && momentum >= 0 && momentum < 1 ? nil : "--momentum must be in [0, 1), got \(momentum)",
+            weightDecay.isFinite && weightDecay >= 0 ? nil : "--weight-decay must be ≥ 0, got \(weightDecay)",
+            bnMomentum.isFinite && bnMomentum > 0 && bnMomentum <= 1 ? nil : "--bn-momentum must be in (0, 1], got \(bnMomentum)",
+            bnEpsilon.isFinite && bnEpsilon > 0 ? nil : "BN epsilon must be positive, got \(bnEpsilon)",
+            heldOutFraction > 0 && heldOutFraction < 1 ? nil : "--holdout-fraction must be in (0, 1), got \(heldOutFraction)",
+            syncGroupSize.flatMap { outside($0, 1...(1 << 20), "--sync-group-size") },
+            outside(crossIteration.window, 1...64, "--cbn-window"),
+            crossIteration.rho.isFinite && (0...10).contains(crossIteration.rho) ? nil : "--cbn-rho must be between 0 and 10, got \(crossIteration.rho)",
+            outside(crossIteration.burnIn, 0...Int.max / 2, "--cbn-burnin"),
+            brnRMax.isFinite && (1...100).contains(brnRMax) ? nil : "--brn-rmax must be between 1 and 100, got \(brnRMax)",
+            brnDMax.isFinite && (0...100).contains(brnDMax) ? nil : "--brn-dmax must be between 0 and 100, got \(brnDMax)",
+            outside(gnGroups, 1...(1 << 20), "--gn-groups"),
+            ghostBatchSize.flatMap { outside($0, 1...(1 << 20), "--ghost-batch-size") },
+            freezeBNAfter.flatMap { outside($0, 0...Int.max / 2, "--freeze-bn-after") },
+            outside(evalEvery, 0...Int.max / 2, "--eval-every"),
+            outside(evalBatchSize, 1...(1 << 20), "evaluation batch size"),
+            outside(preciseBNSamples, 2...(1 << 30), "--precise-bn-samples"),
+            preciseBNBatchSize.flatMap { outside($0, 1...(1 << 20), "--precise-bn-batch-size") },
+            outside(gradientBucketSize, 1...Int.max / 2, "--bucket-size"),
+            outside(logEvery, 1...Int.max / 2, "--log-every"),
+            lrReferenceBatch.flatMap { outside($0, 1...(1 << 30), "--lr-reference-batch") },
+            lrMilestones.allSatisfy { $0.isFinite && $0 >= 0 } ? nil : "--lr-milestones must be epochs ≥ 0",
+            warmupEpochs.flatMap { $0.isFinite && $0 >= 0 && $0 <= 1e6 ? nil : "--warmup-epochs must be between 0 and 1e6, got \($0)" },
+            warmupSteps.flatMap { outside($0, 0...Int.max / 2, "--warmup-steps") },
+            width.isFinite && width > 0 && width <= 64 ? nil : "--width must be in (0, 64], got \(width)",
+            outside(augmentation.padding, 0...64, "--pad"),
+        ]
+        return checks.compactMap { $0 }.first
+    }
+}

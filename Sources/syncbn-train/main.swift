@@ -115,7 +115,8 @@ struct Train: ParsableCommand {
         guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be one of \(ModelKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(model)'") }
         guard NormalizationKind(rawValue: norm) != nil else { throw ValidationError("--norm must be one of \(NormalizationKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(norm)'") }
         guard batchSize >= 1 && batchSize <= 1 << 20 else { throw ValidationError("--batch-size must be between 1 and 1048576, got \(batchSize)") }
-        guard epochs >= 1 || steps != nil else { throw ValidationError("--epochs must be ≥ 1, got \(epochs)") }
+        guard (1...1_000_000).contains(epochs) || steps != nil else { throw ValidationError("--epochs must be between 1 and 1000000, got \(epochs)") }
+        if let steps, steps > 1_000_000_000 { throw ValidationError("--steps must be at most 1000000000, got \(steps)") }
         if let steps, steps < 1 { throw ValidationError("--steps must be ≥ 1, got \(steps)") }
         guard lr.isFinite && lr > 0 else { throw ValidationError("--lr must be a positive number, got \(lr)") }
         guard momentum.isFinite && (0..<1).contains(momentum) else { throw ValidationError("--momentum must be in [0, 1), got \(momentum)") }
@@ -395,6 +396,7 @@ func loadCheckpointRun(_ path: String, data: String?, evalData: String?) throws 
           var configuration = try? JSONDecoder().decode(TrainingConfiguration.self, from: Data(text.utf8)) else {
         throw FileFormatError(path, "metadata has no readable 'configuration' (not written by syncbn-train?)")
     }
+    if let problem = configuration.problem() { throw FileFormatError(path, "stored configuration is invalid: \(problem)") }
     if let data { configuration.data = data }
     configuration.evalData = evalData ?? (data == nil ? configuration.evalData : nil)
     let split = try DataSource.split(try DataSource(parsing: configuration.data),

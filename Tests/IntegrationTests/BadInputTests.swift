@@ -1,6 +1,7 @@
 import Foundation
 import Kernels
 import TestSupport
+import Training
 import XCTest
 
 /// Bad input gets a one-line error naming the problem and a non-zero exit: no trace, no hang.
@@ -73,6 +74,25 @@ final class BadInputTests: XCTestCase {
         let bench = try Harness.mpi(2, Harness.bench, ["layer", "--input", dir + "/none.npy"], timeout: 60)
         XCTAssertNotEqual(bench.status, 0)
         XCTAssertTrue(bench.stderr.contains("none.npy: no such file"), describe(bench))
+    }
+
+    /// A checkpoint whose stored configuration is out of range is rejected like the flag would be.
+    func testAnInvalidStoredConfigurationIsAnErrorNotACrash() throws {
+        let path = dir + "/c.safetensors"
+        let train = try Harness.direct(Harness.train, ["--data", "synthetic:train=64,heldout=16", "--steps", "2", "--save", path], timeout: 60)
+        XCTAssertEqual(train.status, 0, describe(train))
+        for (field, value, flag) in [("batchSize", "0", "--batch-size"), ("gnGroups", "0", "--gn-groups"), ("epochs", "99999999999", "--epochs")] {
+            var file = try Safetensors.read(path)
+            var configuration = try JSONSerialization.jsonObject(with: Data(file.metadata["configuration"]!.utf8)) as! [String: Any]
+            configuration[field] = Int(value)!
+            file.metadata["configuration"] = String(decoding: try JSONSerialization.data(withJSONObject: configuration), as: UTF8.self)
+            let broken = dir + "/broken-\(field).safetensors"
+            try Safetensors.write(file.tensors.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }, metadata: file.metadata, to: broken)
+            for command in [["evaluate"], ["recompute-stats", "--save", dir + "/out.safetensors"], ["export-folded", "--out", dir + "/out.safetensors"]] {
+                assertOneLineError(try Harness.direct(Harness.train, command + ["--resume", broken], timeout: 60),
+                                   mentions: ["broken-\(field)", "stored configuration is invalid", flag])
+            }
+        }
     }
 
     /// Mistakes that used to surface late or not at all are one-line errors at the start.
