@@ -68,6 +68,12 @@ struct LayerBench: ParsableCommand {
         if let input {
             x = try NumpyArray(contentsOf: input).tensor()
             guard x.rank == 2 || x.rank == 4 else { throw FileFormatError(input, "expected N×C or N×C×H×W, got shape \(x.shape)") }
+            guard x.shape.allSatisfy({ $0 > 0 }) else {
+                throw FileFormatError(input, "shape \(x.shape) has an empty dimension; BatchNorm needs at least one sample, channel and position")
+            }
+            guard x.shape[0] * x.shape.dropFirst(2).reduce(1, *) >= 2 else {
+                throw FileFormatError(input, "shape \(x.shape) has one value per channel; batch statistics need at least two")
+            }
             if let bad = x.scalars.firstIndex(where: { !$0.isFinite }) { throw FileFormatError(input, "element \(bad) is not finite") }
         } else {
             let dims = shape!.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces))! }

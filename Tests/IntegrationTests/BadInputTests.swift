@@ -95,6 +95,23 @@ final class BadInputTests: XCTestCase {
         }
     }
 
+    /// A disk that fills up while a checkpoint is written: one line, the previous file kept, no
+    /// partial file left. Needs a small tmpfs (root); skipped where it cannot be mounted.
+    func testAFullDiskKeepsThePreviousCheckpoint() throws {
+        let mountPoint = dir + "/small"
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        let mount = try runProcess("/bin/mount", ["-t", "tmpfs", "-o", "size=96k", "tmpfs", mountPoint], timeout: 30)
+        guard mount.status == 0 else { throw XCTSkip("cannot mount a tmpfs here (\(mount.stderr.trimmingCharacters(in: .whitespacesAndNewlines))); full-disk test not run") }
+        defer { _ = try? runProcess("/bin/umount", [mountPoint], timeout: 30) }
+        let target = mountPoint + "/model.safetensors"
+        FileManager.default.createFile(atPath: target, contents: Data("the previous checkpoint".utf8))
+        // The convnet's checkpoint (weights and momentum) is about 200 KB: more than the disk holds.
+        let result = try Harness.direct(Harness.train, ["--data", "synthetic:train=64,heldout=16", "--steps", "2", "--save", target], timeout: 60)
+        assertOneLineError(result, mentions: ["model.safetensors", "No space left on device"])
+        XCTAssertEqual(try String(contentsOfFile: target, encoding: .utf8), "the previous checkpoint")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mountPoint), ["model.safetensors"], "no partial file left")
+    }
+
     /// Mistakes that used to surface late or not at all are one-line errors at the start.
     func testConfigurationMistakesFailAtTheStart() throws {
         try writeNumpy(Tensor<Float>(shape: [8, 4], repeating: 1), to: dir + "/x.npy")
