@@ -144,7 +144,18 @@ struct LayerBench: ParsableCommand {
                 }
             }
 
-            guard repeats > 0 else { return }
+            guard repeats > 0 else {
+                // One untimed pass: say what ran and where the results went.
+                let stats = layer.lastStatistics
+                if world.rank == 0 {
+                    let meanRange = stats.map { String(format: "batch mean %.4g…%.4g, variance %.4g…%.4g", $0.mean.min() ?? 0, $0.mean.max() ?? 0,
+                                                       $0.variance.min() ?? 0, $0.variance.max() ?? 0) } ?? "no statistics"
+                    printTable("layer \(norm) \(inputs.x.shape.map(String.init).joined(separator: "×")) on \(world.size) rank(s): one forward and backward, \(meanRange) (rank 0's view)" + (out.map { "; outputs in \($0)" } ?? "; --out DIR writes them, --repeat K times them"))
+                    printJSON(["benchmark": "layer", "norm": norm, "shape": inputs.x.shape, "ranks": world.size, "repeat": 0,
+                               "out": out ?? NSNull()])
+                }
+                return
+            }
             var times: [Double] = []
             for _ in 0..<repeats {
                 try world.barrier()

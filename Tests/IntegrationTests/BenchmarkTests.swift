@@ -20,6 +20,7 @@ final class BenchmarkTests: XCTestCase {
         let cases: [([String], String)] = [
             (["limits"], "copy_gb_per_s"),
             (["layer", "--shape", "8,4,6,6", "--repeat", "3"], "fraction_of_copy"),
+            (["layer", "--shape", "8,4,6,6"], "out"),
             (["allreduce", "--repeats", "2"], "sizes"),
             (["train", "--steps", "2", "--warmup", "1", "--batch-size", "8"], "syncbn_over_bn"),
         ]
