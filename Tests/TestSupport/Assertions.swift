@@ -79,3 +79,15 @@ public func temporaryDirectory(_ label: String = "syncbn-test") -> String {
     try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
     return path
 }
+
+/// An MNIST IDX file's bytes: unsigned-byte data of the given dimensions.
+public func idxBytes(_ dims: [Int], _ values: [UInt8]) -> [UInt8] {
+    [0, 0, 8, UInt8(dims.count)] + dims.flatMap { d in (0..<4).map { UInt8((d >> (8 * (3 - $0))) & 0xFF) } } + values
+}
+
+/// Writes `bytes` to `directory/name` and returns the path.
+public func writeBytes(_ bytes: [UInt8], named name: String, in directory: String) -> String {
+    let path = directory + "/" + name
+    FileManager.default.createFile(atPath: path, contents: Data(bytes))
+    return path
+}

@@ -8,15 +8,8 @@ final class DataTests: XCTestCase {
     var dir = ""
     override func setUp() { dir = temporaryDirectory() }
 
-    func write(_ name: String, _ bytes: [UInt8]) -> String {
-        let path = dir + "/" + name
-        FileManager.default.createFile(atPath: path, contents: Data(bytes))
-        return path
-    }
-
-    func idx(_ dims: [Int], _ values: [UInt8]) -> [UInt8] {
-        [0, 0, 8, UInt8(dims.count)] + dims.flatMap { d in (0..<4).map { UInt8((d >> (8 * (3 - $0))) & 0xFF) } } + values
-    }
+    func write(_ name: String, _ bytes: [UInt8]) -> String { writeBytes(bytes, named: name, in: dir) }
+    func idx(_ dims: [Int], _ values: [UInt8]) -> [UInt8] { idxBytes(dims, values) }
 
     func assertDataError(_ text: String, _ parts: [String], file: StaticString = #filePath, line: UInt = #line) {
         XCTAssertThrowsError(try DataSource.split(try DataSource(parsing: text), evaluation: nil, heldOutFraction: 0.25), file: file, line: line) { error in

@@ -132,15 +132,8 @@ final class RecipeTests: XCTestCase {
 
     // MARK: gzipped IDX and Fashion-MNIST
 
-    func write(_ name: String, _ bytes: [UInt8]) -> String {
-        let path = dir + "/" + name
-        FileManager.default.createFile(atPath: path, contents: Data(bytes))
-        return path
-    }
-
-    func idx(_ dims: [Int], _ values: [UInt8]) -> [UInt8] {
-        [0, 0, 8, UInt8(dims.count)] + dims.flatMap { d in (0..<4).map { UInt8((d >> (8 * (3 - $0))) & 0xFF) } } + values
-    }
+    func write(_ name: String, _ bytes: [UInt8]) -> String { writeBytes(bytes, named: name, in: dir) }
+    func idx(_ dims: [Int], _ values: [UInt8]) -> [UInt8] { idxBytes(dims, values) }
 
     /// gzip's own compressor (the system tool), so the reader is checked against an outside writer.
     func gzip(_ path: String) throws -> String {
