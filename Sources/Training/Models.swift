@@ -108,6 +108,14 @@ public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
     case brn
     /// Representative BN: centering and scaling calibration around (synced) BN.
     case rbn
+    /// InstanceNorm (Ulyanov et al. 2016): per sample and channel over H×W, affine per channel,
+    /// no running statistics (PyTorch's InstanceNorm2d(affine=True)) — GroupNorm with C groups.
+    case `in`
+    /// LayerNorm over C×H×W (Ba et al. 2016) with per-channel affine — GroupNorm with one group.
+    case ln
+
+    /// Statistics of each sample alone: no batch dependence, no collectives, no running statistics.
+    public var isBatchFree: Bool { self == .gn || self == .in || self == .ln }
 }
 
 /// Cross-iteration BN's options (see `CrossIterationBatchNorm`).
@@ -158,6 +166,10 @@ public struct NormalizationFactory {
             return RepresentativeBatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
         case .brn:
             return BatchRenormalization<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
+        case .in:
+            return GroupNorm<Float>(featureCount: featureCount, groups: featureCount, epsilon: epsilon)
+        case .ln:
+            return GroupNorm<Float>(featureCount: featureCount, groups: 1, epsilon: epsilon)
         case .gn:
             let groups = min(groupNormGroups, featureCount)
             guard featureCount % groups == 0 else {

@@ -70,6 +70,9 @@ public final class Trainer {
         self.data = data
         let ranks = base.size
         if let problem = configuration.problem() { throw CollectiveRunError(problem) }
+        if configuration.norm == .in && data.train.sampleShape.count != 3 {
+            throw CollectiveRunError("--norm in normalizes each channel over H×W and needs C×H×W samples; the data has samples of shape \(data.train.sampleShape)")
+        }
         let groupSize = configuration.syncGroupSize ?? ranks
         // Errors of the configuration itself: every rank finds them alike (the ranks have agreed
         // on the configuration), so they are collective errors, printed once.
@@ -93,7 +96,7 @@ public final class Trainer {
         let synced = [.syncbn, .cbn, .brn, .rbn].contains(configuration.norm)
         // Feature vectors (the MLP) have one value per channel and sample: a BN batch of one
         // sample has no statistics. Caught here rather than after training (PreciseBN).
-        if configuration.model == .mlp && configuration.norm != .gn && configuration.evalStats != .ema {
+        if configuration.model == .mlp && !configuration.norm.isBatchFree && configuration.evalStats != .ema {
             let perRank = configuration.preciseBNBatchSize ?? configuration.batchSize
             let shared = synced ? groupSize : 1
             guard perRank * shared >= 2 else {
@@ -105,7 +108,7 @@ public final class Trainer {
             group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
         }
         let sharesAll = synced && groupSize == ranks
-        averageRunningStatistics = ranks > 1 && !sharesAll && configuration.norm != .gn
+        averageRunningStatistics = ranks > 1 && !sharesAll && !configuration.norm.isBatchFree
         network = try Network.make(configuration.model, sampleShape: data.train.sampleShape, classes: data.train.classes,
                                    normalization: NormalizationFactory(kind: configuration.norm, group: group,
                                                                        epsilon: configuration.bnEpsilon, momentum: configuration.bnMomentum,

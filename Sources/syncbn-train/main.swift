@@ -33,7 +33,7 @@ struct Train: ParsableCommand {
     var model: String = ModelKind.convnet.rawValue
     @Option(parsing: .unconditional, help: "Multiplies every layer's channel count (e.g. 0.5, 2).")
     var width: Double = 1
-    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group) gn (GroupNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
+    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group), gn (GroupNorm), in (InstanceNorm), ln (LayerNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
     var norm: String = NormalizationKind.syncbn.rawValue
     @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
     var syncGroupSize: Int?
