@@ -112,6 +112,22 @@ struct Train: ParsableCommand {
     var cbnBurnin: Int = 0
 
     func validate() throws {
+        // Flags that do nothing with the chosen normalization are mistakes, named here (a value
+        // different from the default counts as given).
+        if let kind = NormalizationKind(rawValue: norm) {
+            let inapplicable: [(String, Bool, Bool)] = [
+                ("--cbn-window", cbnWindow != 4, kind == .cbn), ("--cbn-rho", cbnRho != 1, kind == .cbn),
+                ("--cbn-burnin", cbnBurnin != 0, kind == .cbn), ("--reset-cbn-windows", resetCbnWindows, kind == .cbn),
+                ("--brn-rmax", brnRmax != 3, kind == .brn), ("--brn-dmax", brnDmax != 5, kind == .brn),
+                ("--gn-groups", gnGroups != 8, kind == .gn),
+                ("--ghost-batch-size", ghostBatchSize != nil, kind == .bn || kind == .syncbn),
+                ("--freeze-bn-after", freezeBnAfter != nil, !kind.isBatchFree),
+                ("--sync-group-size", syncGroupSize != nil, [.syncbn, .cbn, .brn, .rbn].contains(kind)),
+            ]
+            if let (flag, _, _) = inapplicable.first(where: { $0.1 && !$0.2 }) {
+                throw ValidationError("\(flag) does not apply to --norm \(norm)")
+            }
+        }
         guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be one of \(ModelKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(model)'") }
         guard NormalizationKind(rawValue: norm) != nil else { throw ValidationError("--norm must be one of \(NormalizationKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(norm)'") }
         guard batchSize >= 1 && batchSize <= 1 << 20 else { throw ValidationError("--batch-size must be between 1 and 1048576, got \(batchSize)") }
