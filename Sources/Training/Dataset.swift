@@ -97,6 +97,20 @@ public struct DataSplit: Sendable {
         self.heldOut = heldOut
     }
 
+    /// How many held-out samples also appear, bit for bit, in the training set (an evaluation on
+    /// them would not be held out).
+    public func overlap() -> Int {
+        func hash(_ data: Dataset, _ index: Int) -> UInt64 {
+            var h: UInt64 = 0xCBF2_9CE4_8422_2325
+            for value in data.samples[(index * data.sampleSize)..<((index + 1) * data.sampleSize)] {
+                h = (h ^ UInt64(value.bitPattern)) &* 0x100_0000_01B3
+            }
+            return h
+        }
+        let training = Set((0..<train.count).map { hash(train, $0) })
+        return (0..<heldOut.count).filter { training.contains(hash(heldOut, $0)) }.count
+    }
+
     /// Standardizes both sets with the training set's per-channel moments, so that every source
     /// (bytes in 0…255, arbitrary floats) enters the network on the same scale.
     public mutating func standardize() {

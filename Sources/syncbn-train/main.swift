@@ -267,6 +267,10 @@ struct Train: ParsableCommand {
             let source = try DataSource(parsing: data)
             let split = try DataSource.split(source, evaluation: try evalData.map(DataSource.init(parsing:)),
                                              heldOutFraction: holdoutFraction)
+            let overlap = split.overlap()
+            if overlap * 2 >= split.heldOut.count {
+                throw DataError("\(overlap) of the \(split.heldOut.count) held-out samples are also training samples: the evaluation would not be held out (use another --eval-data, or another seed for synthetic data)")
+            }
             return split
         }
         if let split = try? loaded.get(), let source = try? DataSource(parsing: data) {
@@ -276,6 +280,7 @@ struct Train: ParsableCommand {
                                                            : try augmentation(parsing: augment, padding: padding)
             configuration.augmentation.padding = padding
         }
+        let heldOutOverlap = (try? loaded.get())?.overlap() ?? 0
         let metricsPath = metrics, savePath = save, saveEvery = saveEvery
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
@@ -314,7 +319,7 @@ struct Train: ParsableCommand {
                 let groups = configuration.norm != .bn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
                 let plan = trainer.learningRatePlan
                 let scaling = configuration.lrReferenceBatch.map { " = \(configuration.learningRate) × \(configuration.batchSize * world.size)/\($0)" } ?? ""
-                trainer.progress?.line("syncbn-train: \(configuration.model.rawValue)\(configuration.width == 1 ? "" : " ×\(configuration.width)") with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) (\(RankLaunch.transportName(world))) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples, augmentation \(configuration.augmentation)")
+                trainer.progress?.line("syncbn-train: \(configuration.model.rawValue)\(configuration.width == 1 ? "" : " ×\(configuration.width)") with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) (\(RankLaunch.transportName(world))) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples\(heldOutOverlap > 0 ? " (\(heldOutOverlap) of them also in the training set)" : ""), augmentation \(configuration.augmentation)")
                 trainer.progress?.line(String(format: "lr: peak %.6g%@, %@ schedule, %d warm-up steps", plan.peak, scaling,
                                               configuration.lrSchedule.rawValue, plan.warmupSteps))
                 if let resumePath { trainer.progress?.line("resumed from \(resumePath) at step \(trainer.step)") }

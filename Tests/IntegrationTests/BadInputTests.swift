@@ -123,6 +123,7 @@ final class BadInputTests: XCTestCase {
             (["--lr", "-0.1"], ["--lr", "-0.1"], 64),
             (["--momentum", "-1"], ["--momentum"], 64),
             (["--norm", "bn", "--cbn-window", "8"], ["--cbn-window", "does not apply to --norm bn"], 64),
+            (["--eval-data", "synthetic"], ["8192 of the 8192 held-out samples are also training samples"], 2),
             (["--norm", "gn", "--sync-group-size", "2"], ["--sync-group-size", "does not apply to --norm gn"], 64),
             (small + ["--simulate-ranks", "4", "--sync-group-size", "3"], ["--sync-group-size 3", "does not divide"], 2),
             (small + ["--model", "mlp", "--precise-bn-batch-size", "1"], ["--precise-bn-batch-size 1"], 2),
