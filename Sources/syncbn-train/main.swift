@@ -267,6 +267,7 @@ struct Train: ParsableCommand {
             let source = try DataSource(parsing: data)
             let split = try DataSource.split(source, evaluation: try evalData.map(DataSource.init(parsing:)),
                                              heldOutFraction: holdoutFraction)
+            guard split.heldOut.count > 0 else { throw DataError("the held-out set is empty: nothing to evaluate on") }
             let overlap = split.overlap()
             if overlap * 2 >= split.heldOut.count {
                 throw DataError("\(overlap) of the \(split.heldOut.count) held-out samples are also training samples: the evaluation would not be held out (use another --eval-data, or another seed for synthetic data)")
