@@ -8,6 +8,8 @@ names would compute:
     syncbn-train evaluate --resume CKPT --inputs x.npy --logits logits.npy
     python3 tools/reference_forward.py CKPT x.npy logits.npy
 
+CKPT may also be the output of `syncbn-train export-torch` (the model state alone).
+
 prints the largest difference relative to the largest logit and exits 1 above --tolerance.
 Models: the CIFAR ResNets, resnet18 and the convnet, with BN (or SyncBN) statistics.
 """
@@ -88,7 +90,7 @@ def main():
     args = parser.parse_args()
     t, metadata = load_safetensors(args.checkpoint)
     t = {k: v.astype(np.float64) for k, v in t.items() if not k.startswith(("optimizer.", "ema."))}
-    model = json.loads(metadata.get("configuration", "{}")).get("model", "")
+    model = json.loads(metadata.get("configuration") or metadata.get("architecture") or "{}").get("model", "")
     x = np.load(args.inputs).astype(np.float64)
     expected = np.load(args.logits).astype(np.float64)
     if model.startswith("resnet"):

@@ -117,5 +117,12 @@ public struct DataSplit: Sendable {
         let (mean, std) = train.channelMoments()
         train.standardize(mean: mean, std: std)
         heldOut.standardize(mean: mean, std: std)
+        inputMean = mean
+        inputStd = std.map { $0 > 0 ? $0 : 1 }
     }
+
+    /// The per-channel mean and standard deviation the inputs were standardized with (of the
+    /// training split, in the source's units: pixels / 255 for images): x_model = (x − mean)/std.
+    public private(set) var inputMean: [Double] = []
+    public private(set) var inputStd: [Double] = []
 }

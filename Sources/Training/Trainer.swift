@@ -152,6 +152,14 @@ public final class Trainer {
         step = saved
     }
 
+    /// What a model needs outside syncbn: the architecture and the input standardization
+    /// (JSON values in checkpoint metadata).
+    public var inferenceMetadata: [String: String] {
+        func json(_ values: [Double]) -> String { "[" + values.map { String($0) }.joined(separator: ",") + "]" }
+        let architecture = "{\"model\":\"\(configuration.model.rawValue)\",\"width\":\(configuration.width),\"norm\":\"\(configuration.norm.rawValue)\",\"input_shape\":[\(data.train.sampleShape.map(String.init).joined(separator: ","))],\"classes\":\(data.train.classes)}"
+        return ["input_mean": json(data.inputMean), "input_std": json(data.inputStd), "architecture": architecture]
+    }
+
     /// Writes a checkpoint. Collective: rank-local state (cross-iteration BN windows) is
     /// gathered from every rank, then rank 0 writes the file.
     public func save(to path: String, extraMetadata: [String: String] = [:]) throws {
@@ -165,6 +173,7 @@ public final class Trainer {
         var metadata = ["step": String(step), "epoch": String(step / max(sampler.stepsPerEpoch, 1)),
                         "configuration": configurationJSON, "ranks": String(world.size),
                         "statistics": emaBuffers == nil ? "ema" : "precise"]
+        metadata.merge(inferenceMetadata) { $1 }
         metadata.merge(extraMetadata) { $1 }
         try Checkpoint.save(network: network, optimizer: optimizer, emaBuffers: emaBuffers, rankLocal: rankLocal,
                             metadata: metadata, to: path)

@@ -177,9 +177,20 @@ final class EvaluateIntegrationTests: XCTestCase {
             guard try runProcess("/usr/bin/env", ["python3", "-c", "import numpy"], timeout: 30).status == 0 else {
                 throw XCTSkip("python3 with numpy is not installed: the NumPy reference forward pass was not run")
             }
-            let reference = try runProcess("/usr/bin/env", ["python3", referenceScript, checkpoint, inputs, logits, "--tolerance", "1e-5"], timeout: 120)
-            XCTAssertEqual(reference.status, 0, "\(model): \(describe(reference))")
-            XCTAssertTrue(reference.stdout.contains("same predicted class for 100.00%"), describe(reference))
+            // export-torch: the model state alone, with the input standardization and architecture.
+            let exported = dir + "/\(model)-torch.safetensors"
+            let export = try Harness.direct(Harness.train, ["export-torch", "--resume", checkpoint, "--out", exported])
+            XCTAssertEqual(export.status, 0, describe(export))
+            let (tensors, metadata) = try Safetensors.read(exported)
+            XCTAssertFalse(tensors.keys.contains { $0.hasPrefix("optimizer.") || $0.hasPrefix("ema.") || $0.contains("cbn_window") })
+            XCTAssertEqual(metadata["format"], "syncbn-torch-1")
+            XCTAssertEqual((try JSONSerialization.jsonObject(with: Data((metadata["input_std"] ?? "").utf8)) as? [Double])?.count, 3)
+            XCTAssertTrue(metadata["architecture"]?.contains("\"model\":\"\(model)\"") ?? false)
+            for file in [checkpoint, exported] {
+                let reference = try runProcess("/usr/bin/env", ["python3", referenceScript, file, inputs, logits, "--tolerance", "1e-5"], timeout: 120)
+                XCTAssertEqual(reference.status, 0, "\(model): \(describe(reference))")
+                XCTAssertTrue(reference.stdout.contains("same predicted class for 100.00%"), describe(reference))
+            }
         }
     }
 }
