@@ -493,6 +493,24 @@ struct Evaluate: ParsableCommand {
     }
 }
 
+/// A checkpoint's model in inference mode on one process, with the statistics it stores.
+func inferenceTrainer(_ path: String, configuration: TrainingConfiguration, split: DataSplit) throws -> Trainer {
+    let trainer = try Trainer(configuration: configuration, data: split, world: SingleProcessCommunicator())
+    try trainer.resume(from: path, forTraining: false, resetCrossIterationWindows: true)   // windows play no part in inference
+    return trainer
+}
+
+/// Checks an export's `--out`: an existing directory, nothing there that is not ours, not the input.
+func validateExport(_ out: String, from resume: String) throws {
+    guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
+    let directory = URL(fileURLWithPath: out).deletingLastPathComponent().path
+    guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("--out \(out): directory \(directory) does not exist") }
+    do { try checkReplaceableOutput(out) } catch let error as FileFormatError { throw ValidationError("--out \(error)") }
+    guard URL(fileURLWithPath: out).standardizedFileURL != URL(fileURLWithPath: resume).standardizedFileURL else {
+        throw ValidationError("--out \(out) is the checkpoint being exported; refusing to overwrite it")
+    }
+}
+
 /// Writes a checkpoint's model alone — the entries a torch.nn model with the same names has in
 /// its state_dict, with the statistics the checkpoint stores — for `load_state_dict(strict=True)`.
 struct ExportTorch: ParsableCommand {
@@ -509,23 +527,14 @@ struct ExportTorch: ParsableCommand {
     @Option(help: "Where to write the model state (safetensors).")
     var out: String
 
-    func validate() throws {
-        guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
-        let directory = URL(fileURLWithPath: out).deletingLastPathComponent().path
-        guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("--out \(out): directory \(directory) does not exist") }
-        do { try checkReplaceableOutput(out) } catch let error as FileFormatError { throw ValidationError("--out \(error)") }
-        guard URL(fileURLWithPath: out).standardizedFileURL != URL(fileURLWithPath: resume).standardizedFileURL else {
-            throw ValidationError("--out \(out) is the checkpoint being exported; refusing to overwrite it")
-        }
-    }
+    func validate() throws { try validateExport(out, from: resume) }
 
     func run() throws {
         let resumePath = resume, outPath = out
         let prepared = Result { try loadCheckpointRun(resumePath, data: nil, evalData: nil) }
         RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-torch", preflight: prepared.failure) { world in
             let (configuration, split) = try prepared.get()
-            let trainer = try Trainer(configuration: configuration, data: split, world: SingleProcessCommunicator())
-            try trainer.resume(from: resumePath, forTraining: false, resetCrossIterationWindows: true)
+            let trainer = try inferenceTrainer(resumePath, configuration: configuration, split: split)
             guard world.rank == 0 else { return }
             var tensors: [(name: String, tensor: StoredTensor)] = []
             for entry in trainer.network.state {
@@ -566,19 +575,14 @@ struct ExportFolded: ParsableCommand {
     @Option(help: "Data for the comparison (default: the checkpoint's).")
     var data: String?
 
-    func validate() throws {
-        guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
-        let directory = URL(fileURLWithPath: out).deletingLastPathComponent().path
-        guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("--out \(out): directory \(directory) does not exist") }
-    }
+    func validate() throws { try validateExport(out, from: resume) }
 
     func run() throws {
         let resumePath = resume, outPath = out
         let prepared = Result { try loadCheckpointRun(resumePath, data: data, evalData: nil) }
         RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-folded", preflight: prepared.failure) { world in
             let (configuration, split) = try prepared.get()
-            let trainer = try Trainer(configuration: configuration, data: split, world: SingleProcessCommunicator())
-            try trainer.resume(from: resumePath, forTraining: false, resetCrossIterationWindows: true)
+            let trainer = try inferenceTrainer(resumePath, configuration: configuration, split: split)
             let folded = try trainer.network.foldingBatchNorm()
             let (x, _) = split.heldOut.batch(0..<min(split.heldOut.count, 512))
             let reference = try trainer.network.forward(x, mode: .inference)
