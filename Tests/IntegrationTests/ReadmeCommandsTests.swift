@@ -58,3 +58,28 @@ final class ReadmeCommandsTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(ran, 9, "the documented commands were found")
     }
 }
+
+/// `syncbn-train train --help` and the README's option table list the same flags.
+final class HelpAndReadmeAgreeTests: XCTestCase {
+    func testEveryFlagOfTheHelpIsInTheReadmeTableAndBack() throws {
+        let help = try runProcess(Harness.train, ["train", "--help"], timeout: 30)
+        XCTAssertEqual(help.status, 0)
+        func flags(_ text: String, linePrefix: String) -> Set<String> {
+            let regex = try! NSRegularExpression(pattern: "--[a-z0-9-]+")
+            var found = Set<String>()
+            for line in text.components(separatedBy: "\n") where line.hasPrefix(linePrefix) {
+                let head = linePrefix == "| " ? String(line.split(separator: "|").first ?? "") : String(line.trimmingCharacters(in: .whitespaces).split(separator: " ").first ?? "")
+                for match in regex.matches(in: head, range: NSRange(head.startIndex..., in: head)) { found.insert(String(head[Range(match.range, in: head)!])) }
+            }
+            return found
+        }
+        let helpFlags = flags(help.stdout + help.stderr, linePrefix: "  --").subtracting(["--help", "--version"])
+        let readme = try String(contentsOfFile: URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("README.md").path, encoding: .utf8)
+        let table = readme.components(separatedBy: "## `syncbn-train`")[1].components(separatedBy: "\n## ")[0]
+        let readmeFlags = flags(table, linePrefix: "| ")
+        XCTAssertGreaterThan(helpFlags.count, 30)
+        XCTAssertEqual(helpFlags.subtracting(readmeFlags).sorted(), [], "in --help but not in the README table")
+        XCTAssertEqual(readmeFlags.subtracting(helpFlags).sorted(), [], "in the README table but not in --help")
+    }
+}
