@@ -193,4 +193,25 @@ final class EvaluateIntegrationTests: XCTestCase {
             }
         }
     }
+
+    /// tools/load_in_pytorch.py loads checkpoints strictly into torch.nn and reproduces the logits;
+    /// runs only where torch is installed (it is large and not part of the project's setup).
+    func testPyTorchLoadsTheCheckpointsStrictly() throws {
+        guard try runProcess("/usr/bin/env", ["python3", "-c", "import torch, safetensors, numpy"], timeout: 60).status == 0 else {
+            throw XCTSkip("torch (with safetensors and numpy) is not installed: tools/load_in_pytorch.py was not run")
+        }
+        let script = referenceScript.replacingOccurrences(of: "reference_forward.py", with: "load_in_pytorch.py")
+        for (model, extra) in [("resnet20", ["--width", "0.25"]), ("convnet", []), ("mlp", [])] {
+            let checkpoint = dir + "/\(model).safetensors", exported = dir + "/\(model)-torch.safetensors"
+            let inputs = dir + "/\(model)-x.npy", logits = dir + "/\(model)-logits.npy"
+            XCTAssertEqual(try Harness.direct(Harness.train, ["--model", model, "--data", "synthetic:train=128,heldout=32", "--steps", "4",
+                                                             "--batch-size", "8", "--save", checkpoint] + extra).status, 0)
+            XCTAssertEqual(try Harness.direct(Harness.train, ["evaluate", "--resume", checkpoint, "--inputs", inputs, "--logits", logits]).status, 0)
+            XCTAssertEqual(try Harness.direct(Harness.train, ["export-torch", "--resume", checkpoint, "--out", exported]).status, 0)
+            for file in [checkpoint, exported] {
+                let result = try runProcess("/usr/bin/env", ["python3", script, file, inputs, logits, "--tolerance", "1e-5"], timeout: 300)
+                XCTAssertEqual(result.status, 0, "\(model): \(describe(result))")
+            }
+        }
+    }
 }
