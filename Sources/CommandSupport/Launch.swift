@@ -117,8 +117,12 @@ public enum RankLaunch {
         FileHandle.standardError.write(Data("\(command): error: \(message)\n".utf8))
     }
 
+    /// Our errors describe themselves in one line; a Foundation error is reduced to its
+    /// localized description instead of its raw dump (domain, code, user info).
     public static func describe(_ error: Error) -> String {
-        String(describing: error)
+        let text = String(describing: error)
+        guard text.contains("Error Domain=") || text.hasPrefix("CocoaError") || text.hasPrefix("POSIXError") else { return text }
+        return (error as NSError).localizedDescription.split(separator: "\n").joined(separator: " ")
     }
 }
 

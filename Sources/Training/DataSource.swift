@@ -114,6 +114,9 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
     /// the last `heldOutFraction` of the source — standardized with the training moments.
     public static func split(_ source: DataSource, evaluation: DataSource?, heldOutFraction: Double) throws -> DataSplit {
         let (train, ownHeldOut) = try source.load()
+        guard train.sampleShape.allSatisfy({ $0 > 0 }) else {
+            throw DataError("\(source): samples of shape \(train.sampleShape) have an empty dimension")
+        }
         var split: DataSplit
         if let evaluation {
             let (evalSet, _) = try evaluation.load()

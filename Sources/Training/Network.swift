@@ -11,9 +11,16 @@ public final class Network {
         self.layers = layers
     }
 
+    /// Called with "forward NAME" / "backward NAME" before each top-level layer runs: lets a
+    /// watchdog say where a hung collective was issued.
+    public var trace: ((String) -> Void)?
+
     public func forward(_ input: Tensor<Float>, mode: Mode) throws -> Tensor<Float> {
         var x = input
-        for (_, layer) in layers { x = try layer.forward(x, mode: mode) }
+        for (name, layer) in layers {
+            trace?("forward " + name)
+            x = try layer.forward(x, mode: mode)
+        }
         return x
     }
 
@@ -28,7 +35,8 @@ public final class Network {
     /// start their all-reduce while earlier layers are still computing.
     public func backward(_ outputGradient: Tensor<Float>, finished: (any Layer<Float>) throws -> Void) throws {
         var g = outputGradient
-        for (_, layer) in layers.reversed() {
+        for (name, layer) in layers.reversed() {
+            trace?("backward " + name)
             g = try layer.backward(g)
             try finished(layer)
         }

@@ -133,7 +133,16 @@ public final class Trainer {
 
     /// The watchdog of the job's collectives, if any: told which step is running, so that a
     /// timeout can say where it happened.
-    public var watchdog: CollectiveWatchdog?
+    public var watchdog: CollectiveWatchdog? {
+        didSet {
+            guard let watchdog else { network.trace = nil; return }
+            network.trace = { [unowned self] where_ in watchdog.context = self.phase + ", " + where_ }
+        }
+    }
+    /// What the trainer is doing (`training step 12`), for the watchdog's messages.
+    private var phase = "" {
+        didSet { watchdog?.context = phase }
+    }
 
     /// Periodic checkpoints: every `every` steps and at the end of ``run()``, to `path`.
     public var checkpointing: (path: String, every: Int?)?
@@ -163,7 +172,7 @@ public final class Trainer {
     /// Writes a checkpoint. Collective: rank-local state (cross-iteration BN windows) is
     /// gathered from every rank, then rank 0 writes the file.
     public func save(to path: String, extraMetadata: [String: String] = [:]) throws {
-        watchdog?.context = "checkpoint at step \(step)"
+        phase = "checkpoint at step \(step)"
         var rankLocal: [String: [[Double]]] = [:]
         for entry in network.state {
             if case let .rankLocal(name, state) = entry { rankLocal[name] = try world.allGather(state.values) }
@@ -192,7 +201,7 @@ public final class Trainer {
         if let freeze = configuration.freezeBNAfter {
             for layer in network.batchNormLayers { layer.frozen = step >= freeze }
         }
-        watchdog?.context = "training step \(step + 1)"
+        phase = "training step \(step + 1)"
         let dataStart = DispatchTime.now().uptimeNanoseconds
         let (indices, globalCount, epoch) = sampler.batch(step: step)
         let (x, labels) = data.train.batch(indices, augmentation: configuration.augmentation, seed: configuration.seed, epoch: epoch)
@@ -262,7 +271,7 @@ public final class Trainer {
     /// Held-out loss and accuracy with the running statistics (inference mode: no BN collectives).
     /// Each rank evaluates its contiguous piece; one all-reduce combines them.
     public func evaluate() throws -> Evaluation {
-        watchdog?.context = "evaluation after step \(step)"
+        phase = "evaluation after step \(step)"
         let piece = contiguousPiece(of: data.heldOut.count, parts: world.size, index: world.rank)
         var totals = [0.0, 0.0, Double(piece.count)]
         var start = piece.lowerBound
@@ -289,7 +298,7 @@ public final class Trainer {
     /// the EMA values are kept in ``emaBuffers`` (and so in the next checkpoint).
     @discardableResult
     public func recomputePopulationStatistics(on dataset: Dataset? = nil, rememberEMA: Bool = false) throws -> PreciseBN.Report {
-        watchdog?.context = "PreciseBN after step \(step)"
+        phase = "PreciseBN after step \(step)"
         if rememberEMA && emaBuffers == nil { emaBuffers = runningStatistics }
         return try PreciseBN.recompute(network: network, data: dataset ?? data.train, sampleBudget: configuration.preciseBNSamples,
                                 batchSize: configuration.preciseBNBatchSize ?? configuration.batchSize,

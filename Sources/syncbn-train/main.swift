@@ -302,7 +302,28 @@ struct Train: ParsableCommand {
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
             trainer.watchdog = watched.watchdog
             if let savePath {
-                if world.rank == 0 { removeStalePartialFiles(for: savePath) }
+                if world.rank == 0 {
+                    removeStalePartialFiles(for: savePath)
+                    // A checkpoint that cannot fit is found now, not after the run: values, momentum
+                    // and the EMA beside PreciseBN's statistics, 4 bytes each, plus 1 MiB of slack.
+                    let floats = trainer.network.state.reduce(0) { total, entry in
+                        switch entry {
+                        case let .parameter(_, p): return total + 2 * p.value.count
+                        case let .buffer(_, b): return total + 2 * b.value.count
+                        case let .rankLocal(_, r): return total + 2 * r.values.count * world.size
+                        case .counter: return total + 2
+                        }
+                    }
+                    let needed = 4 * floats + (1 << 20)
+                    var info = statvfs()
+                    let directory = URL(fileURLWithPath: savePath).deletingLastPathComponent().path
+                    if statvfs(directory, &info) == 0 {
+                        let free = Int(info.f_bavail) * Int(info.f_frsize)
+                        guard free >= needed else {
+                            throw DataError("--save \(savePath): the checkpoint needs about \(needed / 1024) KiB but \(directory) has \(free / 1024) KiB free")
+                        }
+                    }
+                }
                 trainer.checkpointing = (savePath, saveEvery)
             }
             if let resumePath {

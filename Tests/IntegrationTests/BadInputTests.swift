@@ -100,13 +100,32 @@ final class BadInputTests: XCTestCase {
     func testAFullDiskKeepsThePreviousCheckpoint() throws {
         let mountPoint = dir + "/small"
         try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
-        let mount = try runProcess("/bin/mount", ["-t", "tmpfs", "-o", "size=96k", "tmpfs", mountPoint], timeout: 30)
+        let mount = try runProcess("/bin/mount", ["-t", "tmpfs", "-o", "size=1280k", "tmpfs", mountPoint], timeout: 30)
         guard mount.status == 0 else { throw XCTSkip("cannot mount a tmpfs here (\(mount.stderr.trimmingCharacters(in: .whitespacesAndNewlines))); full-disk test not run") }
         defer { _ = try? runProcess("/bin/umount", [mountPoint], timeout: 30) }
         let target = mountPoint + "/model.safetensors"
         FileManager.default.createFile(atPath: target, contents: Data("the previous checkpoint".utf8))
         // The convnet's checkpoint (weights and momentum) is about 200 KB: more than the disk holds.
-        let result = try Harness.direct(Harness.train, ["--data", "synthetic:train=64,heldout=16", "--steps", "2", "--save", target], timeout: 60)
+        // Found before training: with 200 KiB taken, the checkpoint (about 200 KiB plus 1 MiB of
+        // slack) cannot fit.
+        let filler = mountPoint + "/filler"
+        FileManager.default.createFile(atPath: filler, contents: Data(count: 200 * 1024))
+        let early = try Harness.direct(Harness.train, ["--data", "synthetic:train=64,heldout=16", "--steps", "2", "--save", target], timeout: 60)
+        assertOneLineError(early, mentions: ["model.safetensors", "KiB free"])
+        XCTAssertFalse(early.stderr.contains("step 1/"), "refused before training: \(describe(early))")
+        try FileManager.default.removeItem(atPath: filler)
+        // The disk fills during the run (another program writes 1150 KiB once training has
+        // begun): the periodic save fails with one line.
+        let metrics = dir + "/metrics.jsonl"
+        let result = try runProcess(Harness.train, ["--data", "synthetic:train=4096,heldout=16", "--steps", "400", "--save", target,
+                                                    "--save-every", "100", "--eval-stats", "ema", "--metrics", metrics], timeout: 60, killWhen: {
+            if !FileManager.default.fileExists(atPath: filler),
+               ((try? String(contentsOfFile: metrics, encoding: .utf8)) ?? "").contains("\"step\":") {
+                FileManager.default.createFile(atPath: filler, contents: Data(count: 1150 * 1024))
+            }
+            return false
+        })
+        try? FileManager.default.removeItem(atPath: filler)
         assertOneLineError(result, mentions: ["model.safetensors", "No space left on device"])
         XCTAssertEqual(try String(contentsOfFile: target, encoding: .utf8), "the previous checkpoint")
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mountPoint), ["model.safetensors"], "no partial file left")
@@ -260,5 +279,6 @@ final class StoppedRankTests: XCTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(started), 40, describe(result))
         XCTAssertTrue(result.stderr.contains("no rank answered for") && result.stderr.contains("--collective-timeout 10"), describe(result))
         XCTAssertTrue(result.stderr.contains("training step"), describe(result))
+        XCTAssertTrue(result.stderr.contains("ward features.") || result.stderr.contains("ward classifier"), "names the layer: \(describe(result))")
     }
 }
