@@ -35,7 +35,7 @@ struct Train: ParsableCommand {
     var width: Double = 1
     @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group), gn (GroupNorm), in (InstanceNorm), ln (LayerNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
     var norm: String = NormalizationKind.syncbn.rawValue
-    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn and cbn (1 = per rank; default: all ranks).")
+    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn, cbn, brn and rbn (1 = per rank; default: all ranks; must divide the ranks).")
     var syncGroupSize: Int?
     @Option(parsing: .unconditional, help: "Samples per rank per step.")
     var batchSize: Int = 32
