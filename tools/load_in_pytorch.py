@@ -10,7 +10,6 @@ apply (x / 255 - input_mean) / input_std from the file's metadata first. Needs t
 safetensors (pip install torch numpy safetensors). Models: convnet, mlp, the CIFAR ResNets and
 resnet18, with BN (or SyncBN) statistics.
 """
-import argparse
 import json
 import sys
 
@@ -20,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from reference_forward import arguments, compare  # beside this file
 
 
 class BasicBlock(nn.Module):
@@ -119,12 +120,7 @@ def build(architecture):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("inputs")
-    parser.add_argument("logits")
-    parser.add_argument("--tolerance", type=float, default=1e-4)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     with safe_open(args.checkpoint, "pt") as f:
         metadata = f.metadata()
     architecture = json.loads(metadata["architecture"])
@@ -138,12 +134,7 @@ def main():
     x = torch.from_numpy(np.load(args.inputs).astype(np.float64))
     with torch.no_grad():
         logits = model(x).numpy()
-    expected = np.load(args.logits).astype(np.float64)
-    error = np.abs(logits - expected).max() / max(np.abs(logits).max(), 1e-30)
-    agree = (logits.argmax(1) == expected.argmax(1)).mean()
-    print(f"load_in_pytorch: {architecture['model']}, {len(x)} samples, strict load: max|syncbn - torch| / max|torch| = {error:.2e}, "
-          f"same predicted class for {agree * 100:.2f}%")
-    sys.exit(0 if error <= args.tolerance else 1)
+    compare("load_in_pytorch", architecture["model"] + " (strict load into torch.nn)", logits, args.logits, args.tolerance)
 
 
 if __name__ == "__main__":

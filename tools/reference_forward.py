@@ -81,29 +81,39 @@ def convnet(x, t):
     return x.mean(axis=(2, 3)) @ t["classifier.weight"].T + t["classifier.bias"]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc):
+    """The command line shared by the checkpoint checkers: CKPT X.npy LOGITS.npy [--tolerance T]."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("inputs")
     parser.add_argument("logits")
     parser.add_argument("--tolerance", type=float, default=1e-4)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def compare(tool, label, logits, logits_path, tolerance):
+    """Prints how far syncbn's logits (from logits_path) are from `logits`, exits 1 beyond tolerance."""
+    expected = np.load(logits_path).astype(np.float64)
+    error = np.abs(logits - expected).max() / max(np.abs(logits).max(), 1e-30)
+    agree = (logits.argmax(1) == expected.argmax(1)).mean()
+    print(f"{tool}: {label}, {len(logits)} samples: max|syncbn - reference| / max|reference| = {error:.2e}, "
+          f"same predicted class for {agree * 100:.2f}%")
+    sys.exit(0 if error <= tolerance else 1)
+
+
+def main():
+    args = arguments(__doc__)
     t, metadata = load_safetensors(args.checkpoint)
     t = {k: v.astype(np.float64) for k, v in t.items() if not k.startswith(("optimizer.", "ema."))}
     model = json.loads(metadata.get("configuration") or metadata.get("architecture") or "{}").get("model", "")
     x = np.load(args.inputs).astype(np.float64)
-    expected = np.load(args.logits).astype(np.float64)
     if model.startswith("resnet"):
         logits = resnet(x, t)
     elif model == "convnet":
         logits = convnet(x, t)
     else:
         sys.exit(f"reference_forward: model '{model}' is not covered")
-    error = np.abs(logits - expected).max() / max(np.abs(logits).max(), 1e-30)
-    agree = (logits.argmax(1) == expected.argmax(1)).mean()
-    print(f"reference_forward: {model}, {len(x)} samples: max|syncbn - reference| / max|reference| = {error:.2e}, "
-          f"same predicted class for {agree * 100:.2f}%")
-    sys.exit(0 if error <= args.tolerance else 1)
+    compare("reference_forward", model, logits, args.logits, args.tolerance)
 
 
 if __name__ == "__main__":

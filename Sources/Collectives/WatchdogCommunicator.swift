@@ -32,8 +32,20 @@ public final class CollectiveWatchdog: @unchecked Sendable {
 
     /// What the program is doing, reported with a timeout (`step 12`).
     public var context: String {
-        get { lock.lock(); defer { lock.unlock() }; return contextText }
-        set { lock.lock(); contextText = newValue; lock.unlock() }
+        get { lock.lock(); defer { lock.unlock() }; return describeContext() }
+        set { lock.lock(); contextText = newValue; location = nil; lock.unlock() }
+    }
+
+    /// Where within `context` the program is (`backward` of layer `features.1.bn`): called once
+    /// per layer and pass, so it only stores; the text is put together if a timeout reports it.
+    public func mark(_ pass: StaticString, _ layer: String) {
+        lock.lock(); location = (pass, layer); lock.unlock()
+    }
+    private var location: (pass: StaticString, layer: String)?
+
+    private func describeContext() -> String {
+        guard let location else { return contextText }
+        return contextText + ", \(location.pass) \(location.layer)"
     }
 
     func enter(_ name: String) {
@@ -51,7 +63,7 @@ public final class CollectiveWatchdog: @unchecked Sendable {
         let waited = Double(DispatchTime.now().uptimeNanoseconds - current.started) * 1e-9
         guard waited > timeout else { return nil }
         return String(format: "no rank answered for %.0f s in %@ (collective #%d of this rank%@): another rank is stopped, dead or in a different collective",
-                      waited, current.name, current.sequence, contextText.isEmpty ? "" : ", " + contextText)
+                      waited, current.name, current.sequence, contextText.isEmpty ? "" : ", " + describeContext())
     }
 
     /// Runs one blocking collective under watch.

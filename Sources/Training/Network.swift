@@ -11,14 +11,14 @@ public final class Network {
         self.layers = layers
     }
 
-    /// Called with "forward NAME" / "backward NAME" before each top-level layer runs: lets a
-    /// watchdog say where a hung collective was issued.
-    public var trace: ((String) -> Void)?
+    /// Called with the pass ("forward", "backward") and the layer's name before each top-level
+    /// layer runs: lets a watchdog say where a hung collective was issued.
+    public var trace: ((StaticString, String) -> Void)?
 
     public func forward(_ input: Tensor<Float>, mode: Mode) throws -> Tensor<Float> {
         var x = input
         for (name, layer) in layers {
-            trace?("forward " + name)
+            trace?("forward", name)
             x = try layer.forward(x, mode: mode)
         }
         return x
@@ -36,7 +36,7 @@ public final class Network {
     public func backward(_ outputGradient: Tensor<Float>, finished: (any Layer<Float>) throws -> Void) throws {
         var g = outputGradient
         for (name, layer) in layers.reversed() {
-            trace?("backward " + name)
+            trace?("backward", name)
             g = try layer.backward(g)
             try finished(layer)
         }

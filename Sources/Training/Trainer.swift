@@ -76,7 +76,6 @@ public final class Trainer {
         let groupSize = configuration.syncGroupSize ?? ranks
         // Errors of the configuration itself: every rank finds them alike (the ranks have agreed
         // on the configuration), so they are collective errors, printed once.
-        guard groupSize >= 1 else { throw CollectiveRunError("--sync-group-size must be ≥ 1, got \(groupSize)") }
         if let ghost = configuration.ghostBatchSize {
             guard configuration.norm == .bn || configuration.norm == .syncbn else {
                 throw CollectiveRunError("--ghost-batch-size works with --norm bn or syncbn, not \(configuration.norm.rawValue)")
@@ -136,15 +135,12 @@ public final class Trainer {
     public var watchdog: CollectiveWatchdog? {
         didSet {
             guard let watchdog else { network.trace = nil; return }
-            network.trace = { [unowned self] where_ in watchdog.context = self.phase + ", " + where_ }
+            network.trace = { pass, layer in watchdog.mark(pass, layer) }
         }
     }
-    /// What the trainer is doing (`training step 12`), for the watchdog's messages.
-    private var phase = "" {
-        didSet { watchdog?.context = phase }
-    }
 
-    /// Periodic checkpoints: every `every` steps and at the end of ``run()``, to `path`.
+    /// Periodic checkpoints written by ``run()`` to `path` every `every` steps before the last
+    /// (the checkpoint at the end of the run is the caller's, after the final evaluation).
     public var checkpointing: (path: String, every: Int?)?
 
     /// Continues from a checkpoint written by ``save(to:)``: with the EMA statistics when the file
@@ -172,7 +168,7 @@ public final class Trainer {
     /// Writes a checkpoint. Collective: rank-local state (cross-iteration BN windows) is
     /// gathered from every rank, then rank 0 writes the file.
     public func save(to path: String, extraMetadata: [String: String] = [:]) throws {
-        phase = "checkpoint at step \(step)"
+        watchdog?.context = "checkpoint at step \(step)"
         var rankLocal: [String: [[Double]]] = [:]
         for entry in network.state {
             if case let .rankLocal(name, state) = entry { rankLocal[name] = try world.allGather(state.values) }
@@ -201,7 +197,7 @@ public final class Trainer {
         if let freeze = configuration.freezeBNAfter {
             for layer in network.batchNormLayers { layer.frozen = step >= freeze }
         }
-        phase = "training step \(step + 1)"
+        watchdog?.context = "training step \(step + 1)"
         let dataStart = DispatchTime.now().uptimeNanoseconds
         let (indices, globalCount, epoch) = sampler.batch(step: step)
         let (x, labels) = data.train.batch(indices, augmentation: configuration.augmentation, seed: configuration.seed, epoch: epoch)
@@ -271,7 +267,7 @@ public final class Trainer {
     /// Held-out loss and accuracy with the running statistics (inference mode: no BN collectives).
     /// Each rank evaluates its contiguous piece; one all-reduce combines them.
     public func evaluate() throws -> Evaluation {
-        phase = "evaluation after step \(step)"
+        watchdog?.context = "evaluation after step \(step)"
         let piece = contiguousPiece(of: data.heldOut.count, parts: world.size, index: world.rank)
         var totals = [0.0, 0.0, Double(piece.count)]
         var start = piece.lowerBound
@@ -298,7 +294,7 @@ public final class Trainer {
     /// the EMA values are kept in ``emaBuffers`` (and so in the next checkpoint).
     @discardableResult
     public func recomputePopulationStatistics(on dataset: Dataset? = nil, rememberEMA: Bool = false) throws -> PreciseBN.Report {
-        phase = "PreciseBN after step \(step)"
+        watchdog?.context = "PreciseBN after step \(step)"
         if rememberEMA && emaBuffers == nil { emaBuffers = runningStatistics }
         return try PreciseBN.recompute(network: network, data: dataset ?? data.train, sampleBudget: configuration.preciseBNSamples,
                                 batchSize: configuration.preciseBNBatchSize ?? configuration.batchSize,

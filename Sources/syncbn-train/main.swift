@@ -263,7 +263,7 @@ struct Train: ParsableCommand {
 
     func run() throws {
         var configuration = trainingConfiguration
-        let loaded = Result { () -> DataSplit in
+        let loaded = Result { () -> (split: DataSplit, overlap: Int) in
             let source = try DataSource(parsing: data)
             let split = try DataSource.split(source, evaluation: try evalData.map(DataSource.init(parsing:)),
                                              heldOutFraction: holdoutFraction)
@@ -272,16 +272,15 @@ struct Train: ParsableCommand {
             if overlap * 2 >= split.heldOut.count {
                 throw DataError("\(overlap) of the \(split.heldOut.count) held-out samples are also training samples: the evaluation would not be held out (use another --eval-data, or another seed for synthetic data)")
             }
-            return split
+            return (split, overlap)
         }
-        if let split = try? loaded.get(), let source = try? DataSource(parsing: data) {
+        if let split = try? loaded.get().split, let source = try? DataSource(parsing: data) {
             let shape = split.train.sampleShape
             let padding = pad ?? Augmentation.defaultPadding(sampleShape: shape)
             configuration.augmentation = augment == "auto" ? Augmentation.automatic(for: source, sampleShape: shape)
                                                            : try augmentation(parsing: augment, padding: padding)
             configuration.augmentation.padding = padding
         }
-        let heldOutOverlap = (try? loaded.get())?.overlap() ?? 0
         let metricsPath = metrics, savePath = save, saveEvery = saveEvery
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
@@ -289,7 +288,7 @@ struct Train: ParsableCommand {
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { launched in
             let watched = RankLaunch.watched(launched, timeout: timeout, command: "syncbn-train")
             let world: any Communicator = checked ? CheckedCommunicator(watched) : watched
-            let split = try loaded.get()
+            let (split, heldOutOverlap) = try loaded.get()
             // Before any other collective: every rank must run the same job on the same data.
             var agreement = RunAgreement()
             try agreement.add(configuration: configuration)
