@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "Training", targets: ["Training"]),
         .executable(name: "syncbn-train", targets: ["syncbn-train"]),
         .executable(name: "syncbn-bench", targets: ["syncbn-bench"]),
+        .executable(name: "syncbn-study", targets: ["syncbn-study"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -37,6 +38,11 @@ let package = Package(
             "Training", "CollectivesMPI", "CommandSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // The experiment runner: composes syncbn-train command lines, so it links no numerics.
+        .target(name: "Study"),
+        .executableTarget(name: "syncbn-study", dependencies: [
+            "Study", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .executableTarget(name: "syncbn-bench", dependencies: [
             "Training", "CollectivesMPI", "CollectiveChecks", "CommandSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -46,7 +52,7 @@ let package = Package(
         .testTarget(name: "KernelsTests", dependencies: ["Kernels", "TestSupport"]),
         .testTarget(name: "NormalizationTests", dependencies: ["Normalization", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "Training", "TestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "Training", "Study", "TestSupport"]),
         .target(name: "TestSupport", dependencies: ["Kernels"], path: "Tests/TestSupport"),
     ]
 )

@@ -35,7 +35,7 @@ public struct RunAgreement {
         // Optional fields are absent from the JSON when nil: each gets exactly one entry, "unset"
         // or its value, so that "set on some ranks only" is a difference like any other.
         let optional: Set = ["steps", "syncGroupSize", "ghostBatchSize", "freezeBNAfter", "preciseBNBatchSize",
-                             "lrReferenceBatch", "warmupEpochs", "warmupSteps"]
+                             "lrReferenceBatch", "warmupEpochs", "warmupSteps", "trainSamples", "evalSamples"]
         // Settings that may differ: where the data lives (the data's content is compared
         // instead: see add(data:as:)) and how often rank 0 logs.
         let perRank: Set = ["data", "evalData", "logEvery"]

@@ -111,8 +111,10 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
     }
 
     /// The training and held-out sets: the source's own held-out set, `evaluation`'s samples, or
-    /// the last `heldOutFraction` of the source — standardized with the training moments.
-    public static func split(_ source: DataSource, evaluation: DataSource?, heldOutFraction: Double) throws -> DataSplit {
+    /// the last `heldOutFraction` of the source — cut to the first `trainLimit` / `evalLimit`
+    /// samples when given, then standardized with the (kept) training samples' moments.
+    public static func split(_ source: DataSource, evaluation: DataSource?, heldOutFraction: Double,
+                             trainLimit: Int? = nil, evalLimit: Int? = nil) throws -> DataSplit {
         let (train, ownHeldOut) = try source.load()
         guard train.sampleShape.allSatisfy({ $0 > 0 }) else {
             throw DataError("\(source): samples of shape \(train.sampleShape) have an empty dimension")
@@ -133,6 +135,8 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
             }
             split = DataSplit(train: train.subset(0..<(train.count - heldOut)), heldOut: train.subset((train.count - heldOut)..<train.count))
         }
+        if let trainLimit, trainLimit < split.train.count { split.train = split.train.subset(0..<max(trainLimit, 0)) }
+        if let evalLimit, evalLimit < split.heldOut.count { split.heldOut = split.heldOut.subset(0..<max(evalLimit, 0)) }
         let classes = max(split.train.classes, split.heldOut.classes)
         split.train = Dataset(sampleShape: split.train.sampleShape, classes: classes, samples: split.train.samples, labels: split.train.labels)
         split.heldOut = Dataset(sampleShape: split.heldOut.sampleShape, classes: classes, samples: split.heldOut.samples, labels: split.heldOut.labels)

@@ -3,6 +3,10 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var data: String = DataSource.defaultSynthetic.description
     public var evalData: String?
     public var heldOutFraction: Double = 0.1
+    /// Train on the first this many training samples only (nil = all).
+    public var trainSamples: Int?
+    /// Evaluate on the first this many held-out samples only (nil = all).
+    public var evalSamples: Int?
     public var model: ModelKind = .convnet
     public var norm: NormalizationKind = .syncbn
     /// Consecutive ranks that share batch statistics; nil = all ranks.
@@ -72,6 +76,14 @@ public enum EvaluationStatistics: String, Codable, CaseIterable, Sendable {
 }
 
 extension TrainingConfiguration {
+    /// The data this configuration names, loaded, cut to `trainSamples`/`evalSamples` and standardized.
+    public func loadData() throws -> DataSplit {
+        try DataSource.split(try DataSource(parsing: data), evaluation: try evalData.map(DataSource.init(parsing:)),
+                             heldOutFraction: heldOutFraction, trainLimit: trainSamples, evalLimit: evalSamples)
+    }
+}
+
+extension TrainingConfiguration {
     /// Batch Renormalization's schedule, the paper's shape scaled to the run: plain BN (r_max = 1,
     /// d_max = 0) for the first 3 % of the steps, then r_max relaxed linearly to ``brnRMax`` by
     /// 28 % and d_max to ``brnDMax`` by 19 % (Ioffe 2017: 5k warm-up steps, r_max 1→3 over 40k and
@@ -102,6 +114,8 @@ extension TrainingConfiguration {
             bnEpsilon.isFinite && bnEpsilon > 0 ? nil : "BN epsilon must be positive, got \(bnEpsilon)",
             heldOutFraction > 0 && heldOutFraction < 1 ? nil : "--holdout-fraction must be in (0, 1), got \(heldOutFraction)",
             syncGroupSize.flatMap { outside($0, 1...(1 << 20), "--sync-group-size") },
+            trainSamples.flatMap { outside($0, 2...(1 << 31), "--train-samples") },
+            evalSamples.flatMap { outside($0, 1...(1 << 31), "--eval-samples") },
             outside(crossIteration.window, 1...64, "--cbn-window"),
             crossIteration.rho.isFinite && (0...10).contains(crossIteration.rho) ? nil : "--cbn-rho must be between 0 and 10, got \(crossIteration.rho)",
             outside(crossIteration.burnIn, 0...Int.max / 2, "--cbn-burnin"),

@@ -29,6 +29,10 @@ struct Train: ParsableCommand {
     var evalData: String?
     @Option(parsing: .unconditional, help: "Fraction of --data held out for evaluation when the source has no test set.")
     var holdoutFraction: Double = 0.1
+    @Option(parsing: .unconditional, help: "Train on the first N training samples only (a fixed subset, e.g. for studies).")
+    var trainSamples: Int?
+    @Option(parsing: .unconditional, help: "Evaluate on the first N held-out samples only.")
+    var evalSamples: Int?
     @Option(help: "Model: convnet, mlp, resnet20, resnet32, resnet56, resnet110 or resnet18.")
     var model: String = ModelKind.convnet.rawValue
     @Option(parsing: .unconditional, help: "Multiplies every layer's channel count (e.g. 0.5, 2).")
@@ -141,6 +145,8 @@ struct Train: ParsableCommand {
         guard evalEvery >= 0 else { throw ValidationError("--eval-every must be ≥ 0, got \(evalEvery)") }
         guard logEvery >= 1 else { throw ValidationError("--log-every must be ≥ 1, got \(logEvery)") }
         guard holdoutFraction > 0 && holdoutFraction < 1 else { throw ValidationError("--holdout-fraction must be in (0, 1), got \(holdoutFraction)") }
+        if let trainSamples, !(2...(1 << 31)).contains(trainSamples) { throw ValidationError("--train-samples must be between 2 and 2^31, got \(trainSamples)") }
+        if let evalSamples, !(1...(1 << 31)).contains(evalSamples) { throw ValidationError("--eval-samples must be between 1 and 2^31, got \(evalSamples)") }
         if let syncGroupSize, syncGroupSize < 1 { throw ValidationError("--sync-group-size must be ≥ 1, got \(syncGroupSize)") }
         guard brnRmax.isFinite && brnRmax >= 1 && brnRmax <= 100 else { throw ValidationError("--brn-rmax must be between 1 and 100, got \(brnRmax)") }
         guard brnDmax.isFinite && brnDmax >= 0 && brnDmax <= 100 else { throw ValidationError("--brn-dmax must be between 0 and 100, got \(brnDmax)") }
@@ -229,6 +235,8 @@ struct Train: ParsableCommand {
         c.data = data
         c.evalData = evalData
         c.heldOutFraction = holdoutFraction
+        c.trainSamples = trainSamples
+        c.evalSamples = evalSamples
         c.model = ModelKind(rawValue: model)!
         c.norm = NormalizationKind(rawValue: norm)!
         c.syncGroupSize = syncGroupSize
@@ -264,9 +272,7 @@ struct Train: ParsableCommand {
     func run() throws {
         var configuration = trainingConfiguration
         let loaded = Result { () -> (split: DataSplit, overlap: Int) in
-            let source = try DataSource(parsing: data)
-            let split = try DataSource.split(source, evaluation: try evalData.map(DataSource.init(parsing:)),
-                                             heldOutFraction: holdoutFraction)
+            let split = try configuration.loadData()
             guard split.heldOut.count > 0 else { throw DataError("the held-out set is empty: nothing to evaluate on") }
             let overlap = split.overlap()
             if overlap * 2 >= split.heldOut.count {
@@ -441,9 +447,7 @@ func loadCheckpointRun(_ path: String, data: String?, evalData: String?) throws 
     if let problem = configuration.problem() { throw FileFormatError(path, "stored configuration is invalid: \(problem)") }
     if let data { configuration.data = data }
     configuration.evalData = evalData ?? (data == nil ? configuration.evalData : nil)
-    let split = try DataSource.split(try DataSource(parsing: configuration.data),
-                                     evaluation: try configuration.evalData.map(DataSource.init(parsing:)),
-                                     heldOutFraction: configuration.heldOutFraction)
+    let split = try configuration.loadData()
     return (configuration, split)
 }
 
@@ -470,6 +474,12 @@ struct Evaluate: ParsableCommand {
     var logits: String?
     @Option(parsing: .unconditional, help: "Samples written by --inputs/--logits.")
     var limit: Int = 256
+    @Option(parsing: .unconditional, help: "Recompute the PreciseBN statistics from this many training samples (all ranks together) and evaluate with them, instead of the stored ones.")
+    var preciseBnSamples: Int?
+    @Option(parsing: .unconditional, help: "With --precise-bn-samples: samples per rank per forward pass (default: the training batch size).")
+    var preciseBnBatchSize: Int?
+    @Flag(help: "Also print the results as one JSON object on standard output.")
+    var json = false
     @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
 
@@ -481,23 +491,43 @@ struct Evaluate: ParsableCommand {
             guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("\(path): directory \(directory) does not exist") }
         }
         if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
+        if let preciseBnSamples, !(2...(1 << 30)).contains(preciseBnSamples) { throw ValidationError("--precise-bn-samples must be between 2 and 2^30, got \(preciseBnSamples)") }
+        if let b = preciseBnBatchSize {
+            guard (1...(1 << 20)).contains(b) else { throw ValidationError("--precise-bn-batch-size must be between 1 and 1048576, got \(b)") }
+            guard preciseBnSamples != nil else { throw ValidationError("--precise-bn-batch-size applies with --precise-bn-samples only") }
+        }
     }
 
     func run() throws {
-        let resumePath = resume, inputsPath = inputs, logitsPath = logits, limit = limit
-        let prepared = Result { try loadCheckpointRun(resumePath, data: nil, evalData: evalData) }
+        let resumePath = resume, inputsPath = inputs, logitsPath = logits, limit = limit, json = json
+        let recompute = preciseBnSamples, recomputeBatch = preciseBnBatchSize
+        let prepared = Result { () -> (TrainingConfiguration, DataSplit) in
+            var (configuration, split) = try loadCheckpointRun(resumePath, data: nil, evalData: evalData)
+            if let recompute {
+                configuration.preciseBNSamples = recompute
+                configuration.preciseBNBatchSize = recomputeBatch
+            }
+            return (configuration, split)
+        }
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train evaluate", preflight: prepared.failure) { world in
             let (configuration, split) = try prepared.get()
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
-            // The EMA statistics first (when the file keeps them beside PreciseBN's), then the stored ones.
+            // The EMA statistics first (when the file keeps them beside PreciseBN's), then the stored
+            // ones, or ones recomputed now.
             try trainer.resume(from: resumePath, forTraining: true, resetCrossIterationWindows: true)   // windows play no part in inference
             let stored = try Safetensors.read(resumePath).metadata["statistics"] ?? "ema"
             var results: [(String, Evaluation)] = []
-            if stored == "precise" {
+            if recompute != nil {
                 results.append(("EMA", try trainer.evaluate()))
-                try trainer.resume(from: resumePath, forTraining: false, resetCrossIterationWindows: true)
+                _ = try trainer.recomputePopulationStatistics(rememberEMA: true)
+                results.append(("PreciseBN", try trainer.evaluate()))
+            } else {
+                if stored == "precise" {
+                    results.append(("EMA", try trainer.evaluate()))
+                    try trainer.resume(from: resumePath, forTraining: false, resetCrossIterationWindows: true)
+                }
+                results.append((stored == "precise" ? "PreciseBN" : "EMA", try trainer.evaluate()))
             }
-            results.append((stored == "precise" ? "PreciseBN" : "EMA", try trainer.evaluate()))
             if world.rank == 0 {
                 let count = min(limit, split.heldOut.count)
                 let (x, _) = split.heldOut.batch(0..<count)
@@ -507,6 +537,15 @@ struct Evaluate: ParsableCommand {
                     let line = String(format: "evaluate: step %d, held-out loss %.4f, accuracy %.2f%% (%d samples, %@ statistics)",
                                       trainer.step, evaluation.loss, evaluation.accuracy * 100, evaluation.count, statistics)
                     FileHandle.standardError.write(Data((line + "\n").utf8))
+                }
+                if json {
+                    var object: [String: Any] = ["step": trainer.step, "samples": results[0].1.count]
+                    for (statistics, evaluation) in results {
+                        object[statistics == "EMA" ? "ema" : "precise"] = ["loss": evaluation.loss, "accuracy": evaluation.accuracy]
+                    }
+                    if let recompute { object["precise_bn_samples"] = recompute }
+                    let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+                    FileHandle.standardOutput.write(data + Data("\n".utf8))
                 }
             }
         }

@@ -1,0 +1,261 @@
+import Foundation
+
+/// The settings every job of a study shares: the data, the model, the ranks, the sample budget,
+/// the recipe. `full` is the study of the README (Fashion-MNIST, ResNet-20 at a quarter width,
+/// 40,000 training samples per job); `quick` is a small version for tests.
+public struct StudySettings: Codable, Sendable {
+    public var ranks = 4
+    public var seeds = 2
+    public var data = "fashion-mnist"
+    public var model = "resnet20"
+    public var width = 0.25
+    /// The fixed training subset (the first N samples) and held-out subset.
+    public var trainSamples: Int? = 10_000
+    public var evalSamples: Int? = nil
+    /// Training samples each job processes, over all ranks: steps = budget / (ranks × batch).
+    public var sampleBudget = 40_000
+    /// `--lr` at the reference batch 128 (the linear scaling rule sets the peak).
+    public var learningRate = 0.1
+    /// The "large" rate of `precise-vs-ema`.
+    public var largeLearningRate = 0.8
+    public var quick = false
+
+    public init() {}
+
+    public static var full: StudySettings { StudySettings() }
+
+    public static var quickSettings: StudySettings {
+        var s = StudySettings()
+        s.quick = true
+        s.seeds = 1
+        s.data = "synthetic:train=512,heldout=256,seed=0"
+        s.width = 0.125
+        s.trainSamples = nil
+        s.sampleBudget = 1024
+        return s
+    }
+}
+
+/// A point of an experiment: one job, drawn at `x` in `series`.
+public struct StudyPoint: Codable, Sendable {
+    public var series: String
+    public var x: Double
+    public var seed: Int
+    public var job: StudyJob
+}
+
+/// How a panel is drawn and tabulated.
+public enum PanelKind: String, Codable, Sendable {
+    /// Final held-out error against x, one line per series (EMA and PreciseBN statistics in
+    /// two subplots).
+    case final
+    /// Final held-out error against x, with EMA and PreciseBN statistics as two series of
+    /// each job.
+    case statistics
+    /// Held-out error against step, for every evaluation of each job (x is unused).
+    case curves
+    /// PreciseBN held-out error of `precise` jobs against their sample budget.
+    case budget
+    /// Diagnostics (weight norms and CBN's window measurements) of each job against x.
+    case diagnostics
+}
+
+public struct StudyPanel: Codable, Sendable {
+    public var name: String
+    public var title: String
+    public var kind: PanelKind
+    public var xLabel: String
+    /// linear, log2 or log10.
+    public var xScale: String
+    public var points: [StudyPoint]
+}
+
+public struct StudyExperiment: Codable, Sendable {
+    public var name: String
+    public var title: String
+    /// The claim from the literature the experiment tests.
+    public var claim: String
+    public var panels: [StudyPanel]
+
+    public var jobs: [StudyJob] { panels.flatMap { $0.points.map(\.job) } }
+}
+
+/// The named experiments and their grids.
+public enum StudyCatalog {
+    public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch"]
+
+    public static func experiments(_ s: StudySettings) -> [StudyExperiment] {
+        names.map { experiment($0, s)! }
+    }
+
+    /// The options of a training job with `batch` samples per rank and the study's recipe.
+    static func base(_ s: StudySettings, batch: Int, seed: Int) -> [String: String] {
+        let steps = max(1, s.sampleBudget / (s.ranks * batch))
+        var options: [String: String] = [
+            "model": s.model, "width": format(s.width), "data": s.data, "batch-size": "\(batch)", "steps": "\(steps)",
+            "lr": format(s.learningRate), "seed": "\(seed)", "log-every": "\(max(1, steps / 100))", "eval-stats": "both",
+        ]
+        if let n = s.trainSamples { options["train-samples"] = "\(n)" }
+        if let n = s.evalSamples { options["eval-samples"] = "\(n)" }
+        return options
+    }
+
+    static func steps(_ options: [String: String]) -> Int { Int(options["steps"]!)! }
+
+    public static func format(_ value: Double) -> String {
+        value == value.rounded() && abs(value) < 1e15 ? String(Int(value)) : String(value)
+    }
+
+    /// Per-rank statistics with the given norm (`bn`, or a synced norm with sync group 1).
+    static func perRank(_ options: [String: String], norm: String) -> [String: String] {
+        var o = options
+        o["norm"] = norm
+        if norm != "bn" && norm != "gn" { o["sync-group-size"] = "1" }
+        return o
+    }
+
+    /// Cross-iteration BN with per-rank statistics.
+    static func cbn(_ options: [String: String], window: Int, rho: Double, burnInFraction: Double) -> [String: String] {
+        var o = perRank(options, norm: "cbn")
+        o["cbn-window"] = "\(window)"
+        o["cbn-rho"] = format(rho)
+        o["cbn-burnin"] = "\(Int((Double(steps(options)) * burnInFraction).rounded()))"
+        return o
+    }
+
+    /// The CBN window the CBN paper pairs with a batch: about 32 samples per window (k = 32 / b, at most 16).
+    public static func window(forBatch batch: Int) -> Int { max(1, min(16, 32 / batch)) }
+
+    static let cbnBatch = 4, cbnWindow = 8, cbnBurnIn = 0.25
+
+    public static func experiment(_ name: String, _ s: StudySettings) -> StudyExperiment? {
+        let seeds = Array(1...max(1, s.seeds))
+        func job(_ options: [String: String]) -> StudyJob { StudyJob(ranks: s.ranks, options: options) }
+        func points(_ series: String, _ xs: [Double], _ make: (Double, Int) -> [String: String]) -> [StudyPoint] {
+            xs.flatMap { x in seeds.map { seed in StudyPoint(series: series, x: x, seed: seed, job: job(make(x, seed))) } }
+        }
+        let q = s.quick
+        switch name {
+        case "small-batch":
+            let batches: [Double] = q ? [8, 2] : [32, 16, 8, 4, 2]
+            var p: [StudyPoint] = []
+            p += points("BN (per rank)", batches) { b, seed in perRank(base(s, batch: Int(b), seed: seed), norm: "bn") }
+            p += points("GN", batches) { b, seed in perRank(base(s, batch: Int(b), seed: seed), norm: "gn") }
+            p += points("BRN (per rank)", batches) { b, seed in perRank(base(s, batch: Int(b), seed: seed), norm: "brn") }
+            p += points("naive CBN, rho 0 (per rank)", batches) { b, seed in
+                cbn(base(s, batch: Int(b), seed: seed), window: window(forBatch: Int(b)), rho: 0, burnInFraction: cbnBurnIn)
+            }
+            p += points("CBN (per rank)", batches) { b, seed in
+                cbn(base(s, batch: Int(b), seed: seed), window: window(forBatch: Int(b)), rho: 1, burnInFraction: cbnBurnIn)
+            }
+            p += points("SyncBN (\(s.ranks) ranks)", batches) { b, seed in
+                var o = base(s, batch: Int(b), seed: seed); o["norm"] = "syncbn"; return o
+            }
+            return StudyExperiment(
+                name: name, title: "Error against per-rank batch",
+                claim: "Per-rank BN collapses at ≤ 4 samples per rank; CBN with a window of k = 32/b iterations stays near BN at 32 per rank; GroupNorm is flat in the batch size and below BN at large batch; Batch Renorm beats BN at micro-batches of 2–4 (Yao et al. 2021; Wu & He 2018; Ioffe 2017).",
+                panels: [StudyPanel(name: "error", title: "Held-out error against per-rank batch", kind: .final,
+                                    xLabel: "samples per rank", xScale: "log2", points: p)])
+        case "cbn-window":
+            let windows: [Double] = q ? [1, 2] : [1, 2, 4, 8, 16]
+            var p: [StudyPoint] = []
+            for rho in [1.0, 0.0] {
+                p += points(rho == 0 ? "naive (rho 0)" : "CBN (rho 1)", windows) { k, seed in
+                    cbn(base(s, batch: cbnBatch, seed: seed), window: Int(k), rho: rho, burnInFraction: cbnBurnIn)
+                }
+            }
+            return StudyExperiment(
+                name: name, title: "CBN window length at \(cbnBatch) samples per rank",
+                claim: "At small batch, a longer window helps CBN; naive averaging without the Taylor compensation (rho 0) is worse, and worse the longer the window (Yao et al. 2021, Table 3).",
+                panels: [StudyPanel(name: "error", title: "Held-out error against CBN window (b = \(cbnBatch) per rank, burn-in \(Int(cbnBurnIn * 100)) %)",
+                                    kind: .final, xLabel: "window k (iterations)", xScale: "log2", points: p),
+                         StudyPanel(name: "diagnostics", title: "Weight and γ norms at the end of training", kind: .diagnostics,
+                                    xLabel: "window k (iterations)", xScale: "log2", points: p)])
+        case "cbn-burnin":
+            let fractions: [Double] = q ? [0, 0.25] : [0, 0.1, 0.25, 0.5]
+            let p = points("CBN (k = \(cbnWindow))", fractions.map { $0 * 100 }) { percent, seed in
+                cbn(base(s, batch: cbnBatch, seed: seed), window: cbnWindow, rho: 1, burnInFraction: percent / 100)
+            } + points("CBN (k = 2)", fractions.map { $0 * 100 }) { percent, seed in
+                cbn(base(s, batch: cbnBatch, seed: seed), window: 2, rho: 1, burnInFraction: percent / 100)
+            }
+            return StudyExperiment(
+                name: name, title: "CBN burn-in at \(cbnBatch) samples per rank",
+                claim: "Too short a burn-in (plain BN before the window is used) hurts CBN: early in training the weights change too fast for the compensation (Yao et al. 2021, Table 4).",
+                panels: [StudyPanel(name: "error", title: "Held-out error against burn-in (b = \(cbnBatch) per rank)", kind: .final,
+                                    xLabel: "burn-in (% of training)", xScale: "linear", points: p),
+                         StudyPanel(name: "diagnostics", title: "Weight and γ norms at the end of training", kind: .diagnostics,
+                                    xLabel: "burn-in (% of training)", xScale: "linear", points: p)])
+        case "cbn-rho":
+            let rhos: [Double] = q ? [0, 1] : [0, 0.5, 1, 2]
+            let p = points("CBN (k = \(cbnWindow))", rhos) { rho, seed in
+                cbn(base(s, batch: cbnBatch, seed: seed), window: cbnWindow, rho: rho, burnInFraction: cbnBurnIn)
+            }
+            return StudyExperiment(
+                name: name, title: "Scale of CBN's Taylor compensation",
+                claim: "The first-order compensation (rho 1) is what makes old statistics usable; without it (rho 0) accuracy drops (Yao et al. 2021, Table 3).",
+                panels: [StudyPanel(name: "error", title: "Held-out error against rho (b = \(cbnBatch) per rank, k = \(cbnWindow))", kind: .final,
+                                    xLabel: "rho (compensation scale)", xScale: "linear", points: p)])
+        case "precise-vs-ema":
+            let batch = q ? 8 : 32
+            var curves: [StudyPoint] = []
+            for (label, lr) in [("lr \(format(s.learningRate))", s.learningRate), ("lr \(format(s.largeLearningRate))", s.largeLearningRate)] {
+                curves += points("SyncBN, \(label)", [0]) { _, seed in
+                    var o = base(s, batch: batch, seed: seed)
+                    o["norm"] = "syncbn"
+                    o["lr"] = format(lr)
+                    o["eval-every"] = "\(max(1, steps(o) / (q ? 2 : 10)))"
+                    return o
+                }
+            }
+            let budgets: [Double] = q ? [32, 128] : [128, 512, 2048, 8192]
+            var budget: [StudyPoint] = []
+            for point in curves where point.series.hasSuffix("lr \(format(s.learningRate))") {
+                for n in budgets {
+                    let options = ["precise-bn-samples": format(n)]
+                    budget.append(StudyPoint(series: "PreciseBN (SyncBN, b = \(batch) per rank)", x: n, seed: point.seed,
+                                             job: StudyJob(kind: .precise, ranks: s.ranks, options: options, parent: point.job)))
+                }
+            }
+            let batches: [Double] = q ? [8, 2] : [32, 8, 2]
+            let small = points("BN (per rank)", batches) { b, seed in perRank(base(s, batch: Int(b), seed: seed), norm: "bn") }
+            return StudyExperiment(
+                name: name, title: "PreciseBN against EMA statistics",
+                claim: "PreciseBN is at least as good as the EMA and much steadier when the lr or batch is large; its estimate saturates at 10³–10⁴ samples; at per-GPU batch 2 it beats the EMA by several points (Wu & Johnson 2021, §3).",
+                panels: [StudyPanel(name: "curves", title: "Held-out error during training", kind: .curves,
+                                    xLabel: "step", xScale: "linear", points: curves),
+                         StudyPanel(name: "budget", title: "PreciseBN sample budget (lr \(format(s.learningRate)))", kind: .budget,
+                                    xLabel: "samples used for the population statistics", xScale: "log10", points: budget),
+                         StudyPanel(name: "batch", title: "Per-rank BN: EMA against PreciseBN statistics", kind: .statistics,
+                                    xLabel: "samples per rank", xScale: "log2", points: small)])
+        case "norm-batch":
+            let batch = q ? 8 : 32
+            let total = batch * s.ranks
+            let sizes: [Double] = (q ? [2, 8, Double(total)] : [2, 4, 8, 16, 32, 64, 128]).filter { $0 <= Double(total) }
+            func normalized(_ g: Double, seed: Int) -> [String: String] {
+                var o = base(s, batch: batch, seed: seed)
+                let size = Int(g)
+                if size <= batch {
+                    o["norm"] = "bn"
+                    if size < batch { o["ghost-batch-size"] = "\(size)" }
+                } else {
+                    o["norm"] = "syncbn"
+                    if size / batch < s.ranks { o["sync-group-size"] = "\(size / batch)" }
+                }
+                return o
+            }
+            var p = points("BN", sizes) { g, seed in normalized(g, seed: seed) }
+            p += points("BN, FrozenBN for the last 20 %", sizes.filter { $0 <= 4 || q }) { g, seed in
+                var o = normalized(g, seed: seed)
+                o["freeze-bn-after"] = "\(Int((Double(steps(o)) * 0.8).rounded()))"
+                return o
+            }
+            return StudyExperiment(
+                name: name, title: "Normalization batch size at a fixed total batch of \(total)",
+                claim: "Error against the normalization batch size is U-shaped, best around 32–128; FrozenBN (population statistics) for the last ~20 % of training helps at small normalization batches (Wu & Johnson 2021, §3 and §5).",
+                panels: [StudyPanel(name: "error", title: "Held-out error against normalization batch (total batch \(total))", kind: .final,
+                                    xLabel: "normalization batch (samples)", xScale: "log2", points: p)])
+        default:
+            return nil
+        }
+    }
+}
