@@ -35,7 +35,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "syncbn-train", dependencies: [
-            "Training", "CollectivesMPI", "CommandSupport",
+            "Training", "Normalization", "CollectivesMPI", "CommandSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // The experiment runner: composes syncbn-train command lines, so it links no numerics.

@@ -197,6 +197,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                 }
             }
         }
+        weight.addPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
         columnGradient = dcols
         if let bias {

@@ -14,10 +14,24 @@ public final class Parameter<Scalar: TensorScalar> {
     public var value: Tensor<Scalar>
     /// Written (not accumulated) by the owning layer's `backward`.
     public var gradient: Tensor<Scalar>
+    /// A contribution from another layer (cross-iteration BN's compensation term, which depends
+    /// on this weight), added to `gradient` by the owning layer's next `backward` and cleared.
+    public var pendingGradient: [Double]?
 
     public init(_ value: Tensor<Scalar>) {
         self.value = value
         self.gradient = Tensor(shape: value.shape)
+    }
+}
+
+extension Parameter {
+    /// Adds ``pendingGradient`` (if any) to `gradient` and clears it.
+    public func addPendingGradient(to gradient: inout Tensor<Scalar>) {
+        guard let pending = pendingGradient else { return }
+        precondition(pending.count == gradient.count, "a pending gradient of \(pending.count) values for a parameter of \(gradient.count)")
+        let narrowed = Scalar.narrowed(pending)
+        for i in 0..<narrowed.count { gradient.scalars[i] += narrowed[i] }
+        pendingGradient = nil
     }
 }
 

@@ -66,6 +66,7 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource {
         var inputGradient = Tensor<Scalar>(shape: input.shape)
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
         guard n > 0 else {
+            weight.addPendingGradient(to: &weightGradient)
             weight.gradient = weightGradient
             bias?.gradient = Tensor(shape: [outputFeatures])
             return inputGradient
@@ -86,6 +87,7 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource {
                 }
             }
         }
+        weight.addPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
         if let bias {
             var biasGradient = Tensor<Scalar>(shape: [outputFeatures])

@@ -48,8 +48,8 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
 
     /// The last training input (shared storage, not a copy): backward recomputes x̂ from it.
     private var lastInput = Tensor<Scalar>(shape: [0])
-    private var lastMean: [Double] = []
-    private var invStd: [Double] = []
+    private(set) var lastMean: [Double] = []
+    private(set) var invStd: [Double] = []
     private var lastLayout = ChannelLayout(batch: 0, channels: 0, spatial: 0)
     private var lastShape: [Int] = []
     private var backwardCounts: [Double] = []
@@ -153,6 +153,11 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
                                      counts: Array(repeating: statistics.count, count: featureCount), current: statistics)
     }
 
+    /// Called by a training backward with Σdy (first C values) and Σdy·x̂ (next C) over the
+    /// group; subclasses whose statistics depend on more than the input (cross-iteration BN's
+    /// compensation term) pass gradients on from here.
+    func gradientSumsReduced(_ sums: [Double]) throws {}
+
     /// The EMA (or cumulative average) update, in Double, with the unbiased variance over M.
     func updateRunningStatistics(_ statistics: BatchStatistics) {
         batchesTracked.value += 1
@@ -195,6 +200,7 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         var global = local
         if let group, !lastPassFrozen { try group.allReduceSum(&global) }
         guard lastPassFrozen || lastStatistics != nil else { return Tensor(shape: lastShape) }
+        if !lastPassFrozen { try gradientSumsReduced(global) }
         let gamma = Scalar.widened(weight.value.scalars)
         // dx = p·dy + q·x + r per channel.
         var p = [Double](repeating: 0, count: C), q = p, r = p

@@ -30,6 +30,20 @@ import Kernels
 /// variance for normalization, as PyTorch's BatchNorm and the rest of this package; a window that
 /// is not yet full is used with the entries it has; statistics synchronized over a group.
 ///
+/// Where gradients flow (`gradient`):
+/// - `.current` (the reference code): only through the current iteration's statistics, as above;
+///   the compensation term ρ·∂S_τ/∂θ·(θ_t − θ_τ) uses a detached θ_t.
+/// - `.compensated`: also through θ_t in every past entry's compensation term, with ∂S_τ/∂θ and
+///   θ_τ held constant. With G_μ = ∂L/∂μ̄ and G_ν = ∂L/∂ν̄ (computed from the same all-reduced
+///   Σdy and Σdy·x̂ the input gradient uses; see `gradientSumsReduced`), the feeding layer's
+///   weight gradient gains, per channel c,
+///
+///       Σ_{τ kept for c} ρ/(n_c·M_τ) · (G_μ,c·∂S1_τ/∂θ_c + G_ν,c·∂S2_τ,c/∂θ_c),
+///
+///   each rank adding its local share (the data-parallel gradient exchange sums them). This
+///   makes the layer's output invariant to the scale of θ in backward as well as in forward, as
+///   BN is; with `.current` the gradient sees only 1/n of the statistics' dependence on θ.
+///
 /// In `.batchStatistics` mode (PreciseBN) and inference it behaves exactly as ``BatchNorm``.
 public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> {
     /// One past iteration as this rank saw it.
@@ -48,17 +62,36 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     public let window: Int
     public let rho: Double
     public let burnIn: Int
+    public let gradient: CrossIterationGradient
     public let source: any PatchSource<Scalar>
     /// [iterations, entries, entry…] — rank-local: each rank keeps its own local sums.
     let saved: RankLocalState
+    /// What the last training forward used from the window, for `.compensated` backward.
+    private var lastWindow: UsedWindow?
+    /// Window measurements summed over training forwards since the last ``takeDiagnostics()``.
+    private var diagnosticSums = CrossIterationDiagnostics()
+
+    struct UsedWindow {
+        var entries: [WindowEntry]
+        /// M_τ over the group, per past entry.
+        var counts: [Double]
+        /// kept[j][c]: entry j counts for channel c.
+        var kept: [[Bool]]
+        /// n_c, the current entry included.
+        var entryCounts: [Double]
+        /// Channels whose window variance ν̄ − μ̄² was negative and clamped to 0.
+        var clamped: [Bool]
+    }
 
     public init(featureCount: Int, source: any PatchSource<Scalar>, window: Int = 4, rho: Double = 1, burnIn: Int = 0,
+                gradient: CrossIterationGradient = .current,
                 epsilon: Double = 1e-5, momentum: Double? = 0.1, group: (any Communicator)? = nil) {
         precondition(window >= 1 && burnIn >= 0 && rho.isFinite, "CrossIterationBatchNorm: window ≥ 1, burn-in ≥ 0, finite rho")
         precondition(source.patchWeight.value.shape.first == featureCount, "the source layer must have \(featureCount) output channels")
         self.window = window
         self.rho = rho
         self.burnIn = burnIn
+        self.gradient = gradient
         self.source = source
         let C = featureCount, K = source.patchWeight.value.count / featureCount, width = 1 + 2 * C + K + 2 * C * K
         saved = RankLocalState([0, 0], validate: { values in
@@ -151,6 +184,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
 
     override func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
         let iteration = iterations + 1
+        lastWindow = nil
         guard window > 1, iteration > burnIn else {
             store(iterations: iteration, entries: entries)
             return try super.trainingStatistics(input, layout: layout)
@@ -183,6 +217,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         try requireMoreThanOneValue(currentStatistics, input.shape)
 
         var meanSum = mean, secondSum = second, valid = [Double](repeating: 1, count: C)
+        var kept = [[Bool]](repeating: [Bool](repeating: false, count: C), count: past.count)
         for j in 0..<past.count {
             let base = (1 + 2 * C) * (j + 1), m = packed[base]
             guard m > 0 else { continue }
@@ -192,11 +227,107 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
                 meanSum[c] += mu
                 secondSum[c] += nu
                 valid[c] += 1
+                kept[j][c] = true
             }
         }
         let averageMean = (0..<C).map { meanSum[$0] / valid[$0] }
-        let variance = (0..<C).map { max(secondSum[$0] / valid[$0] - averageMean[$0] * averageMean[$0], 0) }
+        let rawVariance = (0..<C).map { secondSum[$0] / valid[$0] - averageMean[$0] * averageMean[$0] }
+        let variance = rawVariance.map { max($0, 0) }
+        if gradient == .compensated && rho != 0 && !past.isEmpty {
+            lastWindow = UsedWindow(entries: past, counts: (0..<past.count).map { packed[(1 + 2 * C) * ($0 + 1)] }, kept: kept,
+                                    entryCounts: valid, clamped: rawVariance.map { $0 < 0 })
+        }
+        recordDiagnostics(past: past, weight: weight, kept: valid, variance: variance, current: currentStatistics.variance)
         store(iterations: iteration, entries: stored)
         return TrainingNormalization(mean: averageMean, variance: variance, counts: valid.map { $0 * M }, current: currentStatistics)
+    }
+
+    /// `.compensated`: the compensation term's gradient with respect to the feeding layer's
+    /// weight, handed to that layer as its pending gradient. For x̂ = (x − μ̄)/√(ν̄ − μ̄² + ε) with
+    /// s = 1/√(σ² + ε) and dx̂ = γ·dy summed over the group:
+    /// G_μ = −s·Σdx̂ + μ̄·s²·Σdx̂·x̂ and G_ν = −½·s²·Σdx̂·x̂ (G_μ = −s·Σdx̂, G_ν = 0 where σ² was clamped).
+    override func gradientSumsReduced(_ sums: [Double]) throws {
+        guard let used = lastWindow else { return }
+        lastWindow = nil
+        let C = featureCount, K = patchSize
+        let gamma = Scalar.widened(weight.value.scalars)
+        var pending = source.patchWeight.pendingGradient ?? [Double](repeating: 0, count: C * K)
+        for c in 0..<C {
+            let s = invStd[c], sumDx = gamma[c] * sums[c], sumDxX = gamma[c] * sums[C + c]
+            let gMean = used.clamped[c] ? -s * sumDx : -s * sumDx + lastMean[c] * s * s * sumDxX
+            let gSecond = used.clamped[c] ? 0 : -0.5 * s * s * sumDxX
+            for (j, entry) in used.entries.enumerated() where used.kept[j][c] {
+                let factor = rho / (used.entryCounts[c] * used.counts[j])
+                let a = factor * gMean, b = factor * gSecond
+                for k in 0..<K {
+                    pending[c * K + k] += a * entry.sumGradient[k] + b * entry.sumOfSquaresGradient[c * K + k]
+                }
+            }
+        }
+        source.patchWeight.pendingGradient = pending
+    }
+
+    func recordDiagnostics(past: [WindowEntry], weight: [Double], kept: [Double], variance: [Double], current: [Double]) {
+        let C = featureCount
+        diagnosticSums.forwards += 1
+        diagnosticSums.entriesKept += kept.reduce(0, +) / Double(C)
+        if !past.isEmpty {
+            diagnosticSums.windowForwards += 1
+            diagnosticSums.droppedFraction += 1 - (kept.reduce(0, +) / Double(C) - 1) / Double(past.count)
+            var change = 0.0, size = 0.0
+            for entry in past {
+                let (_, squares) = Self.compensate(entry, to: weight, rho: rho)
+                for c in 0..<C {
+                    change += abs(squares[c] - entry.sumOfSquares[c])
+                    size += abs(entry.sumOfSquares[c])
+                }
+            }
+            diagnosticSums.taylorFraction += size > 0 ? change / size : 0
+        }
+        var ratio = 0.0
+        for c in 0..<C { ratio += (variance[c] + epsilon) / (current[c] + epsilon) }
+        diagnosticSums.varianceRatio += ratio / Double(C)
+    }
+
+    /// The window measurements averaged over the training forwards since the last call, and reset.
+    public func takeDiagnostics() -> CrossIterationDiagnostics {
+        defer { diagnosticSums = CrossIterationDiagnostics() }
+        return diagnosticSums
+    }
+}
+
+/// Where cross-iteration BN's gradients flow; see ``CrossIterationBatchNorm``.
+public enum CrossIterationGradient: String, Codable, CaseIterable, Sendable {
+    /// Through the current iteration's statistics only (the reference code).
+    case current
+    /// Also through the current weight in every past entry's Taylor compensation.
+    case compensated
+}
+
+/// Sums of cross-iteration BN's window measurements over training forwards (this rank's view).
+public struct CrossIterationDiagnostics: Sendable {
+    public var forwards = 0
+    /// Forwards that had past entries (after the burn-in, with a window longer than 1).
+    public var windowForwards = 0
+    /// Σ over forwards of the mean (over channels) number of entries used, the current one included.
+    public var entriesKept = 0.0
+    /// Σ over window forwards of the fraction of past entries dropped (negative compensated variance).
+    public var droppedFraction = 0.0
+    /// Σ over window forwards of Σ|ρ·∂S2/∂θ·Δθ| / Σ|S2| over past entries and channels (local sums).
+    public var taylorFraction = 0.0
+    /// Σ over forwards of the mean over channels of (window variance + ε) / (current-batch variance + ε).
+    public var varianceRatio = 0.0
+
+    public init() {}
+
+    /// Averages per forward: entries_kept, dropped_fraction, taylor_fraction, window_variance_ratio.
+    public var averages: [String: Double] {
+        guard forwards > 0 else { return [:] }
+        var result = ["entries_kept": entriesKept / Double(forwards), "window_variance_ratio": varianceRatio / Double(forwards)]
+        if windowForwards > 0 {
+            result["dropped_fraction"] = droppedFraction / Double(windowForwards)
+            result["taylor_fraction"] = taylorFraction / Double(windowForwards)
+        }
+        return result
     }
 }

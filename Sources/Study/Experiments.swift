@@ -115,11 +115,13 @@ public enum StudyCatalog {
     }
 
     /// Cross-iteration BN with per-rank statistics.
-    static func cbn(_ options: [String: String], window: Int, rho: Double, burnInFraction: Double) -> [String: String] {
+    static func cbn(_ options: [String: String], window: Int, rho: Double, burnInFraction: Double,
+                    compensatedGradient: Bool = false) -> [String: String] {
         var o = perRank(options, norm: "cbn")
         o["cbn-window"] = "\(window)"
         o["cbn-rho"] = format(rho)
         o["cbn-burnin"] = "\(Int((Double(steps(options)) * burnInFraction).rounded()))"
+        if compensatedGradient { o["cbn-gradient"] = "compensated" }
         return o
     }
 
@@ -148,6 +150,10 @@ public enum StudyCatalog {
             p += points("CBN (per rank)", batches) { b, seed in
                 cbn(base(s, batch: Int(b), seed: seed), window: window(forBatch: Int(b)), rho: 1, burnInFraction: cbnBurnIn)
             }
+            p += points("CBN, compensated gradient (per rank)", batches) { b, seed in
+                cbn(base(s, batch: Int(b), seed: seed), window: window(forBatch: Int(b)), rho: 1, burnInFraction: cbnBurnIn,
+                    compensatedGradient: true)
+            }
             p += points("SyncBN (\(s.ranks) ranks)", batches) { b, seed in
                 var o = base(s, batch: Int(b), seed: seed); o["norm"] = "syncbn"; return o
             }
@@ -164,9 +170,12 @@ public enum StudyCatalog {
                     cbn(base(s, batch: cbnBatch, seed: seed), window: Int(k), rho: rho, burnInFraction: cbnBurnIn)
                 }
             }
+            p += points("CBN, compensated gradient (rho 1)", windows) { k, seed in
+                cbn(base(s, batch: cbnBatch, seed: seed), window: Int(k), rho: 1, burnInFraction: cbnBurnIn, compensatedGradient: true)
+            }
             return StudyExperiment(
                 name: name, title: "CBN window length at \(cbnBatch) samples per rank",
-                claim: "At small batch, a longer window helps CBN; naive averaging without the Taylor compensation (rho 0) is worse, and worse the longer the window (Yao et al. 2021, Table 3).",
+                claim: "At small batch, a longer window helps CBN; naive averaging without the Taylor compensation (rho 0) is worse, and worse the longer the window (Yao et al. 2021, Table 3). Here also: whether letting the gradient flow through the compensation term (--cbn-gradient compensated) keeps the weight norms, and the accuracy, at BN's.",
                 panels: [StudyPanel(name: "error", title: "Held-out error against CBN window (b = \(cbnBatch) per rank, burn-in \(Int(cbnBurnIn * 100)) %)",
                                     kind: .final, xLabel: "window k (iterations)", xScale: "log2", points: p),
                          StudyPanel(name: "diagnostics", title: "Weight and γ norms at the end of training", kind: .diagnostics,

@@ -28,6 +28,8 @@ public struct StudyLauncher: Sendable {
                 "--metrics", directory + "/metrics.jsonl", "--overwrite-metrics",
                 "--save", directory + "/model.safetensors",
                 "--collective-timeout", StudyCatalog.format(collectiveTimeout),
+                // Observation only (it changes no result): weight and γ norms, CBN's window measurements.
+                "--cbn-diagnostics",
             ]
         case .precise:
             arguments = ["evaluate", "--resume", (parentDirectory ?? directory) + "/model.safetensors", "--json"] + job.arguments

@@ -173,9 +173,16 @@ public struct StudySummary: Codable, Sendable {
                         rows = ["| series | \(panel.xLabel) | layer | " + quantities.joined(separator: " | ") + " |",
                                 "|---|---|---|" + String(repeating: "---|", count: quantities.count)]
                     }
-                    for layer in d.keys.sorted() {
+                    // The first normalization layer and the mean over all of them.
+                    let first = d.keys.sorted().first!
+                    var mean: [String: Double] = [:]
+                    for quantity in quantities {
+                        let values = d.values.compactMap { $0[quantity] }
+                        if !values.isEmpty { mean[quantity] = values.reduce(0, +) / Double(values.count) }
+                    }
+                    for (layer, values) in [(first, d[first]!), ("mean of \(d.count) layers", mean)] {
                         rows.append("| \(series.name) | \(StudyCatalog.format(point.x)) | \(layer) | " +
-                                    quantities.map { d[layer]?[$0].map { String(format: "%.3g", $0) } ?? "–" }.joined(separator: " | ") + " |")
+                                    quantities.map { values[$0].map { String(format: "%.3g", $0) } ?? "–" }.joined(separator: " | ") + " |")
                     }
                 }
             }

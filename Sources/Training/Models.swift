@@ -123,10 +123,21 @@ public struct CrossIterationOptions: Codable, Equatable, Sendable {
     public var window: Int = 4
     public var rho: Double = 1
     public var burnIn: Int = 0
-    public init(window: Int = 4, rho: Double = 1, burnIn: Int = 0) {
+    public var gradient: CrossIterationGradient = .current
+    public init(window: Int = 4, rho: Double = 1, burnIn: Int = 0, gradient: CrossIterationGradient = .current) {
         self.window = window
         self.rho = rho
         self.burnIn = burnIn
+        self.gradient = gradient
+    }
+
+    // Configurations written before `gradient` existed read as `.current`, what they ran.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        window = try container.decode(Int.self, forKey: .window)
+        rho = try container.decode(Double.self, forKey: .rho)
+        burnIn = try container.decode(Int.self, forKey: .burnIn)
+        gradient = try container.decodeIfPresent(CrossIterationGradient.self, forKey: .gradient) ?? .current
     }
 }
 
@@ -178,7 +189,7 @@ public struct NormalizationFactory {
             return GroupNorm<Float>(featureCount: featureCount, groups: groups, epsilon: epsilon)
         case .cbn:
             return CrossIterationBatchNorm<Float>(featureCount: featureCount, source: source, window: crossIteration.window,
-                                                  rho: crossIteration.rho, burnIn: crossIteration.burnIn,
+                                                  rho: crossIteration.rho, burnIn: crossIteration.burnIn, gradient: crossIteration.gradient,
                                                   epsilon: epsilon, momentum: momentum, group: group)
         case .bn:
             return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum)

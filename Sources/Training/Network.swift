@@ -67,3 +67,33 @@ public final class Network {
 
     public var parameterCount: Int { namedParameters.reduce(0) { $0 + $1.parameter.value.count } }
 }
+
+extension Network {
+    /// Per normalization layer (by its name): the L2 norms of γ and of the weight and weight
+    /// gradient of the conv or linear layer that feeds it, and for cross-iteration BN its window
+    /// measurements since the last call (``CrossIterationDiagnostics``, which this resets).
+    public func normalizationDiagnostics() -> [String: [String: Double]] {
+        func norm(_ values: [Float]) -> Double { values.reduce(0) { $0 + Double($1) * Double($1) }.squareRoot() }
+        var result: [String: [String: Double]] = [:]
+        var feeder: (any PatchSource<Float>)?
+        for (name, layer) in leaves {
+            if let source = layer as? any PatchSource<Float> {
+                feeder = source
+                continue
+            }
+            let isNorm = layer is BatchNorm<Float> || layer is GroupNorm<Float> || layer is RepresentativeBatchNorm<Float>
+            guard isNorm, let gamma = layer.parameters.first else { continue }
+            var entry: [String: Double] = ["gamma_norm": norm(gamma.value.scalars)]
+            if let feeder {
+                entry["weight_norm"] = norm(feeder.patchWeight.value.scalars)
+                entry["weight_grad_norm"] = norm(feeder.patchWeight.gradient.scalars)
+            }
+            if let cbn = layer as? CrossIterationBatchNorm<Float> {
+                entry.merge(cbn.takeDiagnostics().averages) { $1 }
+            }
+            result[name] = entry
+            feeder = nil
+        }
+        return result
+    }
+}

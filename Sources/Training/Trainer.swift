@@ -368,6 +368,9 @@ public final class Trainer {
                 if logNow {
                     try metrics?.write(["step": step, "epoch": epoch, "steps": intervalSteps, "loss": meanLoss, "accuracy": meanAccuracy,
                                     "lr": rate, "samples_per_s": samplesPerSecond, "comm_s": ledger.blockedSeconds - intervalComm])
+                    if configuration.normalizationDiagnostics {
+                        try metrics?.write(["event": "diagnostics", "step": step, "layers": network.normalizationDiagnostics()])
+                    }
                 }
             }
             if configuration.evalEvery > 0 && step % configuration.evalEvery == 0 && step < total {

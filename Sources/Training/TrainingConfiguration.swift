@@ -61,6 +61,10 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var gradientBucketSize: Int = 1 << 16
     /// Log a metrics line every this many steps.
     public var logEvery: Int = 10
+    /// With every metrics line, a `diagnostics` line: per normalization layer the norms of γ and
+    /// of the feeding layer's weight and weight gradient, and cross-iteration BN's window
+    /// measurements (rank 0's view).
+    public var normalizationDiagnostics = false
 
     public init() {}
 }

@@ -4,6 +4,7 @@ import CollectivesMPI
 import Foundation
 import CommandSupport
 import Kernels
+import Normalization
 import Training
 
 /// `syncbn-train`: data-parallel training with synchronized batch normalization.
@@ -114,6 +115,10 @@ struct Train: ParsableCommand {
     var cbnRho: Double = 1
     @Option(parsing: .unconditional, help: "Cross-iteration BN: steps of plain SyncBN before the window is used.")
     var cbnBurnin: Int = 0
+    @Option(help: "Cross-iteration BN: where gradients flow: current (the current batch's statistics only, as the reference code) or compensated (also through the current weight in the Taylor term).")
+    var cbnGradient: String = CrossIterationGradient.current.rawValue
+    @Flag(help: "With every metrics line, write per-layer diagnostics: norms of γ and of the feeding layer's weight and weight gradient; for cbn also entries kept, fraction dropped, Taylor-term size and window/batch variance ratio.")
+    var cbnDiagnostics = false
 
     func validate() throws {
         // Flags that do nothing with the chosen normalization are mistakes, named here (a value
@@ -121,7 +126,8 @@ struct Train: ParsableCommand {
         if let kind = NormalizationKind(rawValue: norm) {
             let inapplicable: [(String, Bool, Bool)] = [
                 ("--cbn-window", cbnWindow != 4, kind == .cbn), ("--cbn-rho", cbnRho != 1, kind == .cbn),
-                ("--cbn-burnin", cbnBurnin != 0, kind == .cbn), ("--reset-cbn-windows", resetCbnWindows, kind == .cbn),
+                ("--cbn-burnin", cbnBurnin != 0, kind == .cbn), ("--cbn-gradient", cbnGradient != "current", kind == .cbn),
+                ("--reset-cbn-windows", resetCbnWindows, kind == .cbn),
                 ("--brn-rmax", brnRmax != 3, kind == .brn), ("--brn-dmax", brnDmax != 5, kind == .brn),
                 ("--gn-groups", gnGroups != 8, kind == .gn),
                 ("--ghost-batch-size", ghostBatchSize != nil, kind == .bn || kind == .syncbn),
@@ -155,6 +161,8 @@ struct Train: ParsableCommand {
         guard bucketSize >= 1 else { throw ValidationError("--bucket-size must be ≥ 1, got \(bucketSize)") }
         guard (1...64).contains(cbnWindow) else { throw ValidationError("--cbn-window must be between 1 and 64, got \(cbnWindow)") }
         guard cbnRho.isFinite && cbnRho >= 0 && cbnRho <= 10 else { throw ValidationError("--cbn-rho must be between 0 and 10, got \(cbnRho)") }
+        guard CrossIterationGradient(rawValue: cbnGradient) != nil else { throw ValidationError("--cbn-gradient must be current or compensated, got '\(cbnGradient)'") }
+        if cbnDiagnostics && metrics == nil { throw ValidationError("--cbn-diagnostics writes to --metrics; give --metrics FILE") }
         guard cbnBurnin >= 0 else { throw ValidationError("--cbn-burnin must be ≥ 0, got \(cbnBurnin)") }
         guard EvaluationStatistics(rawValue: evalStats) != nil else { throw ValidationError("--eval-stats must be ema, precise or both, got '\(evalStats)'") }
         if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
@@ -263,7 +271,9 @@ struct Train: ParsableCommand {
         c.brnRMax = brnRmax
         c.brnDMax = brnDmax
         c.freezeBNAfter = freezeBnAfter
-        c.crossIteration = CrossIterationOptions(window: cbnWindow, rho: cbnRho, burnIn: cbnBurnin)
+        c.crossIteration = CrossIterationOptions(window: cbnWindow, rho: cbnRho, burnIn: cbnBurnin,
+                                                 gradient: CrossIterationGradient(rawValue: cbnGradient) ?? .current)
+        c.normalizationDiagnostics = cbnDiagnostics
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize
         return c

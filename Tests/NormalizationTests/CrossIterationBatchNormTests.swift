@@ -82,6 +82,47 @@ final class CrossIterationBatchNormTests: XCTestCase {
         try checkGradients(of: ConvCBNPair(conv: conv, cbn: cbn), input: randomTensor([2, 2, 4, 4], seed: 20, mean: 0.3), tolerance: 1e-6)
     }
 
+    /// conv → CBN with the conv itself as the source: perturbing the weight moves the Taylor
+    /// target too, so finite differences see the compensation's dependence on θ_t.
+    func makeFilledCompensatedPair(gradient: CrossIterationGradient, rho: Double = 1) throws -> ConvCBNPair {
+        let conv = makeConv(seed: 3)
+        let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 4, rho: rho, gradient: gradient)
+        cbn.weight.value.scalars = [1.2, 0.8, -0.5]
+        cbn.bias.value.scalars = [0.1, 0.2, 0.3]
+        for step in 0..<3 {
+            perturb(conv, by: 0.3, seed: UInt64(300 + step))
+            _ = try cbn.forward(try conv.forward(randomTensor([3, 2, 4, 4], seed: UInt64(30 + step), mean: 0.5), mode: .training), mode: .training)
+        }
+        XCTAssertEqual(cbn.entries.count, 3)
+        perturb(conv, by: 0.3, seed: 400)
+        return ConvCBNPair(conv: conv, cbn: cbn)
+    }
+
+    func testCompensatedGradientMatchesFiniteDifferencesThroughTheTaylorTerm() throws {
+        for rho in [1.0, 0.6] {
+            try checkGradients(of: try makeFilledCompensatedPair(gradient: .compensated, rho: rho),
+                               input: randomTensor([2, 2, 4, 4], seed: 40, mean: 0.3), tolerance: 1e-6)
+        }
+    }
+
+    func testCurrentGradientOmitsTheTaylorTermsDependenceOnTheWeight() throws {
+        // The same finite differences disagree with the reference behaviour's weight gradient: the
+        // check above would fail for it, and the two modes differ by the compensation term only.
+        let input = randomTensor([2, 2, 4, 4], seed: 40, mean: 0.3)
+        var gradients: [CrossIterationGradient: (dx: [Double], dw: [Double])] = [:]
+        for mode in CrossIterationGradient.allCases {
+            let pair = try makeFilledCompensatedPair(gradient: mode)
+            let y = try pair.forward(input, mode: .training)
+            let dx = try pair.backward(randomTensor(y.shape, seed: 7))
+            gradients[mode] = (dx.scalars, pair.conv.weight.gradient.scalars)
+        }
+        let current = gradients[.current]!, compensated = gradients[.compensated]!
+        let difference = zip(current.dw, compensated.dw).map { abs($0 - $1) }.max()!
+        let scale = compensated.dw.map(abs).max()!
+        XCTAssertGreaterThan(difference, 1e-3 * scale, "the compensation term must change the weight gradient")
+        assertClose(current.dx, compensated.dx, relTol: 1e-12, absTol: 1e-14, "input gradients do not depend on the mode")
+    }
+
     func testWithUnchangedWeightsTheLayerIsBatchNormOverTheUnionOfTheWindow() throws {
         let conv = makeConv(seed: 2)
         let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 4)
@@ -183,24 +224,30 @@ final class CrossIterationBatchNormTests: XCTestCase {
         // Three iterations; each rank holds part of every batch, weights change between steps.
         let sizes = [2, 0, 3]
         func batches(_ step: Int) -> Tensor<Double> { randomTensor([5, 2, 3, 3], seed: UInt64(70 + step), mean: 0.2 * Double(step)) }
-        func run(_ x: Tensor<Double>, conv: Conv2d<Double>, cbn: CrossIterationBatchNorm<Double>, step: Int) throws -> [Double] {
+        // Input gradients and conv weight gradients (summed over ranks, as the gradient exchange does).
+        func run(_ x: Tensor<Double>, conv: Conv2d<Double>, cbn: CrossIterationBatchNorm<Double>, step: Int) throws -> (dx: [Double], dw: [Double]) {
             conv.weight.value = makeConv(seed: UInt64(80 + step)).weight.value
             let y = try cbn.forward(try conv.forward(x, mode: .training), mode: .training)
-            return try conv.backward(try cbn.backward(y)).scalars
+            let dx = try conv.backward(try cbn.backward(y)).scalars
+            return (dx, conv.weight.gradient.scalars)
         }
-        let single: [[Double]] = try {
-            let conv = makeConv()
-            let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, rho: 0.7)
-            return try (0..<3).map { try run(batches($0), conv: conv, cbn: cbn, step: $0) }
-        }()
-        let ranks = try InProcessGroup.run(size: 3) { comm -> [[Double]] in
-            let conv = self.makeConv()
-            let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, rho: 0.7, group: comm)
-            let start = sizes[..<comm.rank].reduce(0, +)
-            return try (0..<3).map { try run(batches($0).slice(samples: start..<(start + sizes[comm.rank])), conv: conv, cbn: cbn, step: $0) }
-        }
-        for step in 0..<3 {
-            assertClose(ranks.map { $0[step] }.flatMap { $0 }, single[step], relTol: 1e-9, absTol: 1e-12, "step \(step) input gradients")
+        for mode in CrossIterationGradient.allCases {
+            let single = try { () -> [(dx: [Double], dw: [Double])] in
+                let conv = makeConv()
+                let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, rho: 0.7, gradient: mode)
+                return try (0..<3).map { try run(batches($0), conv: conv, cbn: cbn, step: $0) }
+            }()
+            let ranks = try InProcessGroup.run(size: 3) { comm -> [(dx: [Double], dw: [Double])] in
+                let conv = self.makeConv()
+                let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, rho: 0.7, gradient: mode, group: comm)
+                let start = sizes[..<comm.rank].reduce(0, +)
+                return try (0..<3).map { try run(batches($0).slice(samples: start..<(start + sizes[comm.rank])), conv: conv, cbn: cbn, step: $0) }
+            }
+            for step in 0..<3 {
+                assertClose(ranks.map { $0[step].dx }.flatMap { $0 }, single[step].dx, relTol: 1e-9, absTol: 1e-12, "\(mode) step \(step) input gradients")
+                let summed = (0..<single[step].dw.count).map { i in ranks.map { $0[step].dw[i] }.reduce(0, +) }
+                assertClose(summed, single[step].dw, relTol: 1e-9, absTol: 1e-12, "\(mode) step \(step) weight gradients")
+            }
         }
     }
 }
