@@ -42,6 +42,13 @@ public struct StudyPoint: Codable, Sendable {
     public var x: Double
     public var seed: Int
     public var job: StudyJob
+
+    public init(series: String, x: Double, seed: Int, job: StudyJob) {
+        self.series = series
+        self.x = x
+        self.seed = seed
+        self.job = job
+    }
 }
 
 /// How a panel is drawn and tabulated.
@@ -68,6 +75,15 @@ public struct StudyPanel: Codable, Sendable {
     /// linear, log2 or log10.
     public var xScale: String
     public var points: [StudyPoint]
+
+    public init(name: String, title: String, kind: PanelKind, xLabel: String, xScale: String, points: [StudyPoint]) {
+        self.name = name
+        self.title = title
+        self.kind = kind
+        self.xLabel = xLabel
+        self.xScale = xScale
+        self.points = points
+    }
 }
 
 public struct StudyExperiment: Codable, Sendable {
@@ -76,6 +92,13 @@ public struct StudyExperiment: Codable, Sendable {
     /// The claim from the literature the experiment tests.
     public var claim: String
     public var panels: [StudyPanel]
+
+    public init(name: String, title: String, claim: String, panels: [StudyPanel]) {
+        self.name = name
+        self.title = title
+        self.claim = claim
+        self.panels = panels
+    }
 
     public var jobs: [StudyJob] { panels.flatMap { $0.points.map(\.job) } }
 }

@@ -200,6 +200,10 @@ public final class StudyRunner {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = command
+        // A study started under mpirun itself must not hand its own MPI identity to the jobs.
+        process.environment = ProcessInfo.processInfo.environment.filter {
+            !($0.key.hasPrefix("OMPI_") || $0.key.hasPrefix("PMIX_") || $0.key.hasPrefix("PMI_"))
+        }
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         let logHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         defer { try? logHandle.close() }

@@ -1,0 +1,155 @@
+import Foundation
+import Study
+import TestSupport
+import XCTest
+
+/// syncbn-study: keys, resuming, failures, the quick study under mpirun and its figures.
+final class StudyTests: XCTestCase {
+    static var study: String { productsDirectory + "/syncbn-study" }
+    var repositoryRoot: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    }
+
+    func temporaryDirectory() throws -> String {
+        let path = NSTemporaryDirectory() + "syncbn-study-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        addTeardownBlock { try? FileManager.default.removeItem(atPath: path) }
+        return path
+    }
+
+    func testJobsAreKeyedByTheirFullConfiguration() {
+        let a = StudyJob(ranks: 4, options: ["norm": "bn", "batch-size": "4", "seed": "1"])
+        let reordered = StudyJob(ranks: 4, options: ["seed": "1", "batch-size": "4", "norm": "bn"])
+        XCTAssertEqual(a.key, reordered.key)
+        XCTAssertEqual(a.key.count, 16)
+        var changed = [StudyJob(ranks: 2, options: a.options)]
+        for (key, value) in [("norm", "syncbn"), ("batch-size", "8"), ("seed", "2"), ("lr", "0.1")] {
+            var options = a.options
+            options[key] = value
+            changed.append(StudyJob(ranks: 4, options: options))
+        }
+        changed.append(StudyJob(kind: .precise, ranks: 4, options: ["precise-bn-samples": "128"], parent: a))
+        XCTAssertEqual(Set(changed.map(\.key)).count, changed.count)
+        XCTAssertFalse(changed.map(\.key).contains(a.key))
+    }
+
+    func testExperimentsShareTheJobsOfTheirCommonGridPoints() {
+        let settings = StudySettings.full
+        let all = StudyCatalog.experiments(settings)
+        let distinct = StudyRunner.schedule(all)
+        XCTAssertEqual(Set(distinct.map(\.key)).count, distinct.count)
+        XCTAssertLessThan(distinct.count, all.map(\.jobs.count).reduce(0, +), "CBN at b = 4, k = 8, rho 1, burn-in 25 % is one job")
+        // Parents run before the PreciseBN evaluations of their checkpoints.
+        for (index, job) in distinct.enumerated() {
+            if let parent = job.parent {
+                XCTAssertTrue(distinct[..<index].contains { $0.key == parent.key })
+            }
+        }
+        // Seed by seed: every job of seed 1 before any job of seed 2.
+        let seeds = distinct.filter { $0.kind == .train }.map { $0.options["seed"]! }
+        XCTAssertEqual(seeds, seeds.sorted())
+        XCTAssertEqual(StudyCatalog.window(forBatch: 2), 16)
+        XCTAssertEqual(StudyCatalog.window(forBatch: 32), 1)
+    }
+
+    /// Two jobs, one with an invalid option: the failure is recorded with the job's own error and
+    /// the other job still runs; a re-run runs nothing, `retryFailed` re-runs only the failure.
+    func testAFailedJobIsRecordedAndTheStudyGoesOn() throws {
+        let directory = try temporaryDirectory()
+        func job(_ batch: String) -> StudyJob {
+            StudyJob(ranks: 2, options: ["data": "synthetic:train=64,heldout=32,seed=1", "batch-size": batch, "steps": "3",
+                                         "width": "0.25", "log-every": "1"])
+        }
+        let bad = job("0"), good = job("4")
+        let experiment = StudyExperiment(name: "t", title: "t", claim: "t", panels: [
+            StudyPanel(name: "p", title: "p", kind: .final, xLabel: "x", xScale: "linear", points: [
+                StudyPoint(series: "s", x: 0, seed: 1, job: bad), StudyPoint(series: "s", x: 4, seed: 1, job: good),
+            ]),
+        ])
+        var launcher = StudyLauncher(trainBinary: Harness.train)
+        launcher.simulate = true
+        launcher.jobTimeout = 120
+        let runner = try StudyRunner(directory: directory, launcher: launcher)
+        var lines: [String] = []
+        runner.log = { lines.append($0) }
+        XCTAssertEqual(try runner.run([experiment], settings: .quickSettings), 2)
+        let failed = try XCTUnwrap(runner.record(bad.key))
+        XCTAssertEqual(failed.status, .failed)
+        XCTAssertTrue(failed.error?.contains("--batch-size") ?? false, failed.error ?? "no error")
+        let ok = try XCTUnwrap(runner.record(good.key))
+        XCTAssertEqual(ok.status, .ok)
+        XCTAssertNotNil(ok.result?.emaAccuracy)
+        XCTAssertTrue(lines.contains { $0.contains("FAILED") }, lines.joined(separator: "\n"))
+
+        XCTAssertEqual(try runner.run([experiment], settings: .quickSettings), 0, "finished and failed jobs are not run again")
+        runner.retryFailed = true
+        XCTAssertEqual(try runner.run([experiment], settings: .quickSettings), 1)
+
+        let summary = StudySummary(settings: .quickSettings, experiments: [experiment], record: runner.record)
+        let points = summary.experiments[0].panels[0].series[0].points
+        XCTAssertEqual(points.map(\.failures.count), [1, 0])
+        XCTAssertTrue(summary.markdown.contains("(1 failed)"))
+    }
+
+    /// The quick study end to end under mpirun; then an interrupted study (records removed)
+    /// runs only its missing jobs, and launch/plot draws every experiment.
+    func testQuickStudyUnderMPIResumesAndPlots() throws {
+        guard Harness.mpirun != nil else { throw XCTSkip("mpirun is not installed (launch/setup installs it)") }
+        let directory = try temporaryDirectory()
+        let first = try runProcess(Self.study, ["--quick", "--out", directory], timeout: 300)
+        XCTAssertEqual(first.status, 0, describe(first))
+        let jobs = StudyRunner.schedule(StudyCatalog.experiments(.quickSettings))
+        let records = try FileManager.default.contentsOfDirectory(atPath: directory + "/records")
+        XCTAssertEqual(Set(records), Set(jobs.map { $0.key + ".json" }))
+        let report = try String(contentsOfFile: directory + "/report.md", encoding: .utf8)
+        for name in StudyCatalog.names { XCTAssertTrue(report.contains("## \(name):"), name) }
+        XCTAssertFalse(report.contains("pending") || report.contains("failed"), report)
+        // Every train job ran under mpirun on 4 ranks and recorded both statistics.
+        for job in jobs where job.kind == .train {
+            let command = try String(contentsOfFile: directory + "/jobs/\(job.key)/command.sh", encoding: .utf8)
+            XCTAssertTrue(command.contains("mpirun") && command.contains("-n 4"), command)
+        }
+
+        // Interrupt: three records gone. The re-run runs exactly those and leaves the rest alone.
+        let removed = jobs.filter { $0.kind == .train }.prefix(3).map(\.key)
+        for key in removed { try FileManager.default.removeItem(atPath: directory + "/records/\(key).json") }
+        let keptPath = directory + "/records/\(jobs.first { !removed.contains($0.key) }!.key).json"
+        let keptBefore = try Data(contentsOf: URL(fileURLWithPath: keptPath))
+        let second = try runProcess(Self.study, ["--quick", "--out", directory], timeout: 300)
+        XCTAssertEqual(second.status, 0, describe(second))
+        XCTAssertTrue(second.stderr.contains("\(jobs.count) jobs, \(jobs.count - 3) already done, 3 to run"), second.stderr)
+        XCTAssertEqual(second.stderr.components(separatedBy: "\n").filter { $0.hasPrefix("[") }.count, 3)
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: keptPath)), keptBefore)
+
+        // Figures.
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"),
+              (try? runProcess("/usr/bin/python3", ["-c", "import matplotlib"], timeout: 60).status) == 0 else {
+            throw XCTSkip("python3-matplotlib is not installed (launch/setup installs it)")
+        }
+        let plot = try runProcess(repositoryRoot + "/launch/plot", [directory], timeout: 300)
+        XCTAssertEqual(plot.status, 0, describe(plot))
+        for name in StudyCatalog.names {
+            for ext in ["svg", "png"] {
+                let size = (try? FileManager.default.attributesOfItem(atPath: "\(directory)/figures/\(name).\(ext)")[.size] as? Int) ?? 0
+                XCTAssertGreaterThan(size, 1000, "\(name).\(ext)")
+            }
+        }
+        XCTAssertFalse(plot.stdout.contains("no results yet"), plot.stdout)
+        let metrics = directory + "/jobs/\(jobs[0].key)/metrics.jsonl"
+        let curves = try runProcess(repositoryRoot + "/launch/plot", ["--curves", metrics, "--out", directory + "/curves"], timeout: 300)
+        XCTAssertEqual(curves.status, 0, describe(curves))
+        XCTAssertGreaterThan((try? FileManager.default.attributesOfItem(atPath: directory + "/curves/curves.png")[.size] as? Int) ?? 0, 1000)
+    }
+
+    func testBadArgumentsAreOneLineErrors() throws {
+        for (arguments, expected) in [(["--list", "nonsense"], "unknown experiment 'nonsense'"), (["--quick"], "--out DIR is required"),
+                                      (["--out", "/tmp", "--seeds", "0"], "--seeds must be between 1 and 100")] {
+            let result = try runProcess(Self.study, arguments, timeout: 60)
+            XCTAssertEqual(result.status, 64, describe(result))
+            XCTAssertTrue(result.stderr.contains(expected), result.stderr)
+        }
+        let list = try runProcess(Self.study, ["--list"], timeout: 60)
+        XCTAssertEqual(list.status, 0)
+        for name in StudyCatalog.names { XCTAssertTrue(list.stdout.contains(name + ":"), name) }
+    }
+}
