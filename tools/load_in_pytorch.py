@@ -5,8 +5,13 @@ parameter names, with load_state_dict(strict=True), and compares their logits wi
     syncbn-train evaluate --resume CKPT --inputs x.npy --logits logits.npy
     python3 tools/load_in_pytorch.py CKPT x.npy logits.npy
 
-x.npy holds inputs already standardized (as `evaluate --inputs` writes them); for raw images
-apply (x / 255 - input_mean) / input_std from the file's metadata first. Needs torch, numpy and
+x.npy holds inputs already standardized (as `evaluate --inputs` writes them). On raw images (IDX
+files, plain or gzipped), with the stored standardization (x / 255 - input_mean) / input_std
+applied here, it evaluates and prints the accuracy:
+
+    python3 tools/load_in_pytorch.py CKPT --idx t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+
+Needs torch, numpy and
 safetensors (pip install torch numpy safetensors). Models: convnet, mlp, the CIFAR ResNets and
 resnet18, with BN (or SyncBN) statistics.
 """
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from reference_forward import arguments, compare  # beside this file
+from reference_forward import arguments, compare, report_accuracy, standardized_images  # beside this file
 
 
 class BasicBlock(nn.Module):
@@ -131,10 +136,15 @@ def main():
     model = build(architecture)
     model.load_state_dict(state, strict=True)
     model = model.double().eval()
-    x = torch.from_numpy(np.load(args.inputs).astype(np.float64))
+    raw = standardized_images(args.idx[0], metadata, args.limit) if args.idx else np.load(args.inputs)
+    x = torch.from_numpy(raw.astype(np.float64))
     with torch.no_grad():
         logits = model(x).numpy()
-    compare("load_in_pytorch", architecture["model"] + " (strict load into torch.nn)", logits, args.logits, args.tolerance)
+    label = architecture["model"] + " (strict load into torch.nn)"
+    if args.idx:
+        report_accuracy("load_in_pytorch", label, logits, args.idx[1], args.limit)
+    else:
+        compare("load_in_pytorch", label, logits, args.logits, args.tolerance)
 
 
 if __name__ == "__main__":

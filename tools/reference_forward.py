@@ -8,12 +8,17 @@ names would compute:
     syncbn-train evaluate --resume CKPT --inputs x.npy --logits logits.npy
     python3 tools/reference_forward.py CKPT x.npy logits.npy
 
-CKPT may also be the output of `syncbn-train export-torch` (the model state alone).
+prints the largest difference relative to the largest logit and exits 1 above --tolerance. Or, on
+raw images as they come (IDX files, plain or gzipped, pixels 0-255), with the checkpoint's stored
+input standardization (x/255 - input_mean) / input_std applied here:
 
-prints the largest difference relative to the largest logit and exits 1 above --tolerance.
-Models: the CIFAR ResNets, resnet18 and the convnet, with BN (or SyncBN) statistics.
+    python3 tools/reference_forward.py CKPT --idx t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+
+prints the accuracy. CKPT may also be the output of `syncbn-train export-torch` (the model state
+alone). Models: the CIFAR ResNets, resnet18 and the convnet, with BN (or SyncBN) statistics.
 """
 import argparse
+import gzip
 import json
 import re
 import struct
@@ -82,13 +87,52 @@ def convnet(x, t):
 
 
 def arguments(doc):
-    """The command line shared by the checkpoint checkers: CKPT X.npy LOGITS.npy [--tolerance T]."""
+    """The command line shared by the checkpoint checkers:
+    CKPT X.npy LOGITS.npy [--tolerance T]  or  CKPT --idx IMAGES LABELS [--limit N]."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("inputs")
-    parser.add_argument("logits")
+    parser.add_argument("inputs", nargs="?", help="standardized inputs (.npy, as evaluate --inputs writes them)")
+    parser.add_argument("logits", nargs="?", help="syncbn's logits for them (.npy)")
     parser.add_argument("--tolerance", type=float, default=1e-4)
-    return parser.parse_args()
+    parser.add_argument("--idx", nargs=2, metavar=("IMAGES", "LABELS"), help="raw IDX images and labels to evaluate")
+    parser.add_argument("--limit", type=int, default=None, help="with --idx: the first N images only")
+    args = parser.parse_args()
+    if (args.idx is None) == (args.inputs is None or args.logits is None):
+        parser.error("give INPUTS LOGITS, or --idx IMAGES LABELS")
+    return args
+
+
+def read_idx(path):
+    """An IDX file (MNIST's format), plain or gzipped, as a NumPy array of its unsigned bytes."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        sys.exit(f"{path}: not an unsigned-byte IDX file")
+    dims = struct.unpack(">" + "I" * data[3], data[4:4 + 4 * data[3]])
+    return np.frombuffer(data[4 + 4 * data[3]:], dtype=np.uint8, count=int(np.prod(dims))).reshape(dims)
+
+
+def standardized_images(path, metadata, limit=None):
+    """Raw IDX images (N×H×W or N×C×H×W) as the network sees them: (x / 255 - input_mean) / input_std
+    per channel, with the checkpoint's stored standardization."""
+    x = read_idx(path)[:limit].astype(np.float64) / 255
+    if x.ndim == 3:
+        x = x[:, None]
+    if "input_mean" not in metadata or "input_std" not in metadata:
+        sys.exit("the checkpoint stores no input standardization (input_mean, input_std)")
+    mean = np.array(json.loads(metadata["input_mean"]), dtype=np.float64)
+    std = np.array(json.loads(metadata["input_std"]), dtype=np.float64)
+    return (x - mean[None, :, None, None]) / std[None, :, None, None]
+
+
+def report_accuracy(tool, label, logits, labels_path, limit=None):
+    labels = read_idx(labels_path)[:limit].astype(np.int64)
+    if len(labels) != len(logits):
+        sys.exit(f"{tool}: {len(logits)} images but {len(labels)} labels")
+    accuracy = (logits.argmax(1) == labels).mean()
+    print(f"{tool}: {label}, {len(labels)} raw images standardized with the stored input_mean/input_std: accuracy {accuracy * 100:.2f}%")
 
 
 def compare(tool, label, logits, logits_path, tolerance):
@@ -106,14 +150,20 @@ def main():
     t, metadata = load_safetensors(args.checkpoint)
     t = {k: v.astype(np.float64) for k, v in t.items() if not k.startswith(("optimizer.", "ema."))}
     model = json.loads(metadata.get("configuration") or metadata.get("architecture") or "{}").get("model", "")
-    x = np.load(args.inputs).astype(np.float64)
+    if args.idx:
+        x = standardized_images(args.idx[0], metadata, args.limit)
+    else:
+        x = np.load(args.inputs).astype(np.float64)
     if model.startswith("resnet"):
         logits = resnet(x, t)
     elif model == "convnet":
         logits = convnet(x, t)
     else:
         sys.exit(f"reference_forward: model '{model}' is not covered")
-    compare("reference_forward", model, logits, args.logits, args.tolerance)
+    if args.idx:
+        report_accuracy("reference_forward", model, logits, args.idx[1], args.limit)
+    else:
+        compare("reference_forward", model, logits, args.logits, args.tolerance)
 
 
 if __name__ == "__main__":

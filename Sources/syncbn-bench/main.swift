@@ -22,12 +22,12 @@ struct LayerBench: ParsableCommand {
         commandName: "layer",
         abstract: "Run one BatchNorm/SyncBatchNorm layer forward and backward over the job's ranks.",
         discussion: """
-        The batch (first dimension) is split into contiguous pieces over the ranks, sizes differing by
-        at most one. --out DIR writes, gathered on rank 0: y.npy, dx.npy, dgamma.npy, dbeta.npy (summed over
-        ranks), mean.npy, var.npy (biased batch variance), running_mean.npy, running_var.npy (one update
-        from 0/1 with momentum 0.1). With --norm bn and several ranks the statistics are per rank and
-        those four files have one row per rank. --repeat K times K more iterations and prints the median
-        time per iteration and the effective bandwidth: forward reads x twice and writes y, backward
+        The batch (first dimension) is split into contiguous pieces over the ranks, sizes differing by \
+        at most one. --out DIR writes, gathered on rank 0: y.npy, dx.npy, dgamma.npy, dbeta.npy (summed over \
+        ranks), mean.npy, var.npy (biased batch variance), running_mean.npy, running_var.npy (one update \
+        from 0/1 with momentum 0.1). With --norm bn and several ranks the statistics are per rank and \
+        those four files have one row per rank. --repeat K times K more iterations and prints the median \
+        time per iteration and the effective bandwidth: forward reads x twice and writes y, backward \
         reads x and dy and writes dx — 6 × 4 bytes per element per iteration.
         """)
 
@@ -301,9 +301,9 @@ struct TrainBench: ParsableCommand {
         commandName: "train",
         abstract: "Time training steps of a model and split them into compute, communication and data.",
         discussion: """
-        For each --norm (default: bn then syncbn, so their ratio comes from one run): samples/s over all ranks,
-        seconds per step split into compute / communication (time blocked in collectives) / data, peak RSS
-        per rank, the GEMM GFLOP/s achieved inside the conv layers (as a fraction of sgemm 512³ measured in
+        For each --norm (default: bn then syncbn, so their ratio comes from one run): samples/s over all ranks, \
+        seconds per step split into compute / communication (time blocked in collectives) / data, peak RSS \
+        per rank, the GEMM GFLOP/s achieved inside the conv layers (as a fraction of sgemm 512³ measured in \
         this run), and collectives per step. The first --warmup steps are not timed.
         """)
 

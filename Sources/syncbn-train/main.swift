@@ -13,8 +13,8 @@ struct SyncBNTrain: ParsableCommand {
         commandName: "syncbn-train",
         abstract: "Train a CNN data-parallel over MPI with batch statistics shared across ranks.",
         discussion: """
-        Run under mpirun for several processes (mpirun -n 4 syncbn-train), plainly for one, or with
-        --simulate-ranks N for N ranks as threads of one process. With no options it trains the default
+        Run under mpirun for several processes (mpirun -n 4 syncbn-train), plainly for one, or with \
+        --simulate-ranks N for N ranks as threads of one process. With no options it trains the default \
         convnet with SyncBN on the built-in synthetic data set.
         """,
         subcommands: [Train.self, Evaluate.self, RecomputeStats.self, ExportFolded.self, ExportTorch.self],
@@ -24,7 +24,7 @@ struct SyncBNTrain: ParsableCommand {
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "train", abstract: "Train a model (the default subcommand).")
 
-    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR or npy:X,Y.")
+    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], fashion-mnist[:DIR], idx:IMAGES,LABELS (plain or .gz), cifar10:DIR or npy:X,Y.")
     var data: String = DataSource.defaultSynthetic.description
     @Option(help: "Held-out data for evaluation (same forms as --data); default: the source's test set or the last --holdout-fraction.")
     var evalData: String?
@@ -34,11 +34,11 @@ struct Train: ParsableCommand {
     var trainSamples: Int?
     @Option(parsing: .unconditional, help: "Evaluate on the first N held-out samples only.")
     var evalSamples: Int?
-    @Option(help: "Model: convnet, mlp, resnet20, resnet32, resnet56, resnet110 or resnet18.")
+    @Option(help: "Model: convnet (3 × conv 3×3 → norm → ReLU, 16/32/64 channels, stride 1/2/2, global average pool, linear), mlp (2 × linear → norm → ReLU, 128 units, linear), or the ResNets resnet20, resnet32, resnet56, resnet110 (CIFAR) and resnet18 (torchvision).")
     var model: String = ModelKind.convnet.rawValue
-    @Option(parsing: .unconditional, help: "Multiplies every layer's channel count (e.g. 0.5, 2).")
+    @Option(parsing: .unconditional, help: "Multiplies every layer's channel count (e.g. 0.5, 2; rounded to nearest, ties to even, at least 1).")
     var width: Double = 1
-    @Option(help: "Normalization: bn (per-rank statistics), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group), gn (GroupNorm), in (InstanceNorm), ln (LayerNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
+    @Option(help: "Normalization: bn (per-rank statistics, no collectives), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group), gn (GroupNorm), in (InstanceNorm), ln (LayerNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
     var norm: String = NormalizationKind.syncbn.rawValue
     @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn, cbn, brn and rbn (1 = per rank; default: all ranks; must divide the ranks).")
     var syncGroupSize: Int?
@@ -48,21 +48,21 @@ struct Train: ParsableCommand {
     var epochs: Int = 6
     @Option(parsing: .unconditional, help: "Total optimizer steps (overrides --epochs).")
     var steps: Int?
-    @Option(parsing: .unconditional, help: "Learning rate at the reference batch (--lr-reference-batch); the peak of the schedule.")
+    @Option(parsing: .unconditional, help: "SGD learning rate (PyTorch's formulation) at the reference batch (--lr-reference-batch); the peak of the schedule.")
     var lr: Double = 0.1
-    @Option(help: "Linear scaling rule: the peak rate is --lr × total batch / this ('none': --lr as given).")
+    @Option(help: "Linear scaling rule: the peak rate is --lr × (ranks × --batch-size) / this ('none': --lr as given).")
     var lrReferenceBatch: String = "128"
     @Option(help: "Learning-rate schedule after warm-up: constant, step (×0.1 at each --lr-milestones epoch) or cosine (to 0 at the end).")
     var lrSchedule: String = LearningRateSchedule.cosine.rawValue
     @Option(help: "Epochs at which the step schedule multiplies the rate by 0.1, comma-separated (e.g. 100,150).")
     var lrMilestones: String?
-    @Option(parsing: .unconditional, help: "Linear warm-up over this many epochs (default: 1 epoch, at most a tenth of the run).")
+    @Option(parsing: .unconditional, help: "Linear warm-up over this many epochs: step t (from 0) runs at peak·(t+1)/N for N warm-up steps (default: 1 epoch, at most a tenth of the run).")
     var warmupEpochs: Double?
     @Option(parsing: .unconditional, help: "Linear warm-up over this many steps (instead of --warmup-epochs).")
     var warmupSteps: Int?
     @Option(help: "Augmentation: auto (crop,flip for fashion-mnist and cifar10, none otherwise), crop,flip, crop, flip or none.")
     var augment: String = "auto"
-    @Option(parsing: .unconditional, help: "Zero-padding before the random crop, in pixels (default: 2 for images up to 28×28, else 4).")
+    @Option(parsing: .unconditional, help: "Padding with a black pixel before the random crop, in pixels (default: 2 for images up to 28×28, else 4).")
     var pad: Int?
     @Option(parsing: .unconditional, help: "SGD momentum.")
     var momentum: Double = 0.9
@@ -80,7 +80,7 @@ struct Train: ParsableCommand {
     var overwriteMetrics = false
     @Option(help: "Save a safetensors checkpoint here at the end (rank 0, atomic).")
     var save: String?
-    @Option(parsing: .unconditional, help: "Also save the --save checkpoint every N steps.")
+    @Option(parsing: .unconditional, help: "Also save the --save checkpoint every N steps (atomically: a crash leaves the previous checkpoint).")
     var saveEvery: Int?
     @Option(help: "Resume from a checkpoint written by --save; 'auto': from --save's file when it exists, else start fresh.")
     var resume: String?
@@ -90,7 +90,7 @@ struct Train: ParsableCommand {
     var resetCbnWindows = false
     @Flag(help: "Debugging: before every collective, check that all ranks issue the same operation, size and sequence number, and name the first divergence.")
     var checkCollectives = false
-    @Option(parsing: .unconditional, help: "Abort the job when a collective has waited this many seconds (a stopped, dead or diverging rank).")
+    @Option(parsing: .unconditional, help: "End the job (exit 3) when a collective has waited this many seconds (a stopped, dead or diverging rank), naming the collective and the step.")
     var collectiveTimeout: Double = 600
     @Option(parsing: .unconditional, help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
@@ -395,8 +395,8 @@ struct RecomputeStats: ParsableCommand {
         commandName: "recompute-stats",
         abstract: "Recompute a checkpoint's BN population statistics (PreciseBN; AdaBN on another domain's data).",
         discussion: """
-        The model, normalization and sync groups come from the checkpoint's configuration. The statistics
-        are pooled over --precise-bn-samples samples of --data's training split (all ranks together) and
+        The model, normalization and sync groups come from the checkpoint's configuration. The statistics \
+        are pooled over --precise-bn-samples samples of --data's training split (all ranks together) and \
         the held-out accuracy is reported before and after. Every rank ends with the same statistics.
         """)
 
@@ -468,9 +468,9 @@ struct Evaluate: ParsableCommand {
         commandName: "evaluate",
         abstract: "Held-out loss and accuracy of a checkpoint, with its EMA and PreciseBN statistics.",
         discussion: """
-        The model and data come from the checkpoint's configuration; --eval-data evaluates on another source (its
-        samples are standardized with the training data's moments, as in training). --inputs and --logits write the
-        first --limit held-out samples as the network sees them and the logits it gives them (.npy, Float32), for
+        The model and data come from the checkpoint's configuration; --eval-data evaluates on another source (its \
+        samples are standardized with the training data's moments, as in training). --inputs and --logits write the \
+        first --limit held-out samples as the network sees them and the logits it gives them (.npy, Float32), for \
         checking the model elsewhere.
         """)
 
@@ -587,7 +587,7 @@ struct ExportTorch: ParsableCommand {
         commandName: "export-torch",
         abstract: "Save a checkpoint's model state only (parameters, running statistics, num_batches_tracked) for PyTorch.",
         discussion: """
-        Drops the optimizer's momentum buffers, the EMA kept beside PreciseBN's statistics and cross-iteration
+        Drops the optimizer's momentum buffers, the EMA kept beside PreciseBN's statistics and cross-iteration \
         windows. The metadata keeps the architecture and the input standardization (input_mean, input_std per channel).
         """)
 
@@ -632,8 +632,8 @@ struct ExportFolded: ParsableCommand {
         commandName: "export-folded",
         abstract: "Fold BatchNorm into the preceding conv/linear layers and save a model without BN layers.",
         discussion: """
-        W' = W·γ/√(var+ε), b' = (b − mean)·γ/√(var+ε) + β with the checkpoint's running statistics. The output is a
-        safetensors file of the folded parameters (metadata format syncbn-folded-1). The held-out logits of the folded
+        W' = W·γ/√(var+ε), b' = (b − mean)·γ/√(var+ε) + β with the checkpoint's running statistics. The output is a \
+        safetensors file of the folded parameters (metadata format syncbn-folded-1). The held-out logits of the folded \
         and the unfolded model are compared and the difference printed.
         """)
 

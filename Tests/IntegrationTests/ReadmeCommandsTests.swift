@@ -35,6 +35,7 @@ final class ReadmeCommandsTests: XCTestCase {
             .replacingOccurrences(of: ".build/release/", with: root + "/.build/release/")
         if c.hasPrefix("mpirun ") && getuid() == 0 { c = "mpirun --allow-run-as-root " + c.dropFirst("mpirun ".count) }
         if c.contains("syncbn-train") || c.contains("launch/train") { c += " --steps 3 --precise-bn-samples 256" }
+        if c.contains("syncbn-study") && !c.contains("--list") { c += " --quick" }
         if c.contains("syncbn-bench") {
             if c.contains(" train") { c += " --steps 2 --warmup 1" }
             if c.contains(" allreduce") { c += " --repeats 2" }
@@ -59,27 +60,56 @@ final class ReadmeCommandsTests: XCTestCase {
     }
 }
 
-/// `syncbn-train train --help` and the README's option table list the same flags.
+/// The README's option tables are `tools/options_table.py`'s output for the current binaries —
+/// the help text itself, flag by flag, default by default, word by word — and the help wraps
+/// cleanly (no hard line breaks inside a paragraph).
 final class HelpAndReadmeAgreeTests: XCTestCase {
-    func testEveryFlagOfTheHelpIsInTheReadmeTableAndBack() throws {
-        let help = try runProcess(Harness.train, ["train", "--help"], timeout: 30)
-        XCTAssertEqual(help.status, 0)
-        func flags(_ text: String, linePrefix: String) -> Set<String> {
-            let regex = try! NSRegularExpression(pattern: "--[a-z0-9-]+")
-            var found = Set<String>()
-            for line in text.components(separatedBy: "\n") where line.hasPrefix(linePrefix) {
-                let head = linePrefix == "| " ? String(line.split(separator: "|").first ?? "") : String(line.trimmingCharacters(in: .whitespaces).split(separator: " ").first ?? "")
-                for match in regex.matches(in: head, range: NSRange(head.startIndex..., in: head)) { found.insert(String(head[Range(match.range, in: head)!])) }
+    var root: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    }
+
+    func testTheReadmeOptionTablesAreTheHelpText() throws {
+        let readme = try String(contentsOfFile: root + "/README.md", encoding: .utf8)
+        let commands = [["syncbn-train", "train"], ["syncbn-study"]]
+        for command in commands {
+            let marker = "<!-- options: \(command.joined(separator: " ")) -->\n"
+            guard let start = readme.range(of: marker), let end = readme.range(of: "<!-- options end -->", range: start.upperBound..<readme.endIndex) else {
+                return XCTFail("README has no \(marker) block")
             }
-            return found
+            let documented = String(readme[start.upperBound..<end.lowerBound]).trimmingCharacters(in: .whitespacesAndNewlines)
+            let generated = try runProcess("/usr/bin/env", ["python3", root + "/tools/options_table.py", productsDirectory + "/" + command[0]] + command.dropFirst(),
+                                           timeout: 60)
+            XCTAssertEqual(generated.status, 0, describe(generated))
+            let expected = generated.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            XCTAssertGreaterThan(expected.components(separatedBy: "\n").count, 10)
+            if documented != expected {
+                let a = documented.components(separatedBy: "\n"), b = expected.components(separatedBy: "\n")
+                let first = zip(a, b).first { $0 != $1 }
+                XCTFail("README table for \(command.joined(separator: " ")) is stale (regenerate with tools/options_table.py): README has '\(first?.0 ?? "\(a.count) lines")', --help says '\(first?.1 ?? "\(b.count) lines")'")
+            }
         }
-        let helpFlags = flags(help.stdout + help.stderr, linePrefix: "  --").subtracting(["--help", "--version"])
-        let readme = try String(contentsOfFile: URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("README.md").path, encoding: .utf8)
-        let table = readme.components(separatedBy: "## `syncbn-train`")[1].components(separatedBy: "\n## ")[0]
-        let readmeFlags = flags(table, linePrefix: "| ")
-        XCTAssertGreaterThan(helpFlags.count, 30)
-        XCTAssertEqual(helpFlags.subtracting(readmeFlags).sorted(), [], "in --help but not in the README table")
-        XCTAssertEqual(readmeFlags.subtracting(helpFlags).sorted(), [], "in the README table but not in --help")
+    }
+
+    func testHelpParagraphsWrapCleanly() throws {
+        let subcommands: [(String, [String])] = [
+            (Harness.train, ["train"]), (Harness.train, ["evaluate"]), (Harness.train, ["recompute-stats"]),
+            (Harness.train, ["export-folded"]), (Harness.train, ["export-torch"]), (Harness.train, []),
+            (Harness.bench, []), (Harness.bench, ["layer"]), (Harness.bench, ["train"]), (productsDirectory + "/syncbn-study", []),
+        ]
+        for (binary, arguments) in subcommands {
+            let help = try runProcess(binary, arguments + ["--help"], timeout: 30)
+            XCTAssertEqual(help.status, 0, describe(help))
+            // The overview and discussion: the text before USAGE, in paragraphs. A line that ends
+            // far short of the 80-column wrap while its paragraph goes on is a hard line break.
+            let head = help.stdout.components(separatedBy: "USAGE:")[0]
+            for paragraph in head.components(separatedBy: "\n\n") {
+                let lines = paragraph.components(separatedBy: "\n").filter { !$0.isEmpty }
+                for (index, line) in lines.enumerated().dropLast() {
+                    let next = lines[index + 1].split(separator: " ").first.map(String.init) ?? ""
+                    XCTAssertGreaterThan(line.count + 1 + next.count, 79,
+                                         "\(arguments.joined(separator: " ")) --help breaks a line early: '\(line)'")
+                }
+            }
+        }
     }
 }

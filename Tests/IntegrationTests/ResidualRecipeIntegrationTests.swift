@@ -194,6 +194,30 @@ final class EvaluateIntegrationTests: XCTestCase {
         }
     }
 
+    /// The stored input standardization round-trips: NumPy, given the raw gzipped IDX test images
+    /// of Fashion-MNIST and only the checkpoint, standardizes them itself and reaches the accuracy
+    /// `evaluate` reports with the stored statistics.
+    func testTheStoredStandardizationEvaluatesRawImages() throws {
+        let directory = DataSource.fashionMNISTDirectory
+        guard FileManager.default.fileExists(atPath: directory + "/t10k-images-idx3-ubyte.gz") else {
+            throw XCTSkip("dataset-fashion-mnist is not installed (launch/setup installs it)")
+        }
+        guard try runProcess("/usr/bin/env", ["python3", "-c", "import numpy"], timeout: 30).status == 0 else {
+            throw XCTSkip("python3 with numpy is not installed")
+        }
+        let checkpoint = dir + "/fm.safetensors"
+        let train = try Harness.direct(Harness.train, ["--data", "fashion-mnist", "--train-samples", "2000", "--eval-samples", "600",
+                                                       "--steps", "30", "--save", checkpoint])
+        XCTAssertEqual(train.status, 0, describe(train))
+        let evaluate = try Harness.direct(Harness.train, ["evaluate", "--resume", checkpoint])
+        let stored = try XCTUnwrap(accuracies(evaluate.stderr, pattern: #"accuracy ([0-9.]+%) \(600 samples, PreciseBN"#).first, describe(evaluate))
+        let reference = try runProcess("/usr/bin/env", ["python3", referenceScript, checkpoint, "--idx", directory + "/t10k-images-idx3-ubyte.gz",
+                                                        directory + "/t10k-labels-idx1-ubyte.gz", "--limit", "600"], timeout: 300)
+        XCTAssertEqual(reference.status, 0, describe(reference))
+        XCTAssertTrue(reference.stdout.contains("600 raw images"), reference.stdout)
+        XCTAssertEqual(accuracies(reference.stdout, pattern: #"accuracy ([0-9.]+%)"#), [stored], "\(describe(evaluate))\n\(reference.stdout)")
+    }
+
     /// tools/load_in_pytorch.py loads checkpoints strictly into torch.nn and reproduces the logits;
     /// runs only where torch is installed (it is large and not part of the project's setup).
     func testPyTorchLoadsTheCheckpointsStrictly() throws {
