@@ -1,5 +1,8 @@
 import Collectives
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Kernels
 
 /// What every rank of a job must agree on before training starts, and the check that they do.
@@ -96,6 +99,29 @@ public struct RunAgreement {
             parts.append("\(settings[index].name) is " + holders.map { "\($0.value) on \(Self.describe(ranks: $0.ranks))" }.joined(separator: " but "))
         }
         throw CollectiveRunError("ranks were started with different settings: " + parts.joined(separator: "; "))
+    }
+
+    /// `--sync-group-size node`: the number of ranks per host, when every host runs the same
+    /// number of consecutive ranks (mpirun's default placement). The host is `SYNCBN_NODE_NAME`
+    /// when set (containers that share a host name), else the host name. Collective; every rank
+    /// gets the same answer or the same error.
+    public static func nodeGroupSize(_ world: any Communicator) throws -> Int {
+        let name = ProcessInfo.processInfo.environment["SYNCBN_NODE_NAME"] ?? {
+            var buffer = [CChar](repeating: 0, count: 256)
+            return gethostname(&buffer, buffer.count) == 0 ? String(cString: buffer) : "unknown"
+        }()
+        let hosts = try world.allGather([Int64(bitPattern: hash(name))]).map { $0[0] }
+        var runs: [(host: Int64, ranks: Int)] = []
+        for host in hosts {
+            if let last = runs.last, last.host == host { runs[runs.count - 1].ranks += 1 } else { runs.append((host, 1)) }
+        }
+        guard Set(runs.map(\.host)).count == runs.count else {
+            throw CollectiveRunError("--sync-group-size node: a host's ranks are not consecutive (ranks placed round-robin?); start them with mpirun's default placement (--map-by slot) or give a group size")
+        }
+        guard Set(runs.map(\.ranks)).count == 1 else {
+            throw CollectiveRunError("--sync-group-size node: the hosts run different numbers of ranks (\(runs.map { String($0.ranks) }.joined(separator: ", "))); give every host the same slots or a group size")
+        }
+        return runs[0].ranks
     }
 
     static func describe(ranks: [Int]) -> String {

@@ -174,7 +174,7 @@ public final class Trainer {
             if case let .rankLocal(name, state) = entry { rankLocal[name] = try world.allGather(state.values) }
         }
         guard world.rank == 0 else { return }
-        let configurationJSON = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
+        let configurationJSON = String(decoding: try sortedJSONEncoder().encode(configuration), as: UTF8.self)
         var metadata = ["step": String(step), "epoch": String(step / max(sampler.stepsPerEpoch, 1)),
                         "configuration": configurationJSON, "ranks": String(world.size),
                         "statistics": emaBuffers == nil ? "ema" : "precise"]

@@ -1,3 +1,5 @@
+import Foundation
+
 /// Everything that defines a training run; stored as JSON in checkpoint metadata.
 public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var data: String = DataSource.defaultSynthetic.description
@@ -143,4 +145,11 @@ extension TrainingConfiguration {
         ]
         return checks.compactMap { $0 }.first
     }
+}
+
+/// A JSON encoder with sorted keys: the same configuration is the same bytes in every file.
+public func sortedJSONEncoder() -> JSONEncoder {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    return encoder
 }

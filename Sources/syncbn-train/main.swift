@@ -40,8 +40,8 @@ struct Train: ParsableCommand {
     var width: Double = 1
     @Option(help: "Normalization: bn (per-rank statistics, no collectives), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group), gn (GroupNorm), in (InstanceNorm), ln (LayerNorm), brn (Batch Renormalization) or rbn (Representative BN); brn and rbn sync over the sync group.")
     var norm: String = NormalizationKind.syncbn.rawValue
-    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn, cbn, brn and rbn (1 = per rank; default: all ranks; must divide the ranks).")
-    var syncGroupSize: Int?
+    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn, cbn, brn and rbn (1 = per rank; default: all ranks; must divide the ranks); 'node': the ranks of each host (statistics stay inside a machine, gradients cross machines).")
+    var syncGroupSize: String?
     @Option(parsing: .unconditional, help: "Samples per rank per step.")
     var batchSize: Int = 32
     @Option(parsing: .unconditional, help: "Passes over the training set (ignored when --steps is given).")
@@ -153,7 +153,9 @@ struct Train: ParsableCommand {
         guard holdoutFraction > 0 && holdoutFraction < 1 else { throw ValidationError("--holdout-fraction must be in (0, 1), got \(holdoutFraction)") }
         if let trainSamples, !(2...(1 << 31)).contains(trainSamples) { throw ValidationError("--train-samples must be between 2 and 2^31, got \(trainSamples)") }
         if let evalSamples, !(1...(1 << 31)).contains(evalSamples) { throw ValidationError("--eval-samples must be between 1 and 2^31, got \(evalSamples)") }
-        if let syncGroupSize, syncGroupSize < 1 { throw ValidationError("--sync-group-size must be ≥ 1, got \(syncGroupSize)") }
+        if let syncGroupSize, syncGroupSize != "node" {
+            guard let size = Int(syncGroupSize), size >= 1 else { throw ValidationError("--sync-group-size must be a group size ≥ 1 or 'node', got '\(syncGroupSize)'") }
+        }
         guard brnRmax.isFinite && brnRmax >= 1 && brnRmax <= 100 else { throw ValidationError("--brn-rmax must be between 1 and 100, got \(brnRmax)") }
         guard brnDmax.isFinite && brnDmax >= 0 && brnDmax <= 100 else { throw ValidationError("--brn-dmax must be between 0 and 100, got \(brnDmax)") }
         guard gnGroups >= 1 else { throw ValidationError("--gn-groups must be ≥ 1, got \(gnGroups)") }
@@ -247,7 +249,7 @@ struct Train: ParsableCommand {
         c.evalSamples = evalSamples
         c.model = ModelKind(rawValue: model)!
         c.norm = NormalizationKind(rawValue: norm)!
-        c.syncGroupSize = syncGroupSize
+        c.syncGroupSize = syncGroupSize.flatMap { Int($0) }
         c.batchSize = batchSize
         c.epochs = epochs
         c.steps = steps
@@ -300,20 +302,23 @@ struct Train: ParsableCommand {
         let metricsPath = metrics, savePath = save, saveEvery = saveEvery
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
-        let timeout = collectiveTimeout, resetWindows = resetCbnWindows, checked = checkCollectives
+        let timeout = collectiveTimeout, resetWindows = resetCbnWindows, checked = checkCollectives, nodeGroups = syncGroupSize == "node"
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { launched in
             let watched = RankLaunch.watched(launched, timeout: timeout, command: "syncbn-train")
             let world: any Communicator = checked ? CheckedCommunicator(watched) : watched
             let (split, heldOutOverlap) = try loaded.get()
+            var configuration = configuration
             // Before any other collective: every rank must run the same job on the same data.
             var agreement = RunAgreement()
             try agreement.add(configuration: configuration)
+            agreement.add("--sync-group-size node", nodeGroups ? "yes" : "no")
             agreement.add(data: split.train, as: "--data (the training set)")
             agreement.add(data: split.heldOut, as: "--eval-data (the held-out set)")
             if let resumePath { agreement.add(file: resumePath, as: "--resume") } else { agreement.add("--resume", "unset") }
             agreement.add("--save", savePath == nil ? "unset" : "set")
             agreement.add("--save-every", saveEvery.map(String.init) ?? "unset")
             try agreement.check(world)
+            if nodeGroups { configuration.syncGroupSize = try RunAgreement.nodeGroupSize(world) }
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
             trainer.watchdog = watched.watchdog
             if let savePath {
@@ -671,7 +676,7 @@ struct ExportFolded: ParsableCommand {
                 case .counter, .rankLocal: continue
                 }
             }
-            let configurationJSON = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
+            let configurationJSON = String(decoding: try sortedJSONEncoder().encode(configuration), as: UTF8.self)
             try Safetensors.write(tensors, metadata: ["format": "syncbn-folded-1", "configuration": configurationJSON,
                                                       "folded_from": URL(fileURLWithPath: resumePath).lastPathComponent], to: outPath)
             let kept = folded.batchNormLayers.count
