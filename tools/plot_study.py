@@ -106,11 +106,29 @@ def draw_diagnostics(ax, panel):
     return drawn
 
 
+def draw_weight_norm_curves(ax, panel):
+    """The first layer's feeding weight norm against the step, seed 1 of each job, one colour per
+    series and one line style per x."""
+    curves = [c for c in panel.get("weightNormCurves", []) if c["seed"] == min(d["seed"] for d in panel["weightNormCurves"])]
+    colors, styles = {}, {}
+    for curve in curves:
+        color = colors.setdefault(curve["series"], f"C{len(colors)}")
+        style = styles.setdefault(curve["x"], ["-", "--", ":", "-.", (0, (1, 3))][len(styles) % 5])
+        ax.plot(curve["steps"], curve["norms"], linestyle=style, color=color,
+                label=f"{curve['series']}, {panel['xLabel'].split(' ')[0]} {curve['x']:g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("first conv weight norm")
+    ax.grid(alpha=0.3)
+    return bool(curves)
+
+
 def plot_experiment(experiment, out):
     axes_specs = []
     for panel in experiment["panels"]:
         if panel["kind"] == "final":
             axes_specs += [(panel, "ema"), (panel, "precise")]
+        elif panel["kind"] == "diagnostics":
+            axes_specs += [(panel, None), (panel, "curves")]
         else:
             axes_specs.append((panel, None))
     fig, axes = plt.subplots(1, len(axes_specs), figsize=(5.2 * len(axes_specs), 4.2), squeeze=False)
@@ -129,6 +147,9 @@ def plot_experiment(experiment, out):
         elif kind == "curves":
             drawn = draw_curves(ax, panel)
             ax.set_title(panel["title"], fontsize=9)
+        elif key == "curves":
+            drawn = draw_weight_norm_curves(ax, panel)
+            ax.set_title("First conv weight norm during training (seed 1)", fontsize=9)
         else:
             drawn = draw_diagnostics(ax, panel)
             ax.set_title(panel["title"], fontsize=9)

@@ -129,6 +129,8 @@ public struct StudyResult: Codable, Sendable {
     public var evaluations: [Evaluation] = []
     /// Per-layer diagnostics from the metrics' last `diagnostics` line, when the run wrote any.
     public var diagnostics: [String: [String: Double]]?
+    /// The first normalization layer's feeding weight norm at every diagnostics line: [step, norm].
+    public var weightNormCurve: [[Double]]?
     public var samplesPerSecond: Double?
 
     public init() {}
@@ -147,6 +149,9 @@ public struct StudyResult: Codable, Sendable {
                 result.evaluations.append(.init(step: step, statistics: stats, accuracy: accuracy, loss: loss))
             } else if event == "diagnostics", let layers = object["layers"] as? [String: [String: Double]] {
                 result.diagnostics = layers
+                if let step = object["step"] as? Int, let first = layers.keys.sorted().first, let norm = layers[first]?["weight_norm"] {
+                    result.weightNormCurve = (result.weightNormCurve ?? []) + [[Double(step), norm]]
+                }
             } else if event == nil, let step = object["step"] as? Int, let loss = object["loss"] as? Double,
                       let accuracy = object["accuracy"] as? Double {
                 intervals.append((step, object["steps"] as? Int ?? 1, loss, accuracy))

@@ -50,6 +50,15 @@ public struct StudySummary: Codable, Sendable {
         public var precise: [Double]
     }
 
+    /// The first normalization layer's feeding weight norm against the step, for one job.
+    public struct WeightNormCurve: Codable, Sendable {
+        public var series: String
+        public var x: Double
+        public var seed: Int
+        public var steps: [Double]
+        public var norms: [Double]
+    }
+
     public struct Panel: Codable, Sendable {
         public var name: String
         public var title: String
@@ -58,6 +67,7 @@ public struct StudySummary: Codable, Sendable {
         public var xScale: String
         public var series: [Series]
         public var curves: [Curve]
+        public var weightNormCurves: [WeightNormCurve]
     }
 
     public struct Experiment: Codable, Sendable {
@@ -112,8 +122,16 @@ public struct StudySummary: Codable, Sendable {
                         curves.append(Curve(series: point.series, seed: point.seed, steps: steps, ema: values("ema"), precise: values("precise")))
                     }
                 }
+                var weightNorms: [WeightNormCurve] = []
+                if panel.kind == .diagnostics {
+                    for point in panel.points {
+                        guard let curve = record(point.job.key)?.result?.weightNormCurve, !curve.isEmpty else { continue }
+                        weightNorms.append(WeightNormCurve(series: point.series, x: point.x, seed: point.seed,
+                                                           steps: curve.map { $0[0] }, norms: curve.map { $0[1] }))
+                    }
+                }
                 return Panel(name: panel.name, title: panel.title, kind: panel.kind, xLabel: panel.xLabel, xScale: panel.xScale,
-                             series: series, curves: curves)
+                             series: series, curves: curves, weightNormCurves: weightNorms)
             })
         }
     }
