@@ -13,6 +13,7 @@ public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource
     public let direction: Parameter<Scalar>
     public let magnitude: Parameter<Scalar>
     private var norms: [Double] = []
+    fileprivate var pendingInitialization: (bias: Parameter<Scalar>?, allReduce: (inout [Double]) throws -> Void)?
 
     /// Wraps `layer` with v = its current weight and g = ‖v‖ per channel (so w is unchanged).
     public init(_ layer: Wrapped) {
@@ -48,8 +49,45 @@ public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource
     }
 
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        guard let (bias, allReduce) = pendingInitialization else {
+            materializeWeight()
+            return try layer.forward(input, mode: mode)
+        }
+        pendingInitialization = nil
+        let C = channels
+        magnitude.value.scalars = [Scalar](repeating: 1, count: C)
         materializeWeight()
-        return try layer.forward(input, mode: mode)
+        var t = try layer.forward(input, mode: mode)
+        guard let layout = ChannelLayout(shape: t.shape) else { throw LayerError("WeightNorm: unexpected output shape \(t.shape)") }
+        var sums = [Double](repeating: 0, count: 1 + 2 * C)
+        sums[0] = Double(layout.batch * layout.spatial)
+        for n in 0..<layout.batch {
+            for c in 0..<C {
+                let base = (n * C + c) * layout.spatial
+                for p in 0..<layout.spatial {
+                    let value = Double(t.scalars[base + p])
+                    sums[1 + c] += value
+                    sums[1 + C + c] += value * value
+                }
+            }
+        }
+        try allReduce(&sums)
+        guard sums[0] > 0 else { return t }
+        for c in 0..<C {
+            let mean = sums[1 + c] / sums[0], variance = max(sums[1 + C + c] / sums[0] - mean * mean, 0)
+            let scale = 1 / (variance + 1e-5).squareRoot()
+            magnitude.value.scalars[c] = Scalar(scale)
+            bias?.value.scalars[c] = Scalar(-mean * scale)
+        }
+        materializeWeight()
+        let scales = magnitude.value.scalars
+        for n in 0..<layout.batch {
+            for c in 0..<C {
+                let base = (n * C + c) * layout.spatial
+                for p in 0..<layout.spatial { t.scalars[base + p] *= scales[c] }
+            }
+        }
+        return t
     }
 
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
@@ -70,5 +108,52 @@ public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource
         magnitude.gradient = Tensor(shape: [C], scalars: dg)
         direction.gradient = Tensor(shape: direction.value.shape, scalars: dv)
         return dx
+    }
+}
+
+extension WeightNorm {
+    /// The paper's data-dependent initialisation (§2.2), run by the next forward: with g = 1 the
+    /// pre-activations t = v·x/‖v‖ get their per-channel mean μ and standard deviation σ over the
+    /// batch — summed over every rank by `allReduce` so that all replicas agree — and then
+    /// g ← 1/σ and `bias` (the per-channel bias after this layer, if any) ← −μ/σ, so that the
+    /// layer's outputs start with zero mean and unit variance.
+    public func initializeOnNextForward(bias: Parameter<Scalar>?, allReduce: @escaping (inout [Double]) throws -> Void) {
+        pendingInitialization = (bias, allReduce)
+    }
+}
+
+/// A learned per-channel bias, y = x + b (the bias of a weight-normalized layer that has no
+/// normalization after it). State: `bias`.
+public final class ChannelBias<Scalar: TensorScalar>: Layer {
+    public let bias: Parameter<Scalar>
+    private var lastLayout = ChannelLayout(batch: 0, channels: 0, spatial: 0)
+
+    public init(featureCount: Int) { bias = Parameter(Tensor(shape: [featureCount])) }
+
+    public var state: [StateEntry<Scalar>] { [.parameter("bias", bias)] }
+
+    public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+        guard let layout = ChannelLayout(shape: input.shape), layout.channels == bias.value.count else {
+            throw LayerError("ChannelBias: expected N×\(bias.value.count)(×H×W) input, got \(input.shape)")
+        }
+        lastLayout = layout
+        var output = input
+        let C = layout.channels, P = layout.spatial
+        for n in 0..<layout.batch {
+            for c in 0..<C {
+                let b = bias.value.scalars[c], base = (n * C + c) * P
+                for p in 0..<P { output.scalars[base + p] += b }
+            }
+        }
+        return output
+    }
+
+    public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
+        var sums = Scalar.filled(bias.value.count, with: 0)
+        outputGradient.scalars.withUnsafeBufferPointer { dy in
+            sums.withUnsafeMutableBufferPointer { Scalar.channelSums(dy, layout: lastLayout, into: $0) }
+        }
+        bias.gradient = Tensor(shape: [bias.value.count], scalars: sums)
+        return outputGradient
     }
 }

@@ -18,6 +18,9 @@ public final class MeanOnlyBatchNorm<Scalar: BatchNormScalar>: Layer {
     public let batchesTracked: Counter
     private var lastLayout = ChannelLayout(batch: 0, channels: 0, spatial: 0)
     private var lastCount = 0.0
+    /// Statistics of the last training or `.batchStatistics` batch over the group (PreciseBN uses
+    /// the mean); nil when the group had no data.
+    public private(set) var lastStatistics: BatchStatistics?
 
     public init(featureCount: Int, momentum: Double = 0.1, group: (any Communicator)? = nil) {
         precondition(featureCount > 0 && (0...1).contains(momentum), "MeanOnlyBatchNorm: features > 0, momentum in [0, 1]")
@@ -50,6 +53,7 @@ public final class MeanOnlyBatchNorm<Scalar: BatchNormScalar>: Layer {
         let layout = try layout(of: input.shape)
         if mode == .inference { return shifted(input, layout: layout, mean: Scalar.widened(runningMean.value.scalars)) }
         let statistics = try BatchStatistics.compute(input, layout: layout, shift: Scalar.widened(runningMean.value.scalars), group: group)
+        lastStatistics = statistics
         guard let statistics else {
             lastCount = 0
             lastLayout = layout

@@ -3,7 +3,8 @@ import Normalization
 
 extension Network {
     /// The inference network with every BatchNorm (BN, SyncBN, CBN; inference mode, running
-    /// statistics) folded into the convolution or linear layer before it:
+    /// statistics) folded into the convolution or linear layer before it (and every
+    /// weight-normalized layer with its bias or mean-only BN made a plain layer with a bias):
     ///
     ///     W'_c = W_c·γ_c/√(var_c + ε),   b'_c = (b_c − mean_c)·γ_c/√(var_c + ε) + β_c
     ///
@@ -26,6 +27,23 @@ extension Network {
             if let sequence = layer as? Sequential<Float> {
                 folded.append((name, Sequential<Float>(try folding(sequence.children))))
                 continue
+            }
+            // Weight normalization with its bias or mean-only BN: w = g·v/‖v‖ and
+            // b = β (− running mean) become a plain layer with a bias.
+            if layer is ChannelBias<Float> || layer is MeanOnlyBatchNorm<Float>, let previous = folded.last {
+                let beta = ((layer as? ChannelBias<Float>)?.bias ?? (layer as! MeanOnlyBatchNorm<Float>).bias).value.scalars
+                let mean = (layer as? MeanOnlyBatchNorm<Float>)?.runningMean.value.scalars ?? [Float](repeating: 0, count: beta.count)
+                let bias = Tensor<Float>(shape: [beta.count], scalars: (0..<beta.count).map { Float(Double(beta[$0]) - Double(mean[$0])) })
+                if let wn = previous.layer as? WeightNorm<Float, Conv2d<Float>> {
+                    wn.materializeWeight()
+                    folded[folded.count - 1].layer = Conv2d<Float>(weight: wn.layer.weight.value, bias: bias, stride: wn.layer.stride, padding: wn.layer.padding)
+                    continue
+                }
+                if let wn = previous.layer as? WeightNorm<Float, Linear<Float>> {
+                    wn.materializeWeight()
+                    folded[folded.count - 1].layer = Linear<Float>(weight: wn.layer.weight.value, bias: bias)
+                    continue
+                }
             }
             guard let bn = layer as? BatchNorm<Float> else {
                 folded.append((name, layer))

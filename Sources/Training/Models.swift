@@ -49,18 +49,19 @@ public enum ResNet {
     /// 1×1 conv(stride)–norm projection where the shape changes, then ReLU.
     public static func basicBlock<Scalar: TensorScalar>(
         inputChannels: Int, outputChannels: Int, stride: Int,
-        norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>, random: inout DeterministicRandom
+        norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>,
+        wrap: (Conv2d<Scalar>) -> any Layer<Scalar> = { $0 }, random: inout DeterministicRandom
     ) throws -> ResidualBlock<Scalar> {
         let conv1: Conv2d<Scalar> = convolution(inputChannels, outputChannels, kernel: 3, stride: stride, random: &random)
         let norm1 = try norm(outputChannels, conv1)
         let conv2: Conv2d<Scalar> = convolution(outputChannels, outputChannels, kernel: 3, stride: 1, random: &random)
         let norm2 = try norm(outputChannels, conv2)
-        let residual = Sequential<Scalar>([("conv1", conv1), ("bn1", norm1), ("relu", ReLU<Scalar>()),
-                                           ("conv2", conv2), ("bn2", norm2)])
+        let residual = Sequential<Scalar>([("conv1", wrap(conv1)), ("bn1", norm1), ("relu", ReLU<Scalar>()),
+                                           ("conv2", wrap(conv2)), ("bn2", norm2)])
         var shortcut: Sequential<Scalar>?
         if stride != 1 || inputChannels != outputChannels {
             let projection: Conv2d<Scalar> = convolution(inputChannels, outputChannels, kernel: 1, stride: stride, random: &random)
-            shortcut = Sequential<Scalar>([("0", projection), ("1", try norm(outputChannels, projection))])
+            shortcut = Sequential<Scalar>([("0", wrap(projection)), ("1", try norm(outputChannels, projection))])
         }
         return ResidualBlock<Scalar>(residual: residual, shortcut: shortcut)
     }
@@ -73,18 +74,20 @@ public enum ResNet {
 
     public static func layers<Scalar: TensorScalar>(
         stem: Int, stages: [(channels: Int, blocks: Int, stride: Int)], inputChannels: Int, classes: Int, width: Double,
-        norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>, random: inout DeterministicRandom
+        norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>,
+        wrap: (Conv2d<Scalar>) -> any Layer<Scalar> = { $0 }, random: inout DeterministicRandom
     ) throws -> [(name: String, layer: any Layer<Scalar>)] {
         var channels = scaledChannels(stem, width: width)
         let stemConv: Conv2d<Scalar> = convolution(inputChannels, channels, kernel: 3, stride: 1, random: &random)
         var layers: [(name: String, layer: any Layer<Scalar>)] = [
-            ("conv1", stemConv), ("bn1", try norm(channels, stemConv)), ("relu", ReLU<Scalar>()),
+            ("conv1", wrap(stemConv)), ("bn1", try norm(channels, stemConv)), ("relu", ReLU<Scalar>()),
         ]
         for (s, stage) in stages.enumerated() {
             let out = scaledChannels(stage.channels, width: width)
             for b in 0..<stage.blocks {
                 layers.append(("layer\(s + 1).\(b)", try basicBlock(inputChannels: channels, outputChannels: out,
-                                                                    stride: b == 0 ? stage.stride : 1, norm: norm, random: &random)))
+                                                                    stride: b == 0 ? stage.stride : 1, norm: norm, wrap: wrap,
+                                                                    random: &random)))
                 channels = out
             }
         }
@@ -113,9 +116,18 @@ public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
     case `in`
     /// LayerNorm over C×H×W (Ba et al. 2016) with per-channel affine — GroupNorm with one group.
     case ln
+    /// Weight normalization (w = g·v/‖v‖) of every conv/linear layer that would feed a norm, with a
+    /// learned bias in place of the norm and the paper's data-dependent initialisation.
+    case wn
+    /// Weight normalization with the paper's mean-only BN (batch mean synced over the sync group,
+    /// running mean for inference) in place of the norm.
+    case wnMeanOnly = "wn-meanonly"
 
     /// Statistics of each sample alone: no batch dependence, no collectives, no running statistics.
-    public var isBatchFree: Bool { self == .gn || self == .in || self == .ln }
+    public var isBatchFree: Bool { self == .gn || self == .in || self == .ln || self == .wn }
+
+    /// Weight-normalized convolutions and linear layers.
+    public var isWeightNormalized: Bool { self == .wn || self == .wnMeanOnly }
 }
 
 /// Cross-iteration BN's options (see `CrossIterationBatchNorm`).
@@ -165,6 +177,12 @@ public struct NormalizationFactory {
         self.crossIteration = crossIteration
     }
 
+    /// The layer that computes a norm's input: `layer` itself, or weight-normalized for `wn` and
+    /// `wn-meanonly`.
+    public func wrap<Source: Layer & PatchSource>(_ layer: Source) -> any Layer<Float> where Source.Scalar == Float {
+        kind.isWeightNormalized ? WeightNorm<Float, Source>(layer) : layer
+    }
+
     /// A normalization layer for the output of `source` (whose weight cross-iteration BN
     /// differentiates its statistics by).
     public func make(featureCount: Int, source: any PatchSource<Float>) throws -> any Layer<Float> {
@@ -191,6 +209,10 @@ public struct NormalizationFactory {
             return CrossIterationBatchNorm<Float>(featureCount: featureCount, source: source, window: crossIteration.window,
                                                   rho: crossIteration.rho, burnIn: crossIteration.burnIn, gradient: crossIteration.gradient,
                                                   epsilon: epsilon, momentum: momentum, group: group)
+        case .wn:
+            return ChannelBias<Float>(featureCount: featureCount)
+        case .wnMeanOnly:
+            return MeanOnlyBatchNorm<Float>(featureCount: featureCount, momentum: momentum ?? 0.1, group: group)
         case .bn:
             return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum)
         case .syncbn:
@@ -212,7 +234,7 @@ extension Network {
             }
             return Network(layers: try ResNet.layers(stem: stem, stages: stages, inputChannels: sampleShape[0], classes: classes,
                                                      width: width, norm: { try normalization.make(featureCount: $0, source: $1) },
-                                                     random: &random))
+                                                     wrap: { normalization.wrap($0) }, random: &random))
         }
         switch kind {
         case .resnet20, .resnet32, .resnet56, .resnet110, .resnet18:
@@ -227,7 +249,7 @@ extension Network {
             for (i, width) in widths.enumerated() {
                 let conv = Conv2d<Float>(inputChannels: channels, outputChannels: width, kernelSize: 3,
                                          stride: i == 0 ? 1 : 2, padding: 1, bias: false, random: &random)
-                layers.append(("features.\(i).conv", conv))
+                layers.append(("features.\(i).conv", normalization.wrap(conv)))
                 layers.append(("features.\(i).bn", try normalization.make(featureCount: width, source: conv)))
                 layers.append(("features.\(i).relu", ReLU<Float>()))
                 channels = width
@@ -242,7 +264,7 @@ extension Network {
             let units = scaledChannels(128, width: width)
             for i in 0..<2 {
                 let linear = Linear<Float>(inputFeatures: features, outputFeatures: units, bias: false, random: &random)
-                layers.append(("features.\(i).linear", linear))
+                layers.append(("features.\(i).linear", normalization.wrap(linear)))
                 layers.append(("features.\(i).bn", try normalization.make(featureCount: units, source: linear)))
                 layers.append(("features.\(i).relu", ReLU<Float>()))
                 features = units

@@ -33,7 +33,7 @@ public enum PreciseBN {
     public static func recompute(network: Network, data: Dataset, sampleBudget: Int, batchSize: Int,
                                  seed: UInt64, world: any Communicator) throws -> Report {
         precondition(sampleBudget > 0 && batchSize > 0, "PreciseBN needs a positive budget and batch size")
-        let layers = network.batchNormLayers
+        let layers: [any PopulationStatisticsLayer] = network.batchNormLayers + network.leaves.compactMap { $0.layer as? MeanOnlyBatchNorm<Float> }
         guard !layers.isEmpty else { return Report(samples: 0, batches: 0) }
         let globalBatch = batchSize * world.size
         guard data.count >= 2 else { throw DataError("PreciseBN needs at least 2 samples, the data has \(data.count)") }
@@ -66,8 +66,27 @@ public enum PreciseBN {
                 throw DataError("PreciseBN: a BN layer saw fewer than 2 values per channel; raise --precise-bn-samples")
             }
             layer.runningMean.value.scalars = mean.map { Float($0) }
-            layer.runningVariance.value.scalars = variance.map { Float($0) }
+            layer.populationVariance?.value.scalars = variance.map { Float($0) }
         }
         return Report(samples: samples, batches: batches)
     }
+}
+
+/// A layer whose inference statistics PreciseBN recomputes: BN (mean and variance) and mean-only
+/// BN (mean).
+protocol PopulationStatisticsLayer: AnyObject {
+    var featureCount: Int { get }
+    var group: (any Communicator)? { get }
+    var runningMean: Buffer<Float> { get }
+    /// The running variance, for layers that keep one.
+    var populationVariance: Buffer<Float>? { get }
+    var lastStatistics: BatchStatistics? { get }
+}
+
+extension BatchNorm<Float>: PopulationStatisticsLayer {
+    var populationVariance: Buffer<Float>? { runningVariance }
+}
+
+extension MeanOnlyBatchNorm<Float>: PopulationStatisticsLayer {
+    var populationVariance: Buffer<Float>? { nil }
 }

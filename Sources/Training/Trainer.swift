@@ -59,6 +59,8 @@ public final class Trainer {
     /// The EMA running statistics by buffer name while the model holds PreciseBN's instead
     /// (after the final evaluation); saved beside them so that a resumed run continues from the EMA.
     public private(set) var emaBuffers: [String: [Float]]?
+    /// Set once weight normalization's data-dependent initialisation has run (or a checkpoint was loaded).
+    private var weightNormInitialized = false
 
     /// Builds the model and, for SyncBN with `syncGroupSize` < ranks, splits the world into
     /// groups of consecutive ranks. `world` is wrapped to count collectives and their time.
@@ -92,7 +94,7 @@ public final class Trainer {
         }
         guard data.train.count >= 2 else { throw CollectiveRunError("the training set has \(data.train.count) sample(s); at least 2 are needed") }
         guard data.heldOut.count >= 1 else { throw CollectiveRunError("the held-out set is empty: nothing to evaluate on") }
-        let synced = [.syncbn, .cbn, .brn, .rbn].contains(configuration.norm)
+        let synced = [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly].contains(configuration.norm)
         // Feature vectors (the MLP) have one value per channel and sample: a BN batch of one
         // sample has no statistics. Caught here rather than after training (PreciseBN).
         if configuration.model == .mlp && !configuration.norm.isBatchFree && configuration.evalStats != .ema {
@@ -148,6 +150,7 @@ public final class Trainer {
     /// With `resetCrossIterationWindows` a checkpoint written by another number of ranks may be
     /// resumed: every cross-iteration BN window starts empty.
     public func resume(from path: String, forTraining: Bool = true, resetCrossIterationWindows: Bool = false) throws {
+        weightNormInitialized = true   // the checkpoint holds trained (or initialised) g and v
         let (metadata, ema) = try Checkpoint.load(path, into: network, optimizer: optimizer, preferEMA: forTraining, rank: world.rank,
                                                   ranks: world.size, resetRankLocal: resetCrossIterationWindows)
         emaBuffers = forTraining ? nil : ema
@@ -186,6 +189,23 @@ public final class Trainer {
 
     /// One optimizer step; returns the global mean loss and accuracy of the batch.
     @discardableResult
+    /// Weight normalization's data-dependent initialisation on the first training batch: one
+    /// forward in which every weight-normalized layer, in order, sets g (and the bias after it)
+    /// from its pre-activation statistics over all ranks (one all-reduce per layer), so that every
+    /// replica starts alike and the result does not depend on how the batch is split.
+    func initializeWeightNorm(with x: Tensor<Float>) throws {
+        let leaves = network.leaves, world = self.world
+        for (index, entry) in leaves.enumerated() {
+            let bias = index + 1 < leaves.count ? (leaves[index + 1].layer as? ChannelBias<Float>)?.bias : nil
+            let allReduce: (inout [Double]) throws -> Void = { try world.allReduceSum(&$0) }
+            if let layer = entry.layer as? WeightNorm<Float, Conv2d<Float>> { layer.initializeOnNextForward(bias: bias, allReduce: allReduce) }
+            if let layer = entry.layer as? WeightNorm<Float, Linear<Float>> { layer.initializeOnNextForward(bias: bias, allReduce: allReduce) }
+        }
+        watchdog?.context = "weight-norm initialisation"
+        _ = try network.forward(x, mode: .batchStatistics)
+        weightNormInitialized = true
+    }
+
     public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int, learningRate: Double) {
         if configuration.norm == .brn {
             let (rMax, dMax) = configuration.brnLimits(step: step, totalSteps: totalSteps)
@@ -202,6 +222,9 @@ public final class Trainer {
         let (indices, globalCount, epoch) = sampler.batch(step: step)
         let (x, labels) = data.train.batch(indices, augmentation: configuration.augmentation, seed: configuration.seed, epoch: epoch)
         dataSeconds += Double(DispatchTime.now().uptimeNanoseconds - dataStart) * 1e-9
+        if configuration.norm.isWeightNormalized && step == 0 && !weightNormInitialized {
+            try initializeWeightNorm(with: x)
+        }
         let logits = try network.forward(x, mode: .training)
         let (lossSum, correct, gradient) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 1 / Float(globalCount))
 

@@ -29,6 +29,13 @@ final class MPIIntegrationTests: XCTestCase {
             ("cbn", ["--norm", "cbn", "--steps", "40", "--seed", "5", "--lr-schedule", "constant", "--warmup-steps", "0"]),
             ("brn", ["--norm", "brn", "--steps", "16", "--seed", "6", "--eval-stats", "ema"]),
             ("rbn", ["--norm", "rbn", "--steps", "6", "--seed", "7", "--eval-stats", "ema"]),  // rounding grows faster through the gates
+            // 15 steps agree to 2.8e-7; by step 30 a rounding-level difference has crossed a
+            // threshold (a dropped window entry or a ReLU) and one momentum buffer differs by 1.8e-4.
+            ("cbn-compensated", ["--norm", "cbn", "--cbn-gradient", "compensated", "--steps", "15", "--seed", "5",
+                                 "--lr-schedule", "constant", "--warmup-steps", "0"]),
+            // Weight normalization: the data-dependent initialisation and mean-only BN over all ranks.
+            ("wn-meanonly", ["--norm", "wn-meanonly", "--steps", "16", "--seed", "8"]),
+            ("wn", ["--norm", "wn", "--steps", "16", "--seed", "9"]),
             // 611 = 19·32 + 3: step 20 has 3 samples over 4 ranks; 22 steps reach the next epoch.
             // Small gradient buckets: non-blocking all-reduces in flight during SyncBN's blocking ones.
             ("uneven", ["--data", "synthetic:train=611,heldout=64", "--steps", "22", "--seed", "4", "--bucket-size", "2000"]),
@@ -44,7 +51,7 @@ final class MPIIntegrationTests: XCTestCase {
             let left = try checkpointTensors(a).filter { !$0.key.contains("cbn_window") }
             let right = try checkpointTensors(b).filter { !$0.key.contains("cbn_window") }
             XCTAssertEqual(left.keys.sorted(), right.keys.sorted())
-            XCTAssertTrue(left.keys.contains("features.2.bn.running_var"))
+            XCTAssertTrue(left.keys.contains(label.hasPrefix("wn") ? "features.2.bn.bias" : "features.2.bn.running_var"), label)
             for (name, values) in left {
                 let error = relativeError(values, right[name]!)
                 XCTAssertLessThan(error, 1e-4, "\(label): \(name) differs by \(error)")
@@ -112,7 +119,7 @@ final class MPIIntegrationTests: XCTestCase {
         XCTAssertEqual(train.status, 0, describe(train))
         let export = try Harness.direct(Harness.train, ["export-folded", "--resume", trained, "--out", folded])
         XCTAssertEqual(export.status, 0, describe(export))
-        XCTAssertTrue(export.stderr.contains("3 BN layers folded"), describe(export))
+        XCTAssertTrue(export.stderr.contains("3 normalization layers folded"), describe(export))
         let (tensors, metadata) = try Safetensors.read(folded)
         XCTAssertEqual(metadata["format"], "syncbn-folded-1")
         XCTAssertFalse(tensors.keys.contains { $0.contains(".bn.") }, "\(tensors.keys.sorted())")

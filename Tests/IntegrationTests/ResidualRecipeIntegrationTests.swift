@@ -115,7 +115,7 @@ final class ResidualRecipeIntegrationTests: XCTestCase {
         XCTAssertNotNil(try checkpointTensors(recomputed)["layer3.0.downsample.1.running_var"])
         let export = try Harness.direct(Harness.train, ["export-folded", "--resume", trained, "--out", folded])
         XCTAssertEqual(export.status, 0, describe(export))
-        XCTAssertTrue(export.stderr.contains("21 BN layers folded"), describe(export))
+        XCTAssertTrue(export.stderr.contains("21 normalization layers folded"), describe(export))
         let reported = export.stderr.components(separatedBy: "differ by ").last?.split(separator: " ").first.flatMap { Double($0) }
         XCTAssertLessThan(reported ?? 1, 1e-5, describe(export))
         XCTAssertNotNil(try checkpointTensors(folded)["layer1.0.conv2.bias"])

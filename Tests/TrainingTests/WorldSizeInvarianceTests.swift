@@ -91,6 +91,27 @@ final class WorldSizeInvarianceTests: XCTestCase {
         assertSameTrajectory(multi, single, "gn 4 ranks × 2")
     }
 
+    func testWeightNormOnFourRanksMatchesOneRank() throws {
+        // The data-dependent initialisation and mean-only BN's batch mean span all ranks; shards
+        // of 43 samples in batches of 8 end uneven.
+        for model in [ModelKind.convnet, .mlp] {
+            for norm in [NormalizationKind.wn, .wnMeanOnly] {
+                let single = try train(configuration(model: model, batch: 8, steps: 7, norm: norm), ranks: 1)
+                let multi = try train(configuration(model: model, batch: 2, steps: 7, norm: norm), ranks: 4)
+                assertSameTrajectory(multi, single, "\(model) \(norm)")
+                XCTAssertTrue(single.state.keys.contains("features.0.\(model == .mlp ? "linear" : "conv").weight_g"))
+            }
+        }
+    }
+
+    func testCompensatedCBNOnFourRanksMatchesOneRank() throws {
+        var single = configuration(model: .convnet, batch: 8, steps: 9, norm: .cbn)
+        single.crossIteration = CrossIterationOptions(window: 3, rho: 1, burnIn: 1, gradient: .compensated)
+        var multi = single
+        multi.batchSize = 2
+        assertSameTrajectory(try train(multi, ranks: 4), try train(single, ranks: 1), "compensated CBN")
+    }
+
     func testPerRankStatisticsDoDiffer() throws {
         // The invariance is a property of SyncBN, not an accident of the test: per-rank BN breaks it.
         let single = try train(configuration(model: .convnet, batch: 8, steps: 3, norm: .bn), ranks: 1)
