@@ -15,7 +15,8 @@ input standardization (x/255 - input_mean) / input_std applied here:
     python3 tools/reference_forward.py CKPT --idx t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 
 prints the accuracy. CKPT may also be the output of `syncbn-train export-torch` (the model state
-alone). Models: the CIFAR ResNets, resnet18 and the convnet, with BN (or SyncBN) statistics.
+alone). Models: the CIFAR ResNets, resnet18 and the convnet, with BN (or SyncBN) statistics or
+weight normalization (--norm wn, wn-meanonly).
 """
 import argparse
 import gzip
@@ -56,7 +57,23 @@ def conv2d(x, w, stride, padding):
     return np.einsum("nckluv,ockl->nouv", cols, w, optimize=True)
 
 
+def weight_normalized(t):
+    """Replaces PyTorch weight_norm's NAME.weight_g / NAME.weight_v by NAME.weight = g·v/‖v‖ (per
+    output channel)."""
+    t = dict(t)
+    for key in [k for k in t if k.endswith(".weight_v")]:
+        prefix = key[: -len("_v")]
+        v, g = t.pop(key), t.pop(prefix + "_g")
+        norms = np.sqrt((v.reshape(len(v), -1) ** 2).sum(axis=1))
+        t[prefix] = v * (g.reshape(-1) / norms).reshape((-1,) + (1,) * (v.ndim - 1))
+    return t
+
+
 def batch_norm(x, t, prefix, eps=1e-5):
+    if prefix + ".running_var" not in t:
+        # Weight normalization's companions: mean-only BN (x - running_mean + bias) or a bias.
+        mean = t.get(prefix + ".running_mean", np.zeros_like(t[prefix + ".bias"]))
+        return x + (t[prefix + ".bias"] - mean)[None, :, None, None]
     scale = t[prefix + ".weight"] / np.sqrt(t[prefix + ".running_var"].astype(np.float64) + eps)
     shift = t[prefix + ".bias"] - t[prefix + ".running_mean"] * scale
     return x * scale[None, :, None, None] + shift[None, :, None, None]
@@ -148,7 +165,7 @@ def compare(tool, label, logits, logits_path, tolerance):
 def main():
     args = arguments(__doc__)
     t, metadata = load_safetensors(args.checkpoint)
-    t = {k: v.astype(np.float64) for k, v in t.items() if not k.startswith(("optimizer.", "ema."))}
+    t = weight_normalized({k: v.astype(np.float64) for k, v in t.items() if not k.startswith(("optimizer.", "ema."))})
     model = json.loads(metadata.get("configuration") or metadata.get("architecture") or "{}").get("model", "")
     if args.idx:
         x = standardized_images(args.idx[0], metadata, args.limit)
