@@ -20,20 +20,50 @@ public final class GroupNorm<Scalar: BatchNormScalar>: Layer {
     private var lastMean: [Double] = []
     private var lastInvStd: [Double] = []
 
-    public init(featureCount: Int, groups: Int, epsilon: Double = 1e-5) {
+    /// InstanceNorm's optional running statistics (PyTorch's `InstanceNorm2d(track_running_stats=True)`):
+    /// training updates them with the batch average of the instances' means and unbiased variances
+    /// (momentum as BN's), and inference normalizes with them instead of each instance's own.
+    public struct RunningStatistics {
+        public let mean: Buffer<Scalar>
+        public let variance: Buffer<Scalar>
+        public let batchesTracked: Counter
+        public let momentum: Double
+    }
+    public let running: RunningStatistics?
+
+    public init(featureCount: Int, groups: Int, epsilon: Double = 1e-5, trackRunningStatistics momentum: Double? = nil) {
         precondition(featureCount > 0 && groups > 0 && featureCount % groups == 0, "GroupNorm: groups must divide the channels")
+        precondition(momentum == nil || groups == featureCount, "running statistics are InstanceNorm's (one group per channel)")
         self.featureCount = featureCount
         self.groups = groups
         self.epsilon = epsilon
         weight = Parameter(Tensor(shape: [featureCount], repeating: 1))
         bias = Parameter(Tensor(shape: [featureCount]))
+        running = momentum.map {
+            RunningStatistics(mean: Buffer(Tensor(shape: [featureCount])), variance: Buffer(Tensor(shape: [featureCount], repeating: 1)),
+                              batchesTracked: Counter(), momentum: $0)
+        }
     }
 
-    public var state: [StateEntry<Scalar>] { [.parameter("weight", weight), .parameter("bias", bias)] }
+    public var state: [StateEntry<Scalar>] {
+        var entries: [StateEntry<Scalar>] = [.parameter("weight", weight), .parameter("bias", bias)]
+        if let running {
+            entries += [.buffer("running_mean", running.mean), .buffer("running_var", running.variance),
+                        .counter("num_batches_tracked", running.batchesTracked)]
+        }
+        return entries
+    }
 
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         guard let layout = ChannelLayout(shape: input.shape), layout.channels == featureCount else {
             throw LayerError("GroupNorm: expected N×\(featureCount) or N×\(featureCount)×H×W input, got \(input.shape)")
+        }
+        if let running, mode == .inference {
+            let mean = Scalar.widened(running.mean.value.scalars)
+            let invStd = Scalar.widened(running.variance.value.scalars).map { 1 / ($0 + epsilon).squareRoot() }
+            let gamma = Scalar.widened(weight.value.scalars), beta = Scalar.widened(bias.value.scalars)
+            let scale = (0..<featureCount).map { gamma[$0] * invStd[$0] }
+            return .affine(input, layout: layout, scale: scale, offset: (0..<featureCount).map { beta[$0] - mean[$0] * scale[$0] })
         }
         let span = featureCount / groups * layout.spatial
         var mean = [Double](repeating: 0, count: layout.batch * groups), invStd = mean
@@ -59,6 +89,22 @@ public final class GroupNorm<Scalar: BatchNormScalar>: Layer {
             lastInput = input
             lastMean = mean
             lastInvStd = invStd
+            if let running, layout.batch > 0 {
+                // Instances' statistics averaged over the batch; variance unbiased over H×W.
+                let n = Double(layout.spatial), correction = n > 1 ? n / (n - 1) : 1, m = running.momentum
+                running.batchesTracked.value += 1
+                for c in 0..<featureCount {
+                    var meanSum = 0.0, varianceSum = 0.0
+                    for i in 0..<layout.batch {
+                        let k = i * featureCount + c
+                        meanSum += mean[k]
+                        varianceSum += max(1 / (invStd[k] * invStd[k]) - epsilon, 0) * correction
+                    }
+                    let batch = Double(layout.batch)
+                    running.mean.value.scalars[c] = Scalar((1 - m) * Double(running.mean.value.scalars[c]) + m * meanSum / batch)
+                    running.variance.value.scalars[c] = Scalar((1 - m) * Double(running.variance.value.scalars[c]) + m * varianceSum / batch)
+                }
+            }
         }
         let planes = ChannelLayout(batch: 1, channels: layout.batch * featureCount, spatial: layout.spatial)
         return .affine(input, layout: planes, scale: scale, offset: offset)

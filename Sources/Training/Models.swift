@@ -164,6 +164,8 @@ public struct NormalizationFactory {
     public let groupNormGroups: Int
     /// Ghost batches (size, count per rank) for `bn`/`syncbn`; nil = the whole per-rank batch.
     public let ghost: (size: Int, count: Int)?
+    /// InstanceNorm keeps running statistics for inference.
+    public var instanceNormRunningStatistics = false
 
     public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1,
                 crossIteration: CrossIterationOptions = CrossIterationOptions(), groupNormGroups: Int = 8,
@@ -196,7 +198,8 @@ public struct NormalizationFactory {
         case .brn:
             return BatchRenormalization<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
         case .in:
-            return GroupNorm<Float>(featureCount: featureCount, groups: featureCount, epsilon: epsilon)
+            return GroupNorm<Float>(featureCount: featureCount, groups: featureCount, epsilon: epsilon,
+                                    trackRunningStatistics: instanceNormRunningStatistics ? (momentum ?? 0.1) : nil)
         case .ln:
             return GroupNorm<Float>(featureCount: featureCount, groups: 1, epsilon: epsilon)
         case .gn:

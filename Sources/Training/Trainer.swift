@@ -109,15 +109,14 @@ public final class Trainer {
             group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
         }
         let sharesAll = synced && groupSize == ranks
-        averageRunningStatistics = ranks > 1 && !sharesAll && !configuration.norm.isBatchFree
+        averageRunningStatistics = ranks > 1 && !sharesAll && (!configuration.norm.isBatchFree || configuration.inTrackRunningStats)
+        var factory = NormalizationFactory(kind: configuration.norm, group: group, epsilon: configuration.bnEpsilon,
+                                           momentum: configuration.bnMomentum, crossIteration: configuration.crossIteration,
+                                           groupNormGroups: configuration.gnGroups,
+                                           ghost: configuration.ghostBatchSize.map { size in (size, (configuration.batchSize + size - 1) / size) })
+        factory.instanceNormRunningStatistics = configuration.inTrackRunningStats
         network = try Network.make(configuration.model, sampleShape: data.train.sampleShape, classes: data.train.classes,
-                                   normalization: NormalizationFactory(kind: configuration.norm, group: group,
-                                                                       epsilon: configuration.bnEpsilon, momentum: configuration.bnMomentum,
-                                                                       crossIteration: configuration.crossIteration,
-                                                                       groupNormGroups: configuration.gnGroups,
-                                                                       ghost: configuration.ghostBatchSize.map { size in
-                                                                           (size, (configuration.batchSize + size - 1) / size) }),
-                                   width: configuration.width, seed: configuration.seed)
+                                   normalization: factory, width: configuration.width, seed: configuration.seed)
         optimizer = SGD(learningRate: Float(configuration.learningRate), momentum: Float(configuration.momentum),
                         weightDecay: Float(configuration.weightDecay))
         sampler = ShardedSampler(sampleCount: data.train.count, globalBatchSize: configuration.batchSize * ranks,

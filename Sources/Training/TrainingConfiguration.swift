@@ -67,6 +67,8 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     /// of the feeding layer's weight and weight gradient, and cross-iteration BN's window
     /// measurements (rank 0's view).
     public var normalizationDiagnostics = false
+    /// InstanceNorm (`norm == .in`) keeps running statistics and uses them for inference.
+    public var inTrackRunningStats = false
 
     public init() {}
 }
@@ -152,4 +154,29 @@ public func sortedJSONEncoder() -> JSONEncoder {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys]
     return encoder
+}
+
+extension TrainingConfiguration {
+    /// A configuration stored by this or an earlier version (checkpoint metadata): fields the
+    /// stored JSON lacks — settings added since — take their defaults, which are what that
+    /// version ran.
+    public static func decoding(json text: String) throws -> TrainingConfiguration {
+        guard let stored = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any],
+              let defaults = try JSONSerialization.jsonObject(with: try sortedJSONEncoder().encode(TrainingConfiguration())) as? [String: Any] else {
+            throw DataError("the stored configuration is not a JSON object")
+        }
+        func merged(_ base: [String: Any], _ over: [String: Any]) -> [String: Any] {
+            var result = base
+            for (key, value) in over {
+                if let inner = value as? [String: Any], let baseInner = base[key] as? [String: Any] {
+                    result[key] = merged(baseInner, inner)
+                } else {
+                    result[key] = value
+                }
+            }
+            return result
+        }
+        let data = try JSONSerialization.data(withJSONObject: merged(defaults, stored))
+        return try JSONDecoder().decode(TrainingConfiguration.self, from: data)
+    }
 }

@@ -117,6 +117,8 @@ struct Train: ParsableCommand {
     var cbnBurnin: Int = 0
     @Option(help: "Cross-iteration BN: where gradients flow: current (the current batch's statistics only, as the reference code) or compensated (also through the current weight in the Taylor term).")
     var cbnGradient: String = CrossIterationGradient.current.rawValue
+    @Flag(help: "InstanceNorm: keep running statistics (the batch average of the instances' means and unbiased variances) and normalize with them at inference, as PyTorch's InstanceNorm2d(track_running_stats=True).")
+    var inTrackRunningStats = false
     @Flag(help: "With every metrics line, write per-layer diagnostics: norms of γ and of the feeding layer's weight and weight gradient; for cbn also entries kept, fraction dropped, Taylor-term size and window/batch variance ratio.")
     var cbnDiagnostics = false
 
@@ -129,7 +131,7 @@ struct Train: ParsableCommand {
                 ("--cbn-burnin", cbnBurnin != 0, kind == .cbn), ("--cbn-gradient", cbnGradient != "current", kind == .cbn),
                 ("--reset-cbn-windows", resetCbnWindows, kind == .cbn),
                 ("--brn-rmax", brnRmax != 3, kind == .brn), ("--brn-dmax", brnDmax != 5, kind == .brn),
-                ("--gn-groups", gnGroups != 8, kind == .gn),
+                ("--gn-groups", gnGroups != 8, kind == .gn), ("--in-track-running-stats", inTrackRunningStats, kind == .in),
                 ("--ghost-batch-size", ghostBatchSize != nil, kind == .bn || kind == .syncbn),
                 ("--freeze-bn-after", freezeBnAfter != nil, !kind.isBatchFree && !kind.isWeightNormalized),
                 ("--sync-group-size", syncGroupSize != nil, [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly].contains(kind)),
@@ -276,6 +278,7 @@ struct Train: ParsableCommand {
         c.crossIteration = CrossIterationOptions(window: cbnWindow, rho: cbnRho, burnIn: cbnBurnin,
                                                  gradient: CrossIterationGradient(rawValue: cbnGradient) ?? .current)
         c.normalizationDiagnostics = cbnDiagnostics
+        c.inTrackRunningStats = inTrackRunningStats
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize
         return c
@@ -456,7 +459,7 @@ struct RecomputeStats: ParsableCommand {
 func loadCheckpointRun(_ path: String, data: String?, evalData: String?) throws -> (TrainingConfiguration, DataSplit) {
     let (_, metadata) = try Safetensors.read(path)
     guard let text = metadata["configuration"],
-          var configuration = try? JSONDecoder().decode(TrainingConfiguration.self, from: Data(text.utf8)) else {
+          var configuration = try? TrainingConfiguration.decoding(json: text) else {
         throw FileFormatError(path, "metadata has no readable 'configuration' (not written by syncbn-train?)")
     }
     if let problem = configuration.problem() { throw FileFormatError(path, "stored configuration is invalid: \(problem)") }

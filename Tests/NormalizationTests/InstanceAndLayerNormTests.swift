@@ -30,6 +30,39 @@ final class InstanceAndLayerNormTests: XCTestCase {
         }
     }
 
+    /// InstanceNorm2d(track_running_stats=True): training normalizes each instance by itself and
+    /// moves the running statistics toward the batch average of the instances' means and
+    /// unbiased variances; inference normalizes with the running statistics.
+    func testInstanceNormRunningStatisticsFollowPyTorch() throws {
+        let layer = GroupNorm<Double>(featureCount: 2, groups: 2, trackRunningStatistics: 0.1)
+        let untracked = GroupNorm<Double>(featureCount: 2, groups: 2)
+        layer.weight.value.scalars = [1.5, 0.5]
+        layer.bias.value.scalars = [0.2, -0.1]
+        let x = randomTensor([3, 2, 4, 4], seed: 9, mean: 1.5)
+        let y = try layer.forward(x, mode: .training)
+        untracked.weight.value = layer.weight.value
+        untracked.bias.value = layer.bias.value
+        assertClose(y.scalars, try untracked.forward(x, mode: .training).scalars, relTol: 1e-12, absTol: 1e-14, "training is plain IN")
+        let running = try XCTUnwrap(layer.running)
+        for c in 0..<2 {
+            var means: [Double] = [], variances: [Double] = []
+            for n in 0..<3 {
+                let values = (0..<16).map { x.scalars[(n * 2 + c) * 16 + $0] }
+                let mean = values.reduce(0, +) / 16
+                means.append(mean)
+                variances.append(values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / 15)
+            }
+            XCTAssertEqual(running.mean.value.scalars[c], 0.1 * means.reduce(0, +) / 3, accuracy: 1e-12)
+            XCTAssertEqual(running.variance.value.scalars[c], 0.9 + 0.1 * variances.reduce(0, +) / 3, accuracy: 1e-12)
+        }
+        let inference = try layer.forward(x, mode: .inference)
+        let i = 17   // sample 0, channel 1, pixel 1
+        let expected = 0.5 * (x.scalars[i] - running.mean.value.scalars[1]) / (running.variance.value.scalars[1] + 1e-5).squareRoot() - 0.1
+        XCTAssertEqual(inference.scalars[i], expected, accuracy: 1e-12)
+        XCTAssertEqual(layer.state.map(\.name), ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"])
+        try checkGradients(of: GroupNorm<Double>(featureCount: 2, groups: 2, trackRunningStatistics: 0.1), input: x, tolerance: 1e-6)
+    }
+
     func testLayerNormMatchesPyTorch() throws {
         try check("layernorm/nchw_4x3x5x5", groups: { _ in 1 }, as: Double.self, tolerance: 1e-10)
         try check("layernorm/nchw_4x3x5x5", groups: { _ in 1 }, as: Float.self, tolerance: 1e-5)

@@ -168,4 +168,20 @@ final class CheckpointTests: XCTestCase {
         let good = file(#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, dataBytes: 12)
         XCTAssertEqual(try Safetensors.read(good).tensors.count, 2)
     }
+
+    /// A configuration stored before later settings existed reads with their defaults.
+    func testAConfigurationWithoutNewerSettingsReadsWithTheirDefaults() throws {
+        var c = TrainingConfiguration()
+        c.batchSize = 12
+        c.crossIteration.window = 6
+        var object = try XCTUnwrap(JSONSerialization.jsonObject(with: try sortedJSONEncoder().encode(c)) as? [String: Any])
+        for key in ["normalizationDiagnostics", "inTrackRunningStats", "trainSamples"] { object.removeValue(forKey: key) }
+        var cross = try XCTUnwrap(object["crossIteration"] as? [String: Any])
+        cross.removeValue(forKey: "gradient")
+        object["crossIteration"] = cross
+        let text = String(decoding: try JSONSerialization.data(withJSONObject: object), as: UTF8.self)
+        XCTAssertThrowsError(try JSONDecoder().decode(TrainingConfiguration.self, from: Data(text.utf8)), "the plain decoder needs every key")
+        XCTAssertEqual(try TrainingConfiguration.decoding(json: text), c)
+        XCTAssertThrowsError(try TrainingConfiguration.decoding(json: "[1, 2]"))
+    }
 }

@@ -104,6 +104,18 @@ final class WorldSizeInvarianceTests: XCTestCase {
         }
     }
 
+    func testInstanceNormWithRunningStatisticsOnFourRanksMatchesOneRank() throws {
+        // Equal shards (4 steps of 4 × 2 within the 43 training samples): the ranks' running
+        // statistics, averaged, are the single rank's.
+        var single = configuration(model: .convnet, batch: 8, steps: 4, norm: .in)
+        single.inTrackRunningStats = true
+        var multi = single
+        multi.batchSize = 2
+        let a = try train(multi, ranks: 4), b = try train(single, ranks: 1)
+        assertSameTrajectory(a, b, "IN with running statistics")
+        XCTAssertTrue(a.state.keys.contains("features.0.bn.running_var"))
+    }
+
     func testCompensatedCBNOnFourRanksMatchesOneRank() throws {
         var single = configuration(model: .convnet, batch: 8, steps: 9, norm: .cbn)
         single.crossIteration = CrossIterationOptions(window: 3, rho: 1, burnIn: 1, gradient: .compensated)
