@@ -16,7 +16,7 @@ input standardization (x/255 - input_mean) / input_std applied here:
 
 prints the accuracy. CKPT may also be the output of `syncbn-train export-torch` (the model state
 alone). Models: the CIFAR ResNets, resnet18 and the convnet, with BN (or SyncBN) statistics or
-weight normalization (--norm wn, wn-meanonly).
+weight normalization (--norm wn, wn-meanonly), and IBN-Net's IBN-a blocks (--norm ibn).
 """
 import argparse
 import gzip
@@ -79,6 +79,21 @@ def batch_norm(x, t, prefix, eps=1e-5):
     return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+def instance_norm(x, weight, bias, eps=1e-5):
+    mean = x.mean(axis=(2, 3), keepdims=True)
+    var = x.var(axis=(2, 3), keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+def norm(x, t, prefix):
+    """BN (or a weight-norm companion), or IBN-Net's IBN: InstanceNorm on the first channels, BN on the rest."""
+    if prefix + ".IN.weight" in t:
+        half = len(t[prefix + ".IN.weight"])
+        return np.concatenate([instance_norm(x[:, :half], t[prefix + ".IN.weight"], t[prefix + ".IN.bias"]),
+                               batch_norm(x[:, half:], t, prefix + ".BN")], axis=1)
+    return batch_norm(x, t, prefix)
+
+
 def relu(x):
     return np.maximum(x, 0)
 
@@ -89,7 +104,7 @@ def resnet(x, t):
     for stage, block in blocks:
         p = f"layer{stage}.{block}."
         stride = 2 if stage > 1 and block == 0 else 1
-        out = relu(batch_norm(conv2d(x, t[p + "conv1.weight"], stride, 1), t, p + "bn1"))
+        out = relu(norm(conv2d(x, t[p + "conv1.weight"], stride, 1), t, p + "bn1"))
         out = batch_norm(conv2d(out, t[p + "conv2.weight"], 1, 1), t, p + "bn2")
         if p + "downsample.0.weight" in t:
             x = batch_norm(conv2d(x, t[p + "downsample.0.weight"], stride, 0), t, p + "downsample.1")

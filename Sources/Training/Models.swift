@@ -49,11 +49,11 @@ public enum ResNet {
     /// 1×1 conv(stride)–norm projection where the shape changes, then ReLU.
     public static func basicBlock<Scalar: TensorScalar>(
         inputChannels: Int, outputChannels: Int, stride: Int,
-        norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>,
+        norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>, firstNorm: ((Int, Conv2d<Scalar>) throws -> any Layer<Scalar>)? = nil,
         wrap: (Conv2d<Scalar>) -> any Layer<Scalar> = { $0 }, random: inout DeterministicRandom
     ) throws -> ResidualBlock<Scalar> {
         let conv1: Conv2d<Scalar> = convolution(inputChannels, outputChannels, kernel: 3, stride: stride, random: &random)
-        let norm1 = try norm(outputChannels, conv1)
+        let norm1 = try firstNorm.map { try $0(outputChannels, conv1) } ?? norm(outputChannels, conv1)
         let conv2: Conv2d<Scalar> = convolution(outputChannels, outputChannels, kernel: 3, stride: 1, random: &random)
         let norm2 = try norm(outputChannels, conv2)
         let residual = Sequential<Scalar>([("conv1", wrap(conv1)), ("bn1", norm1), ("relu", ReLU<Scalar>()),
@@ -75,6 +75,7 @@ public enum ResNet {
     public static func layers<Scalar: TensorScalar>(
         stem: Int, stages: [(channels: Int, blocks: Int, stride: Int)], inputChannels: Int, classes: Int, width: Double,
         norm: (Int, Conv2d<Scalar>) throws -> any Layer<Scalar>,
+        firstNormOfEarlyBlocks: ((Int, Conv2d<Scalar>) throws -> any Layer<Scalar>)? = nil,
         wrap: (Conv2d<Scalar>) -> any Layer<Scalar> = { $0 }, random: inout DeterministicRandom
     ) throws -> [(name: String, layer: any Layer<Scalar>)] {
         var channels = scaledChannels(stem, width: width)
@@ -86,7 +87,8 @@ public enum ResNet {
             let out = scaledChannels(stage.channels, width: width)
             for b in 0..<stage.blocks {
                 layers.append(("layer\(s + 1).\(b)", try basicBlock(inputChannels: channels, outputChannels: out,
-                                                                    stride: b == 0 ? stage.stride : 1, norm: norm, wrap: wrap,
+                                                                    stride: b == 0 ? stage.stride : 1, norm: norm,
+                                                                    firstNorm: s < 3 ? firstNormOfEarlyBlocks : nil, wrap: wrap,
                                                                     random: &random)))
                 channels = out
             }
@@ -122,6 +124,9 @@ public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
     /// Weight normalization with the paper's mean-only BN (batch mean synced over the sync group,
     /// running mean for inference) in place of the norm.
     case wnMeanOnly = "wn-meanonly"
+    /// IBN-Net's IBN-a (ResNets): in the first norm of every block of the first three stages, half
+    /// the channels use InstanceNorm and the rest (Sync)BN over the sync group; elsewhere (Sync)BN.
+    case ibn
 
     /// Statistics of each sample alone: no batch dependence, no collectives, no running statistics.
     public var isBatchFree: Bool { self == .gn || self == .in || self == .ln || self == .wn }
@@ -179,6 +184,16 @@ public struct NormalizationFactory {
         self.crossIteration = crossIteration
     }
 
+    /// IBN-a's first norm of a block: InstanceNorm on the first half of the channels, (Sync)BN
+    /// over the group on the rest.
+    public func makeInstanceBatchNorm(featureCount: Int) throws -> any Layer<Float> {
+        guard featureCount >= 2 else { throw LayerError("--norm ibn needs blocks of at least 2 channels, got \(featureCount) (raise --width)") }
+        return InstanceBatchNorm<Float>(featureCount: featureCount, batchNorm: { channels in
+            group.map { SyncBatchNorm<Float>(featureCount: channels, epsilon: epsilon, momentum: momentum, synchronizing: $0) }
+                ?? BatchNorm<Float>(featureCount: channels, epsilon: epsilon, momentum: momentum)
+        }, epsilon: epsilon)
+    }
+
     /// The layer that computes a norm's input: `layer` itself, or weight-normalized for `wn` and
     /// `wn-meanonly`.
     public func wrap<Source: Layer & PatchSource>(_ layer: Source) -> any Layer<Float> where Source.Scalar == Float {
@@ -218,7 +233,7 @@ public struct NormalizationFactory {
             return MeanOnlyBatchNorm<Float>(featureCount: featureCount, momentum: momentum ?? 0.1, group: group)
         case .bn:
             return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum)
-        case .syncbn:
+        case .syncbn, .ibn:
             guard let group else { return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum) }
             return SyncBatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, synchronizing: group)
         }
@@ -237,7 +252,12 @@ extension Network {
             }
             return Network(layers: try ResNet.layers(stem: stem, stages: stages, inputChannels: sampleShape[0], classes: classes,
                                                      width: width, norm: { try normalization.make(featureCount: $0, source: $1) },
+                                                     firstNormOfEarlyBlocks: normalization.kind == .ibn
+                                                         ? { channels, _ in try normalization.makeInstanceBatchNorm(featureCount: channels) } : nil,
                                                      wrap: { normalization.wrap($0) }, random: &random))
+        }
+        if normalization.kind == .ibn {
+            throw LayerError("--norm ibn (IBN-Net's IBN-a blocks) is for the ResNets; use --model resnet20 (or another ResNet)")
         }
         switch kind {
         case .resnet20, .resnet32, .resnet56, .resnet110, .resnet18:

@@ -94,7 +94,7 @@ public final class Trainer {
         }
         guard data.train.count >= 2 else { throw CollectiveRunError("the training set has \(data.train.count) sample(s); at least 2 are needed") }
         guard data.heldOut.count >= 1 else { throw CollectiveRunError("the held-out set is empty: nothing to evaluate on") }
-        let synced = [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly].contains(configuration.norm)
+        let synced = [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly, .ibn].contains(configuration.norm)
         // Feature vectors (the MLP) have one value per channel and sample: a BN batch of one
         // sample has no statistics. Caught here rather than after training (PreciseBN).
         if configuration.model == .mlp && !configuration.norm.isBatchFree && configuration.evalStats != .ema {

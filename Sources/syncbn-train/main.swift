@@ -38,9 +38,9 @@ struct Train: ParsableCommand {
     var model: String = ModelKind.convnet.rawValue
     @Option(parsing: .unconditional, help: "Multiplies every layer's channel count (e.g. 0.5, 2; rounded to nearest, ties to even, at least 1).")
     var width: Double = 1
-    @Option(help: "Normalization: bn (per-rank statistics, no collectives), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group), gn (GroupNorm), in (InstanceNorm), ln (LayerNorm), brn (Batch Renormalization), rbn (Representative BN), wn (weight normalization with a bias) or wn-meanonly (weight normalization with mean-only BN); brn, rbn and wn-meanonly sync over the sync group.")
+    @Option(help: "Normalization: bn (per-rank statistics, no collectives), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group), gn (GroupNorm), in (InstanceNorm), ln (LayerNorm), brn (Batch Renormalization), rbn (Representative BN), wn (weight normalization with a bias), wn-meanonly (weight normalization with mean-only BN) or ibn (IBN-Net's IBN-a, ResNets only); brn, rbn, wn-meanonly and ibn sync over the sync group.")
     var norm: String = NormalizationKind.syncbn.rawValue
-    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn, cbn, brn, rbn and wn-meanonly (1 = per rank; default: all ranks; must divide the ranks); 'node': the ranks of each host (statistics stay inside a machine, gradients cross machines).")
+    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn, cbn, brn, rbn, wn-meanonly and ibn (1 = per rank; default: all ranks; must divide the ranks); 'node': the ranks of each host (statistics stay inside a machine, gradients cross machines).")
     var syncGroupSize: String?
     @Option(parsing: .unconditional, help: "Samples per rank per step.")
     var batchSize: Int = 32
@@ -134,11 +134,14 @@ struct Train: ParsableCommand {
                 ("--gn-groups", gnGroups != 8, kind == .gn), ("--in-track-running-stats", inTrackRunningStats, kind == .in),
                 ("--ghost-batch-size", ghostBatchSize != nil, kind == .bn || kind == .syncbn),
                 ("--freeze-bn-after", freezeBnAfter != nil, !kind.isBatchFree && !kind.isWeightNormalized),
-                ("--sync-group-size", syncGroupSize != nil, [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly].contains(kind)),
+                ("--sync-group-size", syncGroupSize != nil, [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly, .ibn].contains(kind)),
             ]
             if let (flag, _, _) = inapplicable.first(where: { $0.1 && !$0.2 }) {
                 throw ValidationError("\(flag) does not apply to --norm \(norm)")
             }
+        }
+        if norm == "ibn", let kind = ModelKind(rawValue: model), kind.residualStages == nil {
+            throw ValidationError("--norm ibn (IBN-Net's IBN-a blocks) is for the ResNets, not --model \(model)")
         }
         guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be one of \(ModelKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(model)'") }
         guard NormalizationKind(rawValue: norm) != nil else { throw ValidationError("--norm must be one of \(NormalizationKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(norm)'") }
@@ -687,7 +690,7 @@ struct ExportFolded: ParsableCommand {
                 network.batchNormLayers.count + network.leaves.filter { $0.layer is ChannelBias<Float> || $0.layer is MeanOnlyBatchNorm<Float> }.count
             }
             let line = String(format: "export-folded: %d normalization layers folded%@, %d tensors written to %@; held-out logits of %d samples differ by %.2e relative (max|folded − unfolded| / max|unfolded|)",
-                              foldable(trainer.network) - foldable(folded), kept > 0 ? ", \(kept) Representative BN layers kept with their statistics" : "",
+                              foldable(trainer.network) - foldable(folded), kept > 0 ? ", \(kept) BN layers kept with their statistics (inside Representative BN or IBN layers)" : "",
                               tensors.count, outPath, x.shape[0], difference / max(scale, 1e-30))
             FileHandle.standardError.write(Data((line + "\n").utf8))
         }

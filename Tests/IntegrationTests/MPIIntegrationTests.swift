@@ -36,6 +36,7 @@ final class MPIIntegrationTests: XCTestCase {
             // Weight normalization: the data-dependent initialisation and mean-only BN over all ranks.
             ("wn-meanonly", ["--norm", "wn-meanonly", "--steps", "16", "--seed", "8"]),
             ("wn", ["--norm", "wn", "--steps", "16", "--seed", "9"]),
+            ("ibn", ["--model", "resnet20", "--width", "0.25", "--norm", "ibn", "--steps", "8", "--seed", "10", "--eval-stats", "ema"]),
             // 611 = 19·32 + 3: step 20 has 3 samples over 4 ranks; 22 steps reach the next epoch.
             // Small gradient buckets: non-blocking all-reduces in flight during SyncBN's blocking ones.
             ("uneven", ["--data", "synthetic:train=611,heldout=64", "--steps", "22", "--seed", "4", "--bucket-size", "2000"]),
@@ -51,7 +52,8 @@ final class MPIIntegrationTests: XCTestCase {
             let left = try checkpointTensors(a).filter { !$0.key.contains("cbn_window") }
             let right = try checkpointTensors(b).filter { !$0.key.contains("cbn_window") }
             XCTAssertEqual(left.keys.sorted(), right.keys.sorted())
-            XCTAssertTrue(left.keys.contains(label.hasPrefix("wn") ? "features.2.bn.bias" : "features.2.bn.running_var"), label)
+            let expected = label == "ibn" ? "layer1.0.bn1.BN.running_var" : label.hasPrefix("wn") ? "features.2.bn.bias" : "features.2.bn.running_var"
+            XCTAssertTrue(left.keys.contains(expected), label)
             for (name, values) in left {
                 let error = relativeError(values, right[name]!)
                 XCTAssertLessThan(error, 1e-4, "\(label): \(name) differs by \(error)")

@@ -194,18 +194,19 @@ final class EvaluateIntegrationTests: XCTestCase {
         }
     }
 
-    /// Weight-normalized checkpoints mean what PyTorch's weight_norm (g·v/‖v‖) and mean-only BN
-    /// compute: NumPy reproduces their logits.
-    func testNumPyAgreesWithWeightNormalizedResNets() throws {
+    /// Weight-normalized and IBN checkpoints mean what PyTorch's weight_norm (g·v/‖v‖), mean-only
+    /// BN and IBN-Net's IBN (InstanceNorm2d(affine) beside BatchNorm2d) compute: NumPy reproduces
+    /// their logits.
+    func testNumPyAgreesWithWeightNormalizedAndIBNResNets() throws {
         guard try runProcess("/usr/bin/env", ["python3", "-c", "import numpy"], timeout: 30).status == 0 else {
             throw XCTSkip("python3 with numpy is not installed")
         }
-        for norm in ["wn", "wn-meanonly"] {
+        for norm in ["wn", "wn-meanonly", "ibn"] {
             let checkpoint = dir + "/\(norm).safetensors", inputs = dir + "/\(norm)-x.npy", logits = dir + "/\(norm)-logits.npy"
             let train = try Harness.mpi(2, Harness.train, ["--model", "resnet20", "--width", "0.25", "--norm", norm, "--steps", "10",
                                                           "--batch-size", "8", "--data", "synthetic:train=256,heldout=64", "--save", checkpoint])
             XCTAssertEqual(train.status, 0, describe(train))
-            XCTAssertTrue(try checkpointTensors(checkpoint).keys.contains("layer2.0.downsample.0.weight_g"))
+            XCTAssertTrue(try checkpointTensors(checkpoint).keys.contains(norm == "ibn" ? "layer3.2.bn1.IN.weight" : "layer2.0.downsample.0.weight_g"))
             let evaluate = try Harness.direct(Harness.train, ["evaluate", "--resume", checkpoint, "--inputs", inputs, "--logits", logits, "--limit", "32"])
             XCTAssertEqual(evaluate.status, 0, describe(evaluate))
             let reference = try runProcess("/usr/bin/env", ["python3", referenceScript, checkpoint, inputs, logits, "--tolerance", "1e-5"], timeout: 120)

@@ -68,3 +68,27 @@ final class InstanceAndLayerNormTests: XCTestCase {
         try check("layernorm/nchw_4x3x5x5", groups: { _ in 1 }, as: Float.self, tolerance: 1e-5)
     }
 }
+
+/// IBN-Net's IBN layer: InstanceNorm on the first half of the channels, BN on the rest.
+final class InstanceBatchNormTests: XCTestCase {
+    func testIsInstanceNormBesideBatchNorm() throws {
+        let x = randomTensor([3, 5, 4, 4], seed: 21, mean: 0.7)
+        let ibn = InstanceBatchNorm<Double>(featureCount: 5, batchNorm: { BatchNorm<Double>(featureCount: $0) })
+        XCTAssertEqual(ibn.instanceChannels, 2)
+        ibn.instanceNorm.weight.value.scalars = [1.3, 0.7]
+        ibn.batchNorm.weight.value.scalars = [0.9, 1.1, 1.2]
+        let y = try ibn.forward(x, mode: .training)
+        // The halves separately, by the layers the IBN is made of.
+        let instance = GroupNorm<Double>(featureCount: 2, groups: 2), batch = BatchNorm<Double>(featureCount: 3)
+        instance.weight.value = ibn.instanceNorm.weight.value
+        batch.weight.value = ibn.batchNorm.weight.value
+        let first = try instance.forward(ibn.channels(x, 0..<2), mode: .training)
+        let second = try batch.forward(ibn.channels(x, 2..<5), mode: .training)
+        assertClose(y.scalars, ibn.joined(first, second).scalars, relTol: 1e-14, absTol: 1e-14, "IBN = IN ‖ BN")
+        for n in 0..<3 { for p in 0..<16 {   // channel 0 of sample n is IN's channel 0
+            XCTAssertEqual(y.scalars[(n * 5) * 16 + p], first.scalars[(n * 2) * 16 + p])
+        } }
+        XCTAssertEqual(ibn.state.map(\.name), ["IN.weight", "IN.bias", "BN.weight", "BN.bias", "BN.running_mean", "BN.running_var", "BN.num_batches_tracked"])
+        try checkGradients(of: InstanceBatchNorm<Double>(featureCount: 5, batchNorm: { BatchNorm<Double>(featureCount: $0) }), input: x, tolerance: 1e-6)
+    }
+}
