@@ -122,6 +122,30 @@ def draw_weight_norm_curves(ax, panel):
     return bool(curves)
 
 
+def draw_leakage(ax, panel):
+    """Training error beside held-out error (EMA statistics), one pair of bars per setting."""
+    names, train, held, train_err, held_err = [], [], [], [], []
+    for series in panel["series"]:
+        for point in series["points"]:
+            if not point.get("trainError") or not point.get("ema"):
+                continue
+            names.append(series["name"].replace(", ", "\n"))
+            train.append(point["trainError"]["mean"])
+            train_err.append(point["trainError"]["std"])
+            held.append(point["ema"]["mean"])
+            held_err.append(point["ema"]["std"])
+    if not names:
+        return False
+    xs = list(range(len(names)))
+    ax.bar([x - 0.2 for x in xs], train, 0.4, yerr=train_err, capsize=3, label="training error (last tenth)")
+    ax.bar([x + 0.2 for x in xs], held, 0.4, yerr=held_err, capsize=3, label="held-out error (EMA)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, fontsize=7)
+    ax.set_ylabel("error (%)")
+    ax.grid(alpha=0.3, axis="y")
+    return True
+
+
 def plot_experiment(experiment, out):
     axes_specs = []
     for panel in experiment["panels"]:
@@ -143,6 +167,9 @@ def plot_experiment(experiment, out):
             ax.set_title(panel["title"], fontsize=9)
         elif kind == "budget":
             drawn = draw_final(ax, panel, "precise")
+            ax.set_title(panel["title"], fontsize=9)
+        elif kind == "leakage":
+            drawn = draw_leakage(ax, panel)
             ax.set_title(panel["title"], fontsize=9)
         elif kind == "curves":
             drawn = draw_curves(ax, panel)

@@ -65,6 +65,8 @@ public enum PanelKind: String, Codable, Sendable {
     case budget
     /// Diagnostics (weight norms and CBN's window measurements) of each job against x.
     case diagnostics
+    /// Training error against held-out error per series (x is unused): information leakage.
+    case leakage
 }
 
 public struct StudyPanel: Codable, Sendable {
@@ -105,7 +107,7 @@ public struct StudyExperiment: Codable, Sendable {
 
 /// The named experiments and their grids.
 public enum StudyCatalog {
-    public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch"]
+    public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage"]
 
     public static func experiments(_ s: StudySettings) -> [StudyExperiment] {
         names.map { experiment($0, s)! }
@@ -286,6 +288,24 @@ public enum StudyCatalog {
                 claim: "Error against the normalization batch size is U-shaped, best around 32–128; FrozenBN (population statistics) for the last ~20 % of training helps at small normalization batches (Wu & Johnson 2021, §3 and §5).",
                 panels: [StudyPanel(name: "error", title: "Held-out error against normalization batch (total batch \(total))", kind: .final,
                                     xLabel: "normalization batch (samples)", xScale: "log2", points: p)])
+        case "leakage":
+            let batch = q ? 4 : 8
+            func sampled(_ norm: String, sampler: String, shuffle: Bool = false, seed: Int) -> [String: String] {
+                var o = base(s, batch: batch, seed: seed)
+                o["norm"] = norm
+                o["sampler"] = sampler
+                if shuffle { o["shuffle-bn"] = "" }
+                return o
+            }
+            var p = points("BN (per rank), random batches", [0]) { _, seed in sampled("bn", sampler: "random", seed: seed) }
+            p += points("BN (per rank), class-sorted", [1]) { _, seed in sampled("bn", sampler: "class-sorted", seed: seed) }
+            p += points("SyncBN, class-sorted", [2]) { _, seed in sampled("syncbn", sampler: "class-sorted", seed: seed) }
+            p += points("ShuffleBN, class-sorted", [3]) { _, seed in sampled("bn", sampler: "class-sorted", shuffle: true, seed: seed) }
+            return StudyExperiment(
+                name: name, title: "Information leakage through per-rank statistics (\(batch) per rank, class-sorted ranks)",
+                claim: "When the samples that share statistics are correlated (here each rank's batch holds few classes), per-rank BN leaks label information: training accuracy is high and held-out accuracy poor. SyncBN and shuffling samples across ranks before BN (ShuffleBN, as MoCo) remove it (Wu & Johnson 2021, §6; He et al. 2020).",
+                panels: [StudyPanel(name: "leakage", title: "Training and held-out error", kind: .leakage,
+                                    xLabel: "setting", xScale: "linear", points: p)])
         default:
             return nil
         }

@@ -30,6 +30,8 @@ public struct StudySummary: Codable, Sendable {
         public var ema: SeedStatistics?
         public var precise: SeedStatistics?
         public var trainLoss: SeedStatistics?
+        /// Training error over the last tenth of the steps (percent).
+        public var trainError: SeedStatistics?
         /// Diagnostics averaged over seeds: layer → quantity → mean.
         public var diagnostics: [String: [String: Double]]?
         public var done: Int
@@ -104,7 +106,8 @@ public struct StudySummary: Codable, Sendable {
                             diagnostics = sums
                         }
                         return Point(x: x, ema: errors(\.emaAccuracy), precise: errors(\.preciseAccuracy),
-                                     trainLoss: SeedStatistics(ok.compactMap(\.finalTrainLoss)), diagnostics: diagnostics,
+                                     trainLoss: SeedStatistics(ok.compactMap(\.finalTrainLoss)),
+                                     trainError: SeedStatistics(ok.compactMap(\.finalTrainAccuracy).map { 100 * (1 - $0) }), diagnostics: diagnostics,
                                      done: ok.count, pending: records.filter { $0 == nil }.count,
                                      failures: records.compactMap { $0?.status == .failed ? $0?.error : nil })
                     })
@@ -179,6 +182,16 @@ public struct StudySummary: Codable, Sendable {
                                    curve.ema.last ?? .nan, curve.precise.last ?? .nan,
                                    gaps.isEmpty ? Double.nan : gaps.reduce(0, +) / Double(gaps.count), gaps.max() ?? .nan,
                                    emaTail?.std ?? .nan, preciseTail?.std ?? .nan))
+            }
+            return rows
+        case .leakage:
+            var rows = ["| setting | training error (last tenth of the steps) | held-out error, EMA / PreciseBN | gap (held-out EMA − training) |",
+                        "|---|---|---|---|"]
+            for series in panel.series {
+                for point in series.points {
+                    let gap = point.ema.flatMap { e in point.trainError.map { String(format: "%.1f", e.mean - $0.mean) } } ?? "–"
+                    rows.append("| \(series.name) | \(point.trainError?.text ?? "–") | \(cell(point)) | \(gap) |")
+                }
             }
             return rows
         case .diagnostics:

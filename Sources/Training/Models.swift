@@ -171,6 +171,8 @@ public struct NormalizationFactory {
     public let ghost: (size: Int, count: Int)?
     /// InstanceNorm keeps running statistics for inference.
     public var instanceNormRunningStatistics = false
+    /// ShuffleBN: per-rank BN on samples shuffled over this group, with this seed.
+    public var shuffle: (group: any Communicator, seed: UInt64)?
 
     public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1,
                 crossIteration: CrossIterationOptions = CrossIterationOptions(), groupNormGroups: Int = 8,
@@ -232,6 +234,10 @@ public struct NormalizationFactory {
         case .wnMeanOnly:
             return MeanOnlyBatchNorm<Float>(featureCount: featureCount, momentum: momentum ?? 0.1, group: group)
         case .bn:
+            if let shuffle {
+                return ShuffleBatchNorm<Float>(featureCount: featureCount, shuffleGroup: shuffle.group, seed: shuffle.seed,
+                                               epsilon: epsilon, momentum: momentum)
+            }
             return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum)
         case .syncbn, .ibn:
             guard let group else { return BatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum) }

@@ -15,11 +15,17 @@ public struct ShardedSampler {
     public let seed: UInt64
     public let ranks: Int
     public let rank: Int
+    /// `--sampler class-sorted`: the labels by which each global batch is ordered before it is cut
+    /// into the ranks' pieces, so that each rank's batch holds as few classes as possible (the
+    /// global batch is unchanged). nil: the random order.
+    public let classSortedLabels: [Int32]?
     private var cachedEpoch = -1
     private var permutation: [Int] = []
 
-    public init(sampleCount: Int, globalBatchSize: Int, seed: UInt64, ranks: Int, rank: Int) {
+    public init(sampleCount: Int, globalBatchSize: Int, seed: UInt64, ranks: Int, rank: Int, classSortedLabels: [Int32]? = nil) {
         precondition(sampleCount > 0 && globalBatchSize > 0 && ranks > 0 && (0..<ranks).contains(rank), "invalid sampler")
+        precondition(classSortedLabels.map { $0.count == sampleCount } ?? true, "one label per sample")
+        self.classSortedLabels = classSortedLabels
         self.sampleCount = sampleCount
         self.globalBatchSize = globalBatchSize
         self.seed = seed
@@ -52,6 +58,13 @@ public struct ShardedSampler {
         }
         let start = within * globalBatchSize, end = min(start + globalBatchSize, sampleCount)
         let piece = contiguousPiece(of: end - start, parts: ranks, index: rank)
+        if let labels = classSortedLabels {
+            // Stable: equal labels keep the random order.
+            let sorted = permutation[start..<end].enumerated().sorted { a, b in
+                labels[a.element] != labels[b.element] ? labels[a.element] < labels[b.element] : a.offset < b.offset
+            }.map(\.element)
+            return (sorted[piece], end - start, epoch)
+        }
         return (permutation[(start + piece.lowerBound)..<(start + piece.upperBound)], end - start, epoch)
     }
 }

@@ -105,7 +105,10 @@ public final class Trainer {
             }
         }
         var group: (any Communicator)?
-        if synced && ranks > 1 && groupSize > 1 {
+        if configuration.shuffleBN && configuration.norm != .bn {
+            throw CollectiveRunError("--shuffle-bn shuffles the samples of per-rank BN; use it with --norm bn")
+        }
+        if (synced || configuration.shuffleBN) && ranks > 1 && groupSize > 1 {
             group = groupSize == ranks ? instrumented : try instrumented.split(color: base.rank / groupSize, key: base.rank)
         }
         let sharesAll = synced && groupSize == ranks
@@ -115,12 +118,14 @@ public final class Trainer {
                                            groupNormGroups: configuration.gnGroups,
                                            ghost: configuration.ghostBatchSize.map { size in (size, (configuration.batchSize + size - 1) / size) })
         factory.instanceNormRunningStatistics = configuration.inTrackRunningStats
+        if configuration.shuffleBN { factory.shuffle = group.map { ($0, configuration.seed) } }
         network = try Network.make(configuration.model, sampleShape: data.train.sampleShape, classes: data.train.classes,
                                    normalization: factory, width: configuration.width, seed: configuration.seed)
         optimizer = SGD(learningRate: Float(configuration.learningRate), momentum: Float(configuration.momentum),
                         weightDecay: Float(configuration.weightDecay))
         sampler = ShardedSampler(sampleCount: data.train.count, globalBatchSize: configuration.batchSize * ranks,
-                                 seed: configuration.seed, ranks: ranks, rank: base.rank)
+                                 seed: configuration.seed, ranks: ranks, rank: base.rank,
+                                 classSortedLabels: configuration.sampler == .classSorted ? data.train.labels : nil)
     }
 
     public var stepsPerEpoch: Int { sampler.stepsPerEpoch }

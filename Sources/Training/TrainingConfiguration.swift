@@ -69,8 +69,21 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var normalizationDiagnostics = false
     /// InstanceNorm (`norm == .in`) keeps running statistics and uses them for inference.
     public var inTrackRunningStats = false
+    /// Per-rank BN (`norm == .bn`) on samples shuffled across the ranks of each sync group (MoCo's ShuffleBN).
+    public var shuffleBN = false
+    /// How each global batch is cut into the ranks' batches.
+    public var sampler: SamplerKind = .random
 
     public init() {}
+}
+
+/// How a global batch is divided between the ranks.
+public enum SamplerKind: String, Codable, CaseIterable, Sendable {
+    /// Contiguous pieces of the randomly ordered global batch.
+    case random
+    /// The global batch ordered by label first: each rank's batch holds as few classes as
+    /// possible, so per-rank statistics carry label information (the leakage experiment).
+    case classSorted = "class-sorted"
 }
 
 /// The statistics an evaluation normalizes with.

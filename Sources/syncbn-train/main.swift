@@ -119,6 +119,10 @@ struct Train: ParsableCommand {
     var cbnGradient: String = CrossIterationGradient.current.rawValue
     @Flag(help: "InstanceNorm: keep running statistics (the batch average of the instances' means and unbiased variances) and normalize with them at inference, as PyTorch's InstanceNorm2d(track_running_stats=True).")
     var inTrackRunningStats = false
+    @Flag(help: "ShuffleBN (with --norm bn): before every BN, permute the samples across the ranks of each sync group (all ranks by default) and back after, so per-rank statistics come from a random mix of samples.")
+    var shuffleBn = false
+    @Option(help: "How each global batch is cut into the ranks' batches: random, or class-sorted (ordered by label first, so each rank gets as few classes as possible — for the leakage experiment).")
+    var sampler: String = SamplerKind.random.rawValue
     @Flag(help: "With every metrics line, write per-layer diagnostics: norms of γ and of the feeding layer's weight and weight gradient; for cbn also entries kept, fraction dropped, Taylor-term size and window/batch variance ratio.")
     var cbnDiagnostics = false
 
@@ -134,7 +138,8 @@ struct Train: ParsableCommand {
                 ("--gn-groups", gnGroups != 8, kind == .gn), ("--in-track-running-stats", inTrackRunningStats, kind == .in),
                 ("--ghost-batch-size", ghostBatchSize != nil, kind == .bn || kind == .syncbn),
                 ("--freeze-bn-after", freezeBnAfter != nil, !kind.isBatchFree && !kind.isWeightNormalized),
-                ("--sync-group-size", syncGroupSize != nil, [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly, .ibn].contains(kind)),
+                ("--sync-group-size", syncGroupSize != nil, [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly, .ibn].contains(kind) || shuffleBn),
+                ("--shuffle-bn", shuffleBn, kind == .bn),
             ]
             if let (flag, _, _) = inapplicable.first(where: { $0.1 && !$0.2 }) {
                 throw ValidationError("\(flag) does not apply to --norm \(norm)")
@@ -168,6 +173,7 @@ struct Train: ParsableCommand {
         guard bucketSize >= 1 else { throw ValidationError("--bucket-size must be ≥ 1, got \(bucketSize)") }
         guard (1...64).contains(cbnWindow) else { throw ValidationError("--cbn-window must be between 1 and 64, got \(cbnWindow)") }
         guard cbnRho.isFinite && cbnRho >= 0 && cbnRho <= 10 else { throw ValidationError("--cbn-rho must be between 0 and 10, got \(cbnRho)") }
+        guard SamplerKind(rawValue: sampler) != nil else { throw ValidationError("--sampler must be random or class-sorted, got '\(sampler)'") }
         guard CrossIterationGradient(rawValue: cbnGradient) != nil else { throw ValidationError("--cbn-gradient must be current or compensated, got '\(cbnGradient)'") }
         if cbnDiagnostics && metrics == nil { throw ValidationError("--cbn-diagnostics writes to --metrics; give --metrics FILE") }
         guard cbnBurnin >= 0 else { throw ValidationError("--cbn-burnin must be ≥ 0, got \(cbnBurnin)") }
@@ -282,6 +288,8 @@ struct Train: ParsableCommand {
                                                  gradient: CrossIterationGradient(rawValue: cbnGradient) ?? .current)
         c.normalizationDiagnostics = cbnDiagnostics
         c.inTrackRunningStats = inTrackRunningStats
+        c.shuffleBN = shuffleBn
+        c.sampler = SamplerKind(rawValue: sampler) ?? .random
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize
         return c

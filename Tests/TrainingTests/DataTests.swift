@@ -121,4 +121,25 @@ final class DataTests: XCTestCase {
         // A trailing batch of one sample is dropped: 25 = 4·6 + 1.
         XCTAssertEqual(ShardedSampler(sampleCount: 25, globalBatchSize: 6, seed: 0, ranks: 1, rank: 0).stepsPerEpoch, 4)
     }
+
+    /// class-sorted: the same global batches, cut after ordering them by label, so each rank's
+    /// batch holds as few classes as possible.
+    func testClassSortedSamplerKeepsTheGlobalBatchAndGroupsLabels() {
+        let count = 40, ranks = 4, batch = 5
+        let labels = (0..<count).map { Int32(($0 * 7) % 10) }
+        var random = ShardedSampler(sampleCount: count, globalBatchSize: ranks * batch, seed: 3, ranks: 1, rank: 0)
+        var sorted = (0..<ranks).map { ShardedSampler(sampleCount: count, globalBatchSize: ranks * batch, seed: 3, ranks: ranks, rank: $0,
+                                                      classSortedLabels: labels) }
+        var unsorted = (0..<ranks).map { ShardedSampler(sampleCount: count, globalBatchSize: ranks * batch, seed: 3, ranks: ranks, rank: $0) }
+        var classesPerRank: [Int] = [], classesPerRankRandom: [Int] = []
+        for step in 0..<4 {
+            let pieces = (0..<ranks).map { Array(sorted[$0].batch(step: step).indices) }
+            XCTAssertEqual(pieces.flatMap { $0 }.sorted(), Array(random.batch(step: step).indices).sorted(), "step \(step): the same global batch")
+            let flat = pieces.flatMap { $0 }.map { labels[$0] }
+            XCTAssertEqual(flat, flat.sorted(), "ranks take consecutive label ranges")
+            classesPerRank += pieces.map { Set($0.map { labels[$0] }).count }
+            classesPerRankRandom += (0..<ranks).map { Set(unsorted[$0].batch(step: step).indices.map { labels[$0] }).count }
+        }
+        XCTAssertLessThan(classesPerRank.reduce(0, +), classesPerRankRandom.reduce(0, +), "fewer classes per rank than a random cut")
+    }
 }
