@@ -107,7 +107,7 @@ public struct StudyExperiment: Codable, Sendable {
 
 /// The named experiments and their grids.
 public enum StudyCatalog {
-    public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage"]
+    public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage", "domain"]
 
     public static func experiments(_ s: StudySettings) -> [StudyExperiment] {
         names.map { experiment($0, s)! }
@@ -306,6 +306,25 @@ public enum StudyCatalog {
                 claim: "When the samples that share statistics are correlated (here each rank's batch holds few classes), per-rank BN leaks label information: training accuracy is high and held-out accuracy poor. SyncBN and shuffling samples across ranks before BN (ShuffleBN, as MoCo) remove it (Wu & Johnson 2021, §6; He et al. 2020).",
                 panels: [StudyPanel(name: "leakage", title: "Training and held-out error", kind: .leakage,
                                     xLabel: "setting", xScale: "linear", points: p)])
+        case "domain":
+            let batches: [Double] = q ? [8] : [32, 8]
+            func mixed(_ norm: String, perDomain: Bool, batch: Int, seed: Int) -> [String: String] {
+                var o = base(s, batch: batch, seed: seed)
+                o["data"] = "two-domain:" + s.data
+                o["norm"] = norm
+                if perDomain { o["domain-bn"] = "" }
+                return o
+            }
+            var p: [StudyPoint] = []
+            for (norm, label) in [("syncbn", "SyncBN"), ("bn", "BN (per rank)")] {
+                p += points("\(label), shared statistics", batches) { b, seed in mixed(norm, perDomain: false, batch: Int(b), seed: seed) }
+                p += points("\(label), per-domain statistics", batches) { b, seed in mixed(norm, perDomain: true, batch: Int(b), seed: seed) }
+            }
+            return StudyExperiment(
+                name: name, title: "Batches from two domains (the data and its intensity-inverted copy)",
+                claim: "When a batch mixes domains, statistics shared across them normalize neither domain well; domain-specific statistics (for training, inference and PreciseBN) do better (Wu & Johnson 2021, §5).",
+                panels: [StudyPanel(name: "error", title: "Held-out error on both domains against per-rank batch", kind: .final,
+                                    xLabel: "samples per rank", xScale: "log2", points: p)])
         default:
             return nil
         }

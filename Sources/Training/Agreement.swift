@@ -138,7 +138,7 @@ public struct RunAgreement {
     static func flagName(_ field: String) -> String {
         let special = ["learningRate": "--lr", "crossIteration.window": "--cbn-window", "crossIteration.rho": "--cbn-rho",
                        "crossIteration.burnIn": "--cbn-burnin", "crossIteration.gradient": "--cbn-gradient",
-                       "normalizationDiagnostics": "--cbn-diagnostics", "inTrackRunningStats": "--in-track-running-stats", "shuffleBN": "--shuffle-bn", "gradientBucketSize": "--bucket-size",
+                       "normalizationDiagnostics": "--cbn-diagnostics", "inTrackRunningStats": "--in-track-running-stats", "shuffleBN": "--shuffle-bn", "domainBN": "--domain-bn", "gradientBucketSize": "--bucket-size",
                        "heldOutFraction": "--holdout-fraction", "brnRMax": "--brn-rmax", "brnDMax": "--brn-dmax",
                        "augmentation.crop": "--augment (crop)", "augmentation.flip": "--augment (flip)", "augmentation.padding": "--pad",
                        "preciseBNSamples": "--precise-bn-samples", "preciseBNBatchSize": "--precise-bn-batch-size",

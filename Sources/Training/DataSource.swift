@@ -23,6 +23,10 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
     case cifar10(directory: String)
     case npy(samples: String, labels: String)
     case fashionMNIST(directory: String)
+    /// SRC and an intensity-inverted copy of it as domain 1 (training and held-out sets).
+    indirect case twoDomain(DataSource)
+    /// npy:X,Y,D — samples, labels and a domain label per sample.
+    case npyWithDomains(samples: String, labels: String, domains: String)
 
     /// Where Debian's `dataset-fashion-mnist` puts the files.
     public static let fashionMNISTDirectory = "/usr/share/datasets/fashion-mnist"
@@ -36,6 +40,8 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
         case let .cifar10(directory): return "cifar10:\(directory)"
         case let .npy(samples, labels): return "npy:\(samples),\(labels)"
         case let .fashionMNIST(directory): return "fashion-mnist:\(directory)"
+        case let .twoDomain(source): return "two-domain:\(source)"
+        case let .npyWithDomains(samples, labels, domains): return "npy:\(samples),\(labels),\(domains)"
         }
     }
 
@@ -73,15 +79,25 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
             let (a, b) = try pair()
             self = .idx(images: a, labels: b)
         case "npy":
-            let (a, b) = try pair()
-            self = .npy(samples: a, labels: b)
+            let parts = rest.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+            if parts.count == 3, parts.allSatisfy({ !$0.isEmpty }) {
+                self = .npyWithDomains(samples: parts[0], labels: parts[1], domains: parts[2])
+            } else {
+                let (a, b) = try pair()
+                self = .npy(samples: a, labels: b)
+            }
+        case "two-domain":
+            guard !rest.isEmpty else { throw DataError("--data two-domain: expected two-domain:SOURCE (e.g. two-domain:fashion-mnist)") }
+            let inner = try DataSource(parsing: rest)
+            if case .twoDomain = inner { throw DataError("--data two-domain: the source already has two domains") }
+            self = .twoDomain(inner)
         case "fashion-mnist":
             self = .fashionMNIST(directory: rest.isEmpty ? Self.fashionMNISTDirectory : rest)
         case "cifar10":
             guard !rest.isEmpty else { throw DataError("--data cifar10: expected cifar10:DIRECTORY") }
             self = .cifar10(directory: rest)
         default:
-            throw DataError("--data: unknown source '\(kind)' (synthetic, fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y)")
+            throw DataError("--data: unknown source '\(kind)' (synthetic, fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y[,D], two-domain:SOURCE)")
         }
     }
 
@@ -97,6 +113,21 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
             return (try loadNumpyPair(samples: samples, labels: labels), nil)
         case let .cifar10(directory):
             return try CIFAR10Format.load(directory: directory)
+        case let .twoDomain(source):
+            let (train, heldOut) = try source.load()
+            return (train.withInvertedDomain(), heldOut?.withInvertedDomain())
+        case let .npyWithDomains(samples, labels, domains):
+            var data = try loadNumpyPair(samples: samples, labels: labels)
+            let array = try NumpyArray(contentsOf: domains)
+            guard array.shape == [data.count] else {
+                throw FileFormatError(domains, "holds \(array.shape) domain labels; expected one per sample, [\(data.count)]")
+            }
+            let values = try array.doubles()
+            guard values.allSatisfy({ $0 >= 0 && $0 < 64 && $0 == $0.rounded() }) else {
+                throw FileFormatError(domains, "domain labels must be integers in 0..<64")
+            }
+            data.domains = values.map { Int32($0) }
+            return (data, nil)
         case let .fashionMNIST(directory):
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
@@ -138,8 +169,11 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
         if let trainLimit, trainLimit < split.train.count { split.train = split.train.subset(0..<max(trainLimit, 0)) }
         if let evalLimit, evalLimit < split.heldOut.count { split.heldOut = split.heldOut.subset(0..<max(evalLimit, 0)) }
         let classes = max(split.train.classes, split.heldOut.classes)
+        let (trainDomains, heldOutDomains) = (split.train.domains, split.heldOut.domains)
         split.train = Dataset(sampleShape: split.train.sampleShape, classes: classes, samples: split.train.samples, labels: split.train.labels)
         split.heldOut = Dataset(sampleShape: split.heldOut.sampleShape, classes: classes, samples: split.heldOut.samples, labels: split.heldOut.labels)
+        split.train.domains = trainDomains
+        split.heldOut.domains = heldOutDomains
         split.standardize()
         return split
     }

@@ -11,6 +11,11 @@ public struct Dataset: Sendable {
     /// Per channel, the value a zero input (a black pixel) has after ``standardize(mean:std:)``:
     /// what augmentation pads with, as torchvision pads before normalizing.
     public private(set) var paddingValues: [Float] = []
+    /// A domain label per sample (0 ..< domainCount) for data that mixes domains (two-domain:SRC,
+    /// npy:X,Y,D); nil for one domain.
+    public var domains: [Int32]?
+    /// The number of domains (1 without domain labels).
+    public var domainCount: Int { Int(domains?.max() ?? 0) + 1 }
 
     public var count: Int { labels.count }
     public var sampleSize: Int { sampleShape.reduce(1, *) }
@@ -48,7 +53,34 @@ public struct Dataset: Sendable {
                            samples: Array(samples[(range.lowerBound * sampleSize)..<(range.upperBound * sampleSize)]),
                            labels: Array(labels[range]))
         part.paddingValues = paddingValues
+        part.domains = domains.map { Array($0[range]) }
         return part
+    }
+
+    /// The domain labels of the samples at `indices` (nil without domains).
+    public func domains<C: Collection>(of indices: C) -> [Int32]? where C.Element == Int {
+        domains.map { all in indices.map { all[$0] } }
+    }
+
+    /// This data set followed, sample by sample, by an intensity-inverted copy as domain 1:
+    /// sample i becomes samples 2i (domain 0) and 2i + 1 (x' = lo + hi − x, lo and hi the data's
+    /// extremes; 1 − x for pixels in [0, 1]) — interleaved, so that any contiguous part holds both.
+    public func withInvertedDomain() -> Dataset {
+        let lo = samples.min() ?? 0, hi = samples.max() ?? 0, size = sampleSize
+        var values = [Float](repeating: 0, count: 2 * samples.count)
+        var doubled = [Int32](repeating: 0, count: 2 * count)
+        for i in 0..<count {
+            for k in 0..<size {
+                let v = samples[i * size + k]
+                values[2 * i * size + k] = v
+                values[(2 * i + 1) * size + k] = lo + hi - v
+            }
+            doubled[2 * i] = labels[i]
+            doubled[2 * i + 1] = labels[i]
+        }
+        var result = Dataset(sampleShape: sampleShape, classes: classes, samples: values, labels: doubled)
+        result.domains = (0..<(2 * count)).map { Int32($0 % 2) }
+        return result
     }
 
     /// Per-channel mean and standard deviation (channel = first sample dimension for C×H×W,

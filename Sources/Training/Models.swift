@@ -173,6 +173,8 @@ public struct NormalizationFactory {
     public var instanceNormRunningStatistics = false
     /// ShuffleBN: per-rank BN on samples shuffled over this group, with this seed.
     public var shuffle: (group: any Communicator, seed: UInt64)?
+    /// Domain-specific BN with this many domains (for `bn` and `syncbn`).
+    public var domainCount: Int?
 
     public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1,
                 crossIteration: CrossIterationOptions = CrossIterationOptions(), groupNormGroups: Int = 8,
@@ -208,6 +210,10 @@ public struct NormalizationFactory {
         if let ghost, kind == .bn || kind == .syncbn {
             return GhostBatchNorm<Float>(featureCount: featureCount, ghostBatchSize: ghost.size, ghostCount: ghost.count,
                                          epsilon: epsilon, momentum: momentum, group: kind == .syncbn ? group : nil)
+        }
+        if let domainCount, kind == .bn || kind == .syncbn {
+            return DomainBatchNorm<Float>(featureCount: featureCount, domainCount: domainCount, epsilon: epsilon, momentum: momentum,
+                                          group: kind == .syncbn ? group : nil)
         }
         switch kind {
         case .rbn:

@@ -97,3 +97,14 @@ extension Network {
         return result
     }
 }
+
+extension Network {
+    /// Hands the domain labels of the next forward's samples to every domain-specific BN layer.
+    public func setDomains(_ domains: [Int32]?) {
+        guard let domains else { return }
+        for case let layer as DomainBatchNorm<Float> in leaves.map(\.layer) { layer.domains = domains }
+    }
+
+    /// Whether the model has domain-specific BN layers (which need domain labels with every batch).
+    public var hasDomainBatchNorm: Bool { leaves.contains { $0.layer is DomainBatchNorm<Float> } }
+}

@@ -34,7 +34,8 @@ public enum PreciseBN {
                                  seed: UInt64, world: any Communicator) throws -> Report {
         precondition(sampleBudget > 0 && batchSize > 0, "PreciseBN needs a positive budget and batch size")
         let layers: [any PopulationStatisticsLayer] = network.batchNormLayers + network.leaves.compactMap { $0.layer as? MeanOnlyBatchNorm<Float> }
-        guard !layers.isEmpty else { return Report(samples: 0, batches: 0) }
+        let domainLayers = network.leaves.compactMap { $0.layer as? DomainBatchNorm<Float> }
+        guard !layers.isEmpty || !domainLayers.isEmpty else { return Report(samples: 0, batches: 0) }
         let globalBatch = batchSize * world.size
         guard data.count >= 2 else { throw DataError("PreciseBN needs at least 2 samples, the data has \(data.count)") }
         let covered = min(sampleBudget, data.count)
@@ -43,19 +44,30 @@ public enum PreciseBN {
 
         var accumulators = layers.map { PopulationStatistics(shift: $0.runningMean.value.scalars.map(Double.init)) }
         let contributes = layers.map { ($0.group?.rank ?? 0) == 0 }
+        // Domain-specific BN: one accumulator per layer and domain.
+        var domainAccumulators = domainLayers.map { layer in
+            layer.runningMeans.map { PopulationStatistics(shift: $0.value.scalars.map(Double.init)) }
+        }
         var samples = 0
         for b in 0..<batches {
             let start = b * globalBatch, end = min(start + globalBatch, data.count)
             let piece = contiguousPiece(of: end - start, parts: world.size, index: world.rank)
-            let (x, _) = data.batch(order[(start + piece.lowerBound)..<(start + piece.upperBound)])
+            let indices = order[(start + piece.lowerBound)..<(start + piece.upperBound)]
+            let (x, _) = data.batch(indices)
+            network.setDomains(data.domains(of: indices))
             _ = try network.forward(x, mode: .batchStatistics)
             for (index, layer) in layers.enumerated() where contributes[index] {
                 if let statistics = layer.lastStatistics { accumulators[index].add(statistics) }
             }
+            for (index, layer) in domainLayers.enumerated() where (layer.group?.rank ?? 0) == 0 {
+                for (d, statistics) in layer.lastStatistics.enumerated() {
+                    if let statistics { domainAccumulators[index][d].add(statistics) }
+                }
+            }
             samples += end - start
         }
 
-        var packed = accumulators.flatMap(\.packed)
+        var packed = accumulators.flatMap(\.packed) + domainAccumulators.flatMap { $0.flatMap(\.packed) }
         try world.allReduceSum(&packed)
         var offset = 0
         for (index, layer) in layers.enumerated() {
@@ -67,6 +79,16 @@ public enum PreciseBN {
             }
             layer.runningMean.value.scalars = mean.map { Float($0) }
             layer.populationVariance?.value.scalars = variance.map { Float($0) }
+        }
+        for (index, layer) in domainLayers.enumerated() {
+            for d in 0..<layer.domainCount {
+                let width = 1 + 2 * layer.featureCount
+                let total = PopulationStatistics(packed: packed[offset..<(offset + width)], shift: domainAccumulators[index][d].shift)
+                offset += width
+                // A domain PreciseBN's samples did not reach keeps its running statistics.
+                guard let mean = total.mean, let variance = total.unbiasedVariance else { continue }
+                layer.setPopulation(domain: d, mean: mean, variance: variance)
+            }
         }
         return Report(samples: samples, batches: batches)
     }

@@ -119,6 +119,18 @@ public final class Trainer {
                                            ghost: configuration.ghostBatchSize.map { size in (size, (configuration.batchSize + size - 1) / size) })
         factory.instanceNormRunningStatistics = configuration.inTrackRunningStats
         if configuration.shuffleBN { factory.shuffle = group.map { ($0, configuration.seed) } }
+        if configuration.domainBN {
+            guard configuration.norm == .bn || configuration.norm == .syncbn else {
+                throw CollectiveRunError("--domain-bn keeps per-domain statistics for --norm bn or syncbn, not \(configuration.norm.rawValue)")
+            }
+            guard let domains = data.train.domains else {
+                throw CollectiveRunError("--domain-bn needs data with domain labels: --data two-domain:SOURCE or npy:X,Y,DOMAINS")
+            }
+            guard data.heldOut.domains != nil else {
+                throw CollectiveRunError("--domain-bn needs domain labels for the held-out set too (--eval-data two-domain:… or npy:X,Y,DOMAINS)")
+            }
+            factory.domainCount = max(Int(domains.max() ?? 0), Int(data.heldOut.domains?.max() ?? 0)) + 1
+        }
         network = try Network.make(configuration.model, sampleShape: data.train.sampleShape, classes: data.train.classes,
                                    normalization: factory, width: configuration.width, seed: configuration.seed)
         optimizer = SGD(learningRate: Float(configuration.learningRate), momentum: Float(configuration.momentum),
@@ -225,6 +237,7 @@ public final class Trainer {
         let dataStart = DispatchTime.now().uptimeNanoseconds
         let (indices, globalCount, epoch) = sampler.batch(step: step)
         let (x, labels) = data.train.batch(indices, augmentation: configuration.augmentation, seed: configuration.seed, epoch: epoch)
+        network.setDomains(data.train.domains(of: indices))
         dataSeconds += Double(DispatchTime.now().uptimeNanoseconds - dataStart) * 1e-9
         if configuration.norm.isWeightNormalized && step == 0 && !weightNormInitialized {
             try initializeWeightNorm(with: x)
@@ -301,6 +314,7 @@ public final class Trainer {
         while start < piece.upperBound {
             let end = min(start + configuration.evalBatchSize, piece.upperBound)
             let (x, labels) = data.heldOut.batch(start..<end)
+            network.setDomains(data.heldOut.domains(of: start..<end))
             let logits = try network.forward(x, mode: .inference)
             let (lossSum, correct, _) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0)
             totals[0] += lossSum

@@ -71,6 +71,8 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var inTrackRunningStats = false
     /// Per-rank BN (`norm == .bn`) on samples shuffled across the ranks of each sync group (MoCo's ShuffleBN).
     public var shuffleBN = false
+    /// BN and SyncBN keep statistics per domain of the data (domain-specific BN).
+    public var domainBN = false
     /// How each global batch is cut into the ranks' batches.
     public var sampler: SamplerKind = .random
 

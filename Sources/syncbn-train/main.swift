@@ -24,7 +24,7 @@ struct SyncBNTrain: ParsableCommand {
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "train", abstract: "Train a model (the default subcommand).")
 
-    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], fashion-mnist[:DIR], idx:IMAGES,LABELS (plain or .gz), cifar10:DIR or npy:X,Y.")
+    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], fashion-mnist[:DIR], idx:IMAGES,LABELS (plain or .gz), cifar10:DIR, npy:X,Y[,DOMAINS] or two-domain:SOURCE (SOURCE plus an intensity-inverted copy as domain 1).")
     var data: String = DataSource.defaultSynthetic.description
     @Option(help: "Held-out data for evaluation (same forms as --data); default: the source's test set or the last --holdout-fraction.")
     var evalData: String?
@@ -119,6 +119,8 @@ struct Train: ParsableCommand {
     var cbnGradient: String = CrossIterationGradient.current.rawValue
     @Flag(help: "InstanceNorm: keep running statistics (the batch average of the instances' means and unbiased variances) and normalize with them at inference, as PyTorch's InstanceNorm2d(track_running_stats=True).")
     var inTrackRunningStats = false
+    @Flag(help: "Domain-specific BN (with --norm bn or syncbn): every BN keeps separate batch and running statistics per domain of the data (two-domain:SRC, npy:X,Y,D), synced over the group in one all-reduce; inference and PreciseBN use the sample's domain.")
+    var domainBn = false
     @Flag(help: "ShuffleBN (with --norm bn): before every BN, permute the samples across the ranks of each sync group (all ranks by default) and back after, so per-rank statistics come from a random mix of samples.")
     var shuffleBn = false
     @Option(help: "How each global batch is cut into the ranks' batches: random, or class-sorted (ordered by label first, so each rank gets as few classes as possible — for the leakage experiment).")
@@ -139,7 +141,7 @@ struct Train: ParsableCommand {
                 ("--ghost-batch-size", ghostBatchSize != nil, kind == .bn || kind == .syncbn),
                 ("--freeze-bn-after", freezeBnAfter != nil, !kind.isBatchFree && !kind.isWeightNormalized),
                 ("--sync-group-size", syncGroupSize != nil, [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly, .ibn].contains(kind) || shuffleBn),
-                ("--shuffle-bn", shuffleBn, kind == .bn),
+                ("--shuffle-bn", shuffleBn, kind == .bn), ("--domain-bn", domainBn, kind == .bn || kind == .syncbn),
             ]
             if let (flag, _, _) = inapplicable.first(where: { $0.1 && !$0.2 }) {
                 throw ValidationError("\(flag) does not apply to --norm \(norm)")
@@ -233,6 +235,8 @@ struct Train: ParsableCommand {
         switch source {
         case let .idx(images, labels): return [images, labels]
         case let .npy(samples, labels): return [samples, labels]
+        case let .npyWithDomains(samples, labels, domains): return [samples, labels, domains]
+        case let .twoDomain(inner): return inputFiles(inner.description)
         default: return []
         }
     }
@@ -289,6 +293,7 @@ struct Train: ParsableCommand {
         c.normalizationDiagnostics = cbnDiagnostics
         c.inTrackRunningStats = inTrackRunningStats
         c.shuffleBN = shuffleBn
+        c.domainBN = domainBn
         c.sampler = SamplerKind(rawValue: sampler) ?? .random
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize

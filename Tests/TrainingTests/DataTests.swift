@@ -142,4 +142,42 @@ final class DataTests: XCTestCase {
         }
         XCTAssertLessThan(classesPerRank.reduce(0, +), classesPerRankRandom.reduce(0, +), "fewer classes per rank than a random cut")
     }
+
+    /// two-domain:SRC interleaves every sample with its intensity-inverted copy (domain 1), in the
+    /// training and the held-out set; npy:X,Y,D reads domain labels.
+    func testTwoDomainDataAndDomainLabelFiles() throws {
+        let source = DataSource.synthetic(train: 20, heldOut: 6, seed: 2)
+        let (plain, plainHeldOut) = try source.load()
+        let parsed = try DataSource(parsing: "two-domain:synthetic:train=20,heldout=6,seed=2")
+        XCTAssertEqual(parsed, .twoDomain(source))
+        let (train, heldOut) = try parsed.load()
+        XCTAssertEqual(train.count, 40)
+        XCTAssertEqual(heldOut?.count, 12)
+        XCTAssertEqual(train.domains, (0..<40).map { Int32($0 % 2) })
+        let lo = plain.samples.min()!, hi = plain.samples.max()!
+        let size = plain.sampleSize
+        for i in [0, 7, 19] {
+            XCTAssertEqual(Array(train.samples[(2 * i * size)..<((2 * i + 1) * size)]), Array(plain.samples[(i * size)..<((i + 1) * size)]))
+            XCTAssertEqual(Array(train.samples[((2 * i + 1) * size)..<((2 * i + 2) * size)]),
+                           plain.samples[(i * size)..<((i + 1) * size)].map { lo + hi - $0 })
+            XCTAssertEqual(train.labels[2 * i + 1], plain.labels[i])
+        }
+        XCTAssertEqual(plainHeldOut?.count, 6)
+        // Domains survive the split and standardization.
+        let split = try DataSource.split(parsed, evaluation: nil, heldOutFraction: 0.1)
+        XCTAssertEqual(split.train.domains?.count, 40)
+        XCTAssertEqual(split.heldOut.domains, (0..<12).map { Int32($0 % 2) })
+
+        let dir = temporaryDirectory("syncbn-domains")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try writeNumpy(Tensor<Float>(shape: [4, 3], scalars: (0..<12).map { Float($0) }), to: dir + "/x.npy")
+        try writeNumpy(Tensor<Float>(shape: [4], scalars: [0, 1, 0, 1]), to: dir + "/y.npy")
+        try writeNumpy(Tensor<Float>(shape: [4], scalars: [1, 0, 1, 1]), to: dir + "/d.npy")
+        try writeNumpy(Tensor<Float>(shape: [3], scalars: [1, 0, 1]), to: dir + "/short.npy")
+        let (withDomains, _) = try DataSource(parsing: "npy:\(dir)/x.npy,\(dir)/y.npy,\(dir)/d.npy").load()
+        XCTAssertEqual(withDomains.domains, [1, 0, 1, 1])
+        XCTAssertThrowsError(try DataSource(parsing: "npy:\(dir)/x.npy,\(dir)/y.npy,\(dir)/short.npy").load()) { error in
+            XCTAssertTrue("\(error)".contains("one per sample"), "\(error)")
+        }
+    }
 }
