@@ -32,6 +32,14 @@ def finite(values):
     return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
 
 
+def finish(ax, panel, ylabel="held-out error (%)"):
+    """The x scale and label of a panel, a y label and a light grid."""
+    set_scale(ax, panel["xScale"])
+    ax.set_xlabel(panel["xLabel"])
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def draw_final(ax, panel, key):
     drawn = False
     for series in panel["series"]:
@@ -43,10 +51,7 @@ def draw_final(ax, panel, key):
         es = [p[key]["std"] for p in points]
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=series["name"])
         drawn = True
-    set_scale(ax, panel["xScale"])
-    ax.set_xlabel(panel["xLabel"])
-    ax.set_ylabel("held-out error (%)")
-    ax.grid(alpha=0.3)
+    finish(ax, panel)
     return drawn
 
 
@@ -61,10 +66,7 @@ def draw_statistics(ax, panel):
                         yerr=[p[key]["std"] for p in points], marker="o", capsize=3,
                         label=f"{series['name']}, {label}")
             drawn = True
-    set_scale(ax, panel["xScale"])
-    ax.set_xlabel(panel["xLabel"])
-    ax.set_ylabel("held-out error (%)")
-    ax.grid(alpha=0.3)
+    finish(ax, panel)
     return drawn
 
 
@@ -99,10 +101,7 @@ def draw_diagnostics(ax, panel):
             ys = [p["diagnostics"].get(layer, {}).get(quantity, math.nan) for p in points]
             ax.plot([p["x"] for p in points], ys, style, label=f"{series['name']}: {quantity.replace('_', ' ')} ({layer})")
             drawn = True
-    set_scale(ax, panel["xScale"])
-    ax.set_xlabel(panel["xLabel"])
-    ax.set_ylabel("norm at the end of training")
-    ax.grid(alpha=0.3)
+    finish(ax, panel, "norm at the end of training")
     return drawn
 
 
