@@ -307,7 +307,7 @@ public enum StudyCatalog {
                 panels: [StudyPanel(name: "leakage", title: "Training and held-out error", kind: .leakage,
                                     xLabel: "setting", xScale: "linear", points: p)])
         case "domain":
-            let batches: [Double] = q ? [8] : [32, 8]
+            let batches: [Double] = [q ? 8 : 32]
             func mixed(_ norm: String, perDomain: Bool, batch: Int, seed: Int) -> [String: String] {
                 var o = base(s, batch: batch, seed: seed)
                 o["data"] = "two-domain:" + s.data
@@ -323,8 +323,8 @@ public enum StudyCatalog {
             return StudyExperiment(
                 name: name, title: "Batches from two domains (the data and its intensity-inverted copy)",
                 claim: "When a batch mixes domains, statistics shared across them normalize neither domain well; domain-specific statistics (for training, inference and PreciseBN) do better (Wu & Johnson 2021, §5).",
-                panels: [StudyPanel(name: "error", title: "Held-out error on both domains against per-rank batch", kind: .final,
-                                    xLabel: "samples per rank", xScale: "log2", points: p)])
+                panels: [StudyPanel(name: "error", title: "Held-out error on both domains", kind: .statistics,
+                                    xLabel: "samples per rank", xScale: "linear", points: p)])
         default:
             return nil
         }
