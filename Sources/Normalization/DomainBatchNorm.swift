@@ -115,6 +115,9 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
             return BatchStatistics(count: m, mean: (0..<C).map { shifts[d][$0] + shifted[$0] }, variance: variance)
         }
         for d in 0..<D {
+            // Every domain's counter counts training forwards, present or not, so that ranks with
+            // per-rank statistics keep identical counters whatever domains their batches hold.
+            if mode == .training { batchesTracked[d].value += 1 }
             guard let statistics = lastStatistics[d] else { continue }
             if statistics.count <= 1 {
                 throw LayerError("DomainBatchNorm: domain \(d) has 1 value per channel in this batch; use a larger batch or sync over more ranks")
@@ -122,7 +125,6 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
             mean[d] = statistics.mean
             invStd[d] = statistics.variance.map { 1 / ($0 + epsilon).squareRoot() }
             if mode == .training {
-                batchesTracked[d].value += 1
                 let factor = momentum ?? 1 / Double(batchesTracked[d].value), correction = statistics.count / (statistics.count - 1)
                 for c in 0..<C {
                     runningMeans[d].value.scalars[c] = Scalar((1 - factor) * Double(runningMeans[d].value.scalars[c]) + factor * statistics.mean[c])

@@ -116,6 +116,22 @@ final class WorldSizeInvarianceTests: XCTestCase {
         XCTAssertTrue(a.state.keys.contains("features.0.bn.running_var"))
     }
 
+    /// Per-rank domain-specific BN where a rank's batch holds one domain only (one sample per
+    /// rank): the replicas still agree (train() verifies it) — counters and averaged running
+    /// statistics included.
+    func testPerRankDomainBNKeepsReplicasEqualWhenARankMissesADomain() throws {
+        let twoDomain = try DataSource.split(.twoDomain(.synthetic(train: 20, heldOut: 8, seed: 3)), evaluation: nil, heldOutFraction: 0.1)
+        var c = configuration(model: .convnet, batch: 1, steps: 5, norm: .bn)
+        c.domainBN = true
+        let results = try InProcessGroup.run(size: 4) { comm -> [String: [Float]] in
+            let trainer = try Trainer(configuration: c, data: twoDomain, world: comm)
+            while trainer.step < trainer.totalSteps { _ = try trainer.trainStep() }
+            try trainer.verifyReplicasAgree()
+            return stateDictionary(trainer.network)
+        }
+        XCTAssertNotNil(results[0]["features.0.bn.domains.1.running_mean"])
+    }
+
     func testCompensatedCBNOnFourRanksMatchesOneRank() throws {
         var single = configuration(model: .convnet, batch: 8, steps: 9, norm: .cbn)
         single.crossIteration = CrossIterationOptions(window: 3, rho: 1, burnIn: 1, gradient: .compensated)
