@@ -54,13 +54,22 @@ final class PreciseBNTests: XCTestCase {
     }
 
     func testThePassChangesNothingButTheRunningStatisticsForBNSyncBNAndCBN() throws {
-        let split = try DataSource.split(.synthetic(train: 64, heldOut: 16, seed: 1), evaluation: nil, heldOutFraction: 0.1)
-        for norm in NormalizationKind.allCases {
+        let plain = try DataSource.split(.synthetic(train: 64, heldOut: 16, seed: 1), evaluation: nil, heldOutFraction: 0.1)
+        let twoDomain = try DataSource.split(.twoDomain(.synthetic(train: 32, heldOut: 8, seed: 1)), evaluation: nil, heldOutFraction: 0.1)
+        // Every --norm (IBN on a small ResNet), and domain-specific BN with per-rank and synced statistics.
+        let cases = NormalizationKind.allCases.map { ($0, false) } + [(.bn, true), (.syncbn, true)]
+        for (norm, domains) in cases {
             var c = TrainingConfiguration()
             c.batchSize = 4
             c.steps = 3
             c.norm = norm
             c.preciseBNSamples = 64
+            c.domainBN = domains
+            if norm == .ibn {
+                c.model = .resnet20
+                c.width = 0.5
+            }
+            let split = domains ? twoDomain : plain
             try InProcessGroup.run(size: 2) { comm in
                 let trainer = try Trainer(configuration: c, data: split, world: comm)
                 for _ in 0..<3 { try trainer.trainStep() }

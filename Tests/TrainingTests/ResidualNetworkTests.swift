@@ -150,7 +150,10 @@ final class ResidualTrainingTests: XCTestCase {
                 let evaluation = try trainer.evaluations(keepPrecise: true)
                 try trainer.verifyReplicasAgree()
                 // 19 norms: stem, 2 per block × 9, 2 projections.
-                let norms = trainer.network.leaves.filter { $0.name.hasSuffix("bn1") || $0.name.hasSuffix("bn2") || $0.name.hasSuffix("downsample.1") }
+                // An IBN is one norm made of two leaves (bn1.IN, bn1.BN).
+                let norms = trainer.network.leaves.filter {
+                    $0.name.hasSuffix("bn1") || $0.name.hasSuffix("bn2") || $0.name.hasSuffix("downsample.1") || $0.name.hasSuffix("bn1.BN")
+                }
                 return (norms.count, evaluation.count, losses)
             }[0]
             XCTAssertEqual(result.0, 21, label)
