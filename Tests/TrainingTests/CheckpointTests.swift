@@ -50,6 +50,44 @@ final class CheckpointTests: XCTestCase {
         }
     }
 
+    /// The later members of the family resume bit-identically too: weight normalization (its
+    /// data-dependent initialisation is not run again), InstanceNorm's running statistics,
+    /// ShuffleBN (its permutation follows the stored step), domain-specific BN and IBN.
+    func testNewerNormalizationsResumeBitIdentically() throws {
+        let dir = temporaryDirectory()
+        let twoDomain = try DataSource.split(.twoDomain(.synthetic(train: 20, heldOut: 8, seed: 5)), evaluation: nil, heldOutFraction: 0.1)
+        var cases: [(String, TrainingConfiguration, DataSplit)] = []
+        for norm in [NormalizationKind.wn, .wnMeanOnly] { cases.append((norm.rawValue, configuration(steps: 12, norm: norm), Self.data)) }
+        var instance = configuration(steps: 12, norm: .in)
+        instance.inTrackRunningStats = true
+        var shuffled = configuration(steps: 12, norm: .bn)
+        shuffled.shuffleBN = true
+        var domains = configuration(steps: 12, norm: .syncbn)
+        domains.domainBN = true
+        var ibn = configuration(steps: 12, norm: .ibn, model: .resnet20)
+        ibn.width = 0.5
+        cases += [("in-track", instance, Self.data), ("shuffle", shuffled, Self.data), ("domain", domains, twoDomain), ("ibn", ibn, Self.data)]
+        for (label, c, data) in cases {
+            func run(resume: String? = nil, save: String? = nil, stopAt: Int? = nil) throws -> [String: [Float]] {
+                try InProcessGroup.run(size: 2) { comm -> [String: [Float]] in
+                    let trainer = try Trainer(configuration: c, data: data, world: comm)
+                    if let resume { try trainer.resume(from: resume) }
+                    while trainer.step < (stopAt ?? trainer.totalSteps) { try trainer.trainStep() }
+                    if let save { try trainer.save(to: save) }
+                    return stateDictionary(trainer.network).merging(trainer.optimizer.momentumBuffers.map { ("momentum." + $0.key, $0.value) }) { a, _ in a }
+                }[0]
+            }
+            let straight = try run()
+            let path = dir + "/half-\(label).safetensors"
+            _ = try run(save: path, stopAt: 5)
+            let resumed = try run(resume: path)
+            XCTAssertEqual(straight.keys.sorted(), resumed.keys.sorted(), label)
+            for (name, values) in straight {
+                XCTAssertEqual(values.map(\.bitPattern), resumed[name]!.map(\.bitPattern), "\(label): \(name)")
+            }
+        }
+    }
+
     func testCrossIterationWindowsAreSavedPerRankAndNeedTheSameRankCount() throws {
         let path = temporaryDirectory() + "/cbn.safetensors"
         _ = try run(configuration(steps: 5, norm: .cbn), ranks: 2, save: path)
