@@ -122,7 +122,7 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
             guard array.shape == [data.count] else {
                 throw FileFormatError(domains, "holds \(array.shape) domain labels; expected one per sample, [\(data.count)]")
             }
-            let values = try array.doubles()
+            let values = array.doubles()
             guard values.allSatisfy({ $0 >= 0 && $0 < 64 && $0 == $0.rounded() }) else {
                 throw FileFormatError(domains, "domain labels must be integers in 0..<64")
             }

@@ -203,8 +203,6 @@ public final class Trainer {
                             metadata: metadata, to: path)
     }
 
-    /// One optimizer step; returns the global mean loss and accuracy of the batch.
-    @discardableResult
     /// Weight normalization's data-dependent initialisation on the first training batch: one
     /// forward in which every weight-normalized layer, in order, sets g (and the bias after it)
     /// from its pre-activation statistics over all ranks (one all-reduce per layer), so that every
@@ -222,6 +220,8 @@ public final class Trainer {
         weightNormInitialized = true
     }
 
+    /// One optimizer step; returns the global mean loss and accuracy of the batch.
+    @discardableResult
     public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int, learningRate: Double) {
         if configuration.norm == .brn {
             let (rMax, dMax) = configuration.brnLimits(step: step, totalSteps: totalSteps)
