@@ -154,7 +154,7 @@ def plot_experiment(experiment, out):
             axes_specs += [(panel, None), (panel, "curves")]
         else:
             axes_specs.append((panel, None))
-    fig, axes = plt.subplots(1, len(axes_specs), figsize=(5.2 * len(axes_specs), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(axes_specs), figsize=(max(5.2 * len(axes_specs), 8.5), 4.2), squeeze=False)
     anything = False
     for ax, (panel, key) in zip(axes[0], axes_specs):
         kind = panel["kind"]
