@@ -56,6 +56,8 @@ def draw_final(ax, panel, key):
 
 
 def draw_statistics(ax, panel):
+    if len({p["x"] for series in panel["series"] for p in series["points"]}) == 1:
+        return draw_statistics_bars(ax, panel)
     drawn = False
     for series in panel["series"]:
         for key, label in STATISTICS:
@@ -68,6 +70,29 @@ def draw_statistics(ax, panel):
             drawn = True
     finish(ax, panel)
     return drawn
+
+
+def draw_statistics_bars(ax, panel):
+    """One x only: a pair of bars (EMA, PreciseBN statistics) per series."""
+    names, values = [], {key: ([], []) for key, _ in STATISTICS}
+    for series in panel["series"]:
+        point = series["points"][0]
+        if not point.get("ema") or not point.get("precise"):
+            continue
+        names.append(series["name"].replace(", ", "\n"))
+        for key, _ in STATISTICS:
+            values[key][0].append(point[key]["mean"])
+            values[key][1].append(point[key]["std"])
+    if not names:
+        return False
+    xs = list(range(len(names)))
+    for offset, (key, label) in zip((-0.2, 0.2), STATISTICS):
+        ax.bar([x + offset for x in xs], values[key][0], 0.4, yerr=values[key][1], capsize=3, label=label)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, fontsize=7)
+    ax.set_ylabel("held-out error (%)")
+    ax.grid(alpha=0.3, axis="y")
+    return True
 
 
 def draw_curves(ax, panel):
