@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from reference_forward import arguments, compare, report_accuracy, standardized_images  # beside this file
+from reference_forward import arguments, report, standardized_images  # beside this file
 
 
 class BasicBlock(nn.Module):
@@ -140,11 +140,7 @@ def main():
     x = torch.from_numpy(raw.astype(np.float64))
     with torch.no_grad():
         logits = model(x).numpy()
-    label = architecture["model"] + " (strict load into torch.nn)"
-    if args.idx:
-        report_accuracy("load_in_pytorch", label, logits, args.idx[1], args.limit)
-    else:
-        compare("load_in_pytorch", label, logits, args.logits, args.tolerance)
+    report("load_in_pytorch", architecture["model"] + " (strict load into torch.nn)", logits, args)
 
 
 if __name__ == "__main__":

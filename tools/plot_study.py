@@ -85,12 +85,17 @@ def draw_statistics_bars(ax, panel):
             values[key][1].append(point[key]["std"])
     if not names:
         return False
+    return paired_bars(ax, names, [(label, *values[key]) for key, label in STATISTICS], "held-out error (%)")
+
+
+def paired_bars(ax, names, pairs, ylabel):
+    """Two bars per name: pairs = [(label, means, stds), (label, means, stds)]."""
     xs = list(range(len(names)))
-    for offset, (key, label) in zip((-0.2, 0.2), STATISTICS):
-        ax.bar([x + offset for x in xs], values[key][0], 0.4, yerr=values[key][1], capsize=3, label=label)
+    for offset, (label, means, stds) in zip((-0.2, 0.2), pairs):
+        ax.bar([x + offset for x in xs], means, 0.4, yerr=stds, capsize=3, label=label)
     ax.set_xticks(xs)
     ax.set_xticklabels(names, fontsize=7)
-    ax.set_ylabel("held-out error (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     return True
 
@@ -160,14 +165,8 @@ def draw_leakage(ax, panel):
             held_err.append(point["ema"]["std"])
     if not names:
         return False
-    xs = list(range(len(names)))
-    ax.bar([x - 0.2 for x in xs], train, 0.4, yerr=train_err, capsize=3, label="training error (last tenth)")
-    ax.bar([x + 0.2 for x in xs], held, 0.4, yerr=held_err, capsize=3, label="held-out error (EMA)")
-    ax.set_xticks(xs)
-    ax.set_xticklabels(names, fontsize=7)
-    ax.set_ylabel("error (%)")
-    ax.grid(alpha=0.3, axis="y")
-    return True
+    return paired_bars(ax, names, [("training error (last tenth)", train, train_err),
+                                   ("held-out error (EMA)", held, held_err)], "error (%)")
 
 
 def plot_experiment(experiment, out):

@@ -159,6 +159,14 @@ def standardized_images(path, metadata, limit=None):
     return (x - mean[None, :, None, None]) / std[None, :, None, None]
 
 
+def report(tool, label, logits, args):
+    """The checkers' verdict: accuracy on --idx images, or the logits compared with syncbn's."""
+    if args.idx:
+        report_accuracy(tool, label, logits, args.idx[1], args.limit)
+    else:
+        compare(tool, label, logits, args.logits, args.tolerance)
+
+
 def report_accuracy(tool, label, logits, labels_path, limit=None):
     labels = read_idx(labels_path)[:limit].astype(np.int64)
     if len(labels) != len(logits):
@@ -192,10 +200,7 @@ def main():
         logits = convnet(x, t)
     else:
         sys.exit(f"reference_forward: model '{model}' is not covered")
-    if args.idx:
-        report_accuracy("reference_forward", model, logits, args.idx[1], args.limit)
-    else:
-        compare("reference_forward", model, logits, args.logits, args.tolerance)
+    report("reference_forward", model, logits, args)
 
 
 if __name__ == "__main__":
