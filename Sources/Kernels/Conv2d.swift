@@ -1,11 +1,12 @@
 import Foundation
 
 /// 2-D convolution (cross-correlation, as PyTorch) of N×C_in×H×W input with a
-/// C_out×C_in×k_h×k_w weight, by im2col and one GEMM per sample.
+/// C_out×C_in×k_h×k_w weight, by im2col and one GEMM per pass over the whole batch.
 ///
-/// Forward, per sample n: cols_n = im2col(x_n) (K × P, K = C_in·k_h·k_w, P = H_out·W_out),
-/// y_n = W·cols_n (+ b). The columns are kept for backward, which needs them for
-/// dW = Σ_n dy_n·cols_nᵀ; dx_n = col2im(Wᵀ·dy_n).
+/// Forward: cols = [im2col(x_0) … im2col(x_{N−1})] (K × N·P, K = C_in·k_h·k_w,
+/// P = H_out·W_out), y = W·cols (+ b) with samples moved back outermost. The columns are kept for
+/// backward: dW = dY'·colsᵀ, dx = col2im(Wᵀ·dY') (dY' = dy as C_out × N·P). A 1×1 stride-1 conv's
+/// columns are its input with two axes swapped.
 /// Init: PyTorch's default, U(±1/√K) for weight and bias. A conv followed by BatchNorm takes
 /// `bias: false` (β does that job).
 public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
@@ -13,8 +14,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     public let weight: Parameter<Scalar>
     public let bias: Parameter<Scalar>?
 
-    /// im2col of the last training batch, N × K × P; read by backward and by layers that need
-    /// the patches (cross-iteration BN).
+    /// im2col of the last training batch, K × N·P; read by backward and, until then, by layers
+    /// that need the patches (cross-iteration BN).
     public private(set) var columns: [Scalar] = []
     public private(set) var lastGeometry: ConvolutionGeometry?
     private var lastBatch = 0
@@ -75,8 +76,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
 
     public var patchWeight: Parameter<Scalar> { weight }
 
-    public var lastPatches: (values: [Scalar], batch: Int, patchSize: Int, positions: Int)? {
-        lastGeometry.map { (columns, lastBatch, $0.patchSize, $0.positions) }
+    public var lastPatches: PatchMatrix<Scalar>? {
+        lastGeometry.map { PatchMatrix(values: columns, batch: lastBatch, patchSize: $0.patchSize, positions: $0.positions, positionMajor: false) }
     }
 
     public var state: [StateEntry<Scalar>] {
@@ -93,113 +94,124 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         return g
     }
 
-    /// A 1×1 convolution with stride 1 and no padding: the input sample already is its im2col
-    /// matrix (K = C_in rows, P = H·W columns), so neither im2col nor col2im runs.
+    /// A 1×1 convolution with stride 1 and no padding: its im2col matrix is the input with
+    /// samples and channels swapped, so no im2col or col2im runs.
     public var isPointwise: Bool { kernelSize == 1 && stride == 1 && padding == 0 }
 
-    /// im2col storage reused across steps (`columns` in training, this in inference) and the
-    /// backward pass's column gradient: allocated once per shape, not once per step.
+    /// Workspaces reused across steps, allocated once per shape: the batch's im2col matrix
+    /// (`columns` in training, which backward then overwrites with its gradient; this one in
+    /// inference) and the output or output gradient with channels outermost (C_out × N·P).
     private var inferenceColumns: [Scalar] = []
-    private var columnGradient: [Scalar] = []
+    private var channelMajor: [Scalar] = []
 
+    /// Forward for the whole batch at once: cols = [im2col(x_0) … im2col(x_{N−1})] (K × N·P),
+    /// Y' = W·cols (one GEMM, C_out × N·P), y = Y' with its two outer axes swapped (+ b).
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         let g = try geometry(for: input.shape)
-        let n = input.shape[0], K = g.patchSize, P = g.positions
-        var output = Tensor<Scalar>(shape: [n, outputChannels, g.outputHeight, g.outputWidth])
+        let n = input.shape[0], K = g.patchSize, P = g.positions, M = n * P, C = outputChannels
         let inputPlane = inputChannels * g.height * g.width
-        func multiply(_ cols: UnsafeBufferPointer<Scalar>) {
-            weight.value.scalars.withUnsafeBufferPointer { w in
-                output.scalars.withUnsafeMutableBufferPointer { y in
-                    for sample in 0..<n {
-                        timedGEMM(m: outputChannels, n: P, k: K) {
-                            Scalar.gemm(transposeA: false, transposeB: false, m: outputChannels, n: P, k: K, alpha: 1,
-                                        a: w.baseAddress!, lda: K, b: cols.baseAddress! + sample * K * P, ldb: P,
-                                        beta: 0, c: y.baseAddress! + sample * outputChannels * P, ldc: P)
+        var cols = mode == .training ? columns : inferenceColumns
+        if mode == .training { columns = [] } else { inferenceColumns = [] }   // keep the buffer uniquely referenced
+        if cols.count != K * M { cols = Scalar.filled(K * M, with: 0) }
+        if channelMajor.count < C * M { channelMajor = Scalar.filled(C * M, with: 0) }
+        let pointwise = isPointwise
+        let output = Tensor<Scalar>(shape: [n, C, g.outputHeight, g.outputWidth]) { y in
+            guard M > 0 else { return }
+            input.scalars.withUnsafeBufferPointer { x in
+                cols.withUnsafeMutableBufferPointer { c in
+                    if pointwise {
+                        Scalar.swapOuterAxes(x.baseAddress!, n, inputChannels, block: P, into: c.baseAddress!)
+                    } else {
+                        for sample in 0..<n {
+                            Scalar.im2col(x.baseAddress! + sample * inputPlane, g, into: c.baseAddress! + sample * P, rowLength: M)
                         }
                     }
                 }
             }
-        }
-        if isPointwise {
-            input.scalars.withUnsafeBufferPointer { multiply($0) }
-            if mode == .training { columns = input.scalars }   // shares storage, no copy
-        } else {
-            var cols = mode == .training ? columns : inferenceColumns
-            if mode == .training { columns = [] } else { inferenceColumns = [] }   // keep the buffer uniquely referenced
-            if cols.count != n * K * P { cols = Scalar.filled(n * K * P, with: 0) }
-            input.scalars.withUnsafeBufferPointer { x in
-                cols.withUnsafeMutableBufferPointer { c in
-                    for sample in 0..<n {
-                        Scalar.im2col(UnsafeBufferPointer(rebasing: x[(sample * inputPlane)..<((sample + 1) * inputPlane)]), g,
-                                      into: UnsafeMutableBufferPointer(rebasing: c[(sample * K * P)..<((sample + 1) * K * P)]))
+            weight.value.scalars.withUnsafeBufferPointer { w in
+                cols.withUnsafeBufferPointer { c in
+                    channelMajor.withUnsafeMutableBufferPointer { t in
+                        timedGEMM(m: C, n: M, k: K) {
+                            Scalar.gemm(transposeA: false, transposeB: false, m: C, n: M, k: K, alpha: 1,
+                                        a: w.baseAddress!, lda: K, b: c.baseAddress!, ldb: M, beta: 0, c: t.baseAddress!, ldc: M)
+                        }
+                        Scalar.swapOuterAxes(t.baseAddress!, C, n, block: P, into: y.baseAddress!)
                     }
                 }
             }
-            cols.withUnsafeBufferPointer { multiply($0) }
-            if mode == .training { columns = cols } else { inferenceColumns = cols }
-        }
-        if let bias {
-            bias.value.scalars.withUnsafeBufferPointer { b in
-                output.scalars.withUnsafeMutableBufferPointer { y in
-                    Scalar.addChannelBias(b, to: y, layout: ChannelLayout(batch: n, channels: outputChannels, spatial: P))
+            if let bias {
+                bias.value.scalars.withUnsafeBufferPointer { b in
+                    Scalar.addChannelBias(b, to: y, layout: ChannelLayout(batch: n, channels: C, spatial: P))
                 }
             }
         }
         if mode == .training {
+            columns = cols
             lastGeometry = g
             lastBatch = n
+        } else {
+            inferenceColumns = cols
         }
         return output
     }
 
+    /// Backward for the whole batch at once, with dY' = dy's outer axes swapped (C_out × N·P):
+    /// dW = dY'·colsᵀ and dcols = Wᵀ·dY' (one GEMM each), dx = col2im(dcols) per sample. dcols is
+    /// written over the columns, which are spent once dW is known.
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
-        guard let g = lastGeometry else { preconditionFailure("Conv2d.backward before a training forward") }
-        let n = lastBatch, K = g.patchSize, P = g.positions
-        try requireShape(outputGradient.shape == [n, outputChannels, g.outputHeight, g.outputWidth], "Conv2d",
+        guard let g = lastGeometry else { preconditionFailure("Conv2d.backward needs the columns of a training forward") }
+        let n = lastBatch, K = g.patchSize, P = g.positions, M = n * P, C = outputChannels
+        try requireShape(outputGradient.shape == [n, C, g.outputHeight, g.outputWidth], "Conv2d",
                          "output gradient \(outputGradient.shape) does not match the forward output")
-        var inputGradient = Tensor<Scalar>(shape: [n, inputChannels, g.height, g.width])
-        var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
-        var dcols = columnGradient
-        columnGradient = []
-        if dcols.count != K * P { dcols = Scalar.filled(K * P, with: 0) }
+        lastGeometry = nil
         let pointwise = isPointwise
         let inputPlane = inputChannels * g.height * g.width
+        var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
+        var dcols = columns
+        columns = []
         outputGradient.scalars.withUnsafeBufferPointer { dy in
-            columns.withUnsafeBufferPointer { c in
-                weight.value.scalars.withUnsafeBufferPointer { w in
+            channelMajor.withUnsafeMutableBufferPointer { t in
+                guard M > 0 else { return }
+                Scalar.swapOuterAxes(dy.baseAddress!, n, C, block: P, into: t.baseAddress!)
+                dcols.withUnsafeMutableBufferPointer { c in
                     weightGradient.scalars.withUnsafeMutableBufferPointer { dw in
-                        inputGradient.scalars.withUnsafeMutableBufferPointer { dx in
-                            dcols.withUnsafeMutableBufferPointer { dc in
-                                for sample in 0..<n {
-                                    let dySample = dy.baseAddress! + sample * outputChannels * P
-                                    // dW += dy_n (C_out × P) · cols_nᵀ (P × K)
-                                    timedGEMM(m: outputChannels, n: K, k: P) {
-                                        Scalar.gemm(transposeA: false, transposeB: true, m: outputChannels, n: K, k: P, alpha: 1,
-                                                    a: dySample, lda: P, b: c.baseAddress! + sample * K * P, ldb: P,
-                                                    beta: sample == 0 ? 0 : 1, c: dw.baseAddress!, ldc: K)
-                                    }
-                                    // dcols = Wᵀ (K × C_out) · dy_n (C_out × P)
-                                    // dcols = Wᵀ·dy_n, written straight into dx_n for a pointwise conv.
-                                    let target = pointwise ? dx.baseAddress! + sample * inputPlane : dc.baseAddress!
-                                    timedGEMM(m: K, n: P, k: outputChannels) {
-                                        Scalar.gemm(transposeA: true, transposeB: false, m: K, n: P, k: outputChannels, alpha: 1,
-                                                    a: w.baseAddress!, lda: K, b: dySample, ldb: P,
-                                                    beta: 0, c: target, ldc: P)
-                                    }
-                                    if !pointwise {
-                                        Scalar.col2imAccumulate(UnsafeBufferPointer(dc), g,
-                                                                into: UnsafeMutableBufferPointer(rebasing: dx[(sample * inputPlane)..<((sample + 1) * inputPlane)]))
-                                    }
-                                }
-                            }
+                        timedGEMM(m: C, n: K, k: M) {
+                            Scalar.gemm(transposeA: false, transposeB: true, m: C, n: K, k: M, alpha: 1,
+                                        a: t.baseAddress!, lda: M, b: c.baseAddress!, ldb: M, beta: 0, c: dw.baseAddress!, ldc: K)
+                        }
+                    }
+                    weight.value.scalars.withUnsafeBufferPointer { w in
+                        timedGEMM(m: K, n: M, k: C) {
+                            Scalar.gemm(transposeA: true, transposeB: false, m: K, n: M, k: C, alpha: 1,
+                                        a: w.baseAddress!, lda: K, b: t.baseAddress!, ldb: M, beta: 0, c: c.baseAddress!, ldc: M)
                         }
                     }
                 }
             }
         }
+        let inputShape = [n, inputChannels, g.height, g.width]
+        let inputGradient: Tensor<Scalar>
+        if pointwise {
+            inputGradient = Tensor(shape: inputShape) { dx in
+                guard M > 0 else { return }
+                dcols.withUnsafeBufferPointer { c in
+                    Scalar.swapOuterAxes(c.baseAddress!, inputChannels, n, block: P, into: dx.baseAddress!)
+                }
+            }
+        } else {
+            var dx = Tensor<Scalar>(shape: inputShape)
+            dcols.withUnsafeBufferPointer { c in
+                dx.scalars.withUnsafeMutableBufferPointer { d in
+                    for sample in 0..<n {
+                        Scalar.col2imAccumulate(c.baseAddress! + sample * P, g, rowLength: M, into: d.baseAddress! + sample * inputPlane)
+                    }
+                }
+            }
+            inputGradient = dx
+        }
+        columns = dcols   // the storage, for the next forward
         weight.addPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
-        columnGradient = dcols
         if let bias {
             var biasGradient = Tensor<Scalar>(shape: [outputChannels])
             outputGradient.scalars.withUnsafeBufferPointer { dy in

@@ -16,30 +16,32 @@ extension TensorScalar {
     }
 
     /// columns[(c, i, j), (oh, ow)] = image[c, oh·s − p + i, ow·s − p + j], 0 outside the image.
-    public static func im2col(_ image: UnsafeBufferPointer<Self>, _ g: ConvolutionGeometry, into columns: UnsafeMutableBufferPointer<Self>) {
-        let oh = g.outputHeight, ow = g.outputWidth, positions = oh * ow
+    /// Row r of the K × P result starts at `columns + r·rowLength`: with rowLength = N·P and
+    /// `columns` advanced by n·P, the samples of a batch fill one K × N·P matrix side by side.
+    public static func im2col(_ image: UnsafePointer<Self>, _ g: ConvolutionGeometry, into columns: UnsafeMutablePointer<Self>, rowLength: Int) {
+        let oh = g.outputHeight, ow = g.outputWidth
         var row = 0
         for c in 0..<g.inputChannels {
             let plane = c * g.height * g.width
             for i in 0..<g.kernelHeight {
                 for j in 0..<g.kernelWidth {
-                    let out = row * positions
+                    let out = columns + row * rowLength
                     let valid = validColumns(g, offset: j)
                     for y in 0..<oh {
                         let iy = y * g.stride - g.padding + i
                         let outRow = out + y * ow
                         if iy < 0 || iy >= g.height || valid.isEmpty {
-                            for x in 0..<ow { columns[outRow + x] = 0 }
+                            outRow.update(repeating: 0, count: ow)
                             continue
                         }
-                        let inRow = plane + iy * g.width - g.padding + j
-                        for x in 0..<valid.lowerBound { columns[outRow + x] = 0 }
+                        let inRow = image + plane + iy * g.width - g.padding + j
+                        outRow.update(repeating: 0, count: valid.lowerBound)
                         if g.stride == 1 {
-                            for x in valid { columns[outRow + x] = image[inRow + x] }
+                            (outRow + valid.lowerBound).update(from: inRow + valid.lowerBound, count: valid.count)
                         } else {
-                            for x in valid { columns[outRow + x] = image[inRow + x * g.stride] }
+                            for x in valid { outRow[x] = inRow[x * g.stride] }
                         }
-                        for x in valid.upperBound..<ow { columns[outRow + x] = 0 }
+                        (outRow + valid.upperBound).update(repeating: 0, count: ow - valid.upperBound)
                     }
                     row += 1
                 }
@@ -47,29 +49,40 @@ extension TensorScalar {
         }
     }
 
-    /// The adjoint of im2col: image[c, y, x] += every column entry that was read from it.
-    public static func col2imAccumulate(_ columns: UnsafeBufferPointer<Self>, _ g: ConvolutionGeometry, into image: UnsafeMutableBufferPointer<Self>) {
-        let oh = g.outputHeight, ow = g.outputWidth, positions = oh * ow
+    /// The adjoint of im2col: image[c, y, x] += every column entry that was read from it (the
+    /// same `rowLength` convention).
+    public static func col2imAccumulate(_ columns: UnsafePointer<Self>, _ g: ConvolutionGeometry, rowLength: Int, into image: UnsafeMutablePointer<Self>) {
+        let oh = g.outputHeight, ow = g.outputWidth
         var row = 0
         for c in 0..<g.inputChannels {
             let plane = c * g.height * g.width
             for i in 0..<g.kernelHeight {
                 for j in 0..<g.kernelWidth {
-                    let out = row * positions
+                    let out = columns + row * rowLength
                     let valid = validColumns(g, offset: j)
                     for y in 0..<oh {
                         let iy = y * g.stride - g.padding + i
                         if iy < 0 || iy >= g.height { continue }
-                        let inRow = plane + iy * g.width - g.padding + j
+                        let inRow = image + plane + iy * g.width - g.padding + j
                         let outRow = out + y * ow
                         if g.stride == 1 {
-                            for x in valid { image[inRow + x] += columns[outRow + x] }
+                            for x in valid { inRow[x] += outRow[x] }
                         } else {
-                            for x in valid { image[inRow + x * g.stride] += columns[outRow + x] }
+                            for x in valid { inRow[x * g.stride] += outRow[x] }
                         }
                     }
                     row += 1
                 }
+            }
+        }
+    }
+
+    /// target[b, a, :] = source[a, b, :] for an A × B × `block` source: NCHW ⇄ CNHW with
+    /// block = H·W, so one GEMM can cover every sample of a batch.
+    public static func swapOuterAxes(_ source: UnsafePointer<Self>, _ a: Int, _ b: Int, block: Int, into target: UnsafeMutablePointer<Self>) {
+        for i in 0..<a {
+            for j in 0..<b {
+                (target + (j * a + i) * block).update(from: source + (i * b + j) * block, count: block)
             }
         }
     }

@@ -123,7 +123,25 @@ public protocol PatchSource<Scalar>: AnyObject {
     associatedtype Scalar: TensorScalar
     /// θ, viewed as C_out × K.
     var patchWeight: Parameter<Scalar> { get }
-    /// The patches of the last training forward, N × K × P (P = 1 for a linear layer); nil
-    /// before the first one.
-    var lastPatches: (values: [Scalar], batch: Int, patchSize: Int, positions: Int)? { get }
+    /// The patches of the last training forward; nil before the first one and once backward
+    /// has used them.
+    var lastPatches: PatchMatrix<Scalar>? { get }
+}
+
+/// The M = N·P patches (K values each) of a batch, in one of two layouts.
+public struct PatchMatrix<Scalar: TensorScalar> {
+    public var values: [Scalar]
+    public var batch: Int, patchSize: Int, positions: Int
+    /// true: values[(n·P + p)·K + k], one patch per row (a linear layer's input);
+    /// false: values[k·M + n·P + p], one patch per column (a convolution's im2col matrix).
+    public var positionMajor: Bool
+
+    public init(values: [Scalar], batch: Int, patchSize: Int, positions: Int, positionMajor: Bool) {
+        precondition(values.count == batch * patchSize * positions, "PatchMatrix: \(values.count) values for \(batch)×\(patchSize)×\(positions)")
+        self.values = values
+        self.batch = batch
+        self.patchSize = patchSize
+        self.positions = positions
+        self.positionMajor = positionMajor
+    }
 }

@@ -26,8 +26,8 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource {
 
     public var patchWeight: Parameter<Scalar> { weight }
 
-    public var lastPatches: (values: [Scalar], batch: Int, patchSize: Int, positions: Int)? {
-        lastInput.map { ($0.scalars, $0.shape[0], inputFeatures, 1) }
+    public var lastPatches: PatchMatrix<Scalar>? {
+        lastInput.map { PatchMatrix(values: $0.scalars, batch: $0.shape[0], patchSize: inputFeatures, positions: 1, positionMajor: true) }
     }
 
     public var state: [StateEntry<Scalar>] {

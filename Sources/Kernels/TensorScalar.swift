@@ -19,8 +19,9 @@ public protocol TensorScalar: BinaryFloatingPoint, Codable, Sendable where Self.
                      a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
                      beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
 
-    static func im2col(_ image: UnsafeBufferPointer<Self>, _ geometry: ConvolutionGeometry, into columns: UnsafeMutableBufferPointer<Self>)
-    static func col2imAccumulate(_ columns: UnsafeBufferPointer<Self>, _ geometry: ConvolutionGeometry, into image: UnsafeMutableBufferPointer<Self>)
+    static func im2col(_ image: UnsafePointer<Self>, _ geometry: ConvolutionGeometry, into columns: UnsafeMutablePointer<Self>, rowLength: Int)
+    static func col2imAccumulate(_ columns: UnsafePointer<Self>, _ geometry: ConvolutionGeometry, rowLength: Int, into image: UnsafeMutablePointer<Self>)
+    static func swapOuterAxes(_ source: UnsafePointer<Self>, _ a: Int, _ b: Int, block: Int, into target: UnsafeMutablePointer<Self>)
     static func addChannelBias(_ bias: UnsafeBufferPointer<Self>, to output: UnsafeMutableBufferPointer<Self>, layout: ChannelLayout)
     static func channelSums(_ values: UnsafeBufferPointer<Self>, layout: ChannelLayout, into sums: UnsafeMutableBufferPointer<Self>)
     static func reluForward(_ x: UnsafeBufferPointer<Self>, _ y: UnsafeMutableBufferPointer<Self>)

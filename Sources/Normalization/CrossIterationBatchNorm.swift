@@ -151,7 +151,12 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         return (sum, squares)
     }
 
-    /// This rank's raw sums and their derivatives with respect to θ for the current batch.
+    /// The input with channels outermost (C × N·P), reused across steps.
+    private var channelMajorInput: [Scalar] = []
+
+    /// This rank's raw sums and their derivatives with respect to θ for the current batch, each
+    /// derivative one pass over all M = N·P patches: ∂S1/∂θ_c = the patch matrix's sums over
+    /// positions, ∂S2/∂θ = 2·X·Patchesᵀ (one C × K × M GEMM, X = the input as C × M).
     func currentEntry(_ input: Tensor<Scalar>, layout: ChannelLayout, weight: [Double]) throws -> WindowEntry {
         let C = featureCount, K = patchSize
         guard let patches = source.lastPatches, patches.batch == layout.batch, patches.patchSize == K,
@@ -161,18 +166,24 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         let packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
         var sumGradient = Scalar.filled(K, with: 0)
         var squaresGradient = Scalar.filled(C * K, with: 0)
-        let P = layout.spatial
+        let P = layout.spatial, M = layout.batch * P
+        let patchLayout = patches.positionMajor ? ChannelLayout(batch: M, channels: K, spatial: 1) : ChannelLayout(batch: 1, channels: K, spatial: M)
+        if !patches.positionMajor && channelMajorInput.count < C * M { channelMajorInput = Scalar.filled(C * M, with: 0) }
         patches.values.withUnsafeBufferPointer { cols in
-            sumGradient.withUnsafeMutableBufferPointer { g in
-                Scalar.channelSums(cols, layout: ChannelLayout(batch: layout.batch, channels: K, spatial: P), into: g)
-            }
+            guard M > 0 else { return }
+            sumGradient.withUnsafeMutableBufferPointer { g in Scalar.channelSums(cols, layout: patchLayout, into: g) }
             input.scalars.withUnsafeBufferPointer { x in
                 squaresGradient.withUnsafeMutableBufferPointer { g in
-                    for n in 0..<layout.batch {
-                        // ∂S2/∂θ += 2·X_n (C × P) · cols_nᵀ (P × K)
-                        Scalar.gemm(transposeA: false, transposeB: true, m: C, n: K, k: P, alpha: 2,
-                                    a: x.baseAddress! + n * C * P, lda: P, b: cols.baseAddress! + n * K * P, ldb: P,
-                                    beta: 1, c: g.baseAddress!, ldc: K)
+                    if patches.positionMajor {
+                        // x is M × C and the patches M × K: ∂S2/∂θ = 2·xᵀ·patches.
+                        Scalar.gemm(transposeA: true, transposeB: false, m: C, n: K, k: M, alpha: 2, a: x.baseAddress!, lda: C,
+                                    b: cols.baseAddress!, ldb: K, beta: 0, c: g.baseAddress!, ldc: K)
+                    } else {
+                        channelMajorInput.withUnsafeMutableBufferPointer { t in
+                            Scalar.swapOuterAxes(x.baseAddress!, layout.batch, C, block: P, into: t.baseAddress!)
+                            Scalar.gemm(transposeA: false, transposeB: true, m: C, n: K, k: M, alpha: 2, a: t.baseAddress!, lda: M,
+                                        b: cols.baseAddress!, ldb: M, beta: 0, c: g.baseAddress!, ldc: K)
+                        }
                     }
                 }
             }

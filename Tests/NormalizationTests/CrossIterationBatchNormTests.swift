@@ -13,7 +13,7 @@ final class FrozenWeightSource: PatchSource {
         self.conv = conv
         patchWeight = Parameter(conv.weight.value)
     }
-    var lastPatches: (values: [Double], batch: Int, patchSize: Int, positions: Int)? { conv.lastPatches }
+    var lastPatches: PatchMatrix<Double>? { conv.lastPatches }
 }
 
 /// conv → CBN as one layer whose every forward starts from the same window and running
@@ -173,6 +173,52 @@ final class CrossIterationBatchNormTests: XCTestCase {
             let ratio = errors[i - 1] / errors[i]
             XCTAssertEqual(ratio, 4, accuracy: 0.05, "halving Δθ quarters the E[x²] error (\(errors))")
         }
+    }
+
+    /// The window entry's derivatives, computed for the whole batch at once (one GEMM over the
+    /// K × N·P patch matrix), against the per-sample, per-position definition
+    /// ∂S1_c/∂θ_c = Σ_{n,p} patch_{n,p} and ∂S2_c/∂θ_c = 2·Σ_{n,p} x_{n,c,p}·patch_{n,p}, for a
+    /// strided conv with odd sizes, a pointwise conv and a linear layer.
+    func testBatchedWindowDerivativesEqualThePerSampleDefinition() throws {
+        func check(_ source: some Layer<Double> & PatchSource<Double>, input: Tensor<Double>, patch: (Int, Int) -> [Double], _ what: String) throws {
+            let x = try source.forward(input, mode: .training)
+            let C = x.shape[1], N = x.shape[0], P = x.shape.dropFirst(2).reduce(1, *)
+            let cbn = CrossIterationBatchNorm<Double>(featureCount: C, source: source, window: 2)
+            _ = try cbn.forward(x, mode: .training)
+            let entry = cbn.entries[0]
+            let K = entry.sumGradient.count
+            var sumGradient = [Double](repeating: 0, count: K), squaresGradient = [Double](repeating: 0, count: C * K)
+            for n in 0..<N {
+                for p in 0..<P {
+                    let row = patch(n, p)
+                    for k in 0..<K {
+                        sumGradient[k] += row[k]
+                        for c in 0..<C { squaresGradient[c * K + k] += 2 * x.scalars[(n * C + c) * P + p] * row[k] }
+                    }
+                }
+            }
+            assertClose(entry.sumGradient, sumGradient, relTol: 1e-12, absTol: 1e-12, "∂S1/∂θ, \(what)")
+            assertClose(entry.sumOfSquaresGradient, squaresGradient, relTol: 1e-12, absTol: 1e-12, "∂S2/∂θ, \(what)")
+        }
+        for (kernel, stride, padding) in [(3, 2, 1), (1, 1, 0)] {
+            var random = DeterministicRandom(seed: 90)
+            let conv = Conv2d<Double>(inputChannels: 2, outputChannels: 3, kernelSize: kernel, stride: stride, padding: padding, bias: false, random: &random)
+            let input = randomTensor([3, 2, 7, 5], seed: 91, mean: 0.4)
+            let OW = (5 + 2 * padding - kernel) / stride + 1
+            try check(conv, input: input, patch: { n, p in
+                let (i, j) = (p / OW, p % OW)
+                var row: [Double] = []
+                for c in 0..<2 { for u in 0..<kernel { for v in 0..<kernel {
+                    let yy = i * stride - padding + u, xx = j * stride - padding + v
+                    row.append(yy >= 0 && yy < 7 && xx >= 0 && xx < 5 ? input.scalars[((n * 2 + c) * 7 + yy) * 5 + xx] : 0)
+                } } }
+                return row
+            }, "conv \(kernel)×\(kernel) stride \(stride)")
+        }
+        var random = DeterministicRandom(seed: 92)
+        let linear = Linear<Double>(inputFeatures: 5, outputFeatures: 4, bias: false, random: &random)
+        let features = randomTensor([6, 5], seed: 93, mean: 0.3)
+        try check(linear, input: features, patch: { n, _ in Array(features.scalars[(n * 5)..<(n * 5 + 5)]) }, "linear")
     }
 
     func testNegativeCompensatedVarianceDropsTheEntry() throws {
