@@ -103,6 +103,23 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     /// inference) and the output or output gradient with channels outermost (C_out × N·P).
     private var inferenceColumns: [Scalar] = []
     private var channelMajor: [Scalar] = []
+    /// Backward's GEMM result when patch statistics ride along: (2·C_out + 1) × K.
+    private var fusedResult: [Scalar] = []
+
+    /// Set by a layer that needs, besides dW, the patch statistics of the last training batch
+    /// (cross-iteration BN): Σ_i patch_i (K values) and Σ_i y_{i,c}·patch_i (C_out × K), y being
+    /// this layer's output. While set, the workspace keeps forward's output channel-major and the
+    /// next backward computes all three in ONE GEMM, [dY'; Y'; 1]·colsᵀ (the columns are packed
+    /// once for the three), hands them over, and clears the receiver. Only a bias-free
+    /// convolution offers this (y = θ·patch exactly).
+    public var patchStatisticsReceiver: ((_ patchSum: [Double], _ outputPatchProducts: [Double]) -> Void)? {
+        didSet { precondition(bias == nil || patchStatisticsReceiver == nil, "patch statistics need a bias-free convolution") }
+    }
+    /// Whether forward keeps room for the fused backward (set once by the consumer).
+    public var providesPatchStatistics = false {
+        didSet { precondition(bias == nil || !providesPatchStatistics, "patch statistics need a bias-free convolution") }
+    }
+    private var channelMajorOutputBatch: Int?
 
     /// Forward for the whole batch at once: cols = [im2col(x_0) … im2col(x_{N−1})] (K × N·P),
     /// Y' = W·cols (one GEMM, C_out × N·P), y = Y' with its two outer axes swapped (+ b).
@@ -113,7 +130,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         var cols = mode == .training ? columns : inferenceColumns
         if mode == .training { columns = [] } else { inferenceColumns = [] }   // keep the buffer uniquely referenced
         if cols.count != K * M { cols = Scalar.filled(K * M, with: 0) }
-        if channelMajor.count < C * M { channelMajor = Scalar.filled(C * M, with: 0) }
+        // With patch statistics the workspace is [dY' (C rows); Y' (C rows); ones (1 row)] and
+        // forward writes Y' to its middle.
+        let fused = providesPatchStatistics && mode == .training
+        let rows = providesPatchStatistics ? 2 * C + 1 : C, outputRow = fused ? C : 0
+        if channelMajor.count < rows * M { channelMajor = Scalar.filled(rows * M, with: 0) }
         let pointwise = isPointwise
         let output = Tensor<Scalar>(shape: [n, C, g.outputHeight, g.outputWidth]) { y in
             guard M > 0 else { return }
@@ -131,11 +152,12 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
             weight.value.scalars.withUnsafeBufferPointer { w in
                 cols.withUnsafeBufferPointer { c in
                     channelMajor.withUnsafeMutableBufferPointer { t in
+                        let target = t.baseAddress! + outputRow * M
                         timedGEMM(m: C, n: M, k: K) {
                             Scalar.gemm(transposeA: false, transposeB: false, m: C, n: M, k: K, alpha: 1,
-                                        a: w.baseAddress!, lda: K, b: c.baseAddress!, ldb: M, beta: 0, c: t.baseAddress!, ldc: M)
+                                        a: w.baseAddress!, lda: K, b: c.baseAddress!, ldb: M, beta: 0, c: target, ldc: M)
                         }
-                        Scalar.swapOuterAxes(t.baseAddress!, C, n, block: P, into: y.baseAddress!)
+                        Scalar.swapOuterAxes(target, C, n, block: P, into: y.baseAddress!)
                     }
                 }
             }
@@ -149,6 +171,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
             columns = cols
             lastGeometry = g
             lastBatch = n
+            channelMajorOutputBatch = fused ? n : nil
         } else {
             inferenceColumns = cols
         }
@@ -169,15 +192,38 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
         var dcols = columns
         columns = []
+        let receiver = patchStatisticsReceiver
+        patchStatisticsReceiver = nil
+        // The fused GEMM reads forward's Y' from the workspace; when forward did not keep it
+        // (the receiver came after that forward), Y' = W·cols is computed again here.
+        let fused = receiver != nil
+        let recompute = fused && !(providesPatchStatistics && channelMajorOutputBatch == n)
+        let rows = fused ? 2 * C + 1 : C
+        if fused && fusedResult.count != rows * K { fusedResult = Scalar.filled(rows * K, with: 0) }
+        if channelMajor.count < rows * M { channelMajor += Scalar.filled(rows * M - channelMajor.count, with: 0) }
         outputGradient.scalars.withUnsafeBufferPointer { dy in
             channelMajor.withUnsafeMutableBufferPointer { t in
                 guard M > 0 else { return }
+                if recompute {
+                    dcols.withUnsafeBufferPointer { c in
+                        weight.value.scalars.withUnsafeBufferPointer { w in
+                            Scalar.gemm(transposeA: false, transposeB: false, m: C, n: M, k: K, alpha: 1, a: w.baseAddress!, lda: K,
+                                        b: c.baseAddress!, ldb: M, beta: 0, c: t.baseAddress! + C * M, ldc: M)
+                        }
+                    }
+                }
                 Scalar.swapOuterAxes(dy.baseAddress!, n, C, block: P, into: t.baseAddress!)
+                if fused { (t.baseAddress! + 2 * C * M).update(repeating: 1, count: M) }
                 dcols.withUnsafeMutableBufferPointer { c in
                     weightGradient.scalars.withUnsafeMutableBufferPointer { dw in
-                        timedGEMM(m: C, n: K, k: M) {
-                            Scalar.gemm(transposeA: false, transposeB: true, m: C, n: K, k: M, alpha: 1,
-                                        a: t.baseAddress!, lda: M, b: c.baseAddress!, ldb: M, beta: 0, c: dw.baseAddress!, ldc: K)
+                        fusedResult.withUnsafeMutableBufferPointer { r in
+                            // [dW; Σ y·patch; Σ patch] = [dY'; Y'; 1]·colsᵀ, or dW = dY'·colsᵀ alone.
+                            let target = fused ? r.baseAddress! : dw.baseAddress!
+                            timedGEMM(m: rows, n: K, k: M) {
+                                Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: M, alpha: 1,
+                                            a: t.baseAddress!, lda: M, b: c.baseAddress!, ldb: M, beta: 0, c: target, ldc: K)
+                            }
+                            if fused { dw.baseAddress!.update(from: r.baseAddress!, count: C * K) }
                         }
                     }
                     weight.value.scalars.withUnsafeBufferPointer { w in
@@ -187,6 +233,15 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                         }
                     }
                 }
+            }
+        }
+        channelMajorOutputBatch = nil
+        if let receiver {
+            if M == 0 {
+                receiver([Double](repeating: 0, count: K), [Double](repeating: 0, count: C * K))
+            } else if fused {
+                let widened = Scalar.widened(fusedResult)
+                receiver(Array(widened[(2 * C * K)...]), Array(widened[(C * K)..<(2 * C * K)]))
             }
         }
         let inputShape = [n, inputChannels, g.height, g.width]

@@ -31,22 +31,53 @@ extension TensorScalar {
                         let iy = y * g.stride - g.padding + i
                         let outRow = out + y * ow
                         if iy < 0 || iy >= g.height || valid.isEmpty {
-                            outRow.update(repeating: 0, count: ow)
+                            for x in 0..<ow { outRow[x] = 0 }
                             continue
                         }
                         let inRow = image + plane + iy * g.width - g.padding + j
-                        outRow.update(repeating: 0, count: valid.lowerBound)
+                        for x in 0..<valid.lowerBound { outRow[x] = 0 }
                         if g.stride == 1 {
-                            (outRow + valid.lowerBound).update(from: inRow + valid.lowerBound, count: valid.count)
+                            copyRow(from: inRow + valid.lowerBound, to: outRow + valid.lowerBound, count: valid.count)
                         } else {
                             for x in valid { outRow[x] = inRow[x * g.stride] }
                         }
-                        (outRow + valid.upperBound).update(repeating: 0, count: ow - valid.upperBound)
+                        for x in valid.upperBound..<ow { outRow[x] = 0 }
                     }
                     row += 1
                 }
             }
         }
+    }
+
+    /// target[0..<count] = source[0..<count] for short rows (an image row of a few dozen values),
+    /// without a call into memmove.
+    @inline(__always)
+    static func copyRow(from source: UnsafePointer<Self>, to target: UnsafeMutablePointer<Self>, count: Int) {
+        var x = 0
+        if Self.self == Float.self {
+            let s = UnsafeRawPointer(source), t = UnsafeMutableRawPointer(target)
+            while x + 8 <= count {
+                t.storeBytes(of: s.loadUnaligned(fromByteOffset: x * 4, as: SIMD8<Float>.self), toByteOffset: x * 4, as: SIMD8<Float>.self)
+                x += 8
+            }
+        }
+        while x < count { target[x] = source[x]; x += 1 }
+    }
+
+    /// target[0..<count] += source[0..<count], eight Float lanes at a time (the rows never overlap,
+    /// which the compiler cannot know).
+    @inline(__always)
+    static func accumulateRow(_ source: UnsafePointer<Self>, into target: UnsafeMutablePointer<Self>, count: Int) {
+        var x = 0
+        if Self.self == Float.self {
+            let s = UnsafeRawPointer(source), t = UnsafeMutableRawPointer(target)
+            while x + 8 <= count {
+                let sum = t.loadUnaligned(fromByteOffset: x * 4, as: SIMD8<Float>.self) + s.loadUnaligned(fromByteOffset: x * 4, as: SIMD8<Float>.self)
+                t.storeBytes(of: sum, toByteOffset: x * 4, as: SIMD8<Float>.self)
+                x += 8
+            }
+        }
+        while x < count { target[x] += source[x]; x += 1 }
     }
 
     /// The adjoint of im2col: image[c, y, x] += every column entry that was read from it (the
@@ -66,7 +97,7 @@ extension TensorScalar {
                         let inRow = image + plane + iy * g.width - g.padding + j
                         let outRow = out + y * ow
                         if g.stride == 1 {
-                            for x in valid { inRow[x] += outRow[x] }
+                            accumulateRow(outRow + valid.lowerBound, into: inRow + valid.lowerBound, count: valid.count)
                         } else {
                             for x in valid { inRow[x * g.stride] += outRow[x] }
                         }

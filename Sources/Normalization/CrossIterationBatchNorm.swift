@@ -68,6 +68,14 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     let saved: RankLocalState
     /// What the last training forward used from the window, for `.compensated` backward.
     private var lastWindow: UsedWindow?
+    /// The source, when it is a bias-free convolution: then the newest entry's derivatives come
+    /// out of that convolution's backward GEMM together with its weight gradient (see
+    /// ``Conv2d/patchStatisticsReceiver``) instead of a GEMM of their own in forward.
+    private let fusedSource: Conv2d<Scalar>?
+    /// The iteration whose entry (the newest) still waits for its derivatives from the source's
+    /// backward. An entry whose backward never came (a training forward without backward) is
+    /// left out of the window.
+    private var pendingIteration: Int?
     /// Window measurements summed over training forwards since the last ``takeDiagnostics()``.
     private var diagnosticSums = CrossIterationDiagnostics()
 
@@ -102,6 +110,12 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             let expected = 2 + Int(values[1]) * width
             return values.count == expected ? nil : "holds \(values.count) values where \(Int(values[1])) window entries of this layer take \(expected)"
         }, emptied: { other in [other.first ?? 0, 0] })
+        if let conv = source as? Conv2d<Scalar>, conv.bias == nil {
+            conv.providesPatchStatistics = true
+            fusedSource = conv
+        } else {
+            fusedSource = nil
+        }
         super.init(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
     }
 
@@ -112,11 +126,12 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
 
     var patchSize: Int { source.patchWeight.value.count / featureCount }
 
-    /// The stored past iterations, most recent first.
+    /// The stored past iterations, most recent first (without one whose derivatives never came).
     public var entries: [WindowEntry] {
         let C = featureCount, K = patchSize, width = 1 + 2 * C + K + 2 * C * K
         let values = saved.values
-        return (0..<Int(values[1])).map { j in
+        let skip = pendingIteration == iterations ? 1 : 0
+        return (skip..<Int(values[1])).map { j in
             var offset = 2 + j * width
             func take(_ n: Int) -> [Double] { defer { offset += n }; return Array(values[offset..<(offset + n)]) }
             let count = take(1)[0]
@@ -198,18 +213,33 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         lastWindow = nil
         guard window > 1, iteration > burnIn else {
             store(iterations: iteration, entries: entries)
+            pendingIteration = nil
             return try super.trainingStatistics(input, layout: layout)
         }
-        let C = featureCount
+        let C = featureCount, K = patchSize
         let weight = Scalar.widened(source.patchWeight.value.scalars)
-        let current = try currentEntry(input, layout: layout, weight: weight)
         let past = entries
+        let current: WindowEntry
+        if let conv = fusedSource {
+            // The sums now; the derivatives from the convolution's backward (receivePatchStatistics).
+            guard let patches = conv.lastPatches, patches.batch == layout.batch, patches.positions == layout.spatial else {
+                throw LayerError("CrossIterationBatchNorm: its source layer must run the training forward that produced this input")
+            }
+            let packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
+            current = WindowEntry(count: packed[0], sum: Array(packed[1...C]), sumOfSquares: Array(packed[(C + 1)...]),
+                                  sumGradient: [Double](repeating: 0, count: K), sumOfSquaresGradient: [Double](repeating: 0, count: C * K),
+                                  weight: weight)
+        } else {
+            current = try currentEntry(input, layout: layout, weight: weight)
+        }
 
         // One all-reduce: the current sums and every compensated past entry.
         var packed = [current.count] + current.sum + current.sumOfSquares
+        var compensatedSquares: [[Double]] = []
         for entry in past {
             let (sum, squares) = Self.compensate(entry, to: weight, rho: rho)
             packed += [entry.count] + sum + squares
+            compensatedSquares.append(squares)
         }
         if let group { try group.allReduceSum(&packed) }
 
@@ -219,6 +249,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         guard M > 0 else {
             lastStatistics = nil
             store(iterations: iteration, entries: past)
+            pendingIteration = nil
             return nil
         }
         let mean = (0..<C).map { packed[1 + $0] / M }
@@ -248,8 +279,14 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             lastWindow = UsedWindow(entries: past, counts: (0..<past.count).map { packed[(1 + 2 * C) * ($0 + 1)] }, kept: kept,
                                     entryCounts: valid, clamped: rawVariance.map { $0 < 0 })
         }
-        recordDiagnostics(past: past, weight: weight, kept: valid, variance: variance, current: currentStatistics.variance)
+        recordDiagnostics(past: past, compensatedSquares: compensatedSquares, kept: valid, variance: variance, current: currentStatistics.variance)
         store(iterations: iteration, entries: stored)
+        if let conv = fusedSource {
+            pendingIteration = iteration
+            conv.patchStatisticsReceiver = { [weak self] patchSum, products in self?.receivePatchStatistics(patchSum, products, for: iteration) }
+        } else {
+            pendingIteration = nil
+        }
         return TrainingNormalization(mean: averageMean, variance: variance, counts: valid.map { $0 * M }, current: currentStatistics)
     }
 
@@ -278,7 +315,21 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         source.patchWeight.pendingGradient = pending
     }
 
-    func recordDiagnostics(past: [WindowEntry], weight: [Double], kept: [Double], variance: [Double], current: [Double]) {
+    /// The newest entry's derivatives, from the source convolution's backward:
+    /// ∂S1/∂θ_c = Σ_i patch_i and ∂S2/∂θ_c = 2·Σ_i x_{i,c}·patch_i, written into the stored window.
+    func receivePatchStatistics(_ patchSum: [Double], _ products: [Double], for iteration: Int) {
+        guard pendingIteration == iteration, iterations == iteration, Int(saved.values[1]) >= 1 else { return }
+        let C = featureCount, K = patchSize
+        precondition(patchSum.count == K && products.count == C * K, "patch statistics of the wrong size")
+        let base = 2 + 1 + 2 * C
+        saved.values.withUnsafeMutableBufferPointer { v in
+            for k in 0..<K { v[base + k] = patchSum[k] }
+            for i in 0..<(C * K) { v[base + K + i] = 2 * products[i] }
+        }
+        pendingIteration = nil
+    }
+
+    func recordDiagnostics(past: [WindowEntry], compensatedSquares: [[Double]], kept: [Double], variance: [Double], current: [Double]) {
         let C = featureCount
         diagnosticSums.forwards += 1
         diagnosticSums.entriesKept += kept.reduce(0, +) / Double(C)
@@ -286,8 +337,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             diagnosticSums.windowForwards += 1
             diagnosticSums.droppedFraction += 1 - (kept.reduce(0, +) / Double(C) - 1) / Double(past.count)
             var change = 0.0, size = 0.0
-            for entry in past {
-                let (_, squares) = Self.compensate(entry, to: weight, rho: rho)
+            for (entry, squares) in zip(past, compensatedSquares) {
                 for c in 0..<C {
                     change += abs(squares[c] - entry.sumOfSquares[c])
                     size += abs(entry.sumOfSquares[c])

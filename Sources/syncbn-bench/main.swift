@@ -13,7 +13,7 @@ struct SyncBNBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "syncbn-bench",
         abstract: "Benchmark and verify syncbn's layers and collectives (run under mpirun for several ranks).",
-        subcommands: [Limits.self, LayerBench.self, AllReduceBench.self, TrainBench.self, SelfTest.self])
+        subcommands: [Limits.self, LayerBench.self, ConvBench.self, AllReduceBench.self, TrainBench.self, SelfTest.self])
 }
 
 /// One BN layer forward + backward, sharded over the ranks of the job.
@@ -176,6 +176,89 @@ struct LayerBench: ParsableCommand {
                                   norm, inputs.x.shape.map(String.init).joined(separator: "×"), world.size, median * 1e3, gbps, 100 * gbps / copy, copy))
                 printJSON(["benchmark": "layer", "norm": norm, "shape": inputs.x.shape, "ranks": world.size, "repeat": repeats,
                            "median_s": median, "gb_per_s": gbps, "copy_gb_per_s": copy, "fraction_of_copy": gbps / copy])
+            }
+        }
+    }
+}
+
+/// One convolution's forward and backward, timed pass by pass.
+struct ConvBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "conv",
+        abstract: "Time one Conv2d layer's forward and backward and compare their GFLOP/s with sgemm.",
+        discussion: """
+        FLOPs are 2·N·C_out·K·P per pass (K = C_in·k², P = output positions): forward, the weight gradient and \
+        the input gradient each do that much multiply-add work. Times are medians of --repeat iterations after \
+        two warm-up ones; each rank runs its own layer (start several ranks to measure under contention).
+        """)
+
+    @Option(help: "Input shape N,C,H,W.")
+    var shape: String = "32,16,28,28"
+    @Option(help: "Output channels.")
+    var outChannels: Int = 16
+    @Option(help: "Kernel size (square).")
+    var kernel: Int = 3
+    @Option(help: "Stride.")
+    var stride: Int = 1
+    @Option(help: "Padding (default: kernel / 2).")
+    var padding: Int?
+    @Option(name: .customLong("repeat"), help: "Timed iterations.")
+    var repetitions: Int = 20
+
+    func dims() throws -> [Int] {
+        let dims = shape.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard dims.count == 4, dims.allSatisfy({ $0 >= 1 }), dims.reduce(1, *) <= 1 << 28 else {
+            throw ValidationError("--shape must be N,C,H,W with positive sizes (at most 2^28 elements), got '\(shape)'")
+        }
+        return dims
+    }
+
+    func validate() throws {
+        let d = try dims()
+        guard (1...4096).contains(outChannels), (1...15).contains(kernel), (1...8).contains(stride), (1...100_000).contains(repetitions) else {
+            throw ValidationError("--out-channels (1…4096), --kernel (1…15), --stride (1…8) and --repeat (1…100000) must be in range")
+        }
+        let p = padding ?? kernel / 2
+        guard p >= 0 && p < kernel, d[2] + 2 * p >= kernel, d[3] + 2 * p >= kernel else {
+            throw ValidationError("--padding must be in 0..<kernel and the padded input at least the kernel's size")
+        }
+    }
+
+    func run() throws {
+        let d = try dims(), out = outChannels, kernel = self.kernel, stride = self.stride, padding = self.padding ?? kernel / 2
+        let repeats = repetitions
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench") { world in
+            var random = DeterministicRandom(seed: 5, stream: [UInt64(world.rank)])
+            let conv = Conv2d<Float>(inputChannels: d[1], outputChannels: out, kernelSize: kernel, stride: stride, padding: padding,
+                                     bias: false, random: &random)
+            let x = Tensor<Float>.normal(shape: d, using: &random)
+            let g = try conv.geometry(for: d)
+            let dy = Tensor<Float>.normal(shape: [d[0], out, g.outputHeight, g.outputWidth], using: &random)
+            var forward: [Double] = [], backward: [Double] = []
+            try world.barrier()
+            for iteration in 0..<(repeats + 2) {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                _ = try conv.forward(x, mode: .training)
+                let t1 = DispatchTime.now().uptimeNanoseconds
+                _ = try conv.backward(dy)
+                let t2 = DispatchTime.now().uptimeNanoseconds
+                if iteration >= 2 {
+                    forward.append(Double(t1 - t0) * 1e-9)
+                    backward.append(Double(t2 - t1) * 1e-9)
+                }
+            }
+            let gemm = MachineLimits.gemmGFLOPs()
+            let flops = 2 * Double(d[0] * out * g.patchSize * g.positions)
+            let f = forward.sorted()[repeats / 2], b = backward.sorted()[repeats / 2]
+            let rates = try world.allGather([flops / f / 1e9, 2 * flops / b / 1e9, 3 * flops / (f + b) / 1e9, gemm])
+            if world.rank == 0 {
+                let mean = (0..<4).map { i in rates.reduce(0) { $0 + $1[i] } / Double(rates.count) }
+                printTable(String(format: "conv %@ → %d, %d×%d stride %d pad %d on %d rank(s): forward %.3f ms (%.1f GFLOP/s), backward %.3f ms (%.1f GFLOP/s), together %.1f GFLOP/s = %.0f%% of sgemm 512³ %.1f (rank 0's times, mean rates)",
+                                  d.map(String.init).joined(separator: "×"), out, kernel, kernel, stride, padding, world.size, f * 1e3, mean[0],
+                                  b * 1e3, mean[1], mean[2], 100 * mean[2] / mean[3], mean[3]))
+                printJSON(["benchmark": "conv", "shape": d, "out_channels": out, "kernel": kernel, "stride": stride, "padding": padding,
+                           "ranks": world.size, "forward_s": f, "backward_s": b, "gflop_per_s": mean[2], "sgemm_gflop_per_s": mean[3],
+                           "fraction_of_sgemm": mean[2] / mean[3]])
             }
         }
     }

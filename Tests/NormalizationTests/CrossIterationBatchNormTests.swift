@@ -54,6 +54,15 @@ final class ConvCBNPair: Layer {
 }
 
 final class CrossIterationBatchNormTests: XCTestCase {
+    /// One training iteration of conv → CBN, backward included: a convolution source hands CBN
+    /// the window entry's derivatives from its backward GEMM.
+    @discardableResult
+    func iterate(_ conv: Conv2d<Double>, _ cbn: CrossIterationBatchNorm<Double>, _ input: Tensor<Double>, seed: UInt64 = 99) throws -> Tensor<Double> {
+        let y = try cbn.forward(try conv.forward(input, mode: .training), mode: .training)
+        _ = try conv.backward(try cbn.backward(randomTensor(y.shape, seed: seed)))
+        return y
+    }
+
     func makeConv(seed: UInt64 = 1, channels: Int = 3) -> Conv2d<Double> {
         var random = DeterministicRandom(seed: seed)
         return Conv2d<Double>(inputChannels: 2, outputChannels: channels, kernelSize: 3, padding: 1, bias: false, random: &random)
@@ -91,7 +100,7 @@ final class CrossIterationBatchNormTests: XCTestCase {
         cbn.bias.value.scalars = [0.1, 0.2, 0.3]
         for step in 0..<3 {
             perturb(conv, by: 0.3, seed: UInt64(300 + step))
-            _ = try cbn.forward(try conv.forward(randomTensor([3, 2, 4, 4], seed: UInt64(30 + step), mean: 0.5), mode: .training), mode: .training)
+            try iterate(conv, cbn, randomTensor([3, 2, 4, 4], seed: UInt64(30 + step), mean: 0.5))
         }
         XCTAssertEqual(cbn.entries.count, 3)
         perturb(conv, by: 0.3, seed: 400)
@@ -139,6 +148,7 @@ final class CrossIterationBatchNormTests: XCTestCase {
                 }
             }
             y = try cbn.forward(x, mode: .training)
+            _ = try conv.backward(try cbn.backward(randomTensor(y.shape, seed: 7)))
         }
         let union = Tensor.concatenate(outputs, sampleShape: [3, 3, 3])
         let (mean, variance) = referenceStatistics(union.scalars, shape: union.shape)
@@ -153,7 +163,7 @@ final class CrossIterationBatchNormTests: XCTestCase {
         let conv = makeConv(seed: 3)
         let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 2)
         let batch = randomTensor([3, 2, 5, 5], seed: 40, mean: 0.7)
-        _ = try cbn.forward(try conv.forward(batch, mode: .training), mode: .training)
+        try iterate(conv, cbn, batch)
         let entry = cbn.entries[0]
         let original = conv.weight.value
         var errors: [Double] = []
@@ -175,17 +185,23 @@ final class CrossIterationBatchNormTests: XCTestCase {
         }
     }
 
-    /// The window entry's derivatives, computed for the whole batch at once (one GEMM over the
-    /// K × N·P patch matrix), against the per-sample, per-position definition
-    /// ∂S1_c/∂θ_c = Σ_{n,p} patch_{n,p} and ∂S2_c/∂θ_c = 2·Σ_{n,p} x_{n,c,p}·patch_{n,p}, for a
-    /// strided conv with odd sizes, a pointwise conv and a linear layer.
+    /// The window entry's derivatives, computed for the whole batch at once, against the
+    /// per-sample, per-position definition ∂S1_c/∂θ_c = Σ_{n,p} patch_{n,p} and
+    /// ∂S2_c/∂θ_c = 2·Σ_{n,p} x_{n,c,p}·patch_{n,p}: from a convolution's backward GEMM (a strided
+    /// conv with odd sizes and a pointwise one; also when the CBN arrived after the conv's forward,
+    /// so the conv's output is recomputed), from CBN's own GEMM in forward (the same convs behind
+    /// a source that is not a Conv2d), and for a linear layer.
     func testBatchedWindowDerivativesEqualThePerSampleDefinition() throws {
-        func check(_ source: some Layer<Double> & PatchSource<Double>, input: Tensor<Double>, patch: (Int, Int) -> [Double], _ what: String) throws {
-            let x = try source.forward(input, mode: .training)
+        func check(_ layer: some Layer<Double>, source: any PatchSource<Double>, input: Tensor<Double>, patch: (Int, Int) -> [Double],
+                   createdAfterForward: Bool = false, _ what: String) throws {
+            let channels = source.patchWeight.value.shape[0]
+            var cbn = createdAfterForward ? nil : CrossIterationBatchNorm<Double>(featureCount: channels, source: source, window: 2)
+            let x = try layer.forward(input, mode: .training)
             let C = x.shape[1], N = x.shape[0], P = x.shape.dropFirst(2).reduce(1, *)
-            let cbn = CrossIterationBatchNorm<Double>(featureCount: C, source: source, window: 2)
-            _ = try cbn.forward(x, mode: .training)
-            let entry = cbn.entries[0]
+            if cbn == nil { cbn = CrossIterationBatchNorm<Double>(featureCount: channels, source: source, window: 2) }
+            let y = try cbn!.forward(x, mode: .training)
+            _ = try layer.backward(try cbn!.backward(randomTensor(y.shape, seed: 94)))
+            let entry = cbn!.entries[0]
             let K = entry.sumGradient.count
             var sumGradient = [Double](repeating: 0, count: K), squaresGradient = [Double](repeating: 0, count: C * K)
             for n in 0..<N {
@@ -201,11 +217,9 @@ final class CrossIterationBatchNormTests: XCTestCase {
             assertClose(entry.sumOfSquaresGradient, squaresGradient, relTol: 1e-12, absTol: 1e-12, "∂S2/∂θ, \(what)")
         }
         for (kernel, stride, padding) in [(3, 2, 1), (1, 1, 0)] {
-            var random = DeterministicRandom(seed: 90)
-            let conv = Conv2d<Double>(inputChannels: 2, outputChannels: 3, kernelSize: kernel, stride: stride, padding: padding, bias: false, random: &random)
             let input = randomTensor([3, 2, 7, 5], seed: 91, mean: 0.4)
             let OW = (5 + 2 * padding - kernel) / stride + 1
-            try check(conv, input: input, patch: { n, p in
+            func patch(_ n: Int, _ p: Int) -> [Double] {
                 let (i, j) = (p / OW, p % OW)
                 var row: [Double] = []
                 for c in 0..<2 { for u in 0..<kernel { for v in 0..<kernel {
@@ -213,19 +227,41 @@ final class CrossIterationBatchNormTests: XCTestCase {
                     row.append(yy >= 0 && yy < 7 && xx >= 0 && xx < 5 ? input.scalars[((n * 2 + c) * 7 + yy) * 5 + xx] : 0)
                 } } }
                 return row
-            }, "conv \(kernel)×\(kernel) stride \(stride)")
+            }
+            for (fused, late) in [(true, false), (true, true), (false, false)] {
+                var random = DeterministicRandom(seed: 90)
+                let conv = Conv2d<Double>(inputChannels: 2, outputChannels: 3, kernelSize: kernel, stride: stride, padding: padding, bias: false, random: &random)
+                try check(conv, source: fused ? conv : FrozenWeightSource(conv), input: input, patch: patch, createdAfterForward: late,
+                          "conv \(kernel)×\(kernel) stride \(stride), \(fused ? "from the conv's backward" : "in forward")\(late ? ", output recomputed" : "")")
+            }
         }
         var random = DeterministicRandom(seed: 92)
         let linear = Linear<Double>(inputFeatures: 5, outputFeatures: 4, bias: false, random: &random)
         let features = randomTensor([6, 5], seed: 93, mean: 0.3)
-        try check(linear, input: features, patch: { n, _ in Array(features.scalars[(n * 5)..<(n * 5 + 5)]) }, "linear")
+        try check(linear, source: linear, input: features, patch: { n, _ in Array(features.scalars[(n * 5)..<(n * 5 + 5)]) }, "linear")
+    }
+
+    /// With a convolution source the newest entry's derivatives arrive with the conv's backward;
+    /// an iteration whose backward never ran does not enter the window.
+    func testATrainingForwardWithoutBackwardStaysOutOfTheWindow() throws {
+        let conv = makeConv(seed: 6)
+        let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3)
+        try iterate(conv, cbn, randomTensor([2, 2, 4, 4], seed: 95, mean: 0.2))
+        XCTAssertEqual(cbn.entries.count, 1)
+        let kept = cbn.entries[0]
+        XCTAssertFalse(kept.sumGradient.allSatisfy { $0 == 0 }, "the derivatives arrived")
+        _ = try cbn.forward(try conv.forward(randomTensor([2, 2, 4, 4], seed: 96, mean: 0.2), mode: .training), mode: .training)
+        XCTAssertEqual(cbn.entries, [kept], "no backward: the new iteration is not a window entry")
+        try iterate(conv, cbn, randomTensor([2, 2, 4, 4], seed: 97, mean: 0.2))
+        XCTAssertEqual(cbn.entries.count, 2)
+        XCTAssertEqual(cbn.entries[1], kept)
     }
 
     func testNegativeCompensatedVarianceDropsTheEntry() throws {
         // A huge weight change makes the linear compensation of S2 overshoot below S1²/m.
         let conv = makeConv(seed: 4, channels: 2)
         let cbn = CrossIterationBatchNorm<Double>(featureCount: 2, source: conv, window: 2)
-        _ = try cbn.forward(try conv.forward(randomTensor([2, 2, 3, 3], seed: 50, mean: 2), mode: .training), mode: .training)
+        try iterate(conv, cbn, randomTensor([2, 2, 3, 3], seed: 50, mean: 2))
         for i in 0..<conv.weight.value.count { conv.weight.value.scalars[i] *= -3 }
         let past = cbn.entries[0]
         let x = try conv.forward(randomTensor([2, 2, 3, 3], seed: 51, mean: 2), mode: .training)
