@@ -27,6 +27,28 @@ extension TensorScalar {
                 for j in 0..<g.kernelWidth {
                     let out = columns + row * rowLength
                     let valid = validColumns(g, offset: j)
+                    if g.stride == 1 && ow == g.width && g.width > 2 * g.padding {
+                        // "Same" padding, stride 1: the valid output rows are the image's rows
+                        // shifted by j − p, one contiguous copy, with the column that fell off
+                        // the edge of each row set to 0 afterwards.
+                        let shift = j - g.padding
+                        let y0 = min(max(0, g.padding - i), oh), y1 = min(oh, g.height + g.padding - i)
+                        out.update(repeating: 0, count: y0 * ow)
+                        if y1 > y0 {
+                            let first = y0 * ow, count = (y1 - y0) * ow
+                            let source = image + plane + (y0 + i - g.padding) * g.width + shift
+                            // Skip the element before the block (shift < 0) or after it (shift > 0).
+                            let skipFront = max(0, -shift), skipBack = max(0, shift)
+                            (out + first + skipFront).update(from: source + skipFront, count: count - skipFront - skipBack)
+                            for y in y0..<y1 {
+                                for x in 0..<valid.lowerBound { out[y * ow + x] = 0 }
+                                for x in valid.upperBound..<ow { out[y * ow + x] = 0 }
+                            }
+                        }
+                        (out + max(y1, y0) * ow).update(repeating: 0, count: (oh - max(y1, y0)) * ow)
+                        row += 1
+                        continue
+                    }
                     for y in 0..<oh {
                         let iy = y * g.stride - g.padding + i
                         let outRow = out + y * ow

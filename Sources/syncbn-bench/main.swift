@@ -384,7 +384,7 @@ struct TrainBench: ParsableCommand {
         commandName: "train",
         abstract: "Time training steps of a model and split them into compute, communication and data.",
         discussion: """
-        For each --norm (default: bn then syncbn, so their ratio comes from one run): samples/s over all ranks, \
+        For each --norm (default: bn then syncbn, so their ratio comes from one run; cbn adds its own ratio to bn): samples/s over all ranks, \
         seconds per step split into compute / communication (time blocked in collectives) / data, peak RSS \
         per rank, the GEMM GFLOP/s achieved inside the conv layers (as a fraction of sgemm 512³ measured in \
         this run), and collectives per step. The first --warmup steps are not timed.
@@ -470,9 +470,12 @@ struct TrainBench: ParsableCommand {
             var json: [String: Any] = ["benchmark": "train", "model": model.rawValue, "width": width, "data": source,
                                        "sample_shape": split.train.sampleShape, "ranks": world.size, "batch_size": batch,
                                        "steps": steps, "sgemm_gflop_per_s": gemmLimit, "runs": results]
-            if let bn = stepSeconds[.bn], let sync = stepSeconds[.syncbn] {
-                json["syncbn_over_bn"] = sync / bn
-                if world.rank == 0 { printTable(String(format: "syncbn step / bn step = %.3f", sync / bn)) }
+            if let bn = stepSeconds[.bn] {
+                for kind in [NormalizationKind.syncbn, .cbn] {
+                    guard let other = stepSeconds[kind] else { continue }
+                    json["\(kind.rawValue)_over_bn"] = other / bn
+                    if world.rank == 0 { printTable(String(format: "%@ step / bn step = %.3f", kind.rawValue, other / bn)) }
+                }
             }
             if world.rank == 0 { printJSON(json) }
         }
