@@ -23,6 +23,8 @@ final class BenchmarkTests: XCTestCase {
             (["layer", "--shape", "8,4,6,6"], "out"),
             (["allreduce", "--repeats", "2"], "sizes"),
             (["train", "--steps", "2", "--warmup", "1", "--batch-size", "8"], "syncbn_over_bn"),
+            (["train", "--steps", "1", "--warmup", "1", "--batch-size", "4", "--model", "resnet20", "--width", "0.25", "--norms", "bn,cbn"], "cbn_over_bn"),
+            (["conv", "--shape", "3,2,7,5", "--out-channels", "4", "--stride", "2", "--repeat", "2"], "fraction_of_sgemm"),
         ]
         for (args, key) in cases {
             for ranks in [1, 2] {
@@ -31,6 +33,61 @@ final class BenchmarkTests: XCTestCase {
                 XCTAssertEqual(object["ranks"] as? Int, ranks, "\(args)")
                 XCTAssertNotNil(object[key], "\(args) on \(ranks) rank(s): \(object)")
             }
+        }
+    }
+
+    /// tools/cost_model.py on all-reduce timings made from known α and β: the fit gives them back
+    /// and the predictions follow the documented formulas; bad input is a one-line error.
+    func testCostModelFitsAlphaBetaAndPredictsByItsFormulas() throws {
+        let directory = NSTemporaryDirectory() + "syncbn-cost-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        func write(_ name: String, alpha: Double, beta: Double, ranks: Int = 2) throws -> String {
+            // Below 4 KiB a flat latency (a different algorithm than the large messages use).
+            let sizes = (3...22).map { 1 << $0 }.map { n -> [String: Any] in
+                ["bytes": n, "median_s": n <= 4096 ? alpha : alpha + beta * Double(n), "gb_per_s": 0] }
+            let object: [String: Any] = ["benchmark": "allreduce", "ranks": ranks, "repeat": 1, "sizes": sizes]
+            let path = directory + "/" + name
+            try JSONSerialization.data(withJSONObject: object).write(to: URL(fileURLWithPath: path))
+            return path
+        }
+        let shm = try write("shm.json", alpha: 1e-6, beta: 1e-10), net = try write("net.json", alpha: 2e-5, beta: 1e-9)
+        let tool = Harness.repositoryRoot + "/tools/cost_model.py"
+        let result = try runProcess("/usr/bin/python3", [tool, "--shm", shm, "--net", net, "--ranks", "8,64", "--ranks-per-node", "8",
+                                                          "--models", "resnet20", "--json"], timeout: 60)
+        XCTAssertEqual(result.status, 0, describe(result))
+        let object = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        let fit = try XCTUnwrap(object["fit"] as? [String: [String: Double]])
+        XCTAssertEqual(fit["shm"]!["alpha_us"]!, 1, accuracy: 1e-9)
+        XCTAssertEqual(fit["shm"]!["gb_per_s"]!, 10, accuracy: 1e-6)
+        XCTAssertEqual(fit["net"]!["alpha_us"]!, 20, accuracy: 1e-9)
+        XCTAssertEqual(fit["net"]!["gb_per_s"]!, 1, accuracy: 1e-6)
+        // ResNet-20's BN layers: 16 ×7, 32 ×7, 64 ×7; forward 8·(2C + 1) bytes, backward 8·2C.
+        func allReduce(_ P: Int, _ n: Double, _ alpha: Double, _ beta: Double) -> Double {
+            min(ceil(log2(Double(P))) * (alpha + beta * n), 2 * Double(P - 1) * alpha + 2 * Double(P - 1) / Double(P) * beta * n)
+        }
+        var grouped = 0.0, flat = 0.0
+        for C in [16, 32, 64] {
+            for n in [8 * (2 * C + 1), 16 * C].map(Double.init) {
+                grouped += 7 * allReduce(8, n, 1e-6, 1e-10)
+                flat += 7 * (allReduce(8, n, 1e-6, 1e-10) + allReduce(8, n, 2e-5, 1e-9))
+            }
+        }
+        let rows = try XCTUnwrap(object["predictions"] as? [[String: Any]])
+        XCTAssertEqual(rows.count, 2)
+        XCTAssertEqual(rows[0]["ranks"] as? Int, 8)
+        XCTAssertEqual(rows[0]["flat_ms"] as! Double, grouped * 1e3, accuracy: 1e-9, "8 ranks fit in one machine")
+        XCTAssertEqual(rows[1]["grouped_ms"] as! Double, grouped * 1e3, accuracy: 1e-9)
+        XCTAssertEqual(rows[1]["flat_ms"] as! Double, flat * 1e3, accuracy: 1e-9)
+
+        let wrongRanks = try write("four.json", alpha: 1e-6, beta: 1e-10, ranks: 4)
+        for (arguments, expected) in [(["--shm", wrongRanks, "--net", net], "needs a 2-rank run"),
+                                      (["--shm", shm, "--net", directory + "/missing.json"], "missing.json"),
+                                      (["--shm", shm, "--net", net, "--models", "vgg"], "unknown model 'vgg'")] {
+            let bad = try runProcess("/usr/bin/python3", [tool] + arguments, timeout: 60)
+            XCTAssertEqual(bad.status, 2, describe(bad))
+            XCTAssertEqual(bad.stderr.split(separator: "\n").count, 1, bad.stderr)
+            XCTAssertTrue(bad.stderr.contains(expected), bad.stderr)
         }
     }
 }

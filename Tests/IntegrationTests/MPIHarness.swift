@@ -5,6 +5,10 @@ import XCTest
 
 /// Starts the package's real binaries, alone or under `mpirun`, each with a watchdog.
 enum Harness {
+    /// The package's top-level directory (README, launch/, tools/).
+    static var repositoryRoot: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    }
     static var train: String { productsDirectory + "/syncbn-train" }
     static var bench: String { productsDirectory + "/syncbn-bench" }
 

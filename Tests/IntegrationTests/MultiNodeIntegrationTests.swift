@@ -9,9 +9,7 @@ final class MultiNodeIntegrationTests: XCTestCase {
     override func setUp() { dir = temporaryDirectory("syncbn-multinode") }
     override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
 
-    var root: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-    }
+    var root: String { Harness.repositoryRoot }
 
     /// mpirun's flags for this machine without `-n` (for MPMD launches and MCA choices).
     func mpirun(_ arguments: [String], timeout: Double = 120) throws -> ProcessResult {

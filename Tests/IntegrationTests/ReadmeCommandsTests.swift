@@ -6,9 +6,7 @@ import XCTest
 /// training commands get `--steps 3`, benchmarks a few repetitions, and `mpirun` the flags this
 /// machine needs (`--allow-run-as-root` as root). So the documentation cannot rot.
 final class ReadmeCommandsTests: XCTestCase {
-    var root: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-    }
+    var root: String { Harness.repositoryRoot }
 
     /// The commands of every ```sh block: continuation lines joined, `&&` chains split, trailing
     /// comments (two spaces and #) dropped.
@@ -64,9 +62,7 @@ final class ReadmeCommandsTests: XCTestCase {
 /// the help text itself, flag by flag, default by default, word by word — and the help wraps
 /// cleanly (no hard line breaks inside a paragraph).
 final class HelpAndReadmeAgreeTests: XCTestCase {
-    var root: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-    }
+    var root: String { Harness.repositoryRoot }
 
     func testTheReadmeOptionTablesAreTheHelpText() throws {
         let readme = try String(contentsOfFile: root + "/README.md", encoding: .utf8)

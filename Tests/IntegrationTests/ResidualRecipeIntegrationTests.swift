@@ -150,10 +150,7 @@ final class EvaluateIntegrationTests: XCTestCase {
     override func setUp() { dir = temporaryDirectory("syncbn-evaluate") }
     override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
 
-    var referenceScript: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("tools/reference_forward.py").path
-    }
+    var referenceScript: String { Harness.repositoryRoot + "/tools/reference_forward.py" }
 
     func accuracies(_ text: String, pattern: String) -> [String] {
         let regex = try! NSRegularExpression(pattern: pattern)

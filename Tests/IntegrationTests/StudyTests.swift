@@ -6,9 +6,7 @@ import XCTest
 /// syncbn-study: keys, resuming, failures, the quick study under mpirun and its figures.
 final class StudyTests: XCTestCase {
     static var study: String { productsDirectory + "/syncbn-study" }
-    var repositoryRoot: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-    }
+    var repositoryRoot: String { Harness.repositoryRoot }
 
     func temporaryDirectory() throws -> String {
         let path = NSTemporaryDirectory() + "syncbn-study-\(UUID().uuidString)"
