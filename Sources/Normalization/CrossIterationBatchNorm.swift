@@ -1,4 +1,5 @@
 import Collectives
+import Foundation
 import Kernels
 
 /// Cross-iteration batch normalization (Yao et al. 2020, "Cross-Iteration Batch Normalization",
@@ -140,15 +141,6 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         }
     }
 
-    func store(iterations: Int, entries: [WindowEntry]) {
-        var values: [Double] = [Double(iterations), Double(entries.count)]
-        for e in entries {
-            values.append(e.count)
-            values += e.sum + e.sumOfSquares + e.sumGradient + e.sumOfSquaresGradient + e.weight
-        }
-        saved.values = values
-    }
-
     /// An entry's local sums moved to `weight`: S + ρ·∂S/∂θ·(θ − θ_τ), per channel.
     public static func compensate(_ entry: WindowEntry, to weight: [Double], rho: Double) -> (sum: [Double], sumOfSquares: [Double]) {
         let C = entry.sum.count, K = entry.sumGradient.count
@@ -208,17 +200,49 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
                            weight: weight)
     }
 
+    /// Values per stored entry: count, S1 (C), S2 (C), ∂S1/∂θ (K), ∂S2/∂θ (C·K), θ (C·K).
+    var entryWidth: Int { 1 + 2 * featureCount + patchSize + 2 * featureCount * patchSize }
+
+    /// Removes the newest stored entry when its derivatives never came (no backward ran).
+    private func dropUnfinishedEntry() {
+        guard pendingIteration == iterations, Int(saved.values[1]) >= 1 else { return }
+        let stored = Int(saved.values[1])
+        saved.values.removeSubrange(2..<(2 + entryWidth))
+        saved.values[1] = Double(stored - 1)
+        pendingIteration = nil
+    }
+
+    /// The window after this iteration, in place: the entries move one slot back (the oldest
+    /// falls off at k − 1) and `current` takes slot 0 — no per-step decoding or re-encoding of
+    /// the stored derivatives.
+    private func push(_ current: WindowEntry, iteration: Int) {
+        let width = entryWidth, old = Int(saved.values[1]), new = min(old + 1, window - 1)
+        if saved.values.count < 2 + new * width { saved.values += [Double](repeating: 0, count: 2 + new * width - saved.values.count) }
+        saved.values.withUnsafeMutableBufferPointer { v in
+            let slot0 = v.baseAddress! + 2
+            if new > 1 { memmove(slot0 + width, slot0, (new - 1) * width * MemoryLayout<Double>.stride) }
+            var offset = 0
+            for part in [[current.count], current.sum, current.sumOfSquares, current.sumGradient, current.sumOfSquaresGradient, current.weight] {
+                part.withUnsafeBufferPointer { (slot0 + offset).update(from: $0.baseAddress!, count: part.count) }
+                offset += part.count
+            }
+            v[0] = Double(iteration)
+            v[1] = Double(new)
+        }
+    }
+
     override func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
         let iteration = iterations + 1
         lastWindow = nil
+        dropUnfinishedEntry()
         guard window > 1, iteration > burnIn else {
-            store(iterations: iteration, entries: entries)
+            saved.values[0] = Double(iteration)
             pendingIteration = nil
             return try super.trainingStatistics(input, layout: layout)
         }
-        let C = featureCount, K = patchSize
+        let C = featureCount, K = patchSize, width = entryWidth
         let weight = Scalar.widened(source.patchWeight.value.scalars)
-        let past = entries
+        let pastCount = Int(saved.values[1])
         let current: WindowEntry
         if let conv = fusedSource {
             // The sums now; the derivatives from the convolution's backward (receivePatchStatistics).
@@ -233,22 +257,41 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             current = try currentEntry(input, layout: layout, weight: weight)
         }
 
-        // One all-reduce: the current sums and every compensated past entry.
-        var packed = [current.count] + current.sum + current.sumOfSquares
-        var compensatedSquares: [[Double]] = []
-        for entry in past {
-            let (sum, squares) = Self.compensate(entry, to: weight, rho: rho)
-            packed += [entry.count] + sum + squares
-            compensatedSquares.append(squares)
+        // One all-reduce: the current sums and every past entry compensated to θ_t (read in place).
+        var packed = [Double](repeating: 0, count: (1 + 2 * C) * (1 + pastCount))
+        packed[0] = current.count
+        for c in 0..<C {
+            packed[1 + c] = current.sum[c]
+            packed[1 + C + c] = current.sumOfSquares[c]
+        }
+        var taylorChange = 0.0, taylorSize = 0.0
+        saved.values.withUnsafeBufferPointer { v in
+            weight.withUnsafeBufferPointer { theta in
+                for j in 0..<pastCount {
+                    let base = 2 + j * width, out = (1 + 2 * C) * (j + 1)
+                    let g1 = base + 1 + 2 * C, g2 = g1 + K, w = g2 + C * K
+                    packed[out] = v[base]
+                    for c in 0..<C {
+                        var linear = 0.0, quadratic = 0.0
+                        for k in 0..<K {
+                            let delta = theta[c * K + k] - v[w + c * K + k]
+                            linear += v[g1 + k] * delta
+                            quadratic += v[g2 + c * K + k] * delta
+                        }
+                        packed[out + 1 + c] = v[base + 1 + c] + rho * linear
+                        packed[out + 1 + C + c] = v[base + 1 + C + c] + rho * quadratic
+                        taylorChange += abs(rho * quadratic)
+                        taylorSize += abs(v[base + 1 + C + c])
+                    }
+                }
+            }
         }
         if let group { try group.allReduceSum(&packed) }
 
         let M = packed[0]
-        var stored = [current] + past
-        stored.removeLast(max(stored.count - (window - 1), 0))
         guard M > 0 else {
             lastStatistics = nil
-            store(iterations: iteration, entries: past)
+            saved.values[0] = Double(iteration)
             pendingIteration = nil
             return nil
         }
@@ -259,8 +302,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         try requireMoreThanOneValue(currentStatistics, input.shape)
 
         var meanSum = mean, secondSum = second, valid = [Double](repeating: 1, count: C)
-        var kept = [[Bool]](repeating: [Bool](repeating: false, count: C), count: past.count)
-        for j in 0..<past.count {
+        var kept = [[Bool]](repeating: [Bool](repeating: false, count: C), count: pastCount)
+        for j in 0..<pastCount {
             let base = (1 + 2 * C) * (j + 1), m = packed[base]
             guard m > 0 else { continue }
             for c in 0..<C {
@@ -275,12 +318,13 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         let averageMean = (0..<C).map { meanSum[$0] / valid[$0] }
         let rawVariance = (0..<C).map { secondSum[$0] / valid[$0] - averageMean[$0] * averageMean[$0] }
         let variance = rawVariance.map { max($0, 0) }
-        if gradient == .compensated && rho != 0 && !past.isEmpty {
-            lastWindow = UsedWindow(entries: past, counts: (0..<past.count).map { packed[(1 + 2 * C) * ($0 + 1)] }, kept: kept,
+        if gradient == .compensated && rho != 0 && pastCount > 0 {
+            lastWindow = UsedWindow(entries: entries, counts: (0..<pastCount).map { packed[(1 + 2 * C) * ($0 + 1)] }, kept: kept,
                                     entryCounts: valid, clamped: rawVariance.map { $0 < 0 })
         }
-        recordDiagnostics(past: past, compensatedSquares: compensatedSquares, kept: valid, variance: variance, current: currentStatistics.variance)
-        store(iterations: iteration, entries: stored)
+        recordDiagnostics(pastCount: pastCount, taylorFraction: taylorSize > 0 ? taylorChange / taylorSize : 0, kept: valid,
+                          variance: variance, current: currentStatistics.variance)
+        push(current, iteration: iteration)
         if let conv = fusedSource {
             pendingIteration = iteration
             conv.patchStatisticsReceiver = { [weak self] patchSum, products in self?.receivePatchStatistics(patchSum, products, for: iteration) }
@@ -329,21 +373,14 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         pendingIteration = nil
     }
 
-    func recordDiagnostics(past: [WindowEntry], compensatedSquares: [[Double]], kept: [Double], variance: [Double], current: [Double]) {
+    func recordDiagnostics(pastCount: Int, taylorFraction: Double, kept: [Double], variance: [Double], current: [Double]) {
         let C = featureCount
         diagnosticSums.forwards += 1
         diagnosticSums.entriesKept += kept.reduce(0, +) / Double(C)
-        if !past.isEmpty {
+        if pastCount > 0 {
             diagnosticSums.windowForwards += 1
-            diagnosticSums.droppedFraction += 1 - (kept.reduce(0, +) / Double(C) - 1) / Double(past.count)
-            var change = 0.0, size = 0.0
-            for (entry, squares) in zip(past, compensatedSquares) {
-                for c in 0..<C {
-                    change += abs(squares[c] - entry.sumOfSquares[c])
-                    size += abs(entry.sumOfSquares[c])
-                }
-            }
-            diagnosticSums.taylorFraction += size > 0 ? change / size : 0
+            diagnosticSums.droppedFraction += 1 - (kept.reduce(0, +) / Double(C) - 1) / Double(pastCount)
+            diagnosticSums.taylorFraction += taylorFraction
         }
         var ratio = 0.0
         for c in 0..<C { ratio += (variance[c] + epsilon) / (current[c] + epsilon) }
