@@ -31,12 +31,15 @@ final class ReadmeCommandsTests: XCTestCase {
         if command.hasPrefix("./launch/setup") || command.hasPrefix("./launch/test") { return nil }   // this run is their proof
         var c = command.replacingOccurrences(of: "./launch/", with: root + "/launch/")
             .replacingOccurrences(of: ".build/release/", with: root + "/.build/release/")
+            .replacingOccurrences(of: "python3 tools/", with: "python3 " + root + "/tools/")
+            .replacingOccurrences(of: " docs/performance/", with: " " + root + "/docs/performance/")
         if c.hasPrefix("mpirun ") && getuid() == 0 { c = "mpirun --allow-run-as-root " + c.dropFirst("mpirun ".count) }
         if c.contains("syncbn-train") || c.contains("launch/train") { c += " --steps 3 --precise-bn-samples 256" }
         if c.contains("syncbn-study") && !c.contains("--list") { c += " --quick" }
         if c.contains("syncbn-bench") {
             if c.contains(" train") { c += " --steps 2 --warmup 1" }
             if c.contains(" allreduce") { c += " --repeats 2" }
+            if c.contains(" conv") { c += " --repeat 2" }
         }
         return c
     }
