@@ -99,10 +99,12 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     public var isPointwise: Bool { kernelSize == 1 && stride == 1 && padding == 0 }
 
     /// Workspaces reused across steps, allocated once per shape: the batch's im2col matrix
-    /// (`columns` in training, which backward then overwrites with its gradient; this one in
-    /// inference) and the output or output gradient with channels outermost (C_out × N·P).
+    /// (`columns` in training, this one in inference) and the output or output gradient with
+    /// channels outermost (C_out × N·P).
     private var inferenceColumns: [Scalar] = []
     private var channelMajor: [Scalar] = []
+    /// Backward's column gradient for a chunk of samples.
+    private var chunkColumns: [Scalar] = []
     /// Backward's GEMM result when patch statistics ride along: (2·C_out + 1) × K.
     private var fusedResult: [Scalar] = []
 
@@ -178,9 +180,9 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         return output
     }
 
-    /// Backward for the whole batch at once, with dY' = dy's outer axes swapped (C_out × N·P):
-    /// dW = dY'·colsᵀ and dcols = Wᵀ·dY' (one GEMM each), dx = col2im(dcols) per sample. dcols is
-    /// written over the columns, which are spent once dW is known.
+    /// Backward with dY' = dy's outer axes swapped (C_out × N·P): dW = dY'·colsᵀ in one GEMM over
+    /// the whole batch; dx = col2im(Wᵀ·dY') a few samples at a time, so that the column gradient
+    /// stays in cache between the GEMM that writes it and col2im that reads it.
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
         guard let g = lastGeometry else { preconditionFailure("Conv2d.backward needs the columns of a training forward") }
         let n = lastBatch, K = g.patchSize, P = g.positions, M = n * P, C = outputChannels
@@ -190,8 +192,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         let pointwise = isPointwise
         let inputPlane = inputChannels * g.height * g.width
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
-        var dcols = columns
-        columns = []
+        let cols = columns
         let receiver = patchStatisticsReceiver
         patchStatisticsReceiver = nil
         // The fused GEMM reads forward's Y' from the workspace; when forward did not keep it
@@ -205,7 +206,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
             channelMajor.withUnsafeMutableBufferPointer { t in
                 guard M > 0 else { return }
                 if recompute {
-                    dcols.withUnsafeBufferPointer { c in
+                    cols.withUnsafeBufferPointer { c in
                         weight.value.scalars.withUnsafeBufferPointer { w in
                             Scalar.gemm(transposeA: false, transposeB: false, m: C, n: M, k: K, alpha: 1, a: w.baseAddress!, lda: K,
                                         b: c.baseAddress!, ldb: M, beta: 0, c: t.baseAddress! + C * M, ldc: M)
@@ -214,22 +215,23 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                 }
                 Scalar.swapOuterAxes(dy.baseAddress!, n, C, block: P, into: t.baseAddress!)
                 if fused { (t.baseAddress! + 2 * C * M).update(repeating: 1, count: M) }
-                dcols.withUnsafeMutableBufferPointer { c in
+                cols.withUnsafeBufferPointer { c in
                     weightGradient.scalars.withUnsafeMutableBufferPointer { dw in
                         fusedResult.withUnsafeMutableBufferPointer { r in
-                            // [dW; Σ y·patch; Σ patch] = [dY'; Y'; 1]·colsᵀ, or dW = dY'·colsᵀ alone.
+                            // [dW; Σ y·patch; Σ patch] = [dY'; Y'; 1]·colsᵀ, or dW = dY'·colsᵀ alone,
+                            // summed sample by sample (k = P per GEMM, accumulated in sample
+                            // order): a sum over the whole batch in one GEMM rounds differently
+                            // for different batch sizes, and SyncBN's tiny-variance channels turn
+                            // that into visibly different trajectories for W ranks × b and 1 × W·b.
                             let target = fused ? r.baseAddress! : dw.baseAddress!
                             timedGEMM(m: rows, n: K, k: M) {
-                                Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: M, alpha: 1,
-                                            a: t.baseAddress!, lda: M, b: c.baseAddress!, ldb: M, beta: 0, c: target, ldc: K)
+                                for sample in 0..<n {
+                                    Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: P, alpha: 1,
+                                                a: t.baseAddress! + sample * P, lda: M, b: c.baseAddress! + sample * P, ldb: M,
+                                                beta: sample == 0 ? 0 : 1, c: target, ldc: K)
+                                }
                             }
                             if fused { dw.baseAddress!.update(from: r.baseAddress!, count: C * K) }
-                        }
-                    }
-                    weight.value.scalars.withUnsafeBufferPointer { w in
-                        timedGEMM(m: K, n: M, k: C) {
-                            Scalar.gemm(transposeA: true, transposeB: false, m: K, n: M, k: C, alpha: 1,
-                                        a: w.baseAddress!, lda: K, b: t.baseAddress!, ldb: M, beta: 0, c: c.baseAddress!, ldc: M)
                         }
                     }
                 }
@@ -244,27 +246,44 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                 receiver(Array(widened[(2 * C * K)...]), Array(widened[(C * K)..<(2 * C * K)]))
             }
         }
-        let inputShape = [n, inputChannels, g.height, g.width]
-        let inputGradient: Tensor<Scalar>
-        if pointwise {
-            inputGradient = Tensor(shape: inputShape) { dx in
-                guard M > 0 else { return }
-                dcols.withUnsafeBufferPointer { c in
-                    Scalar.swapOuterAxes(c.baseAddress!, inputChannels, n, block: P, into: dx.baseAddress!)
-                }
-            }
-        } else {
-            var dx = Tensor<Scalar>(shape: inputShape)
-            dcols.withUnsafeBufferPointer { c in
-                dx.scalars.withUnsafeMutableBufferPointer { d in
-                    for sample in 0..<n {
-                        Scalar.col2imAccumulate(c.baseAddress! + sample * P, g, rowLength: M, into: d.baseAddress! + sample * inputPlane)
+        // dx, a chunk of samples at a time: dcols = Wᵀ·dY' for the chunk into a workspace small
+        // enough to stay in cache (≤ 128 Ki values), then col2im (or, for a pointwise conv, the
+        // axis swap) straight from there.
+        let chunk = max(1, min(n, (1 << 17) / max(K * P, 1)))
+        if chunkColumns.count < K * chunk * P { chunkColumns = Scalar.filled(K * chunk * P, with: 0) }
+        func backwardData(into d: UnsafeMutablePointer<Scalar>) {
+            channelMajor.withUnsafeBufferPointer { t in
+                weight.value.scalars.withUnsafeBufferPointer { w in
+                    chunkColumns.withUnsafeMutableBufferPointer { cc in
+                        var start = 0
+                        while start < n {
+                            let count = min(chunk, n - start), width = count * P
+                            timedGEMM(m: K, n: width, k: C) {
+                                Scalar.gemm(transposeA: true, transposeB: false, m: K, n: width, k: C, alpha: 1, a: w.baseAddress!, lda: K,
+                                            b: t.baseAddress! + start * P, ldb: M, beta: 0, c: cc.baseAddress!, ldc: width)
+                            }
+                            if pointwise {
+                                Scalar.swapOuterAxes(cc.baseAddress!, inputChannels, count, block: P, into: d + start * inputPlane)
+                            } else {
+                                for s in 0..<count {
+                                    Scalar.col2imAccumulate(cc.baseAddress! + s * P, g, rowLength: width, into: d + (start + s) * inputPlane)
+                                }
+                            }
+                            start += count
+                        }
                     }
                 }
             }
+        }
+        let inputShape = [n, inputChannels, g.height, g.width]
+        let inputGradient: Tensor<Scalar>
+        if pointwise {
+            inputGradient = Tensor(shape: inputShape) { dx in if M > 0 { backwardData(into: dx.baseAddress!) } }
+        } else {
+            var dx = Tensor<Scalar>(shape: inputShape)
+            if M > 0 { dx.scalars.withUnsafeMutableBufferPointer { backwardData(into: $0.baseAddress!) } }
             inputGradient = dx
         }
-        columns = dcols   // the storage, for the next forward
         weight.addPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
         if let bias {

@@ -61,6 +61,7 @@ final class LayerTests: XCTestCase {
         let cases: [(batch: Int, c: Int, o: Int, h: Int, w: Int, kernel: Int, stride: Int, padding: Int)] = [
             (1, 3, 5, 7, 7, 3, 1, 1), (1, 3, 5, 7, 7, 3, 2, 1), (3, 2, 4, 9, 5, 3, 2, 1), (2, 4, 3, 5, 7, 1, 1, 0),
             (3, 4, 6, 7, 9, 1, 2, 0), (1, 5, 2, 3, 3, 1, 1, 0), (2, 3, 4, 11, 6, 3, 1, 0), (1, 1, 1, 1, 1, 1, 1, 0),
+            (2, 3, 4, 9, 5, 3, 1, 1), (2, 2, 3, 6, 11, 5, 1, 2), (1, 2, 2, 2, 2, 3, 1, 1),
         ]
         for (index, t) in cases.enumerated() {
             var random = DeterministicRandom(seed: 50 + UInt64(index))
@@ -76,6 +77,23 @@ final class LayerTests: XCTestCase {
             XCTAssertEqual(dx.shape, x.shape)
             assertClose(dx.scalars, expected.dx, relTol: 1e-12, absTol: 1e-12, "input gradient, case \(t)")
             assertClose(conv.weight.gradient.scalars, expected.dw, relTol: 1e-12, absTol: 1e-12, "weight gradient, case \(t)")
+        }
+    }
+
+    /// A sample's output does not depend on which other samples share its batch — bit for bit —
+    /// so W ranks × batch b compute the same activations as 1 rank × batch W·b.
+    func testConv2dOutputOfASampleDoesNotDependOnItsBatch() throws {
+        for (c, o, h, w, kernel, stride, padding) in [(16, 16, 16, 16, 3, 1, 1), (16, 32, 16, 16, 3, 2, 1), (3, 16, 9, 5, 3, 1, 1), (8, 8, 5, 5, 1, 1, 0)] {
+            var random = DeterministicRandom(seed: 80)
+            let conv = Conv2d<Float>(inputChannels: c, outputChannels: o, kernelSize: kernel, stride: stride, padding: padding, bias: false, random: &random)
+            let x = randomTensor([32, c, h, w], seed: 81).converted(to: Float.self)
+            let whole = try conv.forward(x, mode: .training)
+            let plane = whole.count / 32
+            for (start, count) in [(0, 8), (8, 8), (29, 3), (5, 1)] {
+                let part = try conv.forward(x.slice(samples: start..<(start + count)), mode: .training)
+                XCTAssertEqual(part.scalars, Array(whole.scalars[(start * plane)..<((start + count) * plane)]),
+                               "samples \(start)..<\(start + count), \(c)→\(o) k\(kernel) s\(stride)")
+            }
         }
     }
 
