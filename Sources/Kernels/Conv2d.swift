@@ -1,12 +1,13 @@
 import Foundation
 
 /// 2-D convolution (cross-correlation, as PyTorch) of N×C_in×H×W input with a
-/// C_out×C_in×k_h×k_w weight, by im2col and one GEMM per pass over the whole batch.
+/// C_out×C_in×k_h×k_w weight, by im2col and GEMM, a cache-sized chunk of samples per GEMM.
 ///
 /// Forward: cols = [im2col(x_0) … im2col(x_{N−1})] (K × N·P, K = C_in·k_h·k_w,
-/// P = H_out·W_out), y = W·cols (+ b) with samples moved back outermost. The columns are kept for
-/// backward: dW = dY'·colsᵀ, dx = col2im(Wᵀ·dY') (dY' = dy as C_out × N·P). A 1×1 stride-1 conv's
-/// columns are its input with two axes swapped.
+/// P = H_out·W_out), y = W·cols (+ b) with samples moved back outermost; backward: dW = dY'·colsᵀ,
+/// dx = col2im(Wᵀ·dY') (dY' = dy as C_out × N·P). The columns are built a chunk of samples at a
+/// time into a cache-sized workspace, in forward and again in backward, never for the whole batch
+/// at once. A 1×1 stride-1 conv's columns are its input with two axes swapped.
 /// Init: PyTorch's default, U(±1/√K) for weight and bias. A conv followed by BatchNorm takes
 /// `bias: false` (β does that job).
 public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
@@ -14,11 +15,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     public let weight: Parameter<Scalar>
     public let bias: Parameter<Scalar>?
 
-    /// im2col of the last training batch, K × N·P; read by backward and, until then, by layers
-    /// that need the patches (cross-iteration BN).
-    public private(set) var columns: [Scalar] = []
     public private(set) var lastGeometry: ConvolutionGeometry?
     private var lastBatch = 0
+    /// Samples in the last training forward whose backward has not run yet; nil otherwise.
+    public var pendingTrainingBatch: Int? { lastGeometry == nil ? nil : lastBatch }
     /// Seconds spent inside GEMM calls and the floating-point operations they did (2·m·n·k each),
     /// since creation: lets a benchmark report the GEMM throughput achieved inside this layer.
     public private(set) var gemmSeconds = 0.0
@@ -76,10 +76,6 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
 
     public var patchWeight: Parameter<Scalar> { weight }
 
-    public var lastPatches: PatchMatrix<Scalar>? {
-        lastGeometry.map { PatchMatrix(values: columns, batch: lastBatch, patchSize: $0.patchSize, positions: $0.positions, positionMajor: false) }
-    }
-
     public var state: [StateEntry<Scalar>] {
         [.parameter("weight", weight)] + (bias.map { [.parameter("bias", $0)] } ?? [])
     }
@@ -98,22 +94,23 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     /// samples and channels swapped, so no im2col or col2im runs.
     public var isPointwise: Bool { kernelSize == 1 && stride == 1 && padding == 0 }
 
-    /// Workspaces reused across steps, allocated once per shape: the batch's im2col matrix
-    /// (`columns` in training, this one in inference) and the output or output gradient with
-    /// channels outermost (C_out × N·P).
-    private var inferenceColumns: [Scalar] = []
-    private var channelMajor: [Scalar] = []
-    /// Backward's column gradient for a chunk of samples.
+    /// Workspaces reused across steps, allocated once per shape: the im2col matrix of a chunk of
+    /// samples (small enough to stay in cache) and the output or output gradient with channels
+    /// outermost (C_out × N·P).
     private var chunkColumns: [Scalar] = []
+    private var channelMajor: [Scalar] = []
     /// Backward's GEMM result when patch statistics ride along: (2·C_out + 1) × K.
     private var fusedResult: [Scalar] = []
+    /// The last training input (shared storage, not a copy): backward builds its columns again,
+    /// a chunk at a time, instead of keeping the whole batch's im2col matrix.
+    private var lastInput: Tensor<Scalar>?
 
     /// Set by a layer that needs, besides dW, the patch statistics of the last training batch
     /// (cross-iteration BN): Σ_i patch_i (K values) and Σ_i y_{i,c}·patch_i (C_out × K), y being
     /// this layer's output. While set, the workspace keeps forward's output channel-major and the
-    /// next backward computes all three in ONE GEMM, [dY'; Y'; 1]·colsᵀ (the columns are packed
-    /// once for the three), hands them over, and clears the receiver. Only a bias-free
-    /// convolution offers this (y = θ·patch exactly).
+    /// next backward computes all three with the same GEMMs, [dY'; Y'; 1]·colsᵀ (the columns are
+    /// built and packed once for the three), hands them over, and clears the receiver. Only a
+    /// bias-free convolution offers this (y = θ·patch exactly).
     public var patchStatisticsReceiver: ((_ patchSum: [Double], _ outputPatchProducts: [Double]) -> Void)? {
         didSet { precondition(bias == nil || patchStatisticsReceiver == nil, "patch statistics need a bias-free convolution") }
     }
@@ -123,43 +120,68 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     }
     private var channelMajorOutputBatch: Int?
 
-    /// Forward for the whole batch at once: cols = [im2col(x_0) … im2col(x_{N−1})] (K × N·P),
-    /// Y' = W·cols (one GEMM, C_out × N·P), y = Y' with its two outer axes swapped (+ b).
+    /// Samples per chunk: the chunk's im2col matrix holds at most 128 Ki values (512 KiB of Float).
+    func chunkSize(batch n: Int, _ g: ConvolutionGeometry) -> Int {
+        max(1, min(n, (1 << 17) / max(g.patchSize * g.positions, 1)))
+    }
+
+    /// im2col of samples start ..< start + count of `x` side by side into `target` (K × count·P).
+    func columns(of x: UnsafePointer<Scalar>, _ g: ConvolutionGeometry, start: Int, count: Int, into target: UnsafeMutablePointer<Scalar>) {
+        let P = g.positions, plane = inputChannels * g.height * g.width
+        if isPointwise {
+            Scalar.swapOuterAxes(x + start * plane, count, inputChannels, block: P, into: target)
+        } else {
+            for s in 0..<count { Scalar.im2col(x + (start + s) * plane, g, into: target + s * P, rowLength: count * P) }
+        }
+    }
+
+    /// The last training batch's whole im2col matrix, K × N·P, built on request (cross-iteration
+    /// BN behind a source that is not a Conv2d, and tests); nil before the first training forward
+    /// and once backward has run.
+    public var lastPatches: PatchMatrix<Scalar>? {
+        guard let g = lastGeometry, let input = lastInput else { return nil }
+        let n = lastBatch, M = n * g.positions, K = g.patchSize
+        var values = Scalar.filled(K * M, with: 0)
+        if M > 0 {
+            input.scalars.withUnsafeBufferPointer { x in
+                values.withUnsafeMutableBufferPointer { columns(of: x.baseAddress!, g, start: 0, count: n, into: $0.baseAddress!) }
+            }
+        }
+        return PatchMatrix(values: values, batch: n, patchSize: K, positions: g.positions, positionMajor: false)
+    }
+
+    /// Forward, a chunk of samples at a time: cols = [im2col(x_s) …] for the chunk (K × chunk·P,
+    /// in cache), Y'[:, chunk] = W·cols (C_out × N·P over the chunks), y = Y' with its two outer
+    /// axes swapped (+ b). A sample's output is the same whatever the chunk (tested bit for bit).
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         let g = try geometry(for: input.shape)
         let n = input.shape[0], K = g.patchSize, P = g.positions, M = n * P, C = outputChannels
-        let inputPlane = inputChannels * g.height * g.width
-        var cols = mode == .training ? columns : inferenceColumns
-        if mode == .training { columns = [] } else { inferenceColumns = [] }   // keep the buffer uniquely referenced
-        if cols.count != K * M { cols = Scalar.filled(K * M, with: 0) }
         // With patch statistics the workspace is [dY' (C rows); Y' (C rows); ones (1 row)] and
         // forward writes Y' to its middle.
         let fused = providesPatchStatistics && mode == .training
         let rows = providesPatchStatistics ? 2 * C + 1 : C, outputRow = fused ? C : 0
         if channelMajor.count < rows * M { channelMajor = Scalar.filled(rows * M, with: 0) }
-        let pointwise = isPointwise
+        let chunk = chunkSize(batch: n, g)
+        if chunkColumns.count < K * chunk * P { chunkColumns = Scalar.filled(K * chunk * P, with: 0) }
         let output = Tensor<Scalar>(shape: [n, C, g.outputHeight, g.outputWidth]) { y in
             guard M > 0 else { return }
             input.scalars.withUnsafeBufferPointer { x in
-                cols.withUnsafeMutableBufferPointer { c in
-                    if pointwise {
-                        Scalar.swapOuterAxes(x.baseAddress!, n, inputChannels, block: P, into: c.baseAddress!)
-                    } else {
-                        for sample in 0..<n {
-                            Scalar.im2col(x.baseAddress! + sample * inputPlane, g, into: c.baseAddress! + sample * P, rowLength: M)
+                weight.value.scalars.withUnsafeBufferPointer { w in
+                    chunkColumns.withUnsafeMutableBufferPointer { cc in
+                        channelMajor.withUnsafeMutableBufferPointer { t in
+                            let target = t.baseAddress! + outputRow * M
+                            var start = 0
+                            while start < n {
+                                let count = min(chunk, n - start), width = count * P
+                                columns(of: x.baseAddress!, g, start: start, count: count, into: cc.baseAddress!)
+                                timedGEMM(m: C, n: width, k: K) {
+                                    Scalar.gemm(transposeA: false, transposeB: false, m: C, n: width, k: K, alpha: 1, a: w.baseAddress!, lda: K,
+                                                b: cc.baseAddress!, ldb: width, beta: 0, c: target + start * P, ldc: M)
+                                }
+                                start += count
+                            }
+                            Scalar.swapOuterAxes(target, C, n, block: P, into: y.baseAddress!)
                         }
-                    }
-                }
-            }
-            weight.value.scalars.withUnsafeBufferPointer { w in
-                cols.withUnsafeBufferPointer { c in
-                    channelMajor.withUnsafeMutableBufferPointer { t in
-                        let target = t.baseAddress! + outputRow * M
-                        timedGEMM(m: C, n: M, k: K) {
-                            Scalar.gemm(transposeA: false, transposeB: false, m: C, n: M, k: K, alpha: 1,
-                                        a: w.baseAddress!, lda: K, b: c.baseAddress!, ldb: M, beta: 0, c: target, ldc: M)
-                        }
-                        Scalar.swapOuterAxes(target, C, n, block: P, into: y.baseAddress!)
                     }
                 }
             }
@@ -170,106 +192,86 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
             }
         }
         if mode == .training {
-            columns = cols
+            lastInput = input
             lastGeometry = g
             lastBatch = n
             channelMajorOutputBatch = fused ? n : nil
-        } else {
-            inferenceColumns = cols
         }
         return output
     }
 
-    /// Backward with dY' = dy's outer axes swapped (C_out × N·P): dW = dY'·colsᵀ in one GEMM over
-    /// the whole batch; dx = col2im(Wᵀ·dY') a few samples at a time, so that the column gradient
-    /// stays in cache between the GEMM that writes it and col2im that reads it.
+    /// Backward with dY' = dy's outer axes swapped (C_out × N·P), a chunk of samples at a time:
+    /// the chunk's columns are built again (in cache), dW += dY'_s·cols_sᵀ sample by sample in
+    /// sample order (so the sum rounds the same way whatever the batch size), then the same
+    /// workspace takes dcols = Wᵀ·dY' for the chunk and col2im scatters it into dx.
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
-        guard let g = lastGeometry else { preconditionFailure("Conv2d.backward needs the columns of a training forward") }
+        guard let g = lastGeometry, let input = lastInput else { preconditionFailure("Conv2d.backward needs a training forward") }
         let n = lastBatch, K = g.patchSize, P = g.positions, M = n * P, C = outputChannels
         try requireShape(outputGradient.shape == [n, C, g.outputHeight, g.outputWidth], "Conv2d",
                          "output gradient \(outputGradient.shape) does not match the forward output")
         lastGeometry = nil
+        lastInput = nil
         let pointwise = isPointwise
         let inputPlane = inputChannels * g.height * g.width
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
-        let cols = columns
         let receiver = patchStatisticsReceiver
         patchStatisticsReceiver = nil
-        // The fused GEMM reads forward's Y' from the workspace; when forward did not keep it
+        // The fused GEMMs read forward's Y' from the workspace; when forward did not keep it
         // (the receiver came after that forward), Y' = W·cols is computed again here.
         let fused = receiver != nil
         let recompute = fused && !(providesPatchStatistics && channelMajorOutputBatch == n)
+        channelMajorOutputBatch = nil
         let rows = fused ? 2 * C + 1 : C
         if fused && fusedResult.count != rows * K { fusedResult = Scalar.filled(rows * K, with: 0) }
         if channelMajor.count < rows * M { channelMajor += Scalar.filled(rows * M - channelMajor.count, with: 0) }
-        outputGradient.scalars.withUnsafeBufferPointer { dy in
-            channelMajor.withUnsafeMutableBufferPointer { t in
-                guard M > 0 else { return }
-                if recompute {
-                    cols.withUnsafeBufferPointer { c in
-                        weight.value.scalars.withUnsafeBufferPointer { w in
-                            Scalar.gemm(transposeA: false, transposeB: false, m: C, n: M, k: K, alpha: 1, a: w.baseAddress!, lda: K,
-                                        b: c.baseAddress!, ldb: M, beta: 0, c: t.baseAddress! + C * M, ldc: M)
-                        }
-                    }
-                }
-                Scalar.swapOuterAxes(dy.baseAddress!, n, C, block: P, into: t.baseAddress!)
-                if fused { (t.baseAddress! + 2 * C * M).update(repeating: 1, count: M) }
-                cols.withUnsafeBufferPointer { c in
-                    weightGradient.scalars.withUnsafeMutableBufferPointer { dw in
-                        fusedResult.withUnsafeMutableBufferPointer { r in
-                            // [dW; Σ y·patch; Σ patch] = [dY'; Y'; 1]·colsᵀ, or dW = dY'·colsᵀ alone,
-                            // summed sample by sample (k = P per GEMM, accumulated in sample
-                            // order): a sum over the whole batch in one GEMM rounds differently
-                            // for different batch sizes, and SyncBN's tiny-variance channels turn
-                            // that into visibly different trajectories for W ranks × b and 1 × W·b.
-                            let target = fused ? r.baseAddress! : dw.baseAddress!
-                            timedGEMM(m: rows, n: K, k: M) {
-                                for sample in 0..<n {
-                                    Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: P, alpha: 1,
-                                                a: t.baseAddress! + sample * P, lda: M, b: c.baseAddress! + sample * P, ldb: M,
-                                                beta: sample == 0 ? 0 : 1, c: target, ldc: K)
-                                }
-                            }
-                            if fused { dw.baseAddress!.update(from: r.baseAddress!, count: C * K) }
-                        }
-                    }
-                }
-            }
-        }
-        channelMajorOutputBatch = nil
-        if let receiver {
-            if M == 0 {
-                receiver([Double](repeating: 0, count: K), [Double](repeating: 0, count: C * K))
-            } else if fused {
-                let widened = Scalar.widened(fusedResult)
-                receiver(Array(widened[(2 * C * K)...]), Array(widened[(C * K)..<(2 * C * K)]))
-            }
-        }
-        // dx, a chunk of samples at a time: dcols = Wᵀ·dY' for the chunk into a workspace small
-        // enough to stay in cache (≤ 128 Ki values), then col2im (or, for a pointwise conv, the
-        // axis swap) straight from there.
-        let chunk = max(1, min(n, (1 << 17) / max(K * P, 1)))
+        let chunk = chunkSize(batch: n, g)
         if chunkColumns.count < K * chunk * P { chunkColumns = Scalar.filled(K * chunk * P, with: 0) }
-        func backwardData(into d: UnsafeMutablePointer<Scalar>) {
-            channelMajor.withUnsafeBufferPointer { t in
-                weight.value.scalars.withUnsafeBufferPointer { w in
-                    chunkColumns.withUnsafeMutableBufferPointer { cc in
-                        var start = 0
-                        while start < n {
-                            let count = min(chunk, n - start), width = count * P
-                            timedGEMM(m: K, n: width, k: C) {
-                                Scalar.gemm(transposeA: true, transposeB: false, m: K, n: width, k: C, alpha: 1, a: w.baseAddress!, lda: K,
-                                            b: t.baseAddress! + start * P, ldb: M, beta: 0, c: cc.baseAddress!, ldc: width)
-                            }
-                            if pointwise {
-                                Scalar.swapOuterAxes(cc.baseAddress!, inputChannels, count, block: P, into: d + start * inputPlane)
-                            } else {
-                                for s in 0..<count {
-                                    Scalar.col2imAccumulate(cc.baseAddress! + s * P, g, rowLength: width, into: d + (start + s) * inputPlane)
+
+        func run(dx d: UnsafeMutablePointer<Scalar>) {
+            input.scalars.withUnsafeBufferPointer { x in
+                outputGradient.scalars.withUnsafeBufferPointer { dy in
+                    weight.value.scalars.withUnsafeBufferPointer { w in
+                        channelMajor.withUnsafeMutableBufferPointer { t in
+                            chunkColumns.withUnsafeMutableBufferPointer { cc in
+                                weightGradient.scalars.withUnsafeMutableBufferPointer { dw in
+                                    fusedResult.withUnsafeMutableBufferPointer { r in
+                                        Scalar.swapOuterAxes(dy.baseAddress!, n, C, block: P, into: t.baseAddress!)
+                                        if fused { (t.baseAddress! + 2 * C * M).update(repeating: 1, count: M) }
+                                        // [dW; Σ y·patch; Σ patch] = [dY'; Y'; 1]·colsᵀ, or dW = dY'·colsᵀ alone.
+                                        let target = fused ? r.baseAddress! : dw.baseAddress!
+                                        var start = 0
+                                        while start < n {
+                                            let count = min(chunk, n - start), width = count * P
+                                            columns(of: x.baseAddress!, g, start: start, count: count, into: cc.baseAddress!)
+                                            if recompute {
+                                                Scalar.gemm(transposeA: false, transposeB: false, m: C, n: width, k: K, alpha: 1, a: w.baseAddress!,
+                                                            lda: K, b: cc.baseAddress!, ldb: width, beta: 0, c: t.baseAddress! + C * M + start * P, ldc: M)
+                                            }
+                                            timedGEMM(m: rows, n: K, k: width) {
+                                                for s in 0..<count {
+                                                    Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: P, alpha: 1,
+                                                                a: t.baseAddress! + (start + s) * P, lda: M, b: cc.baseAddress! + s * P, ldb: width,
+                                                                beta: start + s == 0 ? 0 : 1, c: target, ldc: K)
+                                                }
+                                            }
+                                            // The chunk's column gradient over its columns, then into dx.
+                                            timedGEMM(m: K, n: width, k: C) {
+                                                Scalar.gemm(transposeA: true, transposeB: false, m: K, n: width, k: C, alpha: 1, a: w.baseAddress!, lda: K,
+                                                            b: t.baseAddress! + start * P, ldb: M, beta: 0, c: cc.baseAddress!, ldc: width)
+                                            }
+                                            if pointwise {
+                                                Scalar.swapOuterAxes(cc.baseAddress!, inputChannels, count, block: P, into: d + start * inputPlane)
+                                            } else {
+                                                for s in 0..<count {
+                                                    Scalar.col2imAccumulate(cc.baseAddress! + s * P, g, rowLength: width, into: d + (start + s) * inputPlane)
+                                                }
+                                            }
+                                            start += count
+                                        }
+                                        if fused { dw.baseAddress!.update(from: r.baseAddress!, count: C * K) }
+                                    }
                                 }
                             }
-                            start += count
                         }
                     }
                 }
@@ -278,11 +280,19 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         let inputShape = [n, inputChannels, g.height, g.width]
         let inputGradient: Tensor<Scalar>
         if pointwise {
-            inputGradient = Tensor(shape: inputShape) { dx in if M > 0 { backwardData(into: dx.baseAddress!) } }
+            inputGradient = Tensor(shape: inputShape) { dx in if M > 0 { run(dx: dx.baseAddress!) } }
         } else {
             var dx = Tensor<Scalar>(shape: inputShape)
-            if M > 0 { dx.scalars.withUnsafeMutableBufferPointer { backwardData(into: $0.baseAddress!) } }
+            if M > 0 { dx.scalars.withUnsafeMutableBufferPointer { run(dx: $0.baseAddress!) } }
             inputGradient = dx
+        }
+        if let receiver {
+            if M == 0 {
+                receiver([Double](repeating: 0, count: K), [Double](repeating: 0, count: C * K))
+            } else if fused {
+                let widened = Scalar.widened(fusedResult)
+                receiver(Array(widened[(2 * C * K)...]), Array(widened[(C * K)..<(2 * C * K)]))
+            }
         }
         weight.addPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient

@@ -246,7 +246,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         let current: WindowEntry
         if let conv = fusedSource {
             // The sums now; the derivatives from the convolution's backward (receivePatchStatistics).
-            guard let patches = conv.lastPatches, patches.batch == layout.batch, patches.positions == layout.spatial else {
+            guard conv.pendingTrainingBatch == layout.batch, conv.lastGeometry?.positions == layout.spatial else {
                 throw LayerError("CrossIterationBatchNorm: its source layer must run the training forward that produced this input")
             }
             let packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
