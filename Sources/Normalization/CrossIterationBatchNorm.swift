@@ -58,6 +58,9 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         public var sumOfSquaresGradient: [Double]
         /// θ at that iteration, C × K.
         public var weight: [Double]
+
+        /// The entry as the window stores it: count, S1, S2, ∂S1/∂θ, ∂S2/∂θ, θ.
+        var storedValues: [Double] { [count] + sum + sumOfSquares + sumGradient + sumOfSquaresGradient + weight }
     }
 
     public let window: Int
@@ -143,19 +146,34 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
 
     /// An entry's local sums moved to `weight`: S + ρ·∂S/∂θ·(θ − θ_τ), per channel.
     public static func compensate(_ entry: WindowEntry, to weight: [Double], rho: Double) -> (sum: [Double], sumOfSquares: [Double]) {
-        let C = entry.sum.count, K = entry.sumGradient.count
-        var sum = entry.sum, squares = entry.sumOfSquares
+        let C = entry.sum.count
+        var compensated = [Double](repeating: 0, count: 2 * C)
+        entry.storedValues.withUnsafeBufferPointer { v in
+            weight.withUnsafeBufferPointer { theta in
+                compensated.withUnsafeMutableBufferPointer { target in
+                    compensate(stored: v.baseAddress!, channels: C, patchSize: entry.sumGradient.count, to: theta.baseAddress!, rho: rho,
+                               into: target.baseAddress!)
+                }
+            }
+        }
+        return (Array(compensated[..<C]), Array(compensated[C...]))
+    }
+
+    /// The same for an entry laid out as the window stores it (``WindowEntry/storedValues``),
+    /// read in place: writes the compensated S1 (C values) and then S2 (C values) to `target`.
+    static func compensate(stored v: UnsafePointer<Double>, channels C: Int, patchSize K: Int, to theta: UnsafePointer<Double>,
+                           rho: Double, into target: UnsafeMutablePointer<Double>) {
+        let sumGradient = v + 1 + 2 * C, squaresGradient = sumGradient + K, weight = squaresGradient + C * K
         for c in 0..<C {
             var linear = 0.0, quadratic = 0.0
             for k in 0..<K {
-                let delta = weight[c * K + k] - entry.weight[c * K + k]
-                linear += entry.sumGradient[k] * delta
-                quadratic += entry.sumOfSquaresGradient[c * K + k] * delta
+                let delta = theta[c * K + k] - weight[c * K + k]
+                linear += sumGradient[k] * delta
+                quadratic += squaresGradient[c * K + k] * delta
             }
-            sum[c] += rho * linear
-            squares[c] += rho * quadratic
+            target[c] = v[1 + c] + rho * linear
+            target[C + c] = v[1 + C + c] + rho * quadratic
         }
-        return (sum, squares)
     }
 
     /// The input with channels outermost (C × N·P), reused across steps.
@@ -221,11 +239,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         saved.values.withUnsafeMutableBufferPointer { v in
             let slot0 = v.baseAddress! + 2
             if new > 1 { memmove(slot0 + width, slot0, (new - 1) * width * MemoryLayout<Double>.stride) }
-            var offset = 0
-            for part in [[current.count], current.sum, current.sumOfSquares, current.sumGradient, current.sumOfSquaresGradient, current.weight] {
-                part.withUnsafeBufferPointer { (slot0 + offset).update(from: $0.baseAddress!, count: part.count) }
-                offset += part.count
-            }
+            current.storedValues.withUnsafeBufferPointer { slot0.update(from: $0.baseAddress!, count: width) }
             v[0] = Double(iteration)
             v[1] = Double(new)
         }
@@ -267,21 +281,15 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         var taylorChange = 0.0, taylorSize = 0.0
         saved.values.withUnsafeBufferPointer { v in
             weight.withUnsafeBufferPointer { theta in
-                for j in 0..<pastCount {
-                    let base = 2 + j * width, out = (1 + 2 * C) * (j + 1)
-                    let g1 = base + 1 + 2 * C, g2 = g1 + K, w = g2 + C * K
-                    packed[out] = v[base]
-                    for c in 0..<C {
-                        var linear = 0.0, quadratic = 0.0
-                        for k in 0..<K {
-                            let delta = theta[c * K + k] - v[w + c * K + k]
-                            linear += v[g1 + k] * delta
-                            quadratic += v[g2 + c * K + k] * delta
+                packed.withUnsafeMutableBufferPointer { p in
+                    for j in 0..<pastCount {
+                        let entry = v.baseAddress! + 2 + j * width, out = p.baseAddress! + (1 + 2 * C) * (j + 1)
+                        out[0] = entry[0]
+                        Self.compensate(stored: entry, channels: C, patchSize: K, to: theta.baseAddress!, rho: rho, into: out + 1)
+                        for c in 0..<C {
+                            taylorChange += abs(out[1 + C + c] - entry[1 + C + c])
+                            taylorSize += abs(entry[1 + C + c])
                         }
-                        packed[out + 1 + c] = v[base + 1 + c] + rho * linear
-                        packed[out + 1 + C + c] = v[base + 1 + C + c] + rho * quadratic
-                        taylorChange += abs(rho * quadratic)
-                        taylorSize += abs(v[base + 1 + C + c])
                     }
                 }
             }
