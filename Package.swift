@@ -49,7 +49,7 @@ let package = Package(
         ]),
 
         .testTarget(name: "CollectivesTests", dependencies: ["Collectives", "CollectiveChecks"]),
-        .testTarget(name: "KernelsTests", dependencies: ["Kernels", "TestSupport"], exclude: ["Fixtures"]),
+        .testTarget(name: "KernelsTests", dependencies: ["Kernels", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "NormalizationTests", dependencies: ["Normalization", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "Training", "Study", "TestSupport"]),

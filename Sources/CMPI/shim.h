@@ -16,6 +16,7 @@ static inline void *syncbn_mpi_in_place(void) { return MPI_IN_PLACE; }
 static inline MPI_Errhandler syncbn_mpi_errors_return(void) { return MPI_ERRORS_RETURN; }
 static inline MPI_Request syncbn_mpi_request_null(void) { return MPI_REQUEST_NULL; }
 static inline MPI_Status *syncbn_mpi_status_ignore(void) { return MPI_STATUS_IGNORE; }
+static inline MPI_Status *syncbn_mpi_statuses_ignore(void) { return MPI_STATUSES_IGNORE; }
 static inline int syncbn_mpi_success(void) { return MPI_SUCCESS; }
 static inline int syncbn_mpi_max_error_string(void) { return MPI_MAX_ERROR_STRING; }
 static inline int syncbn_mpi_thread_funneled(void) { return MPI_THREAD_FUNNELED; }

@@ -44,6 +44,33 @@ public enum CommunicatorConformance {
         expect(b == [squares], "startAllReduceSum Double gave \(b), expected \(squares)")
         expect(try first.wait() == a, "a second wait() changed the result")
 
+        // The reductions follow the rank tree bit for bit: values with rounding in every addition,
+        // a length that no power of two divides, every rank's values known to every rank.
+        func treeValues<T: BinaryFloatingPoint>(_: T.Type, rank q: Int, count: Int) -> [T] {
+            var state = UInt64(q + 1) &* 0x9E37_79B9_7F4A_7C15
+            return (0..<count).map { _ in
+                state = state &* 6364136223846793005 &+ 1442695040888963407
+                let unit = T(Double(state >> 11) / Double(1 << 53))
+                return (unit - 0.5) * T(1 + q % 5) * 1e3
+            }
+        }
+        let length = 1001
+        let floatParts = (0..<n).map { treeValues(Float.self, rank: $0, count: length) }
+        let doubleParts = (0..<n).map { treeValues(Double.self, rank: $0, count: length) }
+        var treeFloats = floatParts[r]
+        try comm.allReduceSum(&treeFloats)
+        expect(treeFloats.map(\.bitPattern) == rankTreeSum(floatParts).map(\.bitPattern), "allReduceSum Float is not the rank tree's sum bit for bit")
+        // Reductions in flight together, with a blocking one between them.
+        let inFlight = try comm.startAllReduceSum(floatParts[r])
+        var between = doubleParts[r]
+        try comm.allReduceSum(&between)
+        let later = try comm.startAllReduceSum(doubleParts[r])
+        let inFlightResult = try inFlight.wait(), laterResult = try later.wait()
+        let doubleTree = rankTreeSum(doubleParts).map(\.bitPattern)
+        expect(inFlightResult.map(\.bitPattern) == rankTreeSum(floatParts).map(\.bitPattern), "startAllReduceSum Float is not the rank tree's sum")
+        expect(between.map(\.bitPattern) == doubleTree, "allReduceSum Double is not the rank tree's sum")
+        expect(laterResult.map(\.bitPattern) == doubleTree, "startAllReduceSum Double is not the rank tree's sum")
+
         // Broadcast from the last rank.
         var broadcastValues = [Double(r) + 0.25, Double(r) * 3]
         try comm.broadcast(&broadcastValues, root: n - 1)

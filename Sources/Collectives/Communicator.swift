@@ -41,8 +41,11 @@ public enum CommunicatorError: Error, CustomStringConvertible, Equatable {
 ///
 /// Every rank of a group must call the same collectives in the same order with the same element
 /// counts (except `allGather`, whose counts may differ), including ranks that have no data for
-/// the current step. Reductions are deterministic: for a given group, every rank ends with the
-/// bitwise same result.
+/// the current step. Reductions follow one fixed tree over the ranks, ``rankTreeSum(_:)``, in
+/// every implementation: every rank ends with the bitwise same result, and it is the result that
+/// one process adding the ranks' contributions along that tree would get (the exactness contract:
+/// a rank's contribution is the subtree of its block of samples, so the whole reduction is one
+/// tree over the samples).
 ///
 /// Implementations: ``SingleProcessCommunicator`` (size 1), ``InProcessGroup`` (ranks as threads)
 /// and `MPICommunicator` (processes started by `mpirun`, in the CollectivesMPI target).
@@ -114,4 +117,78 @@ public func contiguousPiece(of count: Int, parts: Int, index: Int) -> Range<Int>
     let base = count / parts, extra = count % parts
     let start = index * base + min(index, extra)
     return start..<(start + base + (index < extra ? 1 : 0))
+}
+
+/// The element-wise sum of one equal-length array per rank along the rank tree: ranks are the
+/// leaves of a balanced binary tree over the next power of two, and at distance d = 1, 2, 4, …
+/// node r (r a multiple of 2d) becomes node r + node r + d where rank r + d exists (a missing
+/// subtree is left out, not added as zero). Recursive doubling computes exactly this on every
+/// rank, since IEEE addition is commutative: the partners at distance d hold the two subtrees and
+/// both form their sum. The reference for every ``Communicator``'s reductions.
+public func rankTreeSum<T: Numeric>(_ parts: [[T]]) -> [T] {
+    precondition(!parts.isEmpty, "a tree sum needs at least one rank")
+    var nodes = parts
+    var distance = 1
+    while distance < nodes.count {
+        var r = 0
+        while r + distance < nodes.count {
+            let right = nodes[r + distance]
+            precondition(right.count == nodes[r].count, "rank tree sum: ranks passed different counts")
+            nodes[r].withUnsafeMutableBufferPointer { left in
+                right.withUnsafeBufferPointer { for i in 0..<left.count { left[i] += $0[i] } }
+            }
+            r += 2 * distance
+        }
+        distance *= 2
+    }
+    return nodes[0]
+}
+
+/// The schedule of the rank tree seen from one rank, for a transport that exchanges messages
+/// (MPI): at each distance d = 1, 2, 4, … < size, whom this rank receives the other subtree from
+/// (nil: that subtree is empty) and to whom it sends its own. Partners r and r ^ d swap subtrees;
+/// where r ^ d is past the last rank but its subtree is not empty, a rank of that subtree that
+/// exists sends it to r as well (and r sends nothing back). After the step at distance d every
+/// rank holds its 2d-block's sum.
+public struct RankTreeSchedule: Equatable, Sendable {
+    public struct Step: Equatable, Sendable {
+        public var distance: Int
+        public var receiveFrom: Int?
+        public var sendTo: [Int]
+    }
+    public let steps: [Step]
+
+    public init(rank: Int, size: Int) {
+        precondition(size >= 1 && (0..<size).contains(rank), "rank \(rank) of \(size)")
+        var steps: [Step] = []
+        var d = 1
+        while d < size {
+            let partner = rank ^ d
+            var step = Step(distance: d, receiveFrom: nil, sendTo: [])
+            if partner < size {
+                step.receiveFrom = partner
+                step.sendTo.append(partner)
+            } else {
+                // The other subtree starts at s = partner rounded down to a multiple of d.
+                let s = partner & ~(d - 1)
+                if s < size { step.receiveFrom = s + (partner - s) % (size - s) }
+            }
+            // Ranks of the lower half of this 2d-block whose partners are missing: this rank (in
+            // the upper half, present) stands in for partner-less ranks congruent to it.
+            if rank & d != 0 {
+                let s = rank & ~(d - 1), present = size - s
+                if present < d {
+                    let offset = rank - s
+                    var i = present
+                    while i < d {
+                        if i % present == offset { step.sendTo.append((s - d) + i) }
+                        i += 1
+                    }
+                }
+            }
+            steps.append(step)
+            d *= 2
+        }
+        self.steps = steps
+    }
 }

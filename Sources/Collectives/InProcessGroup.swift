@@ -4,8 +4,8 @@ import Foundation
 ///
 /// Lets `swift test` check N-rank behaviour without `mpirun`, and lets a user try
 /// `syncbn-train --simulate-ranks 4` on a laptop. Collectives rendezvous on a condition
-/// variable; every rank then reduces the contributions itself in rank order, so all ranks get the
-/// bitwise same result. The non-blocking all-reduce completes eagerly (allowed: MPI too may
+/// variable; every rank then reduces the contributions itself along the rank tree
+/// (``rankTreeSum(_:)``), so all ranks get the bitwise same result, the one MPI's gives too. The non-blocking all-reduce completes eagerly (allowed: MPI too may
 /// complete a request at any time before `wait`).
 ///
 /// If one rank's body throws, every collective that another rank is blocked in (or enters later)
@@ -113,24 +113,13 @@ func requireEqualCounts(_ counts: [Int], operation: String) throws {
     }
 }
 
-/// Element-wise sum of equal-length arrays, added in index order so that the result does not
-/// depend on which rank computes it. Dispatches on the concrete type so the loop is specialised.
+/// The element-wise sum of one array per rank along the rank tree (``rankTreeSum(_:)``).
+/// Dispatches on the concrete type so the loop is specialised.
 func sumInRankOrder<T: ReducibleScalar>(_ parts: [[T]]) -> [T] {
-    func add<U: Numeric>(_ parts: [[U]]) -> [U] {
-        var total = parts[0]
-        total.withUnsafeMutableBufferPointer { out in
-            for part in parts.dropFirst() {
-                part.withUnsafeBufferPointer { p in
-                    for i in 0..<out.count { out[i] += p[i] }
-                }
-            }
-        }
-        return total
-    }
     switch T.kind {
-    case .float32: return add(parts as! [[Float]]) as! [T]
-    case .float64: return add(parts as! [[Double]]) as! [T]
-    case .int64: return add(parts as! [[Int64]]) as! [T]
+    case .float32: return rankTreeSum(parts as! [[Float]]) as! [T]
+    case .float64: return rankTreeSum(parts as! [[Double]]) as! [T]
+    case .int64: return rankTreeSum(parts as! [[Int64]]) as! [T]
     }
 }
 

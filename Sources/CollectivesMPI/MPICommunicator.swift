@@ -66,28 +66,47 @@ public final class MPICommunicator: Communicator {
         exit(code)
     }
 
+    /// Reductions started and not yet complete, oldest first: every collective call advances
+    /// them as far as their messages allow, so a gradient all-reduce progresses during backward.
+    private var inFlight: [TreeReduction] = []
+    /// Numbers the reductions of this communicator (the same on every rank, as they are issued in
+    /// the same order): their messages carry it in the tag, so steps of reductions that are in
+    /// flight at the same time never match each other's messages.
+    private var reductionSequence = 0
+
+    /// Advances every reduction in flight without blocking and forgets the finished ones.
+    private func progressInFlight() throws {
+        for reduction in inFlight { _ = try reduction.advance(blocking: false) }
+        inFlight.removeAll { $0.finished }
+    }
+
+    private func startReduction<T: ReducibleScalar>(_ values: [T]) throws -> TreeReduction {
+        try progressInFlight()
+        reductionSequence += 1
+        let reduction = TreeReduction(values, schedule: RankTreeSchedule(rank: rank, size: size), kind: T.kind,
+                                      datatype: datatype(T.self), tagBase: Int32((reductionSequence % 65536) * 32), comm: comm)
+        _ = try reduction.advance(blocking: false)
+        if !reduction.finished { inFlight.append(reduction) }
+        return reduction
+    }
+
+    /// The sum along the rank tree (``rankTreeSum(_:)``) by recursive doubling with point-to-point
+    /// messages: MPI_Allreduce's order of additions belongs to the implementation and may change
+    /// with the message size or the number of ranks, so it cannot serve the exactness contract.
     public func allReduceSum<T: ReducibleScalar>(_ values: inout [T]) throws {
-        let count = Int32(values.count)
-        try values.withUnsafeMutableBytes { buffer in
-            try check(MPI_Allreduce(syncbn_mpi_in_place(), buffer.baseAddress, count, datatype(T.self), syncbn_mpi_sum(), comm), "MPI_Allreduce")
-        }
+        guard size > 1, !values.isEmpty else { return }
+        let reduction = try startReduction(values)
+        _ = try reduction.advance(blocking: true)
+        values = reduction.result(as: T.self)
     }
 
     public func startAllReduceSum<T: ReducibleScalar>(_ values: [T]) throws -> AllReduceRequest<T> {
-        // MPI owns the buffer until the request completes, so it lives in memory we allocate here.
-        let buffer = UnsafeMutableBufferPointer<T>.allocate(capacity: values.count)
-        _ = buffer.initialize(from: values)
-        var request = syncbn_mpi_request_null()
-        do {
-            try check(MPI_Iallreduce(syncbn_mpi_in_place(), buffer.baseAddress, Int32(values.count), datatype(T.self), syncbn_mpi_sum(), comm, &request), "MPI_Iallreduce")
-        } catch {
-            buffer.deallocate()
-            throw error
-        }
-        return AllReduceRequest {
-            defer { buffer.deallocate() }
-            try check(MPI_Wait(&request, syncbn_mpi_status_ignore()), "MPI_Wait")
-            return Array(buffer)
+        guard size > 1, !values.isEmpty else { return AllReduceRequest(completed: values) }
+        let reduction = try startReduction(values)
+        return AllReduceRequest { [self] in
+            try progressInFlight()
+            _ = try reduction.advance(blocking: true)
+            return reduction.result(as: T.self)
         }
     }
 
@@ -148,4 +167,91 @@ func check(_ code: Int32, _ call: String) throws {
     var text = [CChar](repeating: 0, count: Int(syncbn_mpi_max_error_string()) + 1)
     MPI_Error_string(code, &text, &length)
     throw CommunicatorError.transport(call: call, message: String(cString: text))
+}
+
+/// One all-reduce along the rank tree in progress: at each step of the schedule, post the receive
+/// of the other subtree and the sends of this rank's, and once all have completed add what came.
+private final class TreeReduction {
+    private let values: UnsafeMutableRawBufferPointer
+    private let incoming: UnsafeMutableRawBufferPointer
+    private let count: Int
+    private let kind: ScalarKind
+    private let datatype: MPI_Datatype
+    private let steps: [RankTreeSchedule.Step]
+    private let tagBase: Int32
+    private let comm: MPI_Comm
+    private var next = 0
+    private var requests: [MPI_Request?] = []
+    private var posted = false
+    private(set) var finished = false
+
+    init<T: ReducibleScalar>(_ source: [T], schedule: RankTreeSchedule, kind: ScalarKind, datatype: MPI_Datatype, tagBase: Int32, comm: MPI_Comm) {
+        count = source.count
+        let bytes = count * MemoryLayout<T>.stride
+        let own = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: 16)
+        source.withUnsafeBytes { own.copyMemory(from: $0) }
+        values = own
+        incoming = .allocate(byteCount: bytes, alignment: 16)
+        self.kind = kind
+        self.datatype = datatype
+        steps = schedule.steps
+        self.tagBase = tagBase
+        self.comm = comm
+        finished = steps.isEmpty
+    }
+
+    deinit {
+        values.deallocate()
+        incoming.deallocate()
+    }
+
+    func result<T: ReducibleScalar>(as: T.Type) -> [T] {
+        precondition(finished, "the reduction has not finished")
+        return Array(values.bindMemory(to: T.self))
+    }
+
+    /// Posts and completes steps until one is still waiting (non-blocking) or all are done.
+    func advance(blocking: Bool) throws -> Bool {
+        while !finished {
+            let step = steps[next], tag = tagBase + Int32(next)
+            if !posted {
+                requests = []
+                if let source = step.receiveFrom {
+                    var request = syncbn_mpi_request_null()
+                    try check(MPI_Irecv(incoming.baseAddress, Int32(count), datatype, Int32(source), tag, comm, &request), "MPI_Irecv")
+                    requests.append(request)
+                }
+                for target in step.sendTo {
+                    var request = syncbn_mpi_request_null()
+                    try check(MPI_Isend(values.baseAddress, Int32(count), datatype, Int32(target), tag, comm, &request), "MPI_Isend")
+                    requests.append(request)
+                }
+                posted = true
+            }
+            if blocking {
+                try check(MPI_Waitall(Int32(requests.count), &requests, syncbn_mpi_statuses_ignore()), "MPI_Waitall")
+            } else {
+                var done: Int32 = 0
+                try check(MPI_Testall(Int32(requests.count), &requests, &done, syncbn_mpi_statuses_ignore()), "MPI_Testall")
+                if done == 0 { return false }
+            }
+            if step.receiveFrom != nil { addIncoming() }
+            posted = false
+            next += 1
+            finished = next == steps.count
+        }
+        return true
+    }
+
+    private func addIncoming() {
+        func add<U: Numeric>(_: U.Type) {
+            let own = values.bindMemory(to: U.self), other = incoming.bindMemory(to: U.self)
+            for i in 0..<count { own[i] += other[i] }
+        }
+        switch kind {
+        case .float32: add(Float.self)
+        case .float64: add(Double.self)
+        case .int64: add(Int64.self)
+        }
+    }
 }

@@ -10,7 +10,7 @@ import Foundation
 /// at once. A 1×1 stride-1 conv's columns are its input with two axes swapped.
 /// Init: PyTorch's default, U(±1/√K) for weight and bias. A conv followed by BatchNorm takes
 /// `bias: false` (β does that job).
-public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
+public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAligned {
     public let inputChannels: Int, outputChannels: Int, kernelSize: Int, stride: Int, padding: Int
     public let weight: Parameter<Scalar>
     public let bias: Parameter<Scalar>?
@@ -94,44 +94,86 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
     /// samples and channels swapped, so no im2col or col2im runs.
     public var isPointwise: Bool { kernelSize == 1 && stride == 1 && padding == 0 }
 
-    /// Workspaces reused across steps, allocated once per shape: the im2col matrix of a chunk of
-    /// samples (small enough to stay in cache) and the output or output gradient with channels
-    /// outermost (C_out × N·P).
+    /// Workspaces reused across steps, allocated once per shape: the im2col matrix of one chunk
+    /// of samples (K × c·P, small enough to stay in cache) and a chunk's output or output
+    /// gradient with channels outermost (C_out × c·P).
     private var chunkColumns: [Scalar] = []
-    private var channelMajor: [Scalar] = []
-    /// Backward's GEMM result when patch statistics ride along: (2·C_out + 1) × K.
-    private var fusedResult: [Scalar] = []
-    /// The last training input (shared storage, not a copy): backward builds its columns again,
-    /// a chunk at a time, instead of keeping the whole batch's im2col matrix.
+    private var chunkOutput: [Scalar] = []
+    /// One sample's [dY; Y; 1] ((2·C_out + 1) × P) and its GEMM result, when patch statistics ride along.
+    private var sampleRows: [Scalar] = []
+    private var sampleResult: [Scalar] = []
+    /// The per-sample weight gradients added along the pairwise tree (and, with patch statistics,
+    /// the per-sample Σ y·patch and Σ patch in Double).
+    private var weightGradientTree: PairwiseAccumulator<Scalar>?
+    private var patchStatisticsTree: PairwiseAccumulator<Double>?
+    /// The last training input and output (shared storage, not copies): backward builds the
+    /// columns again, a chunk at a time, instead of keeping the whole batch's im2col matrix, and
+    /// reads the output for the patch statistics.
     private var lastInput: Tensor<Scalar>?
+    private var lastOutput: Tensor<Scalar>?
 
     /// Set by a layer that needs, besides dW, the patch statistics of the last training batch
     /// (cross-iteration BN): Σ_i patch_i (K values) and Σ_i y_{i,c}·patch_i (C_out × K), y being
-    /// this layer's output. While set, the workspace keeps forward's output channel-major and the
-    /// next backward computes all three with the same GEMMs, [dY'; Y'; 1]·colsᵀ (the columns are
-    /// built and packed once for the three), hands them over, and clears the receiver. Only a
-    /// bias-free convolution offers this (y = θ·patch exactly).
+    /// this layer's output. While set, the next backward computes all three with the same
+    /// per-sample GEMMs, [dY_s; Y_s; 1]·cols_sᵀ, hands the sums over (each added over samples along
+    /// the pairwise tree, the statistics in Double), and clears the receiver. Only a bias-free
+    /// convolution offers this (y = θ·patch exactly).
     public var patchStatisticsReceiver: ((_ patchSum: [Double], _ outputPatchProducts: [Double]) -> Void)? {
         didSet { precondition(bias == nil || patchStatisticsReceiver == nil, "patch statistics need a bias-free convolution") }
     }
-    /// Whether forward keeps room for the fused backward (set once by the consumer).
+    /// Whether a consumer will ask for patch statistics (set once by it).
     public var providesPatchStatistics = false {
         didSet { precondition(bias == nil || !providesPatchStatistics, "patch statistics need a bias-free convolution") }
     }
-    private var channelMajorOutputBatch: Int?
 
-    /// Samples per chunk: the chunk's im2col matrix holds at most 128 Ki values (512 KiB of Float).
-    func chunkSize(batch n: Int, _ g: ConvolutionGeometry) -> Int {
-        max(1, min(n, (1 << 17) / max(g.patchSize * g.positions, 1)))
+    /// The global index of the first sample of the next batch (see ``SampleAligned``).
+    public var sampleOffset = 0
+
+    /// Samples per chunk, c: a power of two that depends on the layer's shape alone, the largest
+    /// with at most 2,048 GEMM columns (c·P) whose im2col matrix holds at most 128 Ki values
+    /// (512 KiB of Float), so that every GEMM of the layer has one shape on any rank and batch.
+    public func chunkSize(_ g: ConvolutionGeometry) -> Int {
+        var c = 1
+        while c < 64 && 2 * c * g.positions <= 2048 && 2 * c * g.positions * g.patchSize <= (1 << 17) { c *= 2 }
+        return c
     }
 
-    /// im2col of samples start ..< start + count of `x` side by side into `target` (K × count·P).
-    func columns(of x: UnsafePointer<Scalar>, _ g: ConvolutionGeometry, start: Int, count: Int, into target: UnsafeMutablePointer<Scalar>) {
-        let P = g.positions, plane = inputChannels * g.height * g.width
-        if isPointwise {
-            Scalar.swapOuterAxes(x + start * plane, count, inputChannels, block: P, into: target)
-        } else {
-            for s in 0..<count { Scalar.im2col(x + (start + s) * plane, g, into: target + s * P, rowLength: count * P) }
+    /// The chunks of a batch of `n` samples whose first sample has global index `offset`: chunk j
+    /// holds global samples j·c ..< (j + 1)·c, so each yields the local samples it holds and the
+    /// slot (position in the chunk) of the first of them.
+    static func chunks(batch n: Int, offset: Int, size c: Int) -> [(samples: Range<Int>, firstSlot: Int)] {
+        guard n > 0 else { return [] }
+        var result: [(Range<Int>, Int)] = []
+        var start = 0, slot = offset % c
+        while start < n {
+            let count = min(c - slot, n - start)
+            result.append((start..<(start + count), slot))
+            start += count
+            slot = 0
+        }
+        return result
+    }
+
+    /// im2col of samples `samples` of `x` into slots firstSlot… of the chunk matrix `target`
+    /// (K × c·P); the slots of samples this batch does not hold are zero.
+    func chunkColumns(of x: UnsafePointer<Scalar>, _ g: ConvolutionGeometry, samples: Range<Int>, firstSlot: Int, chunk c: Int,
+                      into target: UnsafeMutablePointer<Scalar>) {
+        let P = g.positions, K = g.patchSize, width = c * P, plane = inputChannels * g.height * g.width
+        if samples.count < c {
+            for k in 0..<K {
+                let row = target + k * width
+                if firstSlot > 0 { row.update(repeating: 0, count: firstSlot * P) }
+                let end = (firstSlot + samples.count) * P
+                if end < width { (row + end).update(repeating: 0, count: width - end) }
+            }
+        }
+        for (i, s) in samples.enumerated() {
+            let column = target + (firstSlot + i) * P
+            if isPointwise {
+                for k in 0..<K { (column + k * width).update(from: x + s * plane + k * P, count: P) }
+            } else {
+                Scalar.im2col(x + s * plane, g, into: column, rowLength: width)
+            }
         }
     }
 
@@ -144,43 +186,44 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         var values = Scalar.filled(K * M, with: 0)
         if M > 0 {
             input.scalars.withUnsafeBufferPointer { x in
-                values.withUnsafeMutableBufferPointer { columns(of: x.baseAddress!, g, start: 0, count: n, into: $0.baseAddress!) }
+                values.withUnsafeMutableBufferPointer {
+                    chunkColumns(of: x.baseAddress!, g, samples: 0..<n, firstSlot: 0, chunk: n, into: $0.baseAddress!)
+                }
             }
         }
         return PatchMatrix(values: values, batch: n, patchSize: K, positions: g.positions, positionMajor: false)
     }
 
-    /// Forward, a chunk of samples at a time: cols = [im2col(x_s) …] for the chunk (K × chunk·P,
-    /// in cache), Y'[:, chunk] = W·cols (C_out × N·P over the chunks), y = Y' with its two outer
-    /// axes swapped (+ b). A sample's output is the same whatever the chunk (tested bit for bit).
+    /// Forward, a chunk of c samples at a time, chunks aligned to the global sample index
+    /// (``sampleOffset``): cols = [im2col(x_s) …] for the chunk's slots (K × c·P, absent samples'
+    /// slots zero), Y'_chunk = W·cols (C_out × c·P), and each sample's columns copied to its place
+    /// in y (+ b). Every GEMM of the layer has the same shape, and a sample always sits in the same
+    /// slot of the same chunk, so its output is the same bits whatever batch or rank holds it.
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         let g = try geometry(for: input.shape)
-        let n = input.shape[0], K = g.patchSize, P = g.positions, M = n * P, C = outputChannels
-        // With patch statistics the workspace is [dY' (C rows); Y' (C rows); ones (1 row)] and
-        // forward writes Y' to its middle.
-        let fused = providesPatchStatistics && mode == .training
-        let rows = providesPatchStatistics ? 2 * C + 1 : C, outputRow = fused ? C : 0
-        if channelMajor.count < rows * M { channelMajor = Scalar.filled(rows * M, with: 0) }
-        let chunk = chunkSize(batch: n, g)
-        if chunkColumns.count < K * chunk * P { chunkColumns = Scalar.filled(K * chunk * P, with: 0) }
+        let n = input.shape[0], K = g.patchSize, P = g.positions, C = outputChannels
+        let c = chunkSize(g), width = c * P
+        if chunkColumns.count < K * width { chunkColumns = Scalar.filled(K * width, with: 0) }
+        if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
+        let offset = sampleOffset
         let output = Tensor<Scalar>(shape: [n, C, g.outputHeight, g.outputWidth]) { y in
-            guard M > 0 else { return }
+            guard n > 0 else { return }
             input.scalars.withUnsafeBufferPointer { x in
                 weight.value.scalars.withUnsafeBufferPointer { w in
                     chunkColumns.withUnsafeMutableBufferPointer { cc in
-                        channelMajor.withUnsafeMutableBufferPointer { t in
-                            let target = t.baseAddress! + outputRow * M
-                            var start = 0
-                            while start < n {
-                                let count = min(chunk, n - start), width = count * P
-                                columns(of: x.baseAddress!, g, start: start, count: count, into: cc.baseAddress!)
+                        chunkOutput.withUnsafeMutableBufferPointer { t in
+                            for (samples, firstSlot) in Self.chunks(batch: n, offset: offset, size: c) {
+                                chunkColumns(of: x.baseAddress!, g, samples: samples, firstSlot: firstSlot, chunk: c, into: cc.baseAddress!)
                                 timedGEMM(m: C, n: width, k: K) {
                                     Scalar.gemm(transposeA: false, transposeB: false, m: C, n: width, k: K, alpha: 1, a: w.baseAddress!, lda: K,
-                                                b: cc.baseAddress!, ldb: width, beta: 0, c: target + start * P, ldc: M)
+                                                b: cc.baseAddress!, ldb: width, beta: 0, c: t.baseAddress!, ldc: width)
                                 }
-                                start += count
+                                for (i, s) in samples.enumerated() {
+                                    for co in 0..<C {
+                                        (y.baseAddress! + (s * C + co) * P).update(from: t.baseAddress! + co * width + (firstSlot + i) * P, count: P)
+                                    }
+                                }
                             }
-                            Scalar.swapOuterAxes(target, C, n, block: P, into: y.baseAddress!)
                         }
                     }
                 }
@@ -193,83 +236,93 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
         }
         if mode == .training {
             lastInput = input
+            lastOutput = output
             lastGeometry = g
             lastBatch = n
-            channelMajorOutputBatch = fused ? n : nil
+            lastOffset = offset
         }
         return output
     }
+    private var lastOffset = 0
 
-    /// Backward with dY' = dy's outer axes swapped (C_out × N·P), a chunk of samples at a time:
-    /// the chunk's columns are built again (in cache), dW += dY'_s·cols_sᵀ sample by sample in
-    /// sample order (so the sum rounds the same way whatever the batch size), then the same
-    /// workspace takes dcols = Wᵀ·dY' for the chunk and col2im scatters it into dx.
+    /// Backward over the same chunks as forward: the chunk's columns are built again (in cache);
+    /// each sample's weight gradient dY_s·cols_sᵀ (one C_out × K × P GEMM, the same shape for every
+    /// sample) is added along the pairwise tree over the batch; the chunk's output gradient
+    /// (C_out × c·P, absent slots zero) gives dcols = Wᵀ·dY' in the same workspace, and col2im
+    /// scatters each sample's columns into its dx.
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
-        guard let g = lastGeometry, let input = lastInput else { preconditionFailure("Conv2d.backward needs a training forward") }
-        let n = lastBatch, K = g.patchSize, P = g.positions, M = n * P, C = outputChannels
+        guard let g = lastGeometry, let input = lastInput, let output = lastOutput else {
+            preconditionFailure("Conv2d.backward needs a training forward")
+        }
+        let n = lastBatch, K = g.patchSize, P = g.positions, C = outputChannels
         try requireShape(outputGradient.shape == [n, C, g.outputHeight, g.outputWidth], "Conv2d",
                          "output gradient \(outputGradient.shape) does not match the forward output")
         lastGeometry = nil
         lastInput = nil
-        let pointwise = isPointwise
+        lastOutput = nil
+        let c = chunkSize(g), width = c * P
         let inputPlane = inputChannels * g.height * g.width
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
         let receiver = patchStatisticsReceiver
         patchStatisticsReceiver = nil
-        // The fused GEMMs read forward's Y' from the workspace; when forward did not keep it
-        // (the receiver came after that forward), Y' = W·cols is computed again here.
         let fused = receiver != nil
-        let recompute = fused && !(providesPatchStatistics && channelMajorOutputBatch == n)
-        channelMajorOutputBatch = nil
         let rows = fused ? 2 * C + 1 : C
-        if fused && fusedResult.count != rows * K { fusedResult = Scalar.filled(rows * K, with: 0) }
-        if channelMajor.count < rows * M { channelMajor += Scalar.filled(rows * M - channelMajor.count, with: 0) }
-        let chunk = chunkSize(batch: n, g)
-        if chunkColumns.count < K * chunk * P { chunkColumns = Scalar.filled(K * chunk * P, with: 0) }
-
-        func run(dx d: UnsafeMutablePointer<Scalar>) {
-            input.scalars.withUnsafeBufferPointer { x in
-                outputGradient.scalars.withUnsafeBufferPointer { dy in
+        if chunkColumns.count < K * width { chunkColumns = Scalar.filled(K * width, with: 0) }
+        if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
+        if weightGradientTree?.width != C * K { weightGradientTree = PairwiseAccumulator(width: C * K) }
+        weightGradientTree!.reset()
+        if fused {
+            if sampleRows.count != rows * P { sampleRows = Scalar.filled(rows * P, with: 0) }
+            if sampleResult.count != rows * K { sampleResult = Scalar.filled(rows * K, with: 0) }
+            if patchStatisticsTree?.width != (C + 1) * K { patchStatisticsTree = PairwiseAccumulator(width: (C + 1) * K) }
+            patchStatisticsTree!.reset()
+        }
+        var dx = Tensor<Scalar>(shape: [n, inputChannels, g.height, g.width])
+        let offset = lastOffset
+        input.scalars.withUnsafeBufferPointer { x in
+            outputGradient.scalars.withUnsafeBufferPointer { dy in
+                output.scalars.withUnsafeBufferPointer { yp in
                     weight.value.scalars.withUnsafeBufferPointer { w in
-                        channelMajor.withUnsafeMutableBufferPointer { t in
-                            chunkColumns.withUnsafeMutableBufferPointer { cc in
-                                weightGradient.scalars.withUnsafeMutableBufferPointer { dw in
-                                    fusedResult.withUnsafeMutableBufferPointer { r in
-                                        Scalar.swapOuterAxes(dy.baseAddress!, n, C, block: P, into: t.baseAddress!)
-                                        if fused { (t.baseAddress! + 2 * C * M).update(repeating: 1, count: M) }
-                                        // [dW; Σ y·patch; Σ patch] = [dY'; Y'; 1]·colsᵀ, or dW = dY'·colsᵀ alone.
-                                        let target = fused ? r.baseAddress! : dw.baseAddress!
-                                        var start = 0
-                                        while start < n {
-                                            let count = min(chunk, n - start), width = count * P
-                                            columns(of: x.baseAddress!, g, start: start, count: count, into: cc.baseAddress!)
-                                            if recompute {
-                                                Scalar.gemm(transposeA: false, transposeB: false, m: C, n: width, k: K, alpha: 1, a: w.baseAddress!,
-                                                            lda: K, b: cc.baseAddress!, ldb: width, beta: 0, c: t.baseAddress! + C * M + start * P, ldc: M)
-                                            }
-                                            timedGEMM(m: rows, n: K, k: width) {
-                                                for s in 0..<count {
-                                                    Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: P, alpha: 1,
-                                                                a: t.baseAddress! + (start + s) * P, lda: M, b: cc.baseAddress! + s * P, ldb: width,
-                                                                beta: start + s == 0 ? 0 : 1, c: target, ldc: K)
+                        chunkColumns.withUnsafeMutableBufferPointer { cc in
+                            chunkOutput.withUnsafeMutableBufferPointer { t in
+                                dx.scalars.withUnsafeMutableBufferPointer { d in
+                                    for (samples, firstSlot) in Self.chunks(batch: n, offset: offset, size: c) {
+                                        chunkColumns(of: x.baseAddress!, g, samples: samples, firstSlot: firstSlot, chunk: c, into: cc.baseAddress!)
+                                        timedGEMM(m: rows, n: K, k: samples.count * P) {
+                                            for (i, s) in samples.enumerated() {
+                                                let columns = cc.baseAddress! + (firstSlot + i) * P
+                                                if fused {
+                                                    addFusedLeaf(dy: dy.baseAddress! + s * C * P, y: yp.baseAddress! + s * C * P, columns: columns,
+                                                                 ldb: width, rows: rows, K: K, P: P)
+                                                } else {
+                                                    weightGradientTree!.add { leaf in
+                                                        Scalar.gemm(transposeA: false, transposeB: true, m: C, n: K, k: P, alpha: 1,
+                                                                    a: dy.baseAddress! + s * C * P, lda: P, b: columns, ldb: width, beta: 0, c: leaf, ldc: K)
+                                                    }
                                                 }
                                             }
-                                            // The chunk's column gradient over its columns, then into dx.
-                                            timedGEMM(m: K, n: width, k: C) {
-                                                Scalar.gemm(transposeA: true, transposeB: false, m: K, n: width, k: C, alpha: 1, a: w.baseAddress!, lda: K,
-                                                            b: t.baseAddress! + start * P, ldb: M, beta: 0, c: cc.baseAddress!, ldc: width)
-                                            }
-                                            if pointwise {
-                                                Scalar.swapOuterAxes(cc.baseAddress!, inputChannels, count, block: P, into: d + start * inputPlane)
-                                            } else {
-                                                for s in 0..<count {
-                                                    Scalar.col2imAccumulate(cc.baseAddress! + s * P, g, rowLength: width, into: d + (start + s) * inputPlane)
-                                                }
-                                            }
-                                            start += count
                                         }
-                                        if fused { dw.baseAddress!.update(from: r.baseAddress!, count: C * K) }
+                                        // The chunk's output gradient, channels outermost, absent slots zero.
+                                        if samples.count < c { t.baseAddress!.update(repeating: 0, count: C * width) }
+                                        for (i, s) in samples.enumerated() {
+                                            for co in 0..<C {
+                                                (t.baseAddress! + co * width + (firstSlot + i) * P).update(from: dy.baseAddress! + (s * C + co) * P, count: P)
+                                            }
+                                        }
+                                        timedGEMM(m: K, n: width, k: C) {
+                                            Scalar.gemm(transposeA: true, transposeB: false, m: K, n: width, k: C, alpha: 1, a: w.baseAddress!, lda: K,
+                                                        b: t.baseAddress!, ldb: width, beta: 0, c: cc.baseAddress!, ldc: width)
+                                        }
+                                        for (i, s) in samples.enumerated() {
+                                            let columns = cc.baseAddress! + (firstSlot + i) * P
+                                            if isPointwise {
+                                                for k in 0..<K { (d.baseAddress! + s * inputPlane + k * P).update(from: columns + k * width, count: P) }
+                                            } else {
+                                                Scalar.col2imAccumulate(columns, g, rowLength: width, into: d.baseAddress! + s * inputPlane)
+                                            }
+                                        }
                                     }
+                                    weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
                                 }
                             }
                         }
@@ -277,24 +330,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
                 }
             }
         }
-        let inputShape = [n, inputChannels, g.height, g.width]
-        let inputGradient: Tensor<Scalar>
-        if pointwise {
-            inputGradient = Tensor(shape: inputShape) { dx in if M > 0 { run(dx: dx.baseAddress!) } }
-        } else {
-            var dx = Tensor<Scalar>(shape: inputShape)
-            if M > 0 { dx.scalars.withUnsafeMutableBufferPointer { run(dx: $0.baseAddress!) } }
-            inputGradient = dx
-        }
         if let receiver {
-            if M == 0 {
-                receiver([Double](repeating: 0, count: K), [Double](repeating: 0, count: C * K))
-            } else if fused {
-                let widened = Scalar.widened(fusedResult)
-                receiver(Array(widened[(2 * C * K)...]), Array(widened[(C * K)..<(2 * C * K)]))
-            }
+            var statistics = [Double](repeating: 0, count: (C + 1) * K)
+            statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
+            receiver(Array(statistics[(C * K)...]), Array(statistics[0..<(C * K)]))
         }
-        weight.addPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
         if let bias {
             var biasGradient = Tensor<Scalar>(shape: [outputChannels])
@@ -305,6 +345,26 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource {
             }
             bias.gradient = biasGradient
         }
-        return inputGradient
+        return dx
+    }
+
+    /// One sample's [dW; Σ y·patch; Σ patch] = [dY_s; Y_s; 1]·cols_sᵀ: dW into the Scalar tree, the
+    /// patch statistics widened into the Double tree (the type cross-iteration BN reduces them in).
+    private func addFusedLeaf(dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>, columns: UnsafePointer<Scalar>, ldb: Int,
+                              rows: Int, K: Int, P: Int) {
+        let C = outputChannels
+        sampleRows.withUnsafeMutableBufferPointer { a in
+            sampleResult.withUnsafeMutableBufferPointer { r in
+                a.baseAddress!.update(from: dy, count: C * P)
+                (a.baseAddress! + C * P).update(from: y, count: C * P)
+                (a.baseAddress! + 2 * C * P).update(repeating: 1, count: P)
+                Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: P, alpha: 1, a: a.baseAddress!, lda: P,
+                            b: columns, ldb: ldb, beta: 0, c: r.baseAddress!, ldc: K)
+                weightGradientTree!.add { $0.update(from: r.baseAddress!, count: C * K) }
+                patchStatisticsTree!.add { leaf in
+                    for i in 0..<((C + 1) * K) { leaf[i] = Double(r[C * K + i]) }
+                }
+            }
+        }
     }
 }

@@ -151,15 +151,24 @@ extension TensorScalar {
         }
     }
 
-    /// sums[c] = Σ_{n,p} values[n, c, p], accumulated in Double.
+    /// sums[c] = Σ_{n,p} values[n, c, p]: each sample's plane summed in Double and rounded, then
+    /// the samples added along the pairwise tree (PairwiseSum.swift), so the sum is a function of
+    /// the samples alone, however the batch is split.
     public static func channelSums(_ values: UnsafeBufferPointer<Self>, layout: ChannelLayout, into sums: UnsafeMutableBufferPointer<Self>) {
-        for c in 0..<layout.channels {
-            var total = 0.0
-            for n in 0..<layout.batch {
-                let base = (n * layout.channels + c) * layout.spatial
-                for p in 0..<layout.spatial { total += Double(values[base + p]) }
+        let C = layout.channels, N = layout.batch
+        guard N > 0 else { for c in 0..<C { sums[c] = 0 }; return }
+        var leaves = filled(N * C, with: 0)
+        leaves.withUnsafeMutableBufferPointer { l in
+            for n in 0..<N {
+                for c in 0..<C {
+                    let base = (n * C + c) * layout.spatial
+                    var total = 0.0
+                    for p in 0..<layout.spatial { total += Double(values[base + p]) }
+                    l[n * C + c] = Self(total)
+                }
             }
-            sums[c] = Self(total)
+            pairwiseSumInPlace(l.baseAddress!, count: N, width: C, stride: C)
+            for c in 0..<C { sums[c] = l[c] }
         }
     }
 
@@ -280,10 +289,12 @@ extension TensorScalar {
     }
 
     /// Per row: loss = logsumexp(z) − z[label] (in Double), gradient = scale·(softmax(z) − onehot).
-    /// Returns the summed loss and how many rows have their label as the first maximum.
+    /// Returns the summed loss, how many rows have their label as the first maximum, and the loss
+    /// summed in fixed point (see ``FixedPointLoss``).
     public static func softmaxCrossEntropy(_ logits: UnsafeBufferPointer<Self>, labels: UnsafeBufferPointer<Int32>, classes: Int,
-                                           gradientScale: Self, gradient: UnsafeMutableBufferPointer<Self>) -> (lossSum: Double, correct: Int) {
+                                           gradientScale: Self, gradient: UnsafeMutableBufferPointer<Self>) -> (lossSum: Double, correct: Int, fixedPoint: FixedPointLoss) {
         var lossSum = 0.0, correct = 0
+        var fixed = FixedPointLoss()
         for row in 0..<labels.count {
             let base = row * classes
             var maximum = Double(logits[base]), best = 0
@@ -293,7 +304,9 @@ extension TensorScalar {
             var total = 0.0
             for k in 0..<classes { total += Foundation.exp(Double(logits[base + k]) - maximum) }
             let label = Int(labels[row])
-            lossSum += Foundation.log(total) + maximum - Double(logits[base + label])
+            let loss = Foundation.log(total) + maximum - Double(logits[base + label])
+            lossSum += loss
+            fixed.add(loss)
             if best == label { correct += 1 }
             if gradient.count > 0 {
                 for k in 0..<classes {
@@ -302,7 +315,7 @@ extension TensorScalar {
                 }
             }
         }
-        return (lossSum, correct)
+        return (lossSum, correct, fixed)
     }
 
     public static func filled(_ count: Int, with value: Self) -> [Self] { [Self](repeating: value, count: count) }

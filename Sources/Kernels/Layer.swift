@@ -15,7 +15,8 @@ public final class Parameter<Scalar: TensorScalar> {
     /// Written (not accumulated) by the owning layer's `backward`.
     public var gradient: Tensor<Scalar>
     /// A contribution from another layer (cross-iteration BN's compensation term, which depends
-    /// on this weight), added to `gradient` by the owning layer's next `backward` and cleared.
+    /// on this weight), identical on every rank: added to the summed gradient by
+    /// ``applyPendingGradient()`` after the gradient exchange.
     public var pendingGradient: [Double]?
 
     public init(_ value: Tensor<Scalar>) {
@@ -25,8 +26,11 @@ public final class Parameter<Scalar: TensorScalar> {
 }
 
 extension Parameter {
-    /// Adds ``pendingGradient`` (if any) to `gradient` and clears it.
-    public func addPendingGradient(to gradient: inout Tensor<Scalar>) {
+    /// Adds ``pendingGradient`` (if any) to `gradient` and clears it. A pending gradient is the
+    /// same on every rank (it is computed from statistics over the whole group), so it is added
+    /// once, after the gradients of the ranks have been summed (the trainer does this; a single
+    /// process calls it right after backward).
+    public func applyPendingGradient() {
         guard let pending = pendingGradient else { return }
         precondition(pending.count == gradient.count, "a pending gradient of \(pending.count) values for a parameter of \(gradient.count)")
         let narrowed = Scalar.narrowed(pending)
@@ -114,6 +118,14 @@ extension Layer {
 
 func requireShape(_ ok: Bool, _ layer: String, _ message: @autoclosure () -> String) throws {
     if !ok { throw LayerError("\(layer): \(message())") }
+}
+
+/// A layer whose batch computations run on fixed chunks of samples aligned to the global sample
+/// index (the exactness contract): before each forward, the caller says where the batch starts in
+/// the global batch (a rank's first sample), so that a sample sits at the same place in the same
+/// chunk on any rank. 0 (the default) for a batch that is the whole global batch.
+public protocol SampleAligned: AnyObject {
+    var sampleOffset: Int { get set }
 }
 
 /// A layer whose output at position i is θ_c·patch_i for output channel c (a convolution via

@@ -1,6 +1,6 @@
 /// Fully connected layer on N×in input: y = x·Wᵀ + b, W of shape out×in (PyTorch's layout).
 /// Backward: dW = dyᵀ·x, db = Σ_n dy, dx = dy·W. Init U(±1/√in) as PyTorch.
-public final class Linear<Scalar: TensorScalar>: Layer, PatchSource {
+public final class Linear<Scalar: TensorScalar>: Layer, PatchSource, SampleAligned {
     public let inputFeatures: Int, outputFeatures: Int
     public let weight: Parameter<Scalar>
     public let bias: Parameter<Scalar>?
@@ -34,19 +34,49 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource {
         [.parameter("weight", weight)] + (bias.map { [.parameter("bias", $0)] } ?? [])
     }
 
+    /// The global index of the first sample of the next batch (see ``SampleAligned``).
+    public var sampleOffset = 0
+    private var lastOffset = 0
+    /// Rows per GEMM: chunks of 16 samples aligned to the global sample index, absent rows zero,
+    /// so that every GEMM of the layer has one shape and a sample always sits in the same row.
+    public static var chunkSize: Int { 16 }
+    private var chunkInput: [Scalar] = []
+    private var chunkResult: [Scalar] = []
+    private var weightGradientTree: PairwiseAccumulator<Scalar>?
+
+    /// rows of `source` (row length `width`) for the chunk's samples into slots firstSlot… of
+    /// `target` (c rows), the other rows zero.
+    private func gather(_ source: UnsafePointer<Scalar>, width: Int, samples: Range<Int>, firstSlot: Int, into target: UnsafeMutablePointer<Scalar>) {
+        let c = Self.chunkSize
+        if samples.count < c { target.update(repeating: 0, count: c * width) }
+        (target + firstSlot * width).update(from: source + samples.lowerBound * width, count: samples.count * width)
+    }
+
+    /// y = x·Wᵀ a chunk at a time, (c × out) = (c × in)·(in × out).
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         try requireShape(input.rank == 2 && input.shape[1] == inputFeatures, "Linear",
                          "expected N×\(inputFeatures) input, got \(input.shape)")
-        let n = input.shape[0]
+        let n = input.shape[0], c = Self.chunkSize, offset = sampleOffset
         var output = Tensor<Scalar>(shape: [n, outputFeatures])
-        if mode == .training { lastInput = input }
+        if mode == .training { lastInput = input; lastOffset = offset }
         guard n > 0 else { return output }
+        if chunkInput.count < c * inputFeatures { chunkInput = Scalar.filled(c * inputFeatures, with: 0) }
+        if chunkResult.count < c * max(inputFeatures, outputFeatures) { chunkResult = Scalar.filled(c * max(inputFeatures, outputFeatures), with: 0) }
         input.scalars.withUnsafeBufferPointer { x in
             weight.value.scalars.withUnsafeBufferPointer { w in
                 output.scalars.withUnsafeMutableBufferPointer { y in
-                    Scalar.gemm(transposeA: false, transposeB: true, m: n, n: outputFeatures, k: inputFeatures, alpha: 1,
-                                a: x.baseAddress!, lda: inputFeatures, b: w.baseAddress!, ldb: inputFeatures,
-                                beta: 0, c: y.baseAddress!, ldc: outputFeatures)
+                    chunkInput.withUnsafeMutableBufferPointer { a in
+                        chunkResult.withUnsafeMutableBufferPointer { r in
+                            for (samples, firstSlot) in Conv2d<Scalar>.chunks(batch: n, offset: offset, size: c) {
+                                gather(x.baseAddress!, width: inputFeatures, samples: samples, firstSlot: firstSlot, into: a.baseAddress!)
+                                Scalar.gemm(transposeA: false, transposeB: true, m: c, n: outputFeatures, k: inputFeatures, alpha: 1,
+                                            a: a.baseAddress!, lda: inputFeatures, b: w.baseAddress!, ldb: inputFeatures,
+                                            beta: 0, c: r.baseAddress!, ldc: outputFeatures)
+                                (y.baseAddress! + samples.lowerBound * outputFeatures).update(from: r.baseAddress! + firstSlot * outputFeatures,
+                                                                                              count: samples.count * outputFeatures)
+                            }
+                        }
+                    }
                     if let bias {
                         bias.value.scalars.withUnsafeBufferPointer { b in
                             Scalar.addChannelBias(b, to: y, layout: ChannelLayout(batch: n, channels: outputFeatures, spatial: 1))
@@ -58,42 +88,53 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource {
         return output
     }
 
+    /// dx = dy·W a chunk at a time; dW = Σ_n dy_nᵀ·x_n, each sample's outer product added along
+    /// the pairwise tree; db = Σ_n dy_n (the same tree).
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
         guard let input = lastInput else { preconditionFailure("Linear.backward before a training forward") }
-        let n = input.shape[0]
-        try requireShape(outputGradient.shape == [n, outputFeatures], "Linear",
+        let n = input.shape[0], c = Self.chunkSize, In = inputFeatures, Out = outputFeatures
+        try requireShape(outputGradient.shape == [n, Out], "Linear",
                          "output gradient \(outputGradient.shape) does not match the forward output")
         var inputGradient = Tensor<Scalar>(shape: input.shape)
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
-        guard n > 0 else {
-            weight.addPendingGradient(to: &weightGradient)
-            weight.gradient = weightGradient
-            bias?.gradient = Tensor(shape: [outputFeatures])
-            return inputGradient
-        }
+        if weightGradientTree?.width != Out * In { weightGradientTree = PairwiseAccumulator(width: Out * In) }
+        weightGradientTree!.reset()
+        if chunkInput.count < c * Out { chunkInput = Scalar.filled(c * max(Out, In), with: 0) }
+        if chunkResult.count < c * In { chunkResult = Scalar.filled(c * max(In, Out), with: 0) }
         outputGradient.scalars.withUnsafeBufferPointer { dy in
             input.scalars.withUnsafeBufferPointer { x in
                 weight.value.scalars.withUnsafeBufferPointer { w in
-                    weightGradient.scalars.withUnsafeMutableBufferPointer { dw in
-                        Scalar.gemm(transposeA: true, transposeB: false, m: outputFeatures, n: inputFeatures, k: n, alpha: 1,
-                                    a: dy.baseAddress!, lda: outputFeatures, b: x.baseAddress!, ldb: inputFeatures,
-                                    beta: 0, c: dw.baseAddress!, ldc: inputFeatures)
+                    for s in 0..<n {
+                        weightGradientTree!.add { leaf in
+                            for o in 0..<Out {
+                                let g = dy[s * Out + o], row = leaf + o * In
+                                for i in 0..<In { row[i] = g * x[s * In + i] }
+                            }
+                        }
                     }
+                    weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
                     inputGradient.scalars.withUnsafeMutableBufferPointer { dx in
-                        Scalar.gemm(transposeA: false, transposeB: false, m: n, n: inputFeatures, k: outputFeatures, alpha: 1,
-                                    a: dy.baseAddress!, lda: outputFeatures, b: w.baseAddress!, ldb: inputFeatures,
-                                    beta: 0, c: dx.baseAddress!, ldc: inputFeatures)
+                        chunkInput.withUnsafeMutableBufferPointer { a in
+                            chunkResult.withUnsafeMutableBufferPointer { r in
+                                for (samples, firstSlot) in Conv2d<Scalar>.chunks(batch: n, offset: lastOffset, size: c) {
+                                    gather(dy.baseAddress!, width: Out, samples: samples, firstSlot: firstSlot, into: a.baseAddress!)
+                                    Scalar.gemm(transposeA: false, transposeB: false, m: c, n: In, k: Out, alpha: 1,
+                                                a: a.baseAddress!, lda: Out, b: w.baseAddress!, ldb: In,
+                                                beta: 0, c: r.baseAddress!, ldc: In)
+                                    (dx.baseAddress! + samples.lowerBound * In).update(from: r.baseAddress! + firstSlot * In, count: samples.count * In)
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
-        weight.addPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
         if let bias {
-            var biasGradient = Tensor<Scalar>(shape: [outputFeatures])
+            var biasGradient = Tensor<Scalar>(shape: [Out])
             outputGradient.scalars.withUnsafeBufferPointer { dy in
                 biasGradient.scalars.withUnsafeMutableBufferPointer { db in
-                    Scalar.channelSums(dy, layout: ChannelLayout(batch: n, channels: outputFeatures, spatial: 1), into: db)
+                    Scalar.channelSums(dy, layout: ChannelLayout(batch: n, channels: Out, spatial: 1), into: db)
                 }
             }
             bias.gradient = biasGradient

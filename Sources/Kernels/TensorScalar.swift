@@ -37,7 +37,7 @@ public protocol TensorScalar: BinaryFloatingPoint, Codable, Sendable where Self.
     static func globalAveragePoolForward(_ x: UnsafeBufferPointer<Self>, planes: Int, spatial: Int, _ y: UnsafeMutableBufferPointer<Self>)
     static func globalAveragePoolBackward(_ dy: UnsafeBufferPointer<Self>, planes: Int, spatial: Int, _ dx: UnsafeMutableBufferPointer<Self>)
     static func softmaxCrossEntropy(_ logits: UnsafeBufferPointer<Self>, labels: UnsafeBufferPointer<Int32>, classes: Int,
-                                    gradientScale: Self, gradient: UnsafeMutableBufferPointer<Self>) -> (lossSum: Double, correct: Int)
+                                    gradientScale: Self, gradient: UnsafeMutableBufferPointer<Self>) -> (lossSum: Double, correct: Int, fixedPoint: FixedPointLoss)
     /// True when every element is finite.
     static func allFinite(_ x: UnsafeBufferPointer<Self>) -> Bool
     /// `count` copies of `value` (a specialised fill: generic code in other modules would copy

@@ -8,8 +8,14 @@
 ///     dL/dg_c = Σ_k dw_ck·v_ck/‖v_c‖,    dL/dv_c = (g_c/‖v_c‖)·(dw_c − (dL/dg_c/‖v_c‖)·v_c)
 ///
 /// in Double per channel. The wrapped layer's bias, if any, stays an ordinary parameter.
-public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource>: Layer where Wrapped.Scalar == Scalar {
+public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource>: Layer, SampleAligned where Wrapped.Scalar == Scalar {
     public let layer: Wrapped
+
+    /// Passed on to the wrapped layer.
+    public var sampleOffset: Int {
+        get { (layer as? SampleAligned)?.sampleOffset ?? 0 }
+        set { (layer as? SampleAligned)?.sampleOffset = newValue }
+    }
     public let direction: Parameter<Scalar>
     public let magnitude: Parameter<Scalar>
     private var norms: [Double] = []
@@ -59,18 +65,24 @@ public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource
         materializeWeight()
         var t = try layer.forward(input, mode: mode)
         guard let layout = ChannelLayout(shape: t.shape) else { throw LayerError("WeightNorm: unexpected output shape \(t.shape)") }
-        var sums = [Double](repeating: 0, count: 1 + 2 * C)
-        sums[0] = Double(layout.batch * layout.spatial)
-        for n in 0..<layout.batch {
+        // Per sample [Σt, Σt²] per channel, added along the pairwise tree over the batch.
+        let N = layout.batch
+        var leaves = [Double](repeating: 0, count: max(N, 1) * 2 * C)
+        for n in 0..<N {
             for c in 0..<C {
                 let base = (n * C + c) * layout.spatial
+                var s1 = 0.0, s2 = 0.0
                 for p in 0..<layout.spatial {
                     let value = Double(t.scalars[base + p])
-                    sums[1 + c] += value
-                    sums[1 + C + c] += value * value
+                    s1 += value
+                    s2 += value * value
                 }
+                leaves[n * 2 * C + c] = s1
+                leaves[n * 2 * C + C + c] = s2
             }
         }
+        leaves.withUnsafeMutableBufferPointer { Double.pairwiseSumInPlace($0.baseAddress!, count: N, width: 2 * C, stride: 2 * C) }
+        var sums = [Double(N * layout.spatial)] + leaves[0..<(2 * C)]
         try allReduce(&sums)
         guard sums[0] > 0 else { return t }
         for c in 0..<C {

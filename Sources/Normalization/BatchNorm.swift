@@ -186,17 +186,28 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
             throw LayerError("\(Self.self): gradient \(outputGradient.shape) does not match the forward input \(lastShape)")
         }
         let C = featureCount, layout = lastLayout, input = lastInput
+        // Σdy and Σdy·(x − μ) per channel (Double, for the group's all-reduce); dβ = Σdy and
+        // dγ = Σdy·x̂ from the same per-sample sums, rounded per sample and added along the pairwise
+        // tree in Scalar, the type in which the gradient exchange goes on adding them over ranks.
         var local = [Double](repeating: 0, count: 2 * C)
+        var leaves = [Double](repeating: 0, count: layout.batch * 2 * C)
         outputGradient.scalars.withUnsafeBufferPointer { dy in
             input.scalars.withUnsafeBufferPointer { x in
                 lastMean.withUnsafeBufferPointer { mu in
-                    local.withUnsafeMutableBufferPointer { Scalar.gradientSums(dy, x, layout: layout, mean: mu, into: $0) }
+                    local.withUnsafeMutableBufferPointer { sums in
+                        leaves.withUnsafeMutableBufferPointer {
+                            Scalar.gradientSums(dy, x, layout: layout, mean: mu, into: sums, leaves: $0.baseAddress!)
+                        }
+                    }
                 }
             }
         }
         for c in 0..<C { local[C + c] *= invStd[c] }   // Σdy·(x − μ) → Σdy·x̂
-        bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(Array(local[0..<C])))
-        weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(Array(local[C...])))
+        leaves.withUnsafeBufferPointer { l in
+            bias.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress!, count: layout.batch, width: C, stride: 2 * C))
+            weight.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress! + C, count: layout.batch, width: C,
+                                                                             stride: 2 * C, scale: invStd))
+        }
         var global = local
         if let group, !lastPassFrozen { try group.allReduceSum(&global) }
         guard lastPassFrozen || lastStatistics != nil else { return Tensor(shape: lastShape) }

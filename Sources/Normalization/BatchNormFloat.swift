@@ -15,19 +15,18 @@ extension Float: BatchNormScalar {
         UnsafeMutableRawPointer(base + i).storeBytes(of: SIMD8<Float>(lowHalf: SIMD4<Float>(lo), highHalf: SIMD4<Float>(hi)), as: SIMD8<Float>.self)
     }
 
-    // The sums walk memory in order (sample-major, then channel), one plane at a time, so the
-    // hardware prefetcher streams; per-plane SIMD partial sums are added into per-channel totals.
-    public static func shiftedSums(_ x: UnsafeBufferPointer<Float>, layout: ChannelLayout, shift: UnsafeBufferPointer<Double>,
-                                   into sums: UnsafeMutableBufferPointer<Double>) {
+    // The leaves walk memory in order (sample-major, then channel), one plane at a time, so the
+    // hardware prefetcher streams; each plane's SIMD partial sums are folded in a fixed order.
+    public static func planeShiftedSums(_ x: UnsafeBufferPointer<Float>, layout: ChannelLayout, into leaves: UnsafeMutablePointer<Double>) {
         let C = layout.channels, HW = layout.spatial
-        for i in 0..<sums.count { sums[i] = 0 }
-        guard let xp = x.baseAddress else { return }
-        // Per-channel vector totals: no horizontal sum per plane (planes may be only 8×8).
-        var first = [SIMD4<Double>](repeating: SIMD4(), count: C), second = first
+        guard let xp = x.baseAddress, HW > 0 else {
+            leaves.update(repeating: 0, count: layout.batch * 2 * C)
+            return
+        }
         for n in 0..<layout.batch {
             for c in 0..<C {
                 let plane = xp + (n * C + c) * HW
-                let k = shift[c], kv = SIMD4<Double>(repeating: k)
+                let k = Double(plane[0]), kv = SIMD4<Double>(repeating: k)
                 var a1 = SIMD4<Double>(), b1 = SIMD4<Double>(), a2 = SIMD4<Double>(), b2 = SIMD4<Double>()
                 var s1 = 0.0, s2 = 0.0
                 var p = 0
@@ -43,15 +42,9 @@ extension Float: BatchNormScalar {
                     s1 += d; s2 += d * d
                     p += 1
                 }
-                first[c] += a1 + b1
-                second[c] += a2 + b2
-                sums[c] += s1
-                sums[C + c] += s2
+                leaves[n * 2 * C + c] = (a1 + b1).sum() + s1
+                leaves[n * 2 * C + C + c] = (a2 + b2).sum() + s2
             }
-        }
-        for c in 0..<C {
-            sums[c] += first[c].sum()
-            sums[C + c] += second[c].sum()
         }
     }
 
@@ -74,12 +67,13 @@ extension Float: BatchNormScalar {
         }
     }
 
-    public static func gradientSums(_ dy: UnsafeBufferPointer<Float>, _ x: UnsafeBufferPointer<Float>, layout: ChannelLayout,
-                                    mean: UnsafeBufferPointer<Double>, into sums: UnsafeMutableBufferPointer<Double>) {
+    public static func planeGradientSums(_ dy: UnsafeBufferPointer<Float>, _ x: UnsafeBufferPointer<Float>, layout: ChannelLayout,
+                                         mean: UnsafeBufferPointer<Double>, into leaves: UnsafeMutablePointer<Double>) {
         let C = layout.channels, HW = layout.spatial
-        for i in 0..<sums.count { sums[i] = 0 }
-        guard let gp = dy.baseAddress, let xp = x.baseAddress else { return }
-        var first = [SIMD4<Double>](repeating: SIMD4(), count: C), second = first
+        guard let gp = dy.baseAddress, let xp = x.baseAddress else {
+            leaves.update(repeating: 0, count: layout.batch * 2 * C)
+            return
+        }
         for n in 0..<layout.batch {
             for c in 0..<C {
                 let base = (n * C + c) * HW
@@ -99,15 +93,9 @@ extension Float: BatchNormScalar {
                     s1 += g; s2 += g * (Double(xp[base + p]) - mu)
                     p += 1
                 }
-                first[c] += a1 + b1
-                second[c] += a2 + b2
-                sums[c] += s1
-                sums[C + c] += s2
+                leaves[n * 2 * C + c] = (a1 + b1).sum() + s1
+                leaves[n * 2 * C + C + c] = (a2 + b2).sum() + s2
             }
-        }
-        for c in 0..<C {
-            sums[c] += first[c].sum()
-            sums[C + c] += second[c].sum()
         }
     }
 

@@ -9,16 +9,17 @@ import Kernels
 /// backward reads x and dy twice (sums, then dx) and writes dx. x̂ is never stored: backward
 /// recomputes it from x, μ and 1/σ, which costs no extra pass and saves a tensor.
 public protocol BatchNormScalar: TensorScalar {
-    /// sums[c] = Σ(x − K_c), sums[C + c] = Σ(x − K_c)² over the N·H·W values of channel c.
-    static func shiftedSums(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, shift: UnsafeBufferPointer<Double>,
-                            into sums: UnsafeMutableBufferPointer<Double>)
+    /// Per sample n and channel c, the plane's sums around its own first value k = x[n, c, 0]:
+    /// leaves[n·2C + c] = Σ_p (x − k), leaves[n·2C + C + c] = Σ_p (x − k)². A leaf depends on
+    /// that plane alone, so it has the same bits whichever batch or rank holds the sample.
+    static func planeShiftedSums(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, into leaves: UnsafeMutablePointer<Double>)
     /// y = a_c·x + b_c per element, computed in Double (a = γ/σ, b = β − μ·a: Double keeps
     /// |μ·a| ≈ 1e4 to 1e-12, far below Float's resolution of y).
     static func affine(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, scale: UnsafeBufferPointer<Double>,
                        offset: UnsafeBufferPointer<Double>, into y: UnsafeMutableBufferPointer<Self>)
-    /// sums[c] = Σ dy, sums[C + c] = Σ dy·(x − μ_c) over channel c.
-    static func gradientSums(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
-                             mean: UnsafeBufferPointer<Double>, into sums: UnsafeMutableBufferPointer<Double>)
+    /// Per sample n and channel c: leaves[n·2C + c] = Σ_p dy, leaves[n·2C + C + c] = Σ_p dy·(x − μ_c).
+    static func planeGradientSums(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
+                                  mean: UnsafeBufferPointer<Double>, into leaves: UnsafeMutablePointer<Double>)
     /// dx = p_c·dy + q_c·x + r_c per element, in Double.
     static func combine(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
                         dyScale: UnsafeBufferPointer<Double>, xScale: UnsafeBufferPointer<Double>,
@@ -30,22 +31,20 @@ public protocol BatchNormScalar: TensorScalar {
 }
 
 extension BatchNormScalar {
-    public static func shiftedSums(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, shift: UnsafeBufferPointer<Double>,
-                                   into sums: UnsafeMutableBufferPointer<Double>) {
+    public static func planeShiftedSums(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, into leaves: UnsafeMutablePointer<Double>) {
         let C = layout.channels, HW = layout.spatial
-        for c in 0..<C {
-            let k = shift[c]
-            var s1 = 0.0, s2 = 0.0
-            for n in 0..<layout.batch {
-                let base = (n * C + c) * HW
+        for n in 0..<layout.batch {
+            for c in 0..<C {
+                let base = (n * C + c) * HW, k = HW > 0 ? Double(x[base]) : 0
+                var s1 = 0.0, s2 = 0.0
                 for p in 0..<HW {
                     let d = Double(x[base + p]) - k
                     s1 += d
                     s2 += d * d
                 }
+                leaves[n * 2 * C + c] = s1
+                leaves[n * 2 * C + C + c] = s2
             }
-            sums[c] = s1
-            sums[C + c] = s2
         }
     }
 
@@ -60,22 +59,21 @@ extension BatchNormScalar {
         }
     }
 
-    public static func gradientSums(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
-                                    mean: UnsafeBufferPointer<Double>, into sums: UnsafeMutableBufferPointer<Double>) {
+    public static func planeGradientSums(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
+                                         mean: UnsafeBufferPointer<Double>, into leaves: UnsafeMutablePointer<Double>) {
         let C = layout.channels, HW = layout.spatial
-        for c in 0..<C {
-            var sumDy = 0.0, sumDyX = 0.0
-            let mu = mean[c]
-            for n in 0..<layout.batch {
-                let base = (n * C + c) * HW
+        for n in 0..<layout.batch {
+            for c in 0..<C {
+                let base = (n * C + c) * HW, mu = mean[c]
+                var sumDy = 0.0, sumDyX = 0.0
                 for p in 0..<HW {
                     let g = Double(dy[base + p])
                     sumDy += g
                     sumDyX += g * (Double(x[base + p]) - mu)
                 }
+                leaves[n * 2 * C + c] = sumDy
+                leaves[n * 2 * C + C + c] = sumDyX
             }
-            sums[c] = sumDy
-            sums[C + c] = sumDyX
         }
     }
 
@@ -88,6 +86,50 @@ extension BatchNormScalar {
                 let base = (n * C + c) * HW, p1 = dyScale[c], q = xScale[c], r = offset[c]
                 for p in 0..<HW { dx[base + p] = Self(p1 * Double(dy[base + p]) + q * Double(x[base + p]) + r) }
             }
+        }
+    }
+}
+
+extension BatchNormScalar {
+    /// sums[c] = Σ(x − K_c), sums[C + c] = Σ(x − K_c)² over the N·H·W values of channel c: each
+    /// sample's plane summed around its own first value k and moved exactly to K
+    /// (Σ(x − K) = s1 + P·d, Σ(x − K)² = s2 + 2d·s1 + P·d², d = k − K), then the samples added
+    /// along the pairwise tree. The local shift keeps the squares of the order of the spread, not
+    /// of the mean: a batch with mean 1e4 and K = 0 loses ~1e-8 of σ² to rounding, not ~3e-7.
+    public static func shiftedSums(_ x: UnsafeBufferPointer<Self>, layout: ChannelLayout, shift: UnsafeBufferPointer<Double>,
+                                   into sums: UnsafeMutableBufferPointer<Double>) {
+        let C = layout.channels, N = layout.batch, P = Double(layout.spatial)
+        guard N > 0, layout.spatial > 0 else { for i in 0..<(2 * C) { sums[i] = 0 }; return }
+        var leaves = [Double](repeating: 0, count: N * 2 * C)
+        leaves.withUnsafeMutableBufferPointer { l in
+            planeShiftedSums(x, layout: layout, into: l.baseAddress!)
+            for n in 0..<N {
+                for c in 0..<C {
+                    let d = Double(x[(n * C + c) * layout.spatial]) - shift[c]
+                    let s1 = l[n * 2 * C + c], s2 = l[n * 2 * C + C + c]
+                    l[n * 2 * C + c] = s1 + P * d
+                    l[n * 2 * C + C + c] = s2 + 2 * d * s1 + P * d * d
+                }
+            }
+            Double.pairwiseSumInPlace(l.baseAddress!, count: N, width: 2 * C, stride: 2 * C)
+            for i in 0..<(2 * C) { sums[i] = l[i] }
+        }
+    }
+
+    /// sums[c] = Σ dy, sums[C + c] = Σ dy·(x − μ_c) over channel c: per-sample plane sums added
+    /// along the pairwise tree. With `leaves` (N·2C values) the per-sample sums are kept there,
+    /// for parameter gradients that need a tree of their own type.
+    public static func gradientSums(_ dy: UnsafeBufferPointer<Self>, _ x: UnsafeBufferPointer<Self>, layout: ChannelLayout,
+                                    mean: UnsafeBufferPointer<Double>, into sums: UnsafeMutableBufferPointer<Double>,
+                                    leaves kept: UnsafeMutablePointer<Double>? = nil) {
+        let C = layout.channels, N = layout.batch
+        guard N > 0 else { for i in 0..<(2 * C) { sums[i] = 0 }; return }
+        var leaves = [Double](repeating: 0, count: N * 2 * C)
+        leaves.withUnsafeMutableBufferPointer { l in
+            planeGradientSums(dy, x, layout: layout, mean: mean, into: l.baseAddress!)
+            kept?.update(from: l.baseAddress!, count: N * 2 * C)
+            Double.pairwiseSumInPlace(l.baseAddress!, count: N, width: 2 * C, stride: 2 * C)
+            for i in 0..<(2 * C) { sums[i] = l[i] }
         }
     }
 }

@@ -21,31 +21,19 @@ public struct BatchStatistics: Equatable {
         self.variance = variance
     }
 
-    /// Packs this rank's [m, S1(C), S2(C)] for `x` under `shift`.
-    ///
-    /// The sums are first taken around a local shift k (the channel's first value on this rank, so
-    /// |x − k| is of the order of the spread, not of the mean), then moved exactly to the common
-    /// shift K: Σ(x − K) = s1 + n·d and Σ(x − K)² = s2 + 2d·s1 + n·d² with d = k − K. Without
-    /// this, a first batch with mean 1e4 (K = running mean = 0) accumulates 10⁸-sized squares
-    /// and loses ~3e-7 of σ² to rounding in Double; with it, ~1e-8.
+    /// Packs this rank's [m, S1(C), S2(C)] for `x` under `shift`: each sample's contribution is
+    /// computed from that sample alone and the samples are added along the pairwise tree (see
+    /// `BatchNormScalar.shiftedSums`), so the global sums do not depend on how the batch is split.
     public static func localSums<Scalar: BatchNormScalar>(_ x: Tensor<Scalar>, layout: ChannelLayout, shift: [Double]) -> [Double] {
-        let channels = layout.channels
-        var packed = [Double](repeating: 0, count: 1 + 2 * channels)
-        let n = Double(layout.perChannel)
-        packed[0] = n
+        var packed = [Double](repeating: 0, count: 1 + 2 * layout.channels)
+        packed[0] = Double(layout.perChannel)
         guard layout.perChannel > 0 else { return packed }
-        let local = (0..<channels).map { Double(x.scalars[$0 * layout.spatial]) }
         x.scalars.withUnsafeBufferPointer { xp in
-            local.withUnsafeBufferPointer { k in
+            shift.withUnsafeBufferPointer { k in
                 packed.withUnsafeMutableBufferPointer { out in
                     Scalar.shiftedSums(xp, layout: layout, shift: k, into: UnsafeMutableBufferPointer(rebasing: out[1...]))
                 }
             }
-        }
-        for c in 0..<channels {
-            let d = local[c] - shift[c], s1 = packed[1 + c], s2 = packed[1 + channels + c]
-            packed[1 + c] = s1 + n * d
-            packed[1 + channels + c] = s2 + 2 * d * s1 + n * d * d
         }
         return packed
     }

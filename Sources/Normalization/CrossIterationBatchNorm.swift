@@ -7,16 +7,19 @@ import Kernels
 /// past iteration's statistics moved to the current weights by a first-order Taylor step.
 ///
 /// For a BN that follows a layer computing x_{i,c} = θ_c·patch_i (a convolution via im2col, or a
-/// linear layer; θ is its weight, C × K, and carries no bias — β does that job), each rank keeps
-/// per past iteration τ its *local* sums S1 = Σx, S2 = Σx² (per channel), their derivatives
+/// linear layer; θ is its weight, C × K, and carries no bias — β does that job), the window keeps
+/// per past iteration τ the group's sums S1 = Σx, S2 = Σx² (per channel), their derivatives
 ///
 ///     ∂S1_c/∂θ_c = Σ_i patch_i            (the same K-vector for every c)
 ///     ∂S2_c/∂θ_c = 2·Σ_i x_{i,c}·patch_i  (row c of one C × K GEMM: X·Patchesᵀ)
 ///
-/// (only the block j = c is non-zero; the full Jacobian is never formed) and θ_τ. At iteration t
-/// every entry is compensated, S_τ + ρ·∂S_τ/∂θ·(θ_t − θ_τ); since θ is the same on every rank,
-/// the compensated local sums add up to the compensated global ones, and the current sums and all
-/// compensated ones travel in ONE all-reduce over the statistics group. Then per channel, with
+/// (only the block j = c is non-zero; the full Jacobian is never formed) and θ_τ — the same values
+/// on every rank of the group. The derivatives come out of the source's backward as this rank's
+/// share and are summed over the group in the next forward's single all-reduce, beside the current
+/// sums (or before a checkpoint, ``reduceWindowDerivatives()``). At iteration t every entry is
+/// compensated, S_τ + ρ·∂S_τ/∂θ·(θ_t − θ_τ), by every rank alike, without communication. Every sum
+/// over samples is the pairwise tree of the exactness contract, so the window does not depend on
+/// how the batch was split over ranks. Then per channel, with
 /// μ = S1/M and ν = S2/M per entry: entries whose compensated variance ν − μ² is negative are
 /// dropped (the current batch always counts), μ̄ and ν̄ are averaged over the n_c remaining
 /// entries, σ² = ν̄ − μ̄², and x̂ = (x − μ̄)/√(σ² + ε). Gradients flow only through the current
@@ -41,7 +44,8 @@ import Kernels
 ///
 ///       Σ_{τ kept for c} ρ/(n_c·M_τ) · (G_μ,c·∂S1_τ/∂θ_c + G_ν,c·∂S2_τ,c/∂θ_c),
 ///
-///   each rank adding its local share (the data-parallel gradient exchange sums them). This
+///   computed by every rank alike from the group's window and added once, after the gradient
+///   exchange (``Parameter/applyPendingGradient()``). This
 ///   makes the layer's output invariant to the scale of θ in backward as well as in forward, as
 ///   BN is; with `.current` the gradient sees only 1/n of the statistics' dependence on θ.
 ///
@@ -176,12 +180,10 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         }
     }
 
-    /// The input with channels outermost (C × N·P), reused across steps.
-    private var channelMajorInput: [Scalar] = []
-
-    /// This rank's raw sums and their derivatives with respect to θ for the current batch, each
-    /// derivative one pass over all M = N·P patches: ∂S1/∂θ_c = the patch matrix's sums over
-    /// positions, ∂S2/∂θ = 2·X·Patchesᵀ (one C × K × M GEMM, X = the input as C × M).
+    /// This rank's raw sums and their derivatives with respect to θ for the current batch, from
+    /// the patches of the source's last forward: per sample n, ∂S1/∂θ_c gets Σ_p patch_{n,p} and
+    /// ∂S2/∂θ gets 2·X_n·Patches_nᵀ (one C × K × P GEMM, the same shape for every sample), and the
+    /// samples are added along the pairwise tree in Double.
     func currentEntry(_ input: Tensor<Scalar>, layout: ChannelLayout, weight: [Double]) throws -> WindowEntry {
         let C = featureCount, K = patchSize
         guard let patches = source.lastPatches, patches.batch == layout.batch, patches.patchSize == K,
@@ -189,33 +191,58 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             throw LayerError("CrossIterationBatchNorm: its source layer must run the training forward that produced this input")
         }
         let packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
-        var sumGradient = Scalar.filled(K, with: 0)
-        var squaresGradient = Scalar.filled(C * K, with: 0)
-        let P = layout.spatial, M = layout.batch * P
-        let patchLayout = patches.positionMajor ? ChannelLayout(batch: M, channels: K, spatial: 1) : ChannelLayout(batch: 1, channels: K, spatial: M)
-        if !patches.positionMajor && channelMajorInput.count < C * M { channelMajorInput = Scalar.filled(C * M, with: 0) }
+        let N = layout.batch, P = layout.spatial, M = N * P
+        var tree = PairwiseAccumulator<Double>(width: K + C * K)
+        var product = Scalar.filled(C * K, with: 0)
         patches.values.withUnsafeBufferPointer { cols in
-            guard M > 0 else { return }
-            sumGradient.withUnsafeMutableBufferPointer { g in Scalar.channelSums(cols, layout: patchLayout, into: g) }
             input.scalars.withUnsafeBufferPointer { x in
-                squaresGradient.withUnsafeMutableBufferPointer { g in
-                    if patches.positionMajor {
-                        // x is M × C and the patches M × K: ∂S2/∂θ = 2·xᵀ·patches.
-                        Scalar.gemm(transposeA: true, transposeB: false, m: C, n: K, k: M, alpha: 2, a: x.baseAddress!, lda: C,
-                                    b: cols.baseAddress!, ldb: K, beta: 0, c: g.baseAddress!, ldc: K)
-                    } else {
-                        channelMajorInput.withUnsafeMutableBufferPointer { t in
-                            Scalar.swapOuterAxes(x.baseAddress!, layout.batch, C, block: P, into: t.baseAddress!)
-                            Scalar.gemm(transposeA: false, transposeB: true, m: C, n: K, k: M, alpha: 2, a: t.baseAddress!, lda: M,
-                                        b: cols.baseAddress!, ldb: M, beta: 0, c: g.baseAddress!, ldc: K)
+                product.withUnsafeMutableBufferPointer { g in
+                    for n in 0..<N {
+                        if patches.positionMajor {
+                            // One patch per sample (a linear layer): x_n ⊗ patch_n.
+                            for c in 0..<C { for k in 0..<K { g[c * K + k] = x[n * C + c] * cols[n * K + k] } }
+                        } else {
+                            Scalar.gemm(transposeA: false, transposeB: true, m: C, n: K, k: P, alpha: 1, a: x.baseAddress! + n * C * P, lda: P,
+                                        b: cols.baseAddress! + n * P, ldb: M, beta: 0, c: g.baseAddress!, ldc: K)
+                        }
+                        tree.add { leaf in
+                            for k in 0..<K {
+                                var total = 0.0
+                                if patches.positionMajor {
+                                    total = Double(cols[n * K + k])
+                                } else {
+                                    for p in 0..<P { total += Double(cols[k * M + n * P + p]) }
+                                }
+                                leaf[k] = total
+                            }
+                            for i in 0..<(C * K) { leaf[K + i] = 2 * Double(g[i]) }
                         }
                     }
                 }
             }
         }
+        var derivatives = [Double](repeating: 0, count: K + C * K)
+        derivatives.withUnsafeMutableBufferPointer { tree.total(into: $0.baseAddress!) }
         return WindowEntry(count: packed[0], sum: Array(packed[1...C]), sumOfSquares: Array(packed[(C + 1)...]),
-                           sumGradient: Scalar.widened(sumGradient), sumOfSquaresGradient: Scalar.widened(squaresGradient),
-                           weight: weight)
+                           sumGradient: Array(derivatives[0..<K]), sumOfSquaresGradient: Array(derivatives[K...]), weight: weight)
+    }
+
+    /// The iteration whose stored entry (the newest) holds this rank's own derivative sums, not
+    /// yet summed over the group; nil when every stored entry is the group's.
+    private var localDerivativesIteration: Int?
+
+    /// Sums the newest entry's derivatives over the group if they are still this rank's own, so
+    /// that every rank stores the same window (the group's sums, which is what a checkpoint keeps
+    /// and a resume on another number of ranks can use). Collective over the group; the trainer
+    /// calls it before writing a checkpoint. The next forward does it otherwise.
+    public func reduceWindowDerivatives() throws {
+        guard let iteration = localDerivativesIteration else { return }
+        localDerivativesIteration = nil
+        guard let group, iteration == iterations, Int(saved.values[1]) >= 1 else { return }
+        let C = featureCount, K = patchSize, base = 2 + 1 + 2 * C
+        var derivatives = Array(saved.values[base..<(base + K + C * K)])
+        try group.allReduceSum(&derivatives)
+        saved.values.replaceSubrange(base..<(base + K + C * K), with: derivatives)
     }
 
     /// Values per stored entry: count, S1 (C), S2 (C), ∂S1/∂θ (K), ∂S2/∂θ (C·K), θ (C·K).
@@ -271,13 +298,27 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             current = try currentEntry(input, layout: layout, weight: weight)
         }
 
-        // One all-reduce: the current sums and every past entry compensated to θ_t (read in place).
-        var packed = [Double](repeating: 0, count: (1 + 2 * C) * (1 + pastCount))
+        // One all-reduce: the current sums and, while they are still this rank's own, the newest
+        // stored entry's derivatives. Every stored entry is then the group's, and every rank moves
+        // it to θ_t alike (θ is the same everywhere), so the compensated sums need no reduction.
+        let reduceNewest = group != nil && localDerivativesIteration != nil && localDerivativesIteration == iterations && pastCount >= 1
+        localDerivativesIteration = nil
+        let derivativeBase = 2 + 1 + 2 * C, derivativeCount = K + C * K
+        var packed = [Double](repeating: 0, count: 1 + 2 * C + (reduceNewest ? derivativeCount : 0))
         packed[0] = current.count
         for c in 0..<C {
             packed[1 + c] = current.sum[c]
             packed[1 + C + c] = current.sumOfSquares[c]
         }
+        if reduceNewest {
+            packed.replaceSubrange((1 + 2 * C)..., with: saved.values[derivativeBase..<(derivativeBase + derivativeCount)])
+        }
+        if let group { try group.allReduceSum(&packed) }
+        if reduceNewest {
+            saved.values.replaceSubrange(derivativeBase..<(derivativeBase + derivativeCount), with: packed[(1 + 2 * C)...])
+            packed.removeLast(derivativeCount)
+        }
+        packed += [Double](repeating: 0, count: (1 + 2 * C) * pastCount)
         var taylorChange = 0.0, taylorSize = 0.0
         saved.values.withUnsafeBufferPointer { v in
             weight.withUnsafeBufferPointer { theta in
@@ -294,7 +335,6 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
                 }
             }
         }
-        if let group { try group.allReduceSum(&packed) }
 
         let M = packed[0]
         guard M > 0 else {
@@ -332,7 +372,12 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         }
         recordDiagnostics(pastCount: pastCount, taylorFraction: taylorSize > 0 ? taylorChange / taylorSize : 0, kept: valid,
                           variance: variance, current: currentStatistics.variance)
-        push(current, iteration: iteration)
+        var stored = current
+        stored.count = M
+        stored.sum = Array(packed[1...C])
+        stored.sumOfSquares = Array(packed[(1 + C)...(2 * C)])
+        push(stored, iteration: iteration)
+        if fusedSource == nil { localDerivativesIteration = iteration }
         if let conv = fusedSource {
             pendingIteration = iteration
             conv.patchStatisticsReceiver = { [weak self] patchSum, products in self?.receivePatchStatistics(patchSum, products, for: iteration) }
@@ -379,6 +424,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             for i in 0..<(C * K) { v[base + K + i] = 2 * products[i] }
         }
         pendingIteration = nil
+        localDerivativesIteration = iteration
     }
 
     func recordDiagnostics(pastCount: Int, taylorFraction: Double, kept: [Double], variance: [Double], current: [Double]) {

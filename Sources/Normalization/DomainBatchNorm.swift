@@ -93,18 +93,23 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
         }
         // Count, Σ(x − K), Σ(x − K)² per domain and channel (K: the domain's running mean), one all-reduce.
         let shifts = runningMeans.map { Scalar.widened($0.value.scalars) }
-        var packed = [Double](repeating: 0, count: D * width)
-        for n in 0..<layout.batch {
-            let d = sampleDomains[n]
-            packed[d * width] += Double(P)
+        // One leaf per sample (its domain's slots filled, the others 0), added along the pairwise
+        // tree over the batch, so the sums do not depend on how the batch is split.
+        let N = layout.batch
+        var leaves = [Double](repeating: 0, count: max(N, 1) * D * width)
+        for n in 0..<N {
+            let d = sampleDomains[n], leaf = n * D * width + d * width
+            leaves[leaf] = Double(P)
             for c in 0..<C {
                 let base = (n * C + c) * P, k = shifts[d][c]
                 var s1 = 0.0, s2 = 0.0
                 for p in 0..<P { let v = Double(input.scalars[base + p]) - k; s1 += v; s2 += v * v }
-                packed[d * width + 1 + c] += s1
-                packed[d * width + 1 + C + c] += s2
+                leaves[leaf + 1 + c] = s1
+                leaves[leaf + 1 + C + c] = s2
             }
         }
+        leaves.withUnsafeMutableBufferPointer { Double.pairwiseSumInPlace($0.baseAddress!, count: N, width: D * width, stride: D * width) }
+        var packed = Array(leaves[0..<(D * width)])
         if let group { try group.allReduceSum(&packed) }
         var mean = shifts, invStd = shifts
         lastStatistics = (0..<D).map { d in
@@ -149,9 +154,12 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
         guard outputGradient.count == lastInput.count else {
             throw LayerError("DomainBatchNorm: gradient \(outputGradient.shape) does not match the forward input \(lastInput.shape)")
         }
-        var local = [Double](repeating: 0, count: D * 2 * C)
-        var dGamma = [Double](repeating: 0, count: C), dBeta = dGamma
-        for n in 0..<layout.batch {
+        // Per sample: its domain's [Σdy, Σdy·x̂] (other domains 0) for the group's sums, and
+        // [dβ, dγ] for the parameters; both added over samples along the pairwise tree.
+        let N = layout.batch
+        var leaves = [Double](repeating: 0, count: max(N, 1) * D * 2 * C)
+        var parameterLeaves = [Double](repeating: 0, count: N * 2 * C)
+        for n in 0..<N {
             let d = lastDomains[n]
             for c in 0..<C {
                 let base = (n * C + c) * P, mu = lastMean[d][c], s = lastInvStd[d][c]
@@ -161,14 +169,18 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
                     sumDy += g
                     sumDyX += g * (Double(lastInput.scalars[base + p]) - mu) * s
                 }
-                local[d * 2 * C + c] += sumDy
-                local[d * 2 * C + C + c] += sumDyX
-                dBeta[c] += sumDy
-                dGamma[c] += sumDyX
+                leaves[n * D * 2 * C + d * 2 * C + c] = sumDy
+                leaves[n * D * 2 * C + d * 2 * C + C + c] = sumDyX
+                parameterLeaves[n * 2 * C + c] = sumDy
+                parameterLeaves[n * 2 * C + C + c] = sumDyX
             }
         }
-        weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dGamma))
-        bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dBeta))
+        leaves.withUnsafeMutableBufferPointer { Double.pairwiseSumInPlace($0.baseAddress!, count: N, width: D * 2 * C, stride: D * 2 * C) }
+        let local = Array(leaves[0..<(D * 2 * C)])
+        parameterLeaves.withUnsafeBufferPointer { l in
+            bias.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress!, count: N, width: C, stride: 2 * C))
+            weight.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress! + C, count: N, width: C, stride: 2 * C))
+        }
         var global = local
         if let group { try group.allReduceSum(&global) }
         let gamma = Scalar.widened(weight.value.scalars)

@@ -71,7 +71,9 @@ public final class GhostBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> {
         }
         let C = featureCount, spatial = ChannelLayout(shape: savedInput.shape)!.spatial
         var local: [Double] = []
-        var dgamma = [Double](repeating: 0, count: C), dbeta = dgamma
+        // Per sample [Σdy, Σdy·x̂] with its ghost batch's σ: dβ and dγ along the pairwise tree.
+        let N = savedInput.shape[0]
+        var leaves = [Double](repeating: 0, count: N * 2 * C)
         for chunk in chunks {
             var sums = [Double](repeating: 0, count: 2 * C)
             if chunk.count > 0 && !chunk.range.isEmpty {
@@ -79,22 +81,26 @@ public final class GhostBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> {
                 dy.scalars.withUnsafeBufferPointer { g in
                     x.scalars.withUnsafeBufferPointer { xp in
                         chunk.mean.withUnsafeBufferPointer { mu in
-                            sums.withUnsafeMutableBufferPointer {
-                                Scalar.gradientSums(g, xp, layout: ChannelLayout(batch: chunk.range.count, channels: C, spatial: spatial), mean: mu, into: $0)
+                            sums.withUnsafeMutableBufferPointer { out in
+                                leaves.withUnsafeMutableBufferPointer { l in
+                                    Scalar.gradientSums(g, xp, layout: ChannelLayout(batch: chunk.range.count, channels: C, spatial: spatial), mean: mu,
+                                                        into: out, leaves: l.baseAddress! + chunk.range.lowerBound * 2 * C)
+                                }
                             }
                         }
                     }
                 }
                 for c in 0..<C {
                     sums[C + c] *= chunk.invStd[c]
-                    dbeta[c] += sums[c]
-                    dgamma[c] += sums[C + c]
+                    for n in chunk.range { leaves[n * 2 * C + C + c] *= chunk.invStd[c] }
                 }
             }
             local += sums
         }
-        bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dbeta))
-        weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dgamma))
+        leaves.withUnsafeBufferPointer { l in
+            bias.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress!, count: N, width: C, stride: 2 * C))
+            weight.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress! + C, count: N, width: C, stride: 2 * C))
+        }
         var global = local
         if let group { try group.allReduceSum(&global) }
         let gamma = Scalar.widened(weight.value.scalars)

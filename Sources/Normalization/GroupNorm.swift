@@ -130,7 +130,8 @@ public final class GroupNorm<Scalar: BatchNormScalar>: Layer {
             }
         }
         let gamma = Scalar.widened(weight.value.scalars)
-        var dgamma = [Double](repeating: 0, count: C), dbeta = dgamma
+        // Per sample: [dβ (C), dγ (C)], added over samples along the pairwise tree in Scalar.
+        var parameterLeaves = [Double](repeating: 0, count: N * 2 * C)
         var p = [Double](repeating: 0, count: N * C), q = p, r = p
         let count = Double(perGroup * HW)
         for n in 0..<N {
@@ -139,8 +140,8 @@ public final class GroupNorm<Scalar: BatchNormScalar>: Layer {
                 var meanG = 0.0, meanGX = 0.0
                 for c in (g * perGroup)..<((g + 1) * perGroup) {
                     let sumDy = sums[n * C + c], sumDyX = sums[N * C + n * C + c] * s
-                    dbeta[c] += sumDy
-                    dgamma[c] += sumDyX
+                    parameterLeaves[n * 2 * C + c] = sumDy
+                    parameterLeaves[n * 2 * C + C + c] = sumDyX
                     meanG += gamma[c] * sumDy / count
                     meanGX += gamma[c] * sumDyX / count
                 }
@@ -152,8 +153,10 @@ public final class GroupNorm<Scalar: BatchNormScalar>: Layer {
                 }
             }
         }
-        weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dgamma))
-        bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dbeta))
+        parameterLeaves.withUnsafeBufferPointer { l in
+            bias.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress!, count: N, width: C, stride: 2 * C))
+            weight.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress! + C, count: N, width: C, stride: 2 * C))
+        }
         return .combining(outputGradient, input, layout: planes, dyScale: p, xScale: q, offset: r)
     }
 }

@@ -75,12 +75,22 @@ public final class MeanOnlyBatchNorm<Scalar: BatchNormScalar>: Layer {
         guard outputGradient.count == layout.batch * C * layout.spatial else {
             throw LayerError("MeanOnlyBatchNorm: gradient \(outputGradient.shape) does not match the forward input")
         }
-        var local = Scalar.filled(C, with: 0)
+        // Σdy per channel in Double for the group (per-sample sums along the pairwise tree), and
+        // dβ from the same per-sample sums rounded to Scalar and added along the tree.
+        var global = [Double](repeating: 0, count: 2 * C)
+        var leaves = [Double](repeating: 0, count: layout.batch * 2 * C)
+        let zeros = [Double](repeating: 0, count: C)
         outputGradient.scalars.withUnsafeBufferPointer { dy in
-            local.withUnsafeMutableBufferPointer { Scalar.channelSums(dy, layout: layout, into: $0) }
+            zeros.withUnsafeBufferPointer { mu in
+                global.withUnsafeMutableBufferPointer { sums in
+                    leaves.withUnsafeMutableBufferPointer { Scalar.gradientSums(dy, dy, layout: layout, mean: mu, into: sums, leaves: $0.baseAddress!) }
+                }
+            }
         }
-        bias.gradient = Tensor(shape: [C], scalars: local)
-        var global = Scalar.widened(local)
+        global.removeLast(C)
+        bias.gradient = leaves.withUnsafeBufferPointer {
+            Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: $0.baseAddress!, count: layout.batch, width: C, stride: 2 * C))
+        }
         if let group { try group.allReduceSum(&global) }
         guard lastCount > 0 else { return Tensor(shape: outputGradient.shape) }
         return .affine(outputGradient, layout: layout, scale: [Double](repeating: 1, count: C),

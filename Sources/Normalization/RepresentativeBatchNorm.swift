@@ -85,23 +85,29 @@ public final class RepresentativeBatchNorm<Scalar: BatchNormScalar>: Layer {
         let dy = Scalar.widened(outputGradient.scalars)
         let gamma = Scalar.widened(weight.value.scalars), wm = Scalar.widened(centeringWeight.value.scalars)
         let wv = Scalar.widened(scalingWeight.value.scalars)
-        var dgamma = [Double](repeating: 0, count: C), dbeta = dgamma, dwv = dgamma, dwb = dgamma, dwm = dgamma
+        // Per sample and channel: [dγ, dβ, dw_v, dw_b, dw_m] (5C values a sample), added over the
+        // samples along the pairwise tree in Scalar.
+        let N = planes / C
+        var leaves = [Double](repeating: 0, count: N * 5 * C)
+        func leaf(_ k: Int, _ plane: Int) -> Int { (plane / C) * 5 * C + k * C + plane % C }
         // Through the affine and the scaling gate s = sigmoid(z), z = w_v·K(X̂) + w_b.
         var dnormalized = [Double](repeating: 0, count: dy.count)
         for plane in 0..<planes {
             let c = plane % C, s = saved.gate[plane]
-            var gateGradient = 0.0
+            var gateGradient = 0.0, dgamma = 0.0, dbeta = 0.0
             for p in 0..<HW {
                 let i = plane * HW + p
-                dbeta[c] += dy[i]
-                dgamma[c] += dy[i] * saved.normalized[i] * s
+                dbeta += dy[i]
+                dgamma += dy[i] * saved.normalized[i] * s
                 let dScaled = dy[i] * gamma[c]
                 gateGradient += dScaled * saved.normalized[i]
                 dnormalized[i] = dScaled * s
             }
             let dz = gateGradient * s * (1 - s)
-            dwv[c] += dz * saved.instanceMean[plane]
-            dwb[c] += dz
+            leaves[leaf(0, plane)] = dgamma
+            leaves[leaf(1, plane)] = dbeta
+            leaves[leaf(2, plane)] = dz * saved.instanceMean[plane]
+            leaves[leaf(3, plane)] = dz
             let share = dz * wv[c] / Double(HW)   // ∂z/∂X̂ through the instance mean
             for p in 0..<HW { dnormalized[plane * HW + p] += share }
         }
@@ -112,15 +118,15 @@ public final class RepresentativeBatchNorm<Scalar: BatchNormScalar>: Layer {
             let c = plane % C
             var total = 0.0
             for p in 0..<HW { total += dcentered[plane * HW + p] }
-            dwm[c] += total * saved.centerMean[plane]
+            leaves[leaf(4, plane)] = total * saved.centerMean[plane]
             let share = wm[c] * total / Double(HW)
             for p in 0..<HW { dx[plane * HW + p] += share }
         }
-        weight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dgamma))
-        bias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dbeta))
-        scalingWeight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dwv))
-        scalingBias.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dwb))
-        centeringWeight.gradient = Tensor(shape: [C], scalars: Scalar.narrowed(dwm))
+        leaves.withUnsafeBufferPointer { l in
+            for (k, parameter) in [weight, bias, scalingWeight, scalingBias, centeringWeight].enumerated() {
+                parameter.gradient = Tensor(shape: [C], scalars: Scalar.pairwiseSum(ofRounded: l.baseAddress! + k * C, count: N, width: C, stride: 5 * C))
+            }
+        }
         return Tensor(shape: saved.shape, scalars: Scalar.narrowed(dx))
     }
 }

@@ -15,6 +15,17 @@ public final class Network {
     /// layer runs: lets a watchdog say where a hung collective was issued.
     public var trace: ((StaticString, String) -> Void)?
 
+    /// The global index of the next batch's first sample (a rank's offset in the global batch):
+    /// handed to every layer that computes on chunks aligned to it (``SampleAligned``), so that
+    /// a sample's results do not depend on which rank holds it.
+    public var sampleOffset = 0 {
+        didSet {
+            if alignedLayers == nil { alignedLayers = leaves.compactMap { $0.layer as? SampleAligned } }
+            for layer in alignedLayers! { layer.sampleOffset = sampleOffset }
+        }
+    }
+    private var alignedLayers: [SampleAligned]?
+
     public func forward(_ input: Tensor<Float>, mode: Mode) throws -> Tensor<Float> {
         var x = input
         for (name, layer) in layers {

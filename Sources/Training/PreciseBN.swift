@@ -55,6 +55,7 @@ public enum PreciseBN {
             let indices = order[(start + piece.lowerBound)..<(start + piece.upperBound)]
             let (x, _) = data.batch(indices)
             network.setDomains(data.domains(of: indices))
+            network.sampleOffset = piece.lowerBound
             _ = try network.forward(x, mode: .batchStatistics)
             for (index, layer) in layers.enumerated() where contributes[index] {
                 if let statistics = layer.lastStatistics { accumulators[index].add(statistics) }

@@ -188,6 +188,7 @@ public final class Trainer {
     /// gathered from every rank, then rank 0 writes the file.
     public func save(to path: String, extraMetadata: [String: String] = [:]) throws {
         watchdog?.context = "checkpoint at step \(step)"
+        for case let cbn as CrossIterationBatchNorm<Float> in network.leaves.map(\.layer) { try cbn.reduceWindowDerivatives() }
         var rankLocal: [String: [[Double]]] = [:]
         for entry in network.state {
             if case let .rankLocal(name, state) = entry { rankLocal[name] = try world.allGather(state.values) }
@@ -239,16 +240,18 @@ public final class Trainer {
         let (x, labels) = data.train.batch(indices, augmentation: configuration.augmentation, seed: configuration.seed, epoch: epoch)
         network.setDomains(data.train.domains(of: indices))
         dataSeconds += Double(DispatchTime.now().uptimeNanoseconds - dataStart) * 1e-9
+        network.sampleOffset = contiguousPiece(of: globalCount, parts: world.size, index: world.rank).lowerBound
         if configuration.norm.isWeightNormalized && step == 0 && !weightNormInitialized {
             try initializeWeightNorm(with: x)
         }
         let logits = try network.forward(x, mode: .training)
-        let (lossSum, correct, gradient) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 1 / Float(globalCount))
+        let (_, correct, gradient, fixedLoss) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 1 / Float(globalCount))
 
         // Gradient buckets: as soon as backward has finished enough layers to fill a bucket, its
         // all-reduce starts without blocking and overlaps the rest of backward. The last bucket
-        // also carries the running statistics (when ranks keep their own) and the step's loss sum
-        // and correct count. Every rank forms the same buckets in the same order.
+        // also carries the running statistics (when ranks keep their own). Every rank forms the
+        // same buckets in the same order. The loss and the correct count travel as integers (a
+        // fixed-point loss), whose sum does not depend on the order of addition.
         var pending: [Parameter<Float>] = []
         var pendingCount = 0
         var inFlight: [(request: AllReduceRequest<Float>, parameters: [Parameter<Float>])] = []
@@ -273,9 +276,8 @@ public final class Trainer {
         let share = 1 / Float(world.size)
         var extra: [Float] = []
         for (_, b) in buffers { extra.append(contentsOf: b.value.scalars.map { $0 * share }) }
-        extra.append(Float(lossSum))
-        extra.append(Float(correct))
-        try startBucket(extra: extra)
+        if !pending.isEmpty || !extra.isEmpty { try startBucket(extra: extra) }
+        let totalsRequest = try world.startAllReduceSum([fixedLoss.units, fixedLoss.outOfRange, Int64(correct)])
 
         var flat: [Float] = []
         for (request, parameters) in inFlight {
@@ -292,8 +294,15 @@ public final class Trainer {
             b.value.scalars.replaceSubrange(0..<b.value.count, with: flat[offset..<(offset + b.value.count)])
             offset += b.value.count
         }
-        let loss = Double(flat[offset]) / Double(globalCount)
-        let accuracy = Double(flat[offset + 1]) / Double(globalCount)
+        // Contributions that every rank computed alike from group-wide statistics (the
+        // compensated cross-iteration BN gradient) are added once, after the exchange.
+        for (_, p) in network.namedParameters { p.applyPendingGradient() }
+        let totals = try totalsRequest.wait()
+        var lossTotal = FixedPointLoss()
+        lossTotal.units = totals[0]
+        lossTotal.outOfRange = totals[1]
+        let loss = lossTotal.value / Double(globalCount)
+        let accuracy = Double(totals[2]) / Double(globalCount)
         guard loss.isFinite else {
             throw CollectiveRunError("loss is \(loss) at step \(step + 1) (epoch \(epoch)): training diverged; lower --lr")
         }
@@ -309,20 +318,25 @@ public final class Trainer {
     public func evaluate() throws -> Evaluation {
         watchdog?.context = "evaluation after step \(step)"
         let piece = contiguousPiece(of: data.heldOut.count, parts: world.size, index: world.rank)
-        var totals = [0.0, 0.0, Double(piece.count)]
+        var loss = FixedPointLoss(), correct = 0
         var start = piece.lowerBound
         while start < piece.upperBound {
             let end = min(start + configuration.evalBatchSize, piece.upperBound)
             let (x, labels) = data.heldOut.batch(start..<end)
             network.setDomains(data.heldOut.domains(of: start..<end))
+            network.sampleOffset = start
             let logits = try network.forward(x, mode: .inference)
-            let (lossSum, correct, _) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0)
-            totals[0] += lossSum
-            totals[1] += Double(correct)
+            let (_, batchCorrect, _, batchLoss) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0)
+            loss.units += batchLoss.units
+            loss.outOfRange += batchLoss.outOfRange
+            correct += batchCorrect
             start = end
         }
+        var totals = [loss.units, loss.outOfRange, Int64(correct), Int64(piece.count)]
         try world.allReduceSum(&totals)
-        return Evaluation(loss: totals[0] / totals[2], accuracy: totals[1] / totals[2], count: Int(totals[2]))
+        loss.units = totals[0]
+        loss.outOfRange = totals[1]
+        return Evaluation(loss: loss.value / Double(totals[3]), accuracy: Double(totals[2]) / Double(totals[3]), count: Int(totals[3]))
     }
 
     /// The running statistics by buffer name.

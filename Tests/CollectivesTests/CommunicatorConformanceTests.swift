@@ -32,6 +32,78 @@ final class CommunicatorConformanceTests: XCTestCase {
         for rank in 1..<4 { XCTAssertEqual(results[rank].map(\.bitPattern), results[0].map(\.bitPattern)) }
     }
 
+    func testInProcessGroupPassesTheConformanceSuiteAtSizesFiveToSixteen() throws {
+        for size in 5...16 {
+            let results = try InProcessGroup.run(size: size) { comm in try CommunicatorConformance.run(comm) }
+            for (rank, failures) in results.enumerated() { XCTAssertEqual(failures, [], "size \(size), rank \(rank)") }
+        }
+    }
+
+    /// Values whose sum depends on how the additions are grouped (every rank's values known).
+    private func orderSensitiveParts(ranks: Int, count: Int) -> [[Float]] {
+        var parts: [[Float]] = []
+        for q in 0..<ranks {
+            let sign: Float = q % 2 == 0 ? 1e7 : -0.999e7
+            var part: [Float] = []
+            for i in 0..<count {
+                let magnitude = Float(1 + (q * 7 + i * 3) % 11)
+                part.append(magnitude * sign + Float(i) * 0.37 + Float(q) * 1e-3)
+            }
+            parts.append(part)
+        }
+        return parts
+    }
+
+    func testTheRankTreeIsTheBalancedTreeOverRanksAndNotTheSequentialSum() {
+        for ranks in 1...16 {
+            let parts = orderSensitiveParts(ranks: ranks, count: 37)
+            // The tree spelled out recursively: halves of the next power of two, missing halves left out.
+            func tree(_ lo: Int, _ span: Int) -> [Float]? {
+                guard lo < ranks else { return nil }
+                if span == 1 { return parts[lo] }
+                let left = tree(lo, span / 2)!
+                guard let right = tree(lo + span / 2, span / 2) else { return left }
+                return zip(left, right).map { $0 + $1 }
+            }
+            var span = 1
+            while span < ranks { span *= 2 }
+            XCTAssertEqual(rankTreeSum(parts).map(\.bitPattern), tree(0, span)!.map(\.bitPattern), "\(ranks) ranks")
+            if ranks >= 4 {   // with 3 ranks the tree ((0 + 1) + 2) is the sequential sum
+                let sequential = parts.dropFirst().reduce(parts[0]) { zip($0, $1).map { $0 + $1 } }
+                XCTAssertNotEqual(rankTreeSum(parts).map(\.bitPattern), sequential.map(\.bitPattern),
+                                  "the test values must be sensitive to the order of addition (\(ranks) ranks)")
+            }
+        }
+    }
+
+    /// The message schedule MPI follows, played out without MPI: every receive has its send, and
+    /// every rank ends with the rank tree's sum, bit for bit, for 1–16 ranks (and a few more).
+    func testTheRecursiveDoublingScheduleComputesTheRankTreeOnEveryRank() {
+        for ranks in Array(1...16) + [23, 31, 33, 48] {
+            let parts = orderSensitiveParts(ranks: ranks, count: 13)
+            let schedules = (0..<ranks).map { RankTreeSchedule(rank: $0, size: ranks) }
+            var held = parts
+            let stepCount = schedules[0].steps.count
+            XCTAssertTrue(schedules.allSatisfy { $0.steps.count == stepCount })
+            for s in 0..<stepCount {
+                let before = held
+                for r in 0..<ranks {
+                    let step = schedules[r].steps[s]
+                    guard let source = step.receiveFrom else { continue }
+                    XCTAssertTrue(schedules[source].steps[s].sendTo.contains(r), "\(ranks) ranks, step \(s): rank \(source) does not send to \(r)")
+                    held[r] = zip(before[r], before[source]).map { $0 + $1 }
+                }
+                for r in 0..<ranks {
+                    for target in schedules[r].steps[s].sendTo {
+                        XCTAssertEqual(schedules[target].steps[s].receiveFrom, r, "\(ranks) ranks, step \(s): \(r) sends to \(target), which does not receive it")
+                    }
+                }
+            }
+            let expected = rankTreeSum(parts).map(\.bitPattern)
+            for r in 0..<ranks { XCTAssertEqual(held[r].map(\.bitPattern), expected, "\(ranks) ranks, rank \(r)") }
+        }
+    }
+
     func testAFailingRankMakesBlockedRanksThrowInsteadOfHanging() {
         struct Boom: Error {}
         let started = Date()

@@ -1,3 +1,4 @@
+import Collectives
 import Kernels
 import TestSupport
 import XCTest
@@ -82,18 +83,90 @@ final class LayerTests: XCTestCase {
 
     /// A sample's output does not depend on which other samples share its batch — bit for bit —
     /// so W ranks × batch b compute the same activations as 1 rank × batch W·b.
-    func testConv2dOutputOfASampleDoesNotDependOnItsBatch() throws {
-        for (c, o, h, w, kernel, stride, padding) in [(16, 16, 16, 16, 3, 1, 1), (16, 32, 16, 16, 3, 2, 1), (3, 16, 9, 5, 3, 1, 1), (8, 8, 5, 5, 1, 1, 0)] {
+    /// The exactness contract for a convolution: a piece of a batch, told where it starts in the
+    /// whole (`sampleOffset`), gives its samples' outputs and input gradients bit for bit, and the
+    /// weight gradients of aligned power-of-two pieces, added along the rank tree, are the whole
+    /// batch's bit for bit. Nothing here depends on which BLAS kernel runs: each comparison is
+    /// between calls of one shape.
+    func testConv2dPiecesOfABatchGiveTheWholeBatchsResultsBitForBit() throws {
+        for (c, o, h, w, kernel, stride, padding) in [(16, 16, 16, 16, 3, 1, 1), (16, 32, 16, 16, 3, 2, 1), (3, 16, 9, 5, 3, 1, 1), (8, 8, 5, 5, 1, 1, 0), (4, 8, 7, 7, 3, 1, 1)] {
             var random = DeterministicRandom(seed: 80)
-            let conv = Conv2d<Float>(inputChannels: c, outputChannels: o, kernelSize: kernel, stride: stride, padding: padding, bias: false, random: &random)
+            let conv = Conv2d<Float>(inputChannels: c, outputChannels: o, kernelSize: kernel, stride: stride, padding: padding, bias: true, random: &random)
             let x = randomTensor([32, c, h, w], seed: 81).converted(to: Float.self)
+            let label = "\(c)→\(o) k\(kernel) s\(stride)"
+            conv.sampleOffset = 0
             let whole = try conv.forward(x, mode: .training)
-            let plane = whole.count / 32
-            for (start, count) in [(0, 8), (8, 8), (29, 3), (5, 1)] {
+            let dy = randomTensor(whole.shape, seed: 82).converted(to: Float.self)
+            let wholeDx = try conv.backward(dy)
+            let wholeDw = conv.weight.gradient.scalars, wholeDb = conv.bias!.gradient.scalars
+            let plane = whole.count / 32, inputPlane = x.count / 32
+            for (start, count) in [(0, 8), (8, 8), (29, 3), (5, 1), (3, 17)] {
+                conv.sampleOffset = start
                 let part = try conv.forward(x.slice(samples: start..<(start + count)), mode: .training)
-                XCTAssertEqual(part.scalars, Array(whole.scalars[(start * plane)..<((start + count) * plane)]),
-                               "samples \(start)..<\(start + count), \(c)→\(o) k\(kernel) s\(stride)")
+                XCTAssertEqual(part.scalars.map(\.bitPattern), whole.scalars[(start * plane)..<((start + count) * plane)].map(\.bitPattern),
+                               "outputs of samples \(start)..<\(start + count), \(label)")
+                let dx = try conv.backward(dy.slice(samples: start..<(start + count)))
+                XCTAssertEqual(dx.scalars.map(\.bitPattern), wholeDx.scalars[(start * inputPlane)..<((start + count) * inputPlane)].map(\.bitPattern),
+                               "input gradients of samples \(start)..<\(start + count), \(label)")
             }
+            for ranks in [2, 4, 8] {
+                var dw: [[Float]] = [], db: [[Float]] = []
+                let b = 32 / ranks
+                for r in 0..<ranks {
+                    conv.sampleOffset = r * b
+                    _ = try conv.forward(x.slice(samples: (r * b)..<((r + 1) * b)), mode: .training)
+                    _ = try conv.backward(dy.slice(samples: (r * b)..<((r + 1) * b)))
+                    dw.append(conv.weight.gradient.scalars)
+                    db.append(conv.bias!.gradient.scalars)
+                }
+                XCTAssertEqual(rankTreeSum(dw).map(\.bitPattern), wholeDw.map(\.bitPattern), "weight gradient over \(ranks) pieces, \(label)")
+                XCTAssertEqual(rankTreeSum(db).map(\.bitPattern), wholeDb.map(\.bitPattern), "bias gradient over \(ranks) pieces, \(label)")
+            }
+        }
+    }
+
+    func testLinearPiecesOfABatchGiveTheWholeBatchsResultsBitForBit() throws {
+        var random = DeterministicRandom(seed: 90)
+        let linear = Linear<Float>(inputFeatures: 37, outputFeatures: 11, random: &random)
+        let x = randomTensor([32, 37], seed: 91).converted(to: Float.self)
+        let whole = try linear.forward(x, mode: .training)
+        let dy = randomTensor(whole.shape, seed: 92).converted(to: Float.self)
+        let wholeDx = try linear.backward(dy)
+        let wholeDw = linear.weight.gradient.scalars
+        for (start, count) in [(0, 8), (13, 5), (31, 1)] {
+            linear.sampleOffset = start
+            let part = try linear.forward(x.slice(samples: start..<(start + count)), mode: .training)
+            XCTAssertEqual(part.scalars.map(\.bitPattern), whole.scalars[(start * 11)..<((start + count) * 11)].map(\.bitPattern))
+            let dx = try linear.backward(dy.slice(samples: start..<(start + count)))
+            XCTAssertEqual(dx.scalars.map(\.bitPattern), wholeDx.scalars[(start * 37)..<((start + count) * 37)].map(\.bitPattern))
+        }
+        var dw: [[Float]] = []
+        for r in 0..<4 {
+            linear.sampleOffset = r * 8
+            _ = try linear.forward(x.slice(samples: (r * 8)..<((r + 1) * 8)), mode: .training)
+            _ = try linear.backward(dy.slice(samples: (r * 8)..<((r + 1) * 8)))
+            dw.append(linear.weight.gradient.scalars)
+        }
+        XCTAssertEqual(rankTreeSum(dw).map(\.bitPattern), wholeDw.map(\.bitPattern))
+    }
+
+    func testPairwiseAccumulatorIsTheCanonicalTree() {
+        for count in [0, 1, 2, 3, 5, 8, 13, 32, 33] {
+            var leaves: [[Float]] = []
+            for i in 0..<count {
+                let sign: Float = i % 2 == 0 ? 1e6 : -0.999e6
+                leaves.append((0..<7).map { (j: Int) -> Float in Float(1 + (i * 5 + j) % 9) * sign + Float(i) * 0.31 })
+            }
+            var accumulator = PairwiseAccumulator<Float>(width: 7)
+            for leaf in leaves { accumulator.add { $0.update(from: leaf, count: 7) } }
+            var total = [Float](repeating: 0, count: 7)
+            total.withUnsafeMutableBufferPointer { accumulator.total(into: $0.baseAddress!) }
+            var flat = leaves.flatMap { $0 }
+            if count > 0 { flat.withUnsafeMutableBufferPointer { Float.pairwiseSumInPlace($0.baseAddress!, count: count, width: 7, stride: 7) } }
+            let expected = count == 0 ? [Float](repeating: 0, count: 7) : rankTreeSum(leaves)
+            let expectedBits: [UInt32] = expected.map { $0.bitPattern }
+            XCTAssertEqual(total.map { $0.bitPattern }, expectedBits, "\(count) leaves")
+            if count > 0 { XCTAssertEqual(flat[0..<7].map { $0.bitPattern }, expectedBits, "\(count) leaves in place") }
         }
     }
 
@@ -237,7 +310,7 @@ final class LayerTests: XCTestCase {
     func testSoftmaxCrossEntropyMatchesTheDefinitionAndFiniteDifferences() throws {
         var logits = randomTensor([5, 4], seed: 19, std: 3)
         let labels: [Int32] = [0, 3, 1, 1, 2]
-        let (lossSum, correct, gradient) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0.2)
+        let (lossSum, correct, gradient, _) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0.2)
         var expectedLoss = 0.0, expectedCorrect = 0
         for n in 0..<5 {
             let row = Array(logits.scalars[(n * 4)..<(n * 4 + 4)])

@@ -49,7 +49,9 @@ final class ConvCBNPair: Layer {
     }
 
     func backward(_ outputGradient: Tensor<Double>) throws -> Tensor<Double> {
-        try conv.backward(try cbn.backward(outputGradient))
+        let dx = try conv.backward(try cbn.backward(outputGradient))
+        conv.weight.applyPendingGradient()   // what the trainer does after the gradient exchange
+        return dx
     }
 }
 
@@ -60,6 +62,7 @@ final class CrossIterationBatchNormTests: XCTestCase {
     func iterate(_ conv: Conv2d<Double>, _ cbn: CrossIterationBatchNorm<Double>, _ input: Tensor<Double>, seed: UInt64 = 99) throws -> Tensor<Double> {
         let y = try cbn.forward(try conv.forward(input, mode: .training), mode: .training)
         _ = try conv.backward(try cbn.backward(randomTensor(y.shape, seed: seed)))
+        conv.weight.applyPendingGradient()
         return y
     }
 
@@ -306,20 +309,22 @@ final class CrossIterationBatchNormTests: XCTestCase {
         // Three iterations; each rank holds part of every batch, weights change between steps.
         let sizes = [2, 0, 3]
         func batches(_ step: Int) -> Tensor<Double> { randomTensor([5, 2, 3, 3], seed: UInt64(70 + step), mean: 0.2 * Double(step)) }
-        // Input gradients and conv weight gradients (summed over ranks, as the gradient exchange does).
-        func run(_ x: Tensor<Double>, conv: Conv2d<Double>, cbn: CrossIterationBatchNorm<Double>, step: Int) throws -> (dx: [Double], dw: [Double]) {
+        // Input gradients and conv weight gradients (summed over ranks, as the gradient exchange
+        // does, and then the compensation term, the same on every rank, added once).
+        func run(_ x: Tensor<Double>, conv: Conv2d<Double>, cbn: CrossIterationBatchNorm<Double>, step: Int) throws -> (dx: [Double], dw: [Double], pending: [Double]) {
             conv.weight.value = makeConv(seed: UInt64(80 + step)).weight.value
             let y = try cbn.forward(try conv.forward(x, mode: .training), mode: .training)
             let dx = try conv.backward(try cbn.backward(y)).scalars
-            return (dx, conv.weight.gradient.scalars)
+            defer { conv.weight.pendingGradient = nil }
+            return (dx, conv.weight.gradient.scalars, conv.weight.pendingGradient ?? [Double](repeating: 0, count: conv.weight.value.count))
         }
         for mode in CrossIterationGradient.allCases {
-            let single = try { () -> [(dx: [Double], dw: [Double])] in
+            let single = try { () -> [(dx: [Double], dw: [Double], pending: [Double])] in
                 let conv = makeConv()
                 let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, rho: 0.7, gradient: mode)
                 return try (0..<3).map { try run(batches($0), conv: conv, cbn: cbn, step: $0) }
             }()
-            let ranks = try InProcessGroup.run(size: 3) { comm -> [(dx: [Double], dw: [Double])] in
+            let ranks = try InProcessGroup.run(size: 3) { comm -> [(dx: [Double], dw: [Double], pending: [Double])] in
                 let conv = self.makeConv()
                 let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, rho: 0.7, gradient: mode, group: comm)
                 let start = sizes[..<comm.rank].reduce(0, +)
@@ -327,8 +332,9 @@ final class CrossIterationBatchNormTests: XCTestCase {
             }
             for step in 0..<3 {
                 assertClose(ranks.map { $0[step].dx }.flatMap { $0 }, single[step].dx, relTol: 1e-9, absTol: 1e-12, "\(mode) step \(step) input gradients")
-                let summed = (0..<single[step].dw.count).map { i in ranks.map { $0[step].dw[i] }.reduce(0, +) }
-                assertClose(summed, single[step].dw, relTol: 1e-9, absTol: 1e-12, "\(mode) step \(step) weight gradients")
+                let summed = (0..<single[step].dw.count).map { i in ranks.map { $0[step].dw[i] }.reduce(0, +) + ranks[0][step].pending[i] }
+                assertClose(summed, zip(single[step].dw, single[step].pending).map { $0 + $1 }, relTol: 1e-9, absTol: 1e-12, "\(mode) step \(step) weight gradients")
+                for rank in 1..<3 { XCTAssertEqual(ranks[rank][step].pending, ranks[0][step].pending, "\(mode): the compensation term is the same on every rank") }
             }
         }
     }
