@@ -128,6 +128,15 @@ public protocol SampleAligned: AnyObject {
     var sampleOffset: Int { get set }
 }
 
+/// A layer whose parameter gradients are a function of another gradient that the ranks must
+/// sum first (weight normalization's dL/dg, dL/dv from dL/dw): with `defersGradients` set,
+/// backward leaves that gradient in the parameters' gradient slots for the exchange, and
+/// `finishExchangedGradients()` computes the real ones from the sum.
+public protocol ExchangedGradients: AnyObject {
+    var defersGradients: Bool { get set }
+    func finishExchangedGradients()
+}
+
 /// A layer whose output at position i is θ_c·patch_i for output channel c (a convolution via
 /// im2col, or a linear layer with patch = input row): what cross-iteration BN needs to
 /// differentiate the next layer's batch statistics with respect to θ analytically.

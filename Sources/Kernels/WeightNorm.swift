@@ -8,7 +8,7 @@
 ///     dL/dg_c = Σ_k dw_ck·v_ck/‖v_c‖,    dL/dv_c = (g_c/‖v_c‖)·(dw_c − (dL/dg_c/‖v_c‖)·v_c)
 ///
 /// in Double per channel. The wrapped layer's bias, if any, stays an ordinary parameter.
-public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource>: Layer, SampleAligned where Wrapped.Scalar == Scalar {
+public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource>: Layer, SampleAligned, ExchangedGradients where Wrapped.Scalar == Scalar {
     public let layer: Wrapped
 
     /// Passed on to the wrapped layer.
@@ -102,10 +102,32 @@ public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource
         return t
     }
 
+    /// When set (data-parallel training sets it), backward leaves dL/dw, the wrapped layer's
+    /// weight gradient, in `direction.gradient` (and 0 in `magnitude.gradient`) for the gradient
+    /// exchange to sum over ranks; ``finishExchangedGradients()`` then turns the summed dL/dw into
+    /// dL/dg and dL/dv, the same bits on every rank. (Summing per-rank dL/dg and dL/dv instead
+    /// would round differently from one process computing them from the whole batch's dL/dw.)
+    public var defersGradients = false
+
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
         let dx = try layer.backward(outputGradient)
+        if defersGradients {
+            magnitude.gradient = Tensor(shape: [channels])
+            direction.gradient = Tensor(shape: direction.value.shape, scalars: layer.patchWeight.gradient.scalars)
+        } else {
+            reparametrize(layer.patchWeight.gradient.scalars)
+        }
+        return dx
+    }
+
+    public func finishExchangedGradients() {
+        guard defersGradients else { return }
+        reparametrize(direction.gradient.scalars)
+    }
+
+    /// dL/dg and dL/dv from dL/dw.
+    private func reparametrize(_ dw: [Scalar]) {
         let C = channels, K = width
-        let dw = layer.patchWeight.gradient.scalars
         var dg = [Scalar](repeating: 0, count: C), dv = [Scalar](repeating: 0, count: C * K)
         for c in 0..<C {
             let n = max(norms[c], 1e-30), g = Double(magnitude.value.scalars[c])
@@ -119,7 +141,6 @@ public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource
         }
         magnitude.gradient = Tensor(shape: [C], scalars: dg)
         direction.gradient = Tensor(shape: direction.value.shape, scalars: dv)
-        return dx
     }
 }
 

@@ -140,6 +140,13 @@ public final class Trainer {
                                  classSortedLabels: configuration.sampler == .classSorted ? data.train.labels : nil)
     }
 
+    /// Layers whose gradients are finished after the exchange (``ExchangedGradients``).
+    private lazy var deferringLayers: [ExchangedGradients] = {
+        let layers = network.leaves.compactMap { $0.layer as? ExchangedGradients }
+        for layer in layers { layer.defersGradients = true }
+        return layers
+    }()
+
     public var stepsPerEpoch: Int { sampler.stepsPerEpoch }
     public var totalSteps: Int { configuration.steps ?? configuration.epochs * sampler.stepsPerEpoch }
 
@@ -235,6 +242,7 @@ public final class Trainer {
             for layer in network.batchNormLayers { layer.frozen = step >= freeze }
         }
         watchdog?.context = "training step \(step + 1)"
+        _ = deferringLayers
         let dataStart = DispatchTime.now().uptimeNanoseconds
         let (indices, globalCount, epoch) = sampler.batch(step: step)
         let (x, labels) = data.train.batch(indices, augmentation: configuration.augmentation, seed: configuration.seed, epoch: epoch)
@@ -294,8 +302,10 @@ public final class Trainer {
             b.value.scalars.replaceSubrange(0..<b.value.count, with: flat[offset..<(offset + b.value.count)])
             offset += b.value.count
         }
-        // Contributions that every rank computed alike from group-wide statistics (the
-        // compensated cross-iteration BN gradient) are added once, after the exchange.
+        // Gradients that are functions of the summed ones (weight normalization's), and
+        // contributions that every rank computed alike from group-wide statistics (the
+        // compensated cross-iteration BN gradient), once, after the exchange.
+        for layer in deferringLayers { layer.finishExchangedGradients() }
         for (_, p) in network.namedParameters { p.applyPendingGradient() }
         let totals = try totalsRequest.wait()
         var lossTotal = FixedPointLoss()
