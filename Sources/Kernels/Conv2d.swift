@@ -335,6 +335,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
             receiver(Array(statistics[(C * K)...]), Array(statistics[0..<(C * K)]))
         }
+        weight.addLocalPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
         if let bias {
             var biasGradient = Tensor<Scalar>(shape: [outputChannels])
@@ -361,9 +362,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                 Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: P, alpha: 1, a: a.baseAddress!, lda: P,
                             b: columns, ldb: ldb, beta: 0, c: r.baseAddress!, ldc: K)
                 weightGradientTree!.add { $0.update(from: r.baseAddress!, count: C * K) }
-                patchStatisticsTree!.add { leaf in
-                    for i in 0..<((C + 1) * K) { leaf[i] = Double(r[C * K + i]) }
-                }
+                patchStatisticsTree!.add { Scalar.widen(r.baseAddress! + C * K, count: (C + 1) * K, into: $0) }
             }
         }
     }

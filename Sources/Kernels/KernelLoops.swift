@@ -318,6 +318,17 @@ extension TensorScalar {
         return (lossSum, correct, fixed)
     }
 
+    public static func widen(_ source: UnsafePointer<Self>, count: Int, into target: UnsafeMutablePointer<Double>) {
+        for i in 0..<count { target[i] = Double(source[i]) }
+    }
+
+    public static func outerProduct(_ a: UnsafePointer<Self>, m: Int, _ b: UnsafePointer<Self>, n: Int, into target: UnsafeMutablePointer<Self>) {
+        for o in 0..<m {
+            let g = a[o], row = target + o * n
+            for i in 0..<n { row[i] = g * b[i] }
+        }
+    }
+
     public static func filled(_ count: Int, with value: Self) -> [Self] { [Self](repeating: value, count: count) }
     public static func widened(_ values: [Self]) -> [Double] { values.map { Double($0) } }
     public static func narrowed(_ values: [Double]) -> [Self] { values.map { Self($0) } }

@@ -15,9 +15,12 @@ public final class Parameter<Scalar: TensorScalar> {
     /// Written (not accumulated) by the owning layer's `backward`.
     public var gradient: Tensor<Scalar>
     /// A contribution from another layer (cross-iteration BN's compensation term, which depends
-    /// on this weight), identical on every rank: added to the summed gradient by
-    /// ``applyPendingGradient()`` after the gradient exchange.
+    /// on this weight). When it comes from statistics shared by all ranks it is identical on every
+    /// rank and is added to the summed gradient by ``applyPendingGradient()`` after the gradient
+    /// exchange; when it is this rank's own (`pendingGradientIsLocal`, per-rank statistics), the
+    /// owning layer's next backward adds it to the local gradient, for the exchange to sum.
     public var pendingGradient: [Double]?
+    public var pendingGradientIsLocal = false
 
     public init(_ value: Tensor<Scalar>) {
         self.value = value
@@ -31,7 +34,16 @@ extension Parameter {
     /// once, after the gradients of the ranks have been summed (the trainer does this; a single
     /// process calls it right after backward).
     public func applyPendingGradient() {
-        guard let pending = pendingGradient else { return }
+        guard let pending = pendingGradient, !pendingGradientIsLocal else { return }
+        precondition(pending.count == gradient.count, "a pending gradient of \(pending.count) values for a parameter of \(gradient.count)")
+        let narrowed = Scalar.narrowed(pending)
+        for i in 0..<narrowed.count { gradient.scalars[i] += narrowed[i] }
+        pendingGradient = nil
+    }
+
+    /// Adds a rank-local ``pendingGradient`` to `gradient` (the owning layer's backward calls this).
+    public func addLocalPendingGradient(to gradient: inout Tensor<Scalar>) {
+        guard let pending = pendingGradient, pendingGradientIsLocal else { return }
         precondition(pending.count == gradient.count, "a pending gradient of \(pending.count) values for a parameter of \(gradient.count)")
         let narrowed = Scalar.narrowed(pending)
         for i in 0..<narrowed.count { gradient.scalars[i] += narrowed[i] }

@@ -105,12 +105,7 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             input.scalars.withUnsafeBufferPointer { x in
                 weight.value.scalars.withUnsafeBufferPointer { w in
                     for s in 0..<n {
-                        weightGradientTree!.add { leaf in
-                            for o in 0..<Out {
-                                let g = dy[s * Out + o], row = leaf + o * In
-                                for i in 0..<In { row[i] = g * x[s * In + i] }
-                            }
-                        }
+                        weightGradientTree!.add { Scalar.outerProduct(dy.baseAddress! + s * Out, m: Out, x.baseAddress! + s * In, n: In, into: $0) }
                     }
                     weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
                     inputGradient.scalars.withUnsafeMutableBufferPointer { dx in
@@ -129,6 +124,7 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                 }
             }
         }
+        weight.addLocalPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
         if let bias {
             var biasGradient = Tensor<Scalar>(shape: [Out])

@@ -38,6 +38,11 @@ public protocol TensorScalar: BinaryFloatingPoint, Codable, Sendable where Self.
     static func globalAveragePoolBackward(_ dy: UnsafeBufferPointer<Self>, planes: Int, spatial: Int, _ dx: UnsafeMutableBufferPointer<Self>)
     static func softmaxCrossEntropy(_ logits: UnsafeBufferPointer<Self>, labels: UnsafeBufferPointer<Int32>, classes: Int,
                                     gradientScale: Self, gradient: UnsafeMutableBufferPointer<Self>) -> (lossSum: Double, correct: Int, fixedPoint: FixedPointLoss)
+    /// target[i] = Double(source[i]) for i < count (a specialised loop, for generic layers).
+    static func widen(_ source: UnsafePointer<Self>, count: Int, into target: UnsafeMutablePointer<Double>)
+    /// target[o·n + i] = a[o]·b[i]: the outer product of m and n values (a linear layer's
+    /// per-sample weight gradient).
+    static func outerProduct(_ a: UnsafePointer<Self>, m: Int, _ b: UnsafePointer<Self>, n: Int, into target: UnsafeMutablePointer<Self>)
     /// True when every element is finite.
     static func allFinite(_ x: UnsafeBufferPointer<Self>) -> Bool
     /// `count` copies of `value` (a specialised fill: generic code in other modules would copy

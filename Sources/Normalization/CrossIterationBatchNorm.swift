@@ -410,6 +410,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             }
         }
         source.patchWeight.pendingGradient = pending
+        // Per-rank statistics give every rank its own term, which the gradient exchange sums.
+        source.patchWeight.pendingGradientIsLocal = group == nil
     }
 
     /// The newest entry's derivatives, from the source convolution's backward:

@@ -97,15 +97,20 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
         // tree over the batch, so the sums do not depend on how the batch is split.
         let N = layout.batch
         var leaves = [Double](repeating: 0, count: max(N, 1) * D * width)
+        // Each plane summed around its own first value (the specialised kernel), then moved
+        // exactly to its domain's shift K: Σ(x − K) = s1 + P·δ, Σ(x − K)² = s2 + 2δ·s1 + P·δ².
+        var planeSums = [Double](repeating: 0, count: N * 2 * C)
+        input.scalars.withUnsafeBufferPointer { x in
+            planeSums.withUnsafeMutableBufferPointer { Scalar.planeShiftedSums(x, layout: layout, into: $0.baseAddress!) }
+        }
         for n in 0..<N {
             let d = sampleDomains[n], leaf = n * D * width + d * width
             leaves[leaf] = Double(P)
             for c in 0..<C {
-                let base = (n * C + c) * P, k = shifts[d][c]
-                var s1 = 0.0, s2 = 0.0
-                for p in 0..<P { let v = Double(input.scalars[base + p]) - k; s1 += v; s2 += v * v }
-                leaves[leaf + 1 + c] = s1
-                leaves[leaf + 1 + C + c] = s2
+                let delta = P > 0 ? Double(input.scalars[(n * C + c) * P]) - shifts[d][c] : 0
+                let s1 = planeSums[n * 2 * C + c], s2 = planeSums[n * 2 * C + C + c]
+                leaves[leaf + 1 + c] = s1 + Double(P) * delta
+                leaves[leaf + 1 + C + c] = s2 + 2 * delta * s1 + Double(P) * delta * delta
             }
         }
         leaves.withUnsafeMutableBufferPointer { Double.pairwiseSumInPlace($0.baseAddress!, count: N, width: D * width, stride: D * width) }
@@ -159,16 +164,21 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
         let N = layout.batch
         var leaves = [Double](repeating: 0, count: max(N, 1) * D * 2 * C)
         var parameterLeaves = [Double](repeating: 0, count: N * 2 * C)
+        // Per plane Σdy and Σdy·(x − μ_d) through the specialised kernel (one "channel" per plane).
+        let planes = ChannelLayout(batch: 1, channels: N * C, spatial: P)
+        let planeMeans = (0..<(N * C)).map { lastMean[lastDomains[$0 / C]][$0 % C] }
+        var planeSums = [Double](repeating: 0, count: 2 * N * C)
+        outputGradient.scalars.withUnsafeBufferPointer { dy in
+            lastInput.scalars.withUnsafeBufferPointer { x in
+                planeMeans.withUnsafeBufferPointer { mu in
+                    planeSums.withUnsafeMutableBufferPointer { Scalar.planeGradientSums(dy, x, layout: planes, mean: mu, into: $0.baseAddress!) }
+                }
+            }
+        }
         for n in 0..<N {
             let d = lastDomains[n]
             for c in 0..<C {
-                let base = (n * C + c) * P, mu = lastMean[d][c], s = lastInvStd[d][c]
-                var sumDy = 0.0, sumDyX = 0.0
-                for p in 0..<P {
-                    let g = Double(outputGradient.scalars[base + p])
-                    sumDy += g
-                    sumDyX += g * (Double(lastInput.scalars[base + p]) - mu) * s
-                }
+                let sumDy = planeSums[n * C + c], sumDyX = planeSums[N * C + n * C + c] * lastInvStd[d][c]
                 leaves[n * D * 2 * C + d * 2 * C + c] = sumDy
                 leaves[n * D * 2 * C + d * 2 * C + C + c] = sumDyX
                 parameterLeaves[n * 2 * C + c] = sumDy
@@ -184,21 +194,20 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
         var global = local
         if let group { try group.allReduceSum(&global) }
         let gamma = Scalar.widened(weight.value.scalars)
-        var dx = Tensor<Scalar>(shape: lastInput.shape)
-        for n in 0..<layout.batch {
+        // dx = p0·(dy − mean dy − x̂·mean dy·x̂) = p·dy + q·x + r per plane, p = γ/σ_d.
+        var p = [Double](repeating: 0, count: N * C), q = p, r = p
+        for n in 0..<N {
             let d = lastDomains[n]
             guard let m = lastStatistics[d]?.count else { continue }
             for c in 0..<C {
-                let s = lastInvStd[d][c], mu = lastMean[d][c], p0 = gamma[c] * s
+                let s = lastInvStd[d][c], mu = lastMean[d][c], p0 = gamma[c] * s, i = n * C + c
                 let meanDy = global[d * 2 * C + c] / m, meanDyX = global[d * 2 * C + C + c] / m
-                let base = (n * C + c) * P
-                for p in 0..<P {
-                    let xhat = (Double(lastInput.scalars[base + p]) - mu) * s
-                    dx.scalars[base + p] = Scalar(p0 * (Double(outputGradient.scalars[base + p]) - meanDy - xhat * meanDyX))
-                }
+                p[i] = p0
+                q[i] = -p0 * s * meanDyX
+                r[i] = -p0 * meanDy - q[i] * mu
             }
         }
-        return dx
+        return .combining(outputGradient, lastInput, layout: planes, dyScale: p, xScale: q, offset: r)
     }
 
     /// Sets the running statistics of domain `d` (PreciseBN).

@@ -257,9 +257,9 @@ public final class Trainer {
 
         // Gradient buckets: as soon as backward has finished enough layers to fill a bucket, its
         // all-reduce starts without blocking and overlaps the rest of backward. The last bucket
-        // also carries the running statistics (when ranks keep their own). Every rank forms the
-        // same buckets in the same order. The loss and the correct count travel as integers (a
-        // fixed-point loss), whose sum does not depend on the order of addition.
+        // also carries the running statistics (when ranks keep their own) and the loss and correct
+        // count as integers (a fixed-point loss, in Float pieces that add exactly), whose sum does
+        // not depend on the order of addition. Every rank forms the same buckets in the same order.
         var pending: [Parameter<Float>] = []
         var pendingCount = 0
         var inFlight: [(request: AllReduceRequest<Float>, parameters: [Parameter<Float>])] = []
@@ -284,8 +284,11 @@ public final class Trainer {
         let share = 1 / Float(world.size)
         var extra: [Float] = []
         for (_, b) in buffers { extra.append(contentsOf: b.value.scalars.map { $0 * share }) }
-        if !pending.isEmpty || !extra.isEmpty { try startBucket(extra: extra) }
-        let totalsRequest = try world.startAllReduceSum([fixedLoss.units, fixedLoss.outOfRange, Int64(correct)])
+        let counts = [fixedLoss.units, fixedLoss.outOfRange, Int64(correct)]
+        let countsRide = world.size <= IntegerPieces.maximumRanks
+        if countsRide { extra += counts.flatMap(IntegerPieces.encode) }
+        try startBucket(extra: extra)
+        let totalsRequest = countsRide ? nil : try world.startAllReduceSum(counts)
 
         var flat: [Float] = []
         for (request, parameters) in inFlight {
@@ -307,7 +310,8 @@ public final class Trainer {
         // compensated cross-iteration BN gradient), once, after the exchange.
         for layer in deferringLayers { layer.finishExchangedGradients() }
         for (_, p) in network.namedParameters { p.applyPendingGradient() }
-        let totals = try totalsRequest.wait()
+        let totals = try totalsRequest?.wait()
+            ?? (0..<3).map { IntegerPieces.decode(flat[(offset + $0 * IntegerPieces.count)..<(offset + ($0 + 1) * IntegerPieces.count)]) }
         var lossTotal = FixedPointLoss()
         lossTotal.units = totals[0]
         lossTotal.outOfRange = totals[1]
@@ -463,5 +467,22 @@ public final class Trainer {
         progress?.line(String(format: "eval  step %d  held-out loss %.4f  accuracy %.2f%% (%d samples, %@ statistics)",
                               step, evaluation.loss, evaluation.accuracy * 100, evaluation.count,
                               statistics == "ema" ? "EMA" : "PreciseBN"))
+    }
+}
+
+/// Non-negative integers carried exactly by a Float all-reduce: 12 bits per Float, so each
+/// piece's sum over up to 4,096 ranks stays below 2²⁴, where every Float sum of integers is exact
+/// in any order.
+enum IntegerPieces {
+    static let count = 6
+    static let maximumRanks = 4096
+
+    static func encode(_ value: Int64) -> [Float] {
+        precondition(value >= 0, "IntegerPieces carries non-negative integers")
+        return (0..<count).map { Float((value >> (12 * $0)) & 0xFFF) }
+    }
+
+    static func decode(_ pieces: ArraySlice<Float>) -> Int64 {
+        pieces.enumerated().reduce(Int64(0)) { $0 &+ (Int64($1.element) << (12 * $1.offset)) }
     }
 }

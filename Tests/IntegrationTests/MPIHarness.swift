@@ -44,6 +44,14 @@ func checkpointTensors(_ path: String) throws -> [String: [Float]] {
     return out
 }
 
+/// Every tensor of a checkpoint as its raw bytes (dtype and shape included): for bit-for-bit comparisons.
+func checkpointBits(_ path: String) throws -> [String: [UInt8]] {
+    let (tensors, _) = try Safetensors.read(path)
+    var out: [String: [UInt8]] = [:]
+    for (name, tensor) in tensors { out[name] = Array("\(tensor.dtype.rawValue)\(tensor.shape):".utf8) + tensor.bytes }
+    return out
+}
+
 func describe(_ result: ProcessResult) -> String {
     "exit \(result.status)\(result.timedOut ? " (killed by the watchdog)" : "") after \(String(format: "%.1f", result.seconds)) s\nstderr: \(result.stderr.suffix(2000))\nstdout: \(result.stdout.suffix(500))"
 }

@@ -88,14 +88,14 @@ final class CheckpointTests: XCTestCase {
         }
     }
 
-    func testCrossIterationWindowsAreSavedPerRankAndNeedTheSameRankCount() throws {
+    func testCrossIterationWindowsAreTheGroupsOnEveryRankAndNeedTheSameRankCount() throws {
         let path = temporaryDirectory() + "/cbn.safetensors"
         _ = try run(configuration(steps: 5, norm: .cbn), ranks: 2, save: path)
         let (tensors, _) = try Safetensors.read(path)
         let rank0 = tensors["features.1.bn.cbn_window.rank0"]?.doubles, rank1 = tensors["features.1.bn.cbn_window.rank1"]?.doubles
         XCTAssertNotNil(rank0)
         XCTAssertEqual(rank0?.count, rank1?.count)
-        XCTAssertNotEqual(rank0, rank1, "each rank keeps its own local sums")
+        XCTAssertEqual(rank0, rank1, "every rank keeps the group's sums")
         XCTAssertEqual(rank0?.prefix(2), [5, 3], "5 iterations, window of 4 keeps 3 past entries")
         for ranks in [1, 3] {
             XCTAssertThrowsError(try run(configuration(steps: 6, norm: .cbn), ranks: ranks, resume: path)) { error in

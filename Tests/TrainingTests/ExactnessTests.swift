@@ -1,0 +1,109 @@
+import Collectives
+import Kernels
+import Normalization
+import TestSupport
+import Training
+import XCTest
+
+/// The exactness contract (docs/design.md, "Exact on any number of ranks"): W ranks × b is bit
+/// for bit 1 rank × W·b when b is a power of two. In-process ranks here; the same under mpirun in
+/// MPIIntegrationTests. Every comparison is between two runs on this machine, so nothing depends
+/// on which BLAS kernel the CPU gets.
+final class ExactnessTests: XCTestCase {
+    static let data = try! DataSource.split(.synthetic(train: 1024, heldOut: 64, seed: 5), evaluation: nil, heldOutFraction: 0.1)
+    static let twoDomain = try! DataSource.split(.twoDomain(.synthetic(train: 512, heldOut: 64, seed: 5)), evaluation: nil, heldOutFraction: 0.1)
+
+    struct Outcome {
+        var state: [String: [UInt32]]
+        var windows: [String: [UInt64]]
+        var losses: [UInt64]
+        var precise: [String: [UInt32]]
+        var evaluation: [UInt64]
+    }
+
+    func bits(_ network: Network) -> (state: [String: [UInt32]], windows: [String: [UInt64]]) {
+        var state: [String: [UInt32]] = [:], windows: [String: [UInt64]] = [:]
+        for entry in network.state {
+            switch entry {
+            case let .parameter(name, p): state[name] = p.value.scalars.map(\.bitPattern)
+            case let .buffer(name, b): state[name] = b.value.scalars.map(\.bitPattern)
+            case let .counter(name, c): state[name] = [UInt32(truncatingIfNeeded: c.value)]
+            case let .rankLocal(name, r): windows[name] = r.values.map(\.bitPattern)
+            }
+        }
+        return (state, windows)
+    }
+
+    /// Trains `steps` steps on `ranks` in-process ranks of `batch` samples; every rank's outcome.
+    func train(_ c: TrainingConfiguration, data: DataSplit, ranks: Int) throws -> [Outcome] {
+        try InProcessGroup.run(size: ranks) { comm -> Outcome in
+            let trainer = try Trainer(configuration: c, data: data, world: comm)
+            var losses: [UInt64] = []
+            while trainer.step < trainer.totalSteps { losses.append(try trainer.trainStep().loss.bitPattern) }
+            for case let cbn as CrossIterationBatchNorm<Float> in trainer.network.leaves.map(\.layer) { try cbn.reduceWindowDerivatives() }
+            let (state, windows) = self.bits(trainer.network)
+            let evaluation = try trainer.evaluate()
+            try trainer.recomputePopulationStatistics()
+            return Outcome(state: state, windows: windows, losses: losses, precise: self.bits(trainer.network).state,
+                           evaluation: [evaluation.loss.bitPattern, evaluation.accuracy.bitPattern])
+        }
+    }
+
+    func configuration(_ norm: NormalizationKind, batch: Int) -> TrainingConfiguration {
+        var c = TrainingConfiguration()
+        c.model = .resnet20
+        c.width = 0.25
+        c.norm = norm
+        c.batchSize = batch
+        c.steps = 100
+        c.seed = 13
+        c.augmentation = Augmentation(crop: true, flip: true)
+        c.preciseBNSamples = 256
+        return c
+    }
+
+    func testPowerOfTwoSplitsOfTheBatchAreBitIdenticalToOneRank() throws {
+        var cbn = configuration(.cbn, batch: 32)
+        cbn.crossIteration = CrossIterationOptions(window: 4)
+        var domain = configuration(.syncbn, batch: 32)
+        domain.domainBN = true
+        let cases: [(String, TrainingConfiguration, DataSplit)] = [
+            ("syncbn", configuration(.syncbn, batch: 32), Self.data), ("cbn", cbn, Self.data),
+            ("brn", configuration(.brn, batch: 32), Self.data), ("gn", configuration(.gn, batch: 32), Self.data),
+            ("domain", domain, Self.twoDomain), ("ibn", configuration(.ibn, batch: 32), Self.data),
+        ]
+        for (label, single, data) in cases {
+            let reference = try train(single, data: data, ranks: 1)[0]
+            XCTAssertEqual(reference.losses.count, 100)
+            XCTAssertGreaterThan(Set(reference.losses).count, 50, "\(label): the run must actually train")
+            for ranks in [2, 4, 8] {
+                var multi = single
+                multi.batchSize = 32 / ranks
+                let outcomes = try train(multi, data: data, ranks: ranks)
+                for (rank, outcome) in outcomes.enumerated() {
+                    let where_ = "\(label), \(ranks) × \(32 / ranks), rank \(rank)"
+                    XCTAssertEqual(outcome.losses, reference.losses, "\(where_): losses")
+                    XCTAssertEqual(outcome.state.keys.sorted(), reference.state.keys.sorted(), where_)
+                    let differing = reference.state.keys.sorted().filter { outcome.state[$0] != reference.state[$0] }
+                    XCTAssertEqual(differing, [], "\(where_): tensors that differ")
+                    let differingPrecise = reference.precise.keys.sorted().filter { outcome.precise[$0] != reference.precise[$0] }
+                    XCTAssertEqual(differingPrecise, [], "\(where_): PreciseBN statistics that differ")
+                    XCTAssertEqual(outcome.windows, reference.windows, "\(where_): cross-iteration windows")
+                    XCTAssertEqual(outcome.evaluation, reference.evaluation, "\(where_): held-out loss and accuracy")
+                }
+            }
+            if label == "cbn" { XCTAssertFalse(reference.windows.isEmpty) }
+        }
+    }
+
+    /// The other side of the contract, so the test above cannot pass by accident: per-rank BN
+    /// differs, and a split that is not aligned to powers of two is within rounding only.
+    func testPerRankStatisticsAreNotWorldSizeInvariant() throws {
+        var single = configuration(.bn, batch: 32)
+        single.steps = 5
+        var multi = single
+        multi.batchSize = 8
+        let a = try train(single, data: Self.data, ranks: 1)[0], b = try train(multi, data: Self.data, ranks: 4)[0]
+        XCTAssertNotEqual(a.state["conv1.weight"], b.state["conv1.weight"])
+    }
+}
