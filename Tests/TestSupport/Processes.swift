@@ -38,9 +38,11 @@ public func runProcess(_ executable: String, _ arguments: [String], environment 
     process.standardError = err
     let outData = DataCollector(out.fileHandleForReading), errData = DataCollector(err.fileHandleForReading)
     let started = Date()
-    try process.run()
+    // Signalled by Foundation when the child exits (waitUntilExit spins a run loop and took most
+    // of a core, which an oversubscribed mpirun job then lacks).
     let finished = DispatchSemaphore(value: 0)
-    DispatchQueue.global().async { process.waitUntilExit(); finished.signal() }
+    process.terminationHandler = { _ in finished.signal() }
+    try process.run()
     var timedOut = false
     var done = false
     if let killWhen {
