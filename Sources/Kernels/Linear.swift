@@ -52,36 +52,48 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         (target + firstSlot * width).update(from: source + samples.lowerBound * width, count: samples.count * width)
     }
 
+    /// target = source·Wᵀ (`transposeWeight`, forward) or source·W (the input gradient) for the
+    /// rows of `source` (row length `width`), one chunk of c rows at a time: every GEMM has the
+    /// shape c × outputWidth × width.
+    private func chunkedProduct(_ source: UnsafePointer<Scalar>, batch n: Int, offset: Int, width: Int, transposeWeight: Bool,
+                                outputWidth: Int, into target: UnsafeMutablePointer<Scalar>) {
+        let c = Self.chunkSize
+        if chunkInput.count < c * width { chunkInput = Scalar.filled(c * width, with: 0) }
+        if chunkResult.count < c * outputWidth { chunkResult = Scalar.filled(c * outputWidth, with: 0) }
+        weight.value.scalars.withUnsafeBufferPointer { w in
+            chunkInput.withUnsafeMutableBufferPointer { a in
+                chunkResult.withUnsafeMutableBufferPointer { r in
+                    for (samples, firstSlot) in Conv2d<Scalar>.chunks(batch: n, offset: offset, size: c) {
+                        gather(source, width: width, samples: samples, firstSlot: firstSlot, into: a.baseAddress!)
+                        Scalar.gemm(transposeA: false, transposeB: transposeWeight, m: c, n: outputWidth, k: width, alpha: 1,
+                                    a: a.baseAddress!, lda: width, b: w.baseAddress!, ldb: transposeWeight ? width : outputWidth,
+                                    beta: 0, c: r.baseAddress!, ldc: outputWidth)
+                        (target + samples.lowerBound * outputWidth).update(from: r.baseAddress! + firstSlot * outputWidth,
+                                                                           count: samples.count * outputWidth)
+                    }
+                }
+            }
+        }
+    }
+
     /// y = x·Wᵀ a chunk at a time, (c × out) = (c × in)·(in × out).
     public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         try requireShape(input.rank == 2 && input.shape[1] == inputFeatures, "Linear",
                          "expected N×\(inputFeatures) input, got \(input.shape)")
-        let n = input.shape[0], c = Self.chunkSize, offset = sampleOffset
+        let n = input.shape[0], offset = sampleOffset
         var output = Tensor<Scalar>(shape: [n, outputFeatures])
         if mode == .training { lastInput = input; lastOffset = offset }
         guard n > 0 else { return output }
-        if chunkInput.count < c * inputFeatures { chunkInput = Scalar.filled(c * inputFeatures, with: 0) }
-        if chunkResult.count < c * max(inputFeatures, outputFeatures) { chunkResult = Scalar.filled(c * max(inputFeatures, outputFeatures), with: 0) }
-        input.scalars.withUnsafeBufferPointer { x in
-            weight.value.scalars.withUnsafeBufferPointer { w in
-                output.scalars.withUnsafeMutableBufferPointer { y in
-                    chunkInput.withUnsafeMutableBufferPointer { a in
-                        chunkResult.withUnsafeMutableBufferPointer { r in
-                            for (samples, firstSlot) in Conv2d<Scalar>.chunks(batch: n, offset: offset, size: c) {
-                                gather(x.baseAddress!, width: inputFeatures, samples: samples, firstSlot: firstSlot, into: a.baseAddress!)
-                                Scalar.gemm(transposeA: false, transposeB: true, m: c, n: outputFeatures, k: inputFeatures, alpha: 1,
-                                            a: a.baseAddress!, lda: inputFeatures, b: w.baseAddress!, ldb: inputFeatures,
-                                            beta: 0, c: r.baseAddress!, ldc: outputFeatures)
-                                (y.baseAddress! + samples.lowerBound * outputFeatures).update(from: r.baseAddress! + firstSlot * outputFeatures,
-                                                                                              count: samples.count * outputFeatures)
-                            }
-                        }
-                    }
-                    if let bias {
-                        bias.value.scalars.withUnsafeBufferPointer { b in
-                            Scalar.addChannelBias(b, to: y, layout: ChannelLayout(batch: n, channels: outputFeatures, spatial: 1))
-                        }
-                    }
+        output.scalars.withUnsafeMutableBufferPointer { y in
+            input.scalars.withUnsafeBufferPointer { x in
+                chunkedProduct(x.baseAddress!, batch: n, offset: offset, width: inputFeatures, transposeWeight: true,
+                               outputWidth: outputFeatures, into: y.baseAddress!)
+            }
+        }
+        if let bias {
+            output.scalars.withUnsafeMutableBufferPointer { y in
+                bias.value.scalars.withUnsafeBufferPointer { b in
+                    Scalar.addChannelBias(b, to: y, layout: ChannelLayout(batch: n, channels: outputFeatures, spatial: 1))
                 }
             }
         }
@@ -92,36 +104,22 @@ public final class Linear<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// the pairwise tree; db = Σ_n dy_n (the same tree).
     public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
         guard let input = lastInput else { preconditionFailure("Linear.backward before a training forward") }
-        let n = input.shape[0], c = Self.chunkSize, In = inputFeatures, Out = outputFeatures
+        let n = input.shape[0], In = inputFeatures, Out = outputFeatures
         try requireShape(outputGradient.shape == [n, Out], "Linear",
                          "output gradient \(outputGradient.shape) does not match the forward output")
         var inputGradient = Tensor<Scalar>(shape: input.shape)
         var weightGradient = Tensor<Scalar>(shape: weight.value.shape)
         if weightGradientTree?.width != Out * In { weightGradientTree = PairwiseAccumulator(width: Out * In) }
         weightGradientTree!.reset()
-        if chunkInput.count < c * Out { chunkInput = Scalar.filled(c * max(Out, In), with: 0) }
-        if chunkResult.count < c * In { chunkResult = Scalar.filled(c * max(In, Out), with: 0) }
         outputGradient.scalars.withUnsafeBufferPointer { dy in
             input.scalars.withUnsafeBufferPointer { x in
-                weight.value.scalars.withUnsafeBufferPointer { w in
-                    for s in 0..<n {
-                        weightGradientTree!.add { Scalar.outerProduct(dy.baseAddress! + s * Out, m: Out, x.baseAddress! + s * In, n: In, into: $0) }
-                    }
-                    weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
-                    inputGradient.scalars.withUnsafeMutableBufferPointer { dx in
-                        chunkInput.withUnsafeMutableBufferPointer { a in
-                            chunkResult.withUnsafeMutableBufferPointer { r in
-                                for (samples, firstSlot) in Conv2d<Scalar>.chunks(batch: n, offset: lastOffset, size: c) {
-                                    gather(dy.baseAddress!, width: Out, samples: samples, firstSlot: firstSlot, into: a.baseAddress!)
-                                    Scalar.gemm(transposeA: false, transposeB: false, m: c, n: In, k: Out, alpha: 1,
-                                                a: a.baseAddress!, lda: Out, b: w.baseAddress!, ldb: In,
-                                                beta: 0, c: r.baseAddress!, ldc: In)
-                                    (dx.baseAddress! + samples.lowerBound * In).update(from: r.baseAddress! + firstSlot * In, count: samples.count * In)
-                                }
-                            }
-                        }
-                    }
+                for s in 0..<n {
+                    weightGradientTree!.add { Scalar.outerProduct(dy.baseAddress! + s * Out, m: Out, x.baseAddress! + s * In, n: In, into: $0) }
                 }
+            }
+            weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
+            inputGradient.scalars.withUnsafeMutableBufferPointer { dx in
+                chunkedProduct(dy.baseAddress!, batch: n, offset: lastOffset, width: Out, transposeWeight: false, outputWidth: In, into: dx.baseAddress!)
             }
         }
         weight.addLocalPendingGradient(to: &weightGradient)
