@@ -25,7 +25,7 @@ let package = Package(
         // zlib (Debian's zlib1g-dev) for gzipped IDX files; inflateInit2 is a macro, hence C.
         .target(name: "CGzip", linkerSettings: [.linkedLibrary("z")]),
         .target(name: "Collectives"),
-        .target(name: "CollectivesMPI", dependencies: ["Collectives", "CMPI"]),
+        .target(name: "CollectivesMPI", dependencies: ["Collectives", "CMPI", "CAllocator", "Kernels"]),
         .target(name: "CollectiveChecks", dependencies: ["Collectives"]),
         .target(name: "Kernels", dependencies: ["COpenBLAS"]),
         .target(name: "Normalization", dependencies: ["Kernels", "Collectives"]),
@@ -47,12 +47,19 @@ let package = Package(
             "Training", "CollectivesMPI", "CollectiveChecks", "CommandSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // examples/: programs a user would write, built with the package and run by the tests.
+        .executableTarget(name: "syncbn-example-custom-model", dependencies: ["Training", "Normalization", "Kernels", "Collectives", "CollectivesMPI"],
+                          path: "examples/custom-model"),
+        .executableTarget(name: "syncbn-example-training-loop", dependencies: ["Training", "Normalization", "Kernels", "Collectives", "CollectivesMPI"],
+                          path: "examples/training-loop"),
 
         .testTarget(name: "CollectivesTests", dependencies: ["Collectives", "CollectiveChecks"]),
         .testTarget(name: "KernelsTests", dependencies: ["Kernels", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "NormalizationTests", dependencies: ["Normalization", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "Collectives", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "IntegrationTests", dependencies: ["Kernels", "Training", "Study", "TestSupport"]),
+        // A BN variant written outside the Normalization module, through its public API only.
+        .testTarget(name: "ExtensionTests", dependencies: ["Normalization", "Training", "Collectives", "Kernels", "TestSupport"]),
         .target(name: "TestSupport", dependencies: ["Kernels"], path: "Tests/TestSupport"),
     ]
 )

@@ -1,5 +1,4 @@
 import ArgumentParser
-import CAllocator
 import Collectives
 import CollectivesMPI
 import Foundation
@@ -19,14 +18,7 @@ public enum RankLaunch {
     /// rank that exits first, and a rank whose files were fine does not wait forever.
     public static func run(simulateRanks: Int?, command: String, preflight: Error? = nil,
                            _ body: @escaping (any Communicator) throws -> Void) -> Never {
-        // The GEMMs here are small (per-sample convolutions): one OpenBLAS thread per rank is faster
-        // than OpenBLAS's default of one per core (measured 4841 vs 4068 samples/s single-process),
-        // and ranks sharing a machine must not oversubscribe it. OPENBLAS_NUM_THREADS overrides.
-        if ProcessInfo.processInfo.environment["OPENBLAS_NUM_THREADS"] == nil { setGEMMThreads(1) }
-        // Every step allocates activations of the same sizes. Keep freed blocks (up to 32 MiB
-        // each, glibc's maximum) in the heap instead of returning them to the kernel, so each
-        // step does not page-fault its tensors in again (measured: 12 % of a BN layer's time).
-        _ = syncbn_keep_freed_memory()
+        World.applySpeedSettings()
         if let n = simulateRanks, n > 1 {
             if let preflight { fail(command, describe(preflight)) }
             if MPICommunicator.launchedByMPI {
@@ -53,7 +45,7 @@ public enum RankLaunch {
                 MPICommunicator.finalize()
                 exit(0)
             } catch let error as CollectiveRunError {
-                if world.rank == 0 { printError(command, error.message) }
+                if world.rank == 0 { printError(command, error.description) }
                 MPICommunicator.finalize()
                 exit(2)
             } catch let error as CollectiveMismatchError {
@@ -130,6 +122,8 @@ extension ParsableCommand {
     /// `main()`, except that under an MPI launcher only rank 0 prints a usage error, so a bad
     /// flag gives one message per job rather than one per rank. Exit codes are ArgumentParser's.
     public static func mainOnce() -> Never {
+        // The library's messages name settings by field; this command line names them by flag.
+        SettingNames.commandLine = RunAgreement.flagName
         do {
             var command = try parseAsRoot()
             try command.run()

@@ -149,6 +149,13 @@ public protocol ExchangedGradients: AnyObject {
     func finishExchangedGradients()
 }
 
+/// A layer that computes a wrapped layer with a weight derived from its own parameters (weight
+/// normalization's g·v/‖v‖, weight centralization's v − mean(v)): `materializedLayer()` sets
+/// that weight in the wrapped layer and returns it, for folding and export.
+public protocol ReparameterizedWeight: AnyObject {
+    func materializedLayer() -> AnyObject
+}
+
 /// A layer whose output at position i is θ_c·patch_i for output channel c (a convolution via
 /// im2col, or a linear layer with patch = input row): what cross-iteration BN needs to
 /// differentiate the next layer's batch statistics with respect to θ analytically.

@@ -8,7 +8,7 @@ public struct FileFormatError: Error, CustomStringConvertible, Equatable {
         self.path = path
         self.problem = problem
     }
-    public var description: String { "\(path): \(problem)" }
+    public var description: String { "\(path): \(SettingNames.render(problem))" }
 }
 
 /// An array read from a NumPy `.npy` file (format versions 1–3, C order, little-endian).

@@ -8,7 +8,7 @@
 ///     dL/dg_c = Σ_k dw_ck·v_ck/‖v_c‖,    dL/dv_c = (g_c/‖v_c‖)·(dw_c − (dL/dg_c/‖v_c‖)·v_c)
 ///
 /// in Double per channel. The wrapped layer's bias, if any, stays an ordinary parameter.
-public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource>: Layer, SampleAligned, ExchangedGradients where Wrapped.Scalar == Scalar {
+public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource>: Layer, SampleAligned, ExchangedGradients, ReparameterizedWeight where Wrapped.Scalar == Scalar {
     public let layer: Wrapped
 
     /// Passed on to the wrapped layer.
@@ -43,6 +43,11 @@ public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource
     var width: Int { direction.value.count / channels }
 
     /// Writes w = g·v/‖v‖ into the wrapped layer.
+    public func materializedLayer() -> AnyObject {
+        materializeWeight()
+        return layer
+    }
+
     public func materializeWeight() {
         let C = channels, K = width
         norms = (0..<C).map { c in

@@ -37,14 +37,16 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     /// forwards normalize with the running statistics, update nothing and issue no collective,
     /// and backward treats μ and σ as constants (dx = γ/σ·dy).
     public var frozen = false
+    /// FrozenBN from this training step on (``prepare(step:of:)`` sets ``frozen``); nil: never.
+    public var freezeAfterStep: Int?
     private var lastPassFrozen = false
     /// Batch Renormalization's per-channel r and d and the batch mean of the last training pass
     /// (set by ``BatchRenormalization``; nil for plain BN): backward treats r and d as constants.
-    var lastRenorm: (r: [Double], d: [Double], batchMean: [Double])?
+    public var lastRenorm: (r: [Double], d: [Double], batchMean: [Double])?
 
     /// Statistics of the last batch seen in `.training` or `.batchStatistics` mode (over the whole
     /// group; nil when the group had no data), for PreciseBN, inspection and tests.
-    public internal(set) var lastStatistics: BatchStatistics?
+    public var lastStatistics: BatchStatistics?
 
     /// The last training input (shared storage, not a copy): backward recomputes x̂ from it.
     private var lastInput = Tensor<Scalar>(shape: [0])
@@ -68,19 +70,33 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         batchesTracked = Counter()
     }
 
-    public var state: [StateEntry<Scalar>] {
+    open var state: [StateEntry<Scalar>] {
         [.parameter("weight", weight), .parameter("bias", bias), .buffer("running_mean", runningMean),
          .buffer("running_var", runningVariance), .counter("num_batches_tracked", batchesTracked)]
     }
 
-    func layout(of shape: [Int]) throws -> ChannelLayout {
+    /// The schedule's hook (``NormalizationLayer``): FrozenBN from ``freezeAfterStep`` on.
+    /// Subclasses with schedules of their own (Batch Renorm) override it and call this.
+    open func prepare(step: Int, of totalSteps: Int) {
+        if let freezeAfterStep { frozen = step >= freezeAfterStep }
+    }
+
+    /// Before a checkpoint: completes state that waits for a later pass (subclasses).
+    open func settlePendingStatistics() throws {}
+
+    /// γ's norm for the metrics' diagnostics; subclasses add their own measurements.
+    open func diagnostics() -> [String: Double]? {
+        ["gamma_norm": Self.norm(weight)]
+    }
+
+    public func layout(of shape: [Int]) throws -> ChannelLayout {
         guard let layout = ChannelLayout(shape: shape), layout.channels == featureCount else {
             throw LayerError("\(Self.self): expected N×\(featureCount) or N×\(featureCount)×H×W input, got \(shape)")
         }
         return layout
     }
 
-    public func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
+    open func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
         let layout = try layout(of: input.shape)
         switch mode {
         case .inference:
@@ -123,16 +139,23 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     /// channel, `current` the batch's own statistics (for the running statistics), and `counts`
     /// per channel, the number of values the mean effectively averages over (M for BN; the
     /// backward pass divides the gradient sums by it).
-    struct TrainingNormalization {
-        var mean: [Double]
-        var variance: [Double]
-        var counts: [Double]
-        var current: BatchStatistics
+    public struct TrainingNormalization {
+        public var mean: [Double]
+        public var variance: [Double]
+        public var counts: [Double]
+        public var current: BatchStatistics
+
+        public init(mean: [Double], variance: [Double], counts: [Double], current: BatchStatistics) {
+            self.mean = mean
+            self.variance = variance
+            self.counts = counts
+            self.current = current
+        }
     }
 
     /// Batch statistics over the group (one all-reduce); nil when the group has no data. Records
     /// them as ``lastStatistics``.
-    func batchStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> BatchStatistics? {
+    public func batchStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> BatchStatistics? {
         let shift = Scalar.widened(runningMean.value.scalars)
         let statistics = try BatchStatistics.compute(input, layout: layout, shift: shift, group: group)
         lastStatistics = statistics
@@ -140,14 +163,15 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
         return statistics
     }
 
-    func requireMoreThanOneValue(_ statistics: BatchStatistics?, _ shape: [Int]) throws {
+    public func requireMoreThanOneValue(_ statistics: BatchStatistics?, _ shape: [Int]) throws {
         if let statistics, statistics.count <= 1 {
             throw LayerError("\(Self.self): batch statistics need more than 1 value per channel, got 1 (input \(shape)); use a larger batch or sync over more ranks")
         }
     }
 
-    /// What a training forward normalizes with; subclasses (cross-iteration BN) override this.
-    func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
+    /// What a training forward normalizes with: the extension point of a BN variant (cross-iteration
+    /// BN, Batch Renorm, ghost and shuffled BN override it, as may a subclass outside this module).
+    open func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
         guard let statistics = try batchStatistics(input, layout: layout) else { return nil }
         return TrainingNormalization(mean: statistics.mean, variance: statistics.variance,
                                      counts: Array(repeating: statistics.count, count: featureCount), current: statistics)
@@ -156,10 +180,10 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     /// Called by a training backward with Σdy (first C values) and Σdy·x̂ (next C) over the
     /// group; subclasses whose statistics depend on more than the input (cross-iteration BN's
     /// compensation term) pass gradients on from here.
-    func gradientSumsReduced(_ sums: [Double]) throws {}
+    open func gradientSumsReduced(_ sums: [Double]) throws {}
 
     /// The EMA (or cumulative average) update, in Double, with the unbiased variance over M.
-    func updateRunningStatistics(_ statistics: BatchStatistics) {
+    public func updateRunningStatistics(_ statistics: BatchStatistics) {
         batchesTracked.value += 1
         let factor = momentum ?? 1 / Double(batchesTracked.value)
         let correction = statistics.count / (statistics.count - 1)
@@ -171,7 +195,7 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     }
 
     /// y = γ(x − μ)/σ + β as y = a·x + b per channel, in Double.
-    func apply(_ input: Tensor<Scalar>, layout: ChannelLayout, mean: [Double], invStd: [Double]) -> Tensor<Scalar> {
+    public func apply(_ input: Tensor<Scalar>, layout: ChannelLayout, mean: [Double], invStd: [Double]) -> Tensor<Scalar> {
         let gamma = Scalar.widened(weight.value.scalars), beta = Scalar.widened(bias.value.scalars)
         let scale = (0..<featureCount).map { gamma[$0] * invStd[$0] }
         let offset = (0..<featureCount).map { beta[$0] - mean[$0] * scale[$0] }
@@ -181,7 +205,7 @@ open class BatchNorm<Scalar: BatchNormScalar>: Layer {
     /// dx = γ/σ·(dy − Σdy/M − x̂·Σ(dy·x̂)/M) with x̂ = (x − μ)/σ recomputed from the saved input;
     /// the sums come from one all-reduce over the group (M per channel: see `backwardCounts`).
     /// dγ = Σdy·x̂ and dβ = Σdy stay local: the data-parallel gradient exchange sums them.
-    public func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
+    open func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
         guard outputGradient.shape == lastShape else {
             throw LayerError("\(Self.self): gradient \(outputGradient.shape) does not match the forward input \(lastShape)")
         }

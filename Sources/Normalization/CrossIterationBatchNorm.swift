@@ -272,7 +272,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         }
     }
 
-    override func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
+    public override func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
         let iteration = iterations + 1
         lastWindow = nil
         dropUnfinishedEntry()
@@ -391,7 +391,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     /// weight, handed to that layer as its pending gradient. For x̂ = (x − μ̄)/√(ν̄ − μ̄² + ε) with
     /// s = 1/√(σ² + ε) and dx̂ = γ·dy summed over the group:
     /// G_μ = −s·Σdx̂ + μ̄·s²·Σdx̂·x̂ and G_ν = −½·s²·Σdx̂·x̂ (G_μ = −s·Σdx̂, G_ν = 0 where σ² was clamped).
-    override func gradientSumsReduced(_ sums: [Double]) throws {
+    public override func gradientSumsReduced(_ sums: [Double]) throws {
         guard let used = lastWindow else { return }
         lastWindow = nil
         let C = featureCount, K = patchSize
@@ -441,6 +441,13 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         var ratio = 0.0
         for c in 0..<C { ratio += (variance[c] + epsilon) / (current[c] + epsilon) }
         diagnosticSums.varianceRatio += ratio / Double(C)
+    }
+
+    public override func settlePendingStatistics() throws { try reduceWindowDerivatives() }
+
+    /// γ's norm and the window measurements since the last call (which this resets).
+    public override func diagnostics() -> [String: Double]? {
+        (super.diagnostics() ?? [:]).merging(takeDiagnostics().averages) { $1 }
     }
 
     /// The window measurements averaged over the training forwards since the last call, and reset.

@@ -5,7 +5,9 @@ import Foundation
 /// 40,000 training samples per job); `quick` is a small version for tests.
 public struct StudySettings: Codable, Sendable {
     public var ranks = 4
-    public var seeds = 2
+    /// Seeds per grid point: three at least for a reported experiment (two seeds cannot tell a
+    /// few points of error from noise).
+    public var seeds = 3
     public var data = "fashion-mnist"
     public var model = "resnet20"
     public var width = 0.25
@@ -18,6 +20,11 @@ public struct StudySettings: Codable, Sendable {
     public var learningRate = 0.1
     /// The "large" rate of `precise-vs-ema`.
     public var largeLearningRate = 0.8
+    /// Batch Renormalization's warm-up (`syncbn-train --brn-warmup`): the fraction of the run before
+    /// r and d are relaxed; nil keeps the trainer's schedule.
+    public var brnWarmup: Double? = nil
+    /// GroupNorm by channels per group (`--gn-channels-per-group`) instead of a number of groups.
+    public var gnChannelsPerGroup: Int? = nil
     public var quick = false
 
     public init() {}
@@ -107,7 +114,8 @@ public struct StudyExperiment: Codable, Sendable {
 
 /// The named experiments and their grids.
 public enum StudyCatalog {
-    public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage", "domain"]
+    public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage", "domain",
+                               "e3-compensation", "e4-burnin"]
 
     public static func experiments(_ s: StudySettings) -> [StudyExperiment] {
         names.map { experiment($0, s)! }
@@ -123,6 +131,19 @@ public enum StudyCatalog {
         if let n = s.trainSamples { options["train-samples"] = "\(n)" }
         if let n = s.evalSamples { options["eval-samples"] = "\(n)" }
         return options
+    }
+
+    /// The norm's own options the settings fix (Batch Renorm's warm-up, GroupNorm's grouping).
+    static func normOptions(_ options: [String: String], _ s: StudySettings) -> [String: String] {
+        var o = options
+        if o["norm"] == "brn", let w = s.brnWarmup { o["brn-warmup"] = format(w) }
+        if o["norm"] == "gn", let c = s.gnChannelsPerGroup { o["gn-channels-per-group"] = "\(c)" }
+        return o
+    }
+
+    /// `--lr` (at the reference batch 128) that gives the peak rate `peak` at `batch` per rank.
+    static func referenceRate(peak: Double, batch: Int, _ s: StudySettings) -> Double {
+        peak * 128 / Double(batch * s.ranks)
     }
 
     static func steps(_ options: [String: String]) -> Int { Int(options["steps"]!)! }
@@ -146,7 +167,8 @@ public enum StudyCatalog {
         o["cbn-window"] = "\(window)"
         o["cbn-rho"] = format(rho)
         o["cbn-burnin"] = "\(Int((Double(steps(options)) * burnInFraction).rounded()))"
-        if compensatedGradient { o["cbn-gradient"] = "compensated" }
+        // Named either way, so that a change of the trainer's default changes no job.
+        o["cbn-gradient"] = compensatedGradient ? "compensated" : "current"
         return o
     }
 
@@ -157,7 +179,7 @@ public enum StudyCatalog {
 
     public static func experiment(_ name: String, _ s: StudySettings) -> StudyExperiment? {
         let seeds = Array(1...max(1, s.seeds))
-        func job(_ options: [String: String]) -> StudyJob { StudyJob(ranks: s.ranks, options: options) }
+        func job(_ options: [String: String]) -> StudyJob { StudyJob(ranks: s.ranks, options: normOptions(options, s)) }
         func points(_ series: String, _ xs: [Double], _ make: (Double, Int) -> [String: String]) -> [StudyPoint] {
             xs.flatMap { x in seeds.map { seed in StudyPoint(series: series, x: x, seed: seed, job: job(make(x, seed))) } }
         }
@@ -325,6 +347,43 @@ public enum StudyCatalog {
                 claim: "When a batch mixes domains, statistics shared across them normalize neither domain well; domain-specific statistics (for training, inference and PreciseBN) do better (Wu & Johnson 2021, §5).",
                 panels: [StudyPanel(name: "error", title: "Held-out error on both domains", kind: .statistics,
                                     xLabel: "samples per rank", xScale: "linear", points: p)])
+        case "e3-compensation":
+            // E3: can the Taylor compensation matter at all? Only where its term is a visible
+            // fraction of the window's statistics (taylor_fraction ≥ 1e-3), so the peak rate, which
+            // sets how far the weights move within a window, is the second axis.
+            let batch = q ? 4 : 4, window = q ? 4 : 16
+            let peaks: [Double] = [0.0125, 0.05]
+            var p: [StudyPoint] = []
+            for rho in [0.0, 1.0] {
+                p += points("rho \(format(rho)), compensated gradient", peaks) { peak, seed in
+                    var o = cbn(base(s, batch: batch, seed: seed), window: window, rho: rho, burnInFraction: 0.1,
+                                compensatedGradient: true)
+                    o["lr"] = format(referenceRate(peak: peak, batch: batch, s))
+                    return o
+                }
+            }
+            return StudyExperiment(
+                name: name, title: "E3: CBN's compensation at work (b = \(batch) per rank, k = \(window), burn-in 10 %)",
+                claim: "The first-order Taylor compensation (rho 1) beats naive averaging (rho 0) (Yao et al. 2021, Table 3). Pass criterion, fixed before the run: rho 1 at least 1 point better than rho 0, paired over 3 seeds with a 95 % interval above zero, in a cell whose taylor_fraction is ≥ 1e-3; where taylor_fraction < 1e-3 the two cannot differ and the claim is not testable there.",
+                panels: [StudyPanel(name: "error", title: "Held-out error against peak lr (b = \(batch), k = \(window))", kind: .final,
+                                    xLabel: "peak learning rate", xScale: "log2", points: p),
+                         StudyPanel(name: "diagnostics", title: "CBN window measurements at the end of training", kind: .diagnostics,
+                                    xLabel: "peak learning rate", xScale: "log2", points: p)])
+        case "e4-burnin":
+            // E4: the burn-in effect with the compensated gradient, which keeps the weight norms
+            // (the reference gradient's weight growth confounded the cbn-burnin experiment).
+            let fractions: [Double] = q ? [0, 0.25] : [0, 0.1, 0.25, 0.5]
+            let p = points("CBN (k = \(cbnWindow)), compensated gradient", fractions.map { $0 * 100 }) { percent, seed in
+                cbn(base(s, batch: cbnBatch, seed: seed), window: cbnWindow, rho: 1, burnInFraction: percent / 100,
+                    compensatedGradient: true)
+            }
+            return StudyExperiment(
+                name: name, title: "E4: CBN burn-in with the compensated gradient (b = \(cbnBatch) per rank, k = \(cbnWindow))",
+                claim: "Too short a burn-in hurts CBN because early weights change too fast for the compensation (Yao et al. 2021, Table 4). Pass criteria, fixed before the run: 0 % burn-in ≥ 2 points worse than the best burn-in (paired, 3 seeds, interval above zero) → the paper's mechanism holds with the compensated gradient; a flat trend (slope interval across zero, every paired difference within noise) → the earlier burn-in effect was the reference gradient's artefact.",
+                panels: [StudyPanel(name: "error", title: "Held-out error against burn-in (compensated gradient)", kind: .final,
+                                    xLabel: "burn-in (% of training)", xScale: "linear", points: p),
+                         StudyPanel(name: "diagnostics", title: "Weight and γ norms at the end of training", kind: .diagnostics,
+                                    xLabel: "burn-in (% of training)", xScale: "linear", points: p)])
         default:
             return nil
         }

@@ -134,7 +134,9 @@ public final class StudyRunner {
         var parts = [o["norm"] ?? "syncbn", "b=\(o["batch-size"] ?? "32")"]
         if let g = o["sync-group-size"] { parts.append("group \(g)") }
         if let g = o["ghost-batch-size"] { parts.append("ghost \(g)") }
-        if o["norm"] == "cbn" { parts.append("k=\(o["cbn-window"] ?? "4") rho=\(o["cbn-rho"] ?? "1") burn-in=\(o["cbn-burnin"] ?? "0")") }
+        if o["norm"] == "cbn" {
+            parts.append("k=\(o["cbn-window"] ?? "4") rho=\(o["cbn-rho"] ?? "1") burn-in=\(o["cbn-burnin"] ?? "0") gradient \(o["cbn-gradient"] ?? "default")")
+        }
         if let f = o["freeze-bn-after"] { parts.append("frozen from \(f)") }
         if let lr = o["lr"] { parts.append("lr \(lr)") }
         parts.append("seed \(o["seed"] ?? "0")")

@@ -16,9 +16,13 @@ public struct SeedStatistics: Codable, Sendable {
         std = n > 1 ? (values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(n - 1)).squareRoot() : 0
     }
 
-    /// "12.3 ± 0.4" (or "12.3" for one seed).
+    /// The mean's 95 % t interval (nil for one seed).
+    public var interval: StudyStatistics.Interval? { n > 1 ? StudyStatistics.mean(values) : nil }
+
+    /// "12.3 ± 0.4 [11.3, 13.3]": mean ± sd [95 % interval] (or "12.3" for one seed).
     public var text: String {
-        n > 1 ? String(format: "%.1f ± %.1f", mean, std) : String(format: "%.1f", mean)
+        guard n > 1, let interval else { return String(format: "%.1f", mean) }
+        return String(format: "%.1f ± %.1f [%.1f, %.1f]", mean, std, interval.low, interval.high)
     }
 }
 
@@ -32,6 +36,9 @@ public struct StudySummary: Codable, Sendable {
         public var trainLoss: SeedStatistics?
         /// Training error over the last tenth of the steps (percent).
         public var trainError: SeedStatistics?
+        /// Held-out error (percent) by seed, for paired differences: EMA and PreciseBN statistics.
+        public var emaBySeed: [String: Double] = [:]
+        public var preciseBySeed: [String: Double] = [:]
         /// Diagnostics averaged over seeds: layer → quantity → mean.
         public var diagnostics: [String: [String: Double]]?
         public var done: Int
@@ -93,7 +100,13 @@ public struct StudySummary: Codable, Sendable {
                     var xs: [Double] = []
                     for point in mine where !xs.contains(point.x) { xs.append(point.x) }
                     return Series(name: name, points: xs.map { x in
-                        let records = mine.filter { $0.x == x }.map { record($0.job.key) }
+                        let here = mine.filter { $0.x == x }
+                        let records = here.map { record($0.job.key) }
+                        var emaBySeed: [String: Double] = [:], preciseBySeed: [String: Double] = [:]
+                        for (point, record) in zip(here, records) where record?.status == .ok {
+                            if let a = record?.result?.emaAccuracy { emaBySeed[String(point.seed)] = 100 * (1 - a) }
+                            if let a = record?.result?.preciseAccuracy { preciseBySeed[String(point.seed)] = 100 * (1 - a) }
+                        }
                         let ok = records.compactMap { $0?.status == .ok ? $0?.result : nil }
                         func errors(_ accuracy: (StudyResult) -> Double?) -> SeedStatistics? {
                             SeedStatistics(ok.compactMap(accuracy).map { 100 * (1 - $0) })
@@ -107,7 +120,8 @@ public struct StudySummary: Codable, Sendable {
                         }
                         return Point(x: x, ema: errors(\.emaAccuracy), precise: errors(\.preciseAccuracy),
                                      trainLoss: SeedStatistics(ok.compactMap(\.finalTrainLoss)),
-                                     trainError: SeedStatistics(ok.compactMap(\.finalTrainAccuracy).map { 100 * (1 - $0) }), diagnostics: diagnostics,
+                                     trainError: SeedStatistics(ok.compactMap(\.finalTrainAccuracy).map { 100 * (1 - $0) }),
+                                     emaBySeed: emaBySeed, preciseBySeed: preciseBySeed, diagnostics: diagnostics,
                                      done: ok.count, pending: records.filter { $0 == nil }.count,
                                      failures: records.compactMap { $0?.status == .failed ? $0?.error : nil })
                     })
@@ -143,7 +157,7 @@ public struct StudySummary: Codable, Sendable {
     /// held-out error in percent (mean ± std over seeds) with EMA / PreciseBN statistics.
     public var markdown: String {
         var lines = ["# Study results", "",
-                     "Held-out error in percent, mean ± standard deviation over the seeds; \"EMA / PreciseBN\" where both statistics were evaluated.",
+                     "Held-out error in percent: mean ± standard deviation over the seeds [95 % t interval of the mean]; \"EMA / PreciseBN\" where both statistics were evaluated. Below each table: paired differences between series over the seeds they share, and the trend of each series across the grid (least-squares slope of error on x, or on log₂ x for a log axis), each with its 95 % interval; \"within noise\" where the interval contains zero.",
                      "Model \(settings.model) ×\(StudyCatalog.format(settings.width)), data \(settings.data)\(settings.trainSamples.map { " (first \($0) training samples)" } ?? ""), \(settings.ranks) ranks, \(settings.sampleBudget) training samples per job, lr \(StudyCatalog.format(settings.learningRate)) at batch 128 (linear scaling, warm-up, cosine).", ""]
         for experiment in experiments {
             lines += ["## \(experiment.name): \(experiment.title)", "", "Claim: \(experiment.claim)", ""]
@@ -151,6 +165,8 @@ public struct StudySummary: Codable, Sendable {
                 lines += ["### \(panel.title)", ""]
                 lines += table(panel)
                 lines.append("")
+                let tests = comparisons(panel)
+                if !tests.isEmpty { lines += tests + [""] }
             }
         }
         return lines.joined(separator: "\n")
@@ -233,5 +249,48 @@ public struct StudySummary: Codable, Sendable {
             }
             return rows
         }
+    }
+
+    /// Paired differences of every series against the panel's first, at each x, and each
+    /// series' trend across the grid, with 95 % intervals (EMA statistics; PreciseBN for budget
+    /// panels). Empty for panels without a grid of final errors.
+    func comparisons(_ panel: Panel) -> [String] {
+        guard [.final, .statistics, .budget].contains(panel.kind) else { return [] }
+        let usePrecise = panel.kind == .budget
+        func bySeed(_ point: Point) -> [Int: Double] {
+            Dictionary(uniqueKeysWithValues: (usePrecise ? point.preciseBySeed : point.emaBySeed).compactMap { key, value in Int(key).map { ($0, value) } })
+        }
+        var lines: [String] = []
+        if panel.series.count > 1, let reference = panel.series.first {
+            var rows: [String] = []
+            for series in panel.series.dropFirst() {
+                for point in series.points {
+                    guard let base = reference.points.first(where: { $0.x == point.x }),
+                          let difference = StudyStatistics.paired(bySeed(point), bySeed(base)), difference.n > 0 else { continue }
+                    rows.append("| \(series.name) − \(reference.name) | \(StudyCatalog.format(point.x)) | \(difference.n) | \(difference.text) |")
+                }
+            }
+            if !rows.isEmpty {
+                lines += ["Paired differences (\(usePrecise ? "PreciseBN" : "EMA") error, points; 95 % t interval over the shared seeds):", "",
+                          "| difference | \(panel.xLabel) | seeds | mean [95 % interval] |", "|---|---|---|---|"] + rows + [""]
+            }
+        }
+        var trends: [String] = []
+        for series in panel.series {
+            var xs: [Double] = [], ys: [Double] = []
+            for point in series.points {
+                let x = panel.xScale == "log2" ? log2(point.x) : panel.xScale == "log10" ? log10(point.x) : point.x
+                guard x.isFinite else { continue }
+                for value in bySeed(point).values { xs.append(x); ys.append(value) }
+            }
+            guard Set(xs).count >= 3, let slope = StudyStatistics.slope(x: xs, y: ys) else { continue }
+            let unit = panel.xScale == "log2" ? "per doubling of \(panel.xLabel)" : panel.xScale == "log10" ? "per decade of \(panel.xLabel)" : "per unit of \(panel.xLabel)"
+            trends.append("| \(series.name) | \(slope.n) | \(slope.text) \(unit) |")
+        }
+        if !trends.isEmpty {
+            lines += ["Trend across the grid (points of error; least squares over every seed's value):", "",
+                      "| series | jobs | slope [95 % interval] |", "|---|---|---|"] + trends
+        }
+        return lines
     }
 }

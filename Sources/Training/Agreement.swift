@@ -135,14 +135,15 @@ public struct RunAgreement {
     }
 
     /// The command-line flag of a configuration field (`batchSize` → `--batch-size`).
-    static func flagName(_ field: String) -> String {
+    public static func flagName(_ field: String) -> String {
         let special = ["learningRate": "--lr", "crossIteration.window": "--cbn-window", "crossIteration.rho": "--cbn-rho",
                        "crossIteration.burnIn": "--cbn-burnin", "crossIteration.gradient": "--cbn-gradient",
                        "normalizationDiagnostics": "--cbn-diagnostics", "inTrackRunningStats": "--in-track-running-stats", "shuffleBN": "--shuffle-bn", "domainBN": "--domain-bn", "gradientBucketSize": "--bucket-size",
                        "heldOutFraction": "--holdout-fraction", "brnRMax": "--brn-rmax", "brnDMax": "--brn-dmax",
                        "augmentation.crop": "--augment (crop)", "augmentation.flip": "--augment (flip)", "augmentation.padding": "--pad",
                        "preciseBNSamples": "--precise-bn-samples", "preciseBNBatchSize": "--precise-bn-batch-size",
-                       "freezeBNAfter": "--freeze-bn-after", "bnEpsilon": "BN epsilon", "evalBatchSize": "evaluation batch size"]
+                       "freezeBNAfter": "--freeze-bn-after", "bnEpsilon": "BN epsilon", "evalBatchSize": "evaluation batch size",
+                       "augmentation": "--augment", "resetCrossIterationWindows": "--reset-cbn-windows", "metrics": "--metrics"]
         if let name = special[field] { return name }
         var result = "--"
         for character in field {

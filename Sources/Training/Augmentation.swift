@@ -35,7 +35,7 @@ public struct Augmentation: Codable, Equatable, Sendable, CustomStringConvertibl
             switch item {
             case "crop": crop = true
             case "flip": flip = true
-            default: throw DataError("--augment: unknown item '\(item)' (crop, flip, none or auto)")
+            default: throw DataError("⟨augmentation⟩: unknown item '\(item)' (crop, flip, none or auto)")
             }
         }
     }

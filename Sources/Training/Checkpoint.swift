@@ -102,7 +102,7 @@ public enum Checkpoint {
                     continue
                 }
                 guard written == ranks else {
-                    throw FileFormatError(path, "was written by \(written.map(String.init) ?? "an unknown number of") rank(s) and holds each rank's cross-iteration BN window; resume on as many ranks, or pass --reset-cbn-windows to start the windows empty")
+                    throw FileFormatError(path, "was written by \(written.map(String.init) ?? "an unknown number of") rank(s) and holds each rank's cross-iteration BN window; resume on as many ranks, or pass ⟨resetCrossIterationWindows⟩ to start the windows empty")
                 }
                 let key = "\(name).rank\(rank)"
                 guard let values = tensors[key]?.doubles else {

@@ -54,7 +54,7 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
         func pair() throws -> (String, String) {
             let parts = rest.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
             guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
-                throw DataError("--data \(kind): expected \(kind):FILE1,FILE2, got '\(text)'")
+                throw DataError("⟨data⟩ \(kind): expected \(kind):FILE1,FILE2, got '\(text)'")
             }
             return (parts[0], parts[1])
         }
@@ -64,16 +64,16 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
             for item in rest.split(separator: ",") where !item.isEmpty {
                 let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
                 guard kv.count == 2, let value = Int(kv[1]), value >= 0 else {
-                    throw DataError("--data synthetic: expected train=N,heldout=N,seed=S, got '\(item)'")
+                    throw DataError("⟨data⟩ synthetic: expected train=N,heldout=N,seed=S, got '\(item)'")
                 }
                 switch kv[0] {
                 case "train": train = value
                 case "heldout": heldOut = value
                 case "seed": seed = UInt64(value)
-                default: throw DataError("--data synthetic: unknown option '\(kv[0])' (train, heldout, seed)")
+                default: throw DataError("⟨data⟩ synthetic: unknown option '\(kv[0])' (train, heldout, seed)")
                 }
             }
-            guard train >= 2, heldOut >= 1 else { throw DataError("--data synthetic: need train ≥ 2 and heldout ≥ 1") }
+            guard train >= 2, heldOut >= 1 else { throw DataError("⟨data⟩ synthetic: need train ≥ 2 and heldout ≥ 1") }
             self = .synthetic(train: train, heldOut: heldOut, seed: seed)
         case "idx":
             let (a, b) = try pair()
@@ -87,17 +87,17 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
                 self = .npy(samples: a, labels: b)
             }
         case "two-domain":
-            guard !rest.isEmpty else { throw DataError("--data two-domain: expected two-domain:SOURCE (e.g. two-domain:fashion-mnist)") }
+            guard !rest.isEmpty else { throw DataError("⟨data⟩ two-domain: expected two-domain:SOURCE (e.g. two-domain:fashion-mnist)") }
             let inner = try DataSource(parsing: rest)
-            if case .twoDomain = inner { throw DataError("--data two-domain: the source already has two domains") }
+            if case .twoDomain = inner { throw DataError("⟨data⟩ two-domain: the source already has two domains") }
             self = .twoDomain(inner)
         case "fashion-mnist":
             self = .fashionMNIST(directory: rest.isEmpty ? Self.fashionMNISTDirectory : rest)
         case "cifar10":
-            guard !rest.isEmpty else { throw DataError("--data cifar10: expected cifar10:DIRECTORY") }
+            guard !rest.isEmpty else { throw DataError("⟨data⟩ cifar10: expected cifar10:DIRECTORY") }
             self = .cifar10(directory: rest)
         default:
-            throw DataError("--data: unknown source '\(kind)' (synthetic, fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y[,D], two-domain:SOURCE)")
+            throw DataError("⟨data⟩: unknown source '\(kind)' (synthetic, fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y[,D], two-domain:SOURCE)")
         }
     }
 
@@ -154,7 +154,7 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
         if let evaluation {
             let (evalSet, _) = try evaluation.load()
             guard evalSet.sampleShape == train.sampleShape else {
-                throw DataError("--eval-data samples have shape \(evalSet.sampleShape), training samples \(train.sampleShape)")
+                throw DataError("⟨evalData⟩ samples have shape \(evalSet.sampleShape), training samples \(train.sampleShape)")
             }
             split = DataSplit(train: train, heldOut: evalSet)
         } else if let ownHeldOut {
@@ -183,7 +183,7 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
 public struct DataError: Error, CustomStringConvertible {
     public let message: String
     public init(_ message: String) { self.message = message }
-    public var description: String { message }
+    public var description: String { SettingNames.render(message) }
 }
 
 func readFile(_ path: String) throws -> [UInt8] {

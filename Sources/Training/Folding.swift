@@ -2,11 +2,12 @@ import Kernels
 import Normalization
 
 extension Network {
-    /// The inference network with every BatchNorm (BN, SyncBN, CBN; inference mode, running
-    /// statistics) folded into the convolution or linear layer before it (and every
-    /// weight-normalized layer with its bias or mean-only BN made a plain layer with a bias):
+    /// The inference network with every normalization whose inference is a per-channel affine
+    /// map (``NormalizationLayer/inferenceAffine()``: BN, SyncBN, CBN, BRN, MABN with their running
+    /// statistics; mean-only BN; weight normalization's bias) folded into the convolution or linear
+    /// layer before it (a weight-normalized or weight-centralized layer is made plain first):
     ///
-    ///     W'_c = W_c·γ_c/√(var_c + ε),   b'_c = (b_c − mean_c)·γ_c/√(var_c + ε) + β_c
+    ///     W'_c = W_c·scale_c,   b'_c = (b_c − mean_c)·scale_c + β_c,   scale_c = γ_c/√(var_c + ε) for BN
     ///
     /// computed in Double. The folded layers are new; the other layers are shared with this
     /// network (they hold no parameters). A BN not preceded by a conv or linear layer is an error.
@@ -28,50 +29,35 @@ extension Network {
                 folded.append((name, Sequential<Float>(try folding(sequence.children))))
                 continue
             }
-            // Weight normalization with its bias or mean-only BN: w = g·v/‖v‖ and
-            // b = β (− running mean) become a plain layer with a bias.
-            if layer is ChannelBias<Float> || layer is MeanOnlyBatchNorm<Float>, let previous = folded.last {
-                let beta = ((layer as? ChannelBias<Float>)?.bias ?? (layer as! MeanOnlyBatchNorm<Float>).bias).value.scalars
-                let mean = (layer as? MeanOnlyBatchNorm<Float>)?.runningMean.value.scalars ?? [Float](repeating: 0, count: beta.count)
-                let bias = Tensor<Float>(shape: [beta.count], scalars: (0..<beta.count).map { Float(Double(beta[$0]) - Double(mean[$0])) })
-                if let wn = previous.layer as? WeightNorm<Float, Conv2d<Float>> {
-                    wn.materializeWeight()
-                    folded[folded.count - 1].layer = Conv2d<Float>(weight: wn.layer.weight.value, bias: bias, stride: wn.layer.stride, padding: wn.layer.padding)
-                    continue
-                }
-                if let wn = previous.layer as? WeightNorm<Float, Linear<Float>> {
-                    wn.materializeWeight()
-                    folded[folded.count - 1].layer = Linear<Float>(weight: wn.layer.weight.value, bias: bias)
-                    continue
-                }
-            }
-            guard let bn = layer as? BatchNorm<Float> else {
+            // A normalization whose inference is per-channel affine (BN and its variants, mean-only
+            // BN, weight normalization's bias, MABN) folds into the layer before it; a reparameterized
+            // weight (weight normalization, weight centralization) is materialized first.
+            let inference: InferenceAffine?
+            do { inference = try (layer as? NormalizationLayer)?.inferenceAffine() } catch { throw LayerError("cannot fold \(name): \(error)") }
+            guard let affine = inference else {
                 folded.append((name, layer))
                 continue
             }
             guard let previous = folded.last else { throw LayerError("cannot fold \(name): nothing before it") }
-            let gamma = bn.weight.value.scalars.map(Double.init), beta = bn.bias.value.scalars.map(Double.init)
-            let mean = bn.runningMean.value.scalars.map(Double.init), variance = bn.runningVariance.value.scalars.map(Double.init)
-            if let bad = variance.firstIndex(where: { !($0 + bn.epsilon > 0) || !$0.isFinite }) {
-                throw LayerError("cannot fold \(name): its running variance of channel \(bad) is \(variance[bad]); a variance must be ≥ 0")
-            }
-            let scale = (0..<bn.featureCount).map { gamma[$0] / (variance[$0] + bn.epsilon).squareRoot() }
+            var producer: AnyObject = previous.layer
+            if let reparameterized = producer as? ReparameterizedWeight { producer = reparameterized.materializedLayer() }
+            let channels = affine.scale.count
             func foldedParameters(_ weight: Tensor<Float>, _ bias: Tensor<Float>?) -> (Tensor<Float>, Tensor<Float>) {
-                let perChannel = weight.count / bn.featureCount
+                let perChannel = weight.count / channels
                 var w = [Float](repeating: 0, count: weight.count)
-                for i in 0..<weight.count { w[i] = Float(Double(weight.scalars[i]) * scale[i / perChannel]) }
-                var b = [Float](repeating: 0, count: bn.featureCount)
-                for c in 0..<bn.featureCount {
+                for i in 0..<weight.count { w[i] = Float(Double(weight.scalars[i]) * affine.scale[i / perChannel]) }
+                var b = [Float](repeating: 0, count: channels)
+                for c in 0..<channels {
                     let original: Double = bias.map { Double($0.scalars[c]) } ?? 0
-                    b[c] = Float((original - mean[c]) * scale[c] + beta[c])
+                    b[c] = Float((original - affine.mean[c]) * affine.scale[c] + affine.beta[c])
                 }
-                return (Tensor(shape: weight.shape, scalars: w), Tensor(shape: [bn.featureCount], scalars: b))
+                return (Tensor(shape: weight.shape, scalars: w), Tensor(shape: [channels], scalars: b))
             }
-            switch previous.layer {
-            case let conv as Conv2d<Float>:
+            switch producer {
+            case let conv as Conv2d<Float> where conv.outputChannels == channels:
                 let (w, b) = foldedParameters(conv.weight.value, conv.bias?.value)
                 folded[folded.count - 1].layer = Conv2d<Float>(weight: w, bias: b, stride: conv.stride, padding: conv.padding)
-            case let linear as Linear<Float>:
+            case let linear as Linear<Float> where linear.outputFeatures == channels:
                 let (w, b) = foldedParameters(linear.weight.value, linear.bias?.value)
                 folded[folded.count - 1].layer = Linear<Float>(weight: w, bias: b)
             default:

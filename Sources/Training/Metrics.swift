@@ -20,10 +20,10 @@ public final class MetricsWriter {
         try checkReplaceableOutput(path)
         if !(append && FileManager.default.fileExists(atPath: path)) {
             guard FileManager.default.createFile(atPath: path, contents: nil) else {
-                throw DataError("--metrics \(path): cannot create the file")
+                throw DataError("⟨metrics⟩ \(path): cannot create the file")
             }
         }
-        guard let handle = FileHandle(forWritingAtPath: path) else { throw DataError("--metrics \(path): cannot open the file for writing") }
+        guard let handle = FileHandle(forWritingAtPath: path) else { throw DataError("⟨metrics⟩ \(path): cannot open the file for writing") }
         if append { handle.seekToEndOfFile() }
         self.handle = handle
         self.path = path
@@ -31,7 +31,7 @@ public final class MetricsWriter {
 
     /// Opens an existing file (or device) for writing as it is, for tests of write errors.
     public init(deviceForTesting path: String) throws {
-        guard let handle = FileHandle(forWritingAtPath: path) else { throw DataError("--metrics \(path): cannot open the file for writing") }
+        guard let handle = FileHandle(forWritingAtPath: path) else { throw DataError("⟨metrics⟩ \(path): cannot open the file for writing") }
         self.handle = handle
         self.path = path
     }
@@ -49,7 +49,7 @@ public final class MetricsWriter {
             let n = line.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, line.count - offset) }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw DataError("--metrics \(path): cannot write: \(String(cString: strerror(errno)))")
+                throw DataError("⟨metrics⟩ \(path): cannot write: \(String(cString: strerror(errno)))")
             }
             offset += n
         }

@@ -127,12 +127,21 @@ public enum NormalizationKind: String, CaseIterable, Codable, Sendable {
     /// IBN-Net's IBN-a (ResNets): in the first norm of every block of the first three stages, half
     /// the channels use InstanceNorm and the rest (Sync)BN over the sync group; elsewhere (Sync)BN.
     case ibn
+    /// Moving Average BN (Yan et al. 2020): E[x²] and E[g·z] averaged over the last iterations,
+    /// no centering, after weight-centralized convolutions; per rank unless a sync group is given.
+    case mabn
 
     /// Statistics of each sample alone: no batch dependence, no collectives, no running statistics.
     public var isBatchFree: Bool { self == .gn || self == .in || self == .ln || self == .wn }
 
     /// Weight-normalized convolutions and linear layers.
     public var isWeightNormalized: Bool { self == .wn || self == .wnMeanOnly }
+
+    /// Norms whose statistics span a sync group (all ranks by default; `--sync-group-size`).
+    public var synchronizes: Bool { [.syncbn, .cbn, .brn, .rbn, .wnMeanOnly, .ibn].contains(self) }
+
+    /// Norms that keep statistics per rank unless a sync group is given (`--sync-group-size`).
+    public var synchronizesOnRequest: Bool { self == .mabn }
 }
 
 /// Cross-iteration BN's options (see `CrossIterationBatchNorm`).
@@ -167,6 +176,8 @@ public struct NormalizationFactory {
     public let crossIteration: CrossIterationOptions
     /// GroupNorm's groups per layer (capped at the layer's channels; must divide them).
     public let groupNormGroups: Int
+    /// GroupNorm by group width: channels per group (a layer narrower than that is one group).
+    public var groupNormChannelsPerGroup: Int?
     /// Ghost batches (size, count per rank) for `bn`/`syncbn`; nil = the whole per-rank batch.
     public let ghost: (size: Int, count: Int)?
     /// InstanceNorm keeps running statistics for inference.
@@ -175,6 +186,40 @@ public struct NormalizationFactory {
     public var shuffle: (group: any Communicator, seed: UInt64)?
     /// Domain-specific BN with this many domains (for `bn` and `syncbn`).
     public var domainCount: Int?
+    /// Moving Average BN's window, warm-up and renormalization hold (iterations).
+    public var movingAverage = (window: 1, warmup: 100, renormHold: 1000)
+    /// FrozenBN from this training step on, for every BN layer.
+    public var freezeAfterStep: Int?
+    /// Batch Renormalization's schedule of its clips.
+    public var batchRenormSchedule = BatchRenormalization<Float>.Schedule()
+
+    /// The factory of a run's configuration, with the group synchronized norms share (nil: per
+    /// rank). Domain-specific BN's domain count comes from the data (``domainCount``).
+    public init(configuration c: TrainingConfiguration, group: (any Communicator)?) throws {
+        self.init(kind: c.norm, group: group, epsilon: c.bnEpsilon, momentum: c.bnMomentum, crossIteration: c.crossIteration,
+                  groupNormGroups: c.gnGroups,
+                  ghost: c.ghostBatchSize.map { size in (size, (c.batchSize + size - 1) / size) })
+        instanceNormRunningStatistics = c.inTrackRunningStats
+        groupNormChannelsPerGroup = c.gnChannelsPerGroup
+        if c.shuffleBN { shuffle = group.map { ($0, c.seed) } }
+        freezeAfterStep = c.freezeBNAfter
+        batchRenormSchedule = c.brnSchedule
+        movingAverage = (c.mabnWindow, c.mabnWarmup, c.mabnRenormHold)
+    }
+
+    /// Hands the run's schedules to the BN layers inside `layer`.
+    func scheduled(_ layer: any Layer<Float>) -> any Layer<Float> {
+        func configure(_ bn: BatchNorm<Float>) {
+            bn.freezeAfterStep = freezeAfterStep
+            (bn as? BatchRenormalization<Float>)?.schedule = batchRenormSchedule
+        }
+        if let bn = layer as? BatchNorm<Float> { configure(bn) }
+        if let rbn = layer as? RepresentativeBatchNorm<Float> { configure(rbn.normalization) }
+        if let container = layer as? any LayerContainer<Float> {
+            for (_, child) in leafLayers(container.children) { if let bn = child as? BatchNorm<Float> { configure(bn) } }
+        }
+        return layer
+    }
 
     public init(kind: NormalizationKind, group: (any Communicator)?, epsilon: Double = 1e-5, momentum: Double? = 0.1,
                 crossIteration: CrossIterationOptions = CrossIterationOptions(), groupNormGroups: Int = 8,
@@ -191,22 +236,27 @@ public struct NormalizationFactory {
     /// IBN-a's first norm of a block: InstanceNorm on the first half of the channels, (Sync)BN
     /// over the group on the rest.
     public func makeInstanceBatchNorm(featureCount: Int) throws -> any Layer<Float> {
-        guard featureCount >= 2 else { throw LayerError("--norm ibn needs blocks of at least 2 channels, got \(featureCount) (raise --width)") }
-        return InstanceBatchNorm<Float>(featureCount: featureCount, batchNorm: { channels in
+        guard featureCount >= 2 else { throw LayerError("⟨norm⟩ ibn needs blocks of at least 2 channels, got \(featureCount) (raise ⟨width⟩)") }
+        return scheduled(InstanceBatchNorm<Float>(featureCount: featureCount, batchNorm: { channels in
             group.map { SyncBatchNorm<Float>(featureCount: channels, epsilon: epsilon, momentum: momentum, synchronizing: $0) }
                 ?? BatchNorm<Float>(featureCount: channels, epsilon: epsilon, momentum: momentum)
-        }, epsilon: epsilon)
+        }, epsilon: epsilon))
     }
 
     /// The layer that computes a norm's input: `layer` itself, or weight-normalized for `wn` and
     /// `wn-meanonly`.
     public func wrap<Source: Layer & PatchSource>(_ layer: Source) -> any Layer<Float> where Source.Scalar == Float {
-        kind.isWeightNormalized ? WeightNorm<Float, Source>(layer) : layer
+        if kind == .mabn { return WeightCentering<Float, Source>(layer) }
+        return kind.isWeightNormalized ? WeightNorm<Float, Source>(layer) : layer
     }
 
     /// A normalization layer for the output of `source` (whose weight cross-iteration BN
     /// differentiates its statistics by).
     public func make(featureCount: Int, source: any PatchSource<Float>) throws -> any Layer<Float> {
+        scheduled(try makeLayer(featureCount: featureCount, source: source))
+    }
+
+    func makeLayer(featureCount: Int, source: any PatchSource<Float>) throws -> any Layer<Float> {
         if let ghost, kind == .bn || kind == .syncbn {
             return GhostBatchNorm<Float>(featureCount: featureCount, ghostBatchSize: ghost.size, ghostCount: ghost.count,
                                          epsilon: epsilon, momentum: momentum, group: kind == .syncbn ? group : nil)
@@ -216,6 +266,9 @@ public struct NormalizationFactory {
                                           group: kind == .syncbn ? group : nil)
         }
         switch kind {
+        case .mabn:
+            return MovingAverageBatchNorm<Float>(featureCount: featureCount, window: movingAverage.window, warmup: movingAverage.warmup,
+                                                 renormHold: movingAverage.renormHold, epsilon: epsilon, group: group)
         case .rbn:
             return RepresentativeBatchNorm<Float>(featureCount: featureCount, epsilon: epsilon, momentum: momentum, group: group)
         case .brn:
@@ -226,9 +279,15 @@ public struct NormalizationFactory {
         case .ln:
             return GroupNorm<Float>(featureCount: featureCount, groups: 1, epsilon: epsilon)
         case .gn:
+            if let width = groupNormChannelsPerGroup {
+                guard featureCount <= width || featureCount % width == 0 else {
+                    throw LayerError("\(width) channels per group do not divide a layer's \(featureCount) channels")
+                }
+                return GroupNorm<Float>(featureCount: featureCount, groups: max(1, featureCount / width), epsilon: epsilon)
+            }
             let groups = min(groupNormGroups, featureCount)
             guard featureCount % groups == 0 else {
-                throw LayerError("--gn-groups \(groupNormGroups) does not divide a layer's \(featureCount) channels")
+                throw LayerError("⟨gnGroups⟩ \(groupNormGroups) does not divide a layer's \(featureCount) channels")
             }
             return GroupNorm<Float>(featureCount: featureCount, groups: groups, epsilon: epsilon)
         case .cbn:
@@ -260,7 +319,7 @@ extension Network {
         var random = DeterministicRandom(seed: seed, stream: [0x4D4F_4445_4C])
         if let (stem, stages) = kind.residualStages {
             guard sampleShape.count == 3 else {
-                throw LayerError("model \(kind.rawValue) needs C×H×W samples, the data has samples of shape \(sampleShape); use --model mlp")
+                throw LayerError("model \(kind.rawValue) needs C×H×W samples, the data has samples of shape \(sampleShape); use ⟨model⟩ mlp")
             }
             return Network(layers: try ResNet.layers(stem: stem, stages: stages, inputChannels: sampleShape[0], classes: classes,
                                                      width: width, norm: { try normalization.make(featureCount: $0, source: $1) },
@@ -269,14 +328,14 @@ extension Network {
                                                      wrap: { normalization.wrap($0) }, random: &random))
         }
         if normalization.kind == .ibn {
-            throw LayerError("--norm ibn (IBN-Net's IBN-a blocks) is for the ResNets; use --model resnet20 (or another ResNet)")
+            throw LayerError("⟨norm⟩ ibn (IBN-Net's IBN-a blocks) is for the ResNets; use ⟨model⟩ resnet20 (or another ResNet)")
         }
         switch kind {
         case .resnet20, .resnet32, .resnet56, .resnet110, .resnet18:
             preconditionFailure("residual models are built above")
         case .convnet:
             guard sampleShape.count == 3 else {
-                throw LayerError("model convnet needs C×H×W samples, the data has samples of shape \(sampleShape); use --model mlp")
+                throw LayerError("model convnet needs C×H×W samples, the data has samples of shape \(sampleShape); use ⟨model⟩ mlp")
             }
             let widths = [16, 32, 64].map { scaledChannels($0, width: width) }
             var layers: [(name: String, layer: any Layer<Float>)] = []

@@ -76,6 +76,39 @@ public final class Network {
         leaves.compactMap { ($0.layer as? BatchNorm<Float>) ?? ($0.layer as? RepresentativeBatchNorm<Float>)?.normalization }
     }
 
+    /// Every layer that adopts ``NormalizationLayer``, depth first, under its full name.
+    public var normalizationLayers: [(name: String, layer: NormalizationLayer)] {
+        leaves.compactMap { entry in (entry.layer as? NormalizationLayer).map { (entry.name, $0) } }
+    }
+
+    /// Tells every normalization layer where the schedule is before training step `step`.
+    public func prepare(step: Int, of totalSteps: Int) {
+        for (_, layer) in normalizationLayers { layer.prepare(step: step, of: totalSteps) }
+    }
+
+    /// The data-dependent initialisation (weight normalization's): when a layer asks for one,
+    /// one forward of `x` in which every such layer, in order, initialises itself from its
+    /// pre-activation statistics summed over all ranks by `allReduce` (one all-reduce per layer),
+    /// so that every replica starts alike whatever the split of the batch. Returns whether it ran.
+    @discardableResult
+    public func initializeFromData(_ x: Tensor<Float>, allReduce: @escaping (inout [Double]) throws -> Void) throws -> Bool {
+        let leaves = self.leaves
+        var armed = false
+        for (index, entry) in leaves.enumerated() {
+            guard let layer = entry.layer as? NormalizationLayer else { continue }
+            let next: AnyObject? = index + 1 < leaves.count ? leaves[index + 1].layer : nil
+            if layer.armInitialization(next: next, allReduce: allReduce) { armed = true }
+        }
+        guard armed else { return false }
+        _ = try forward(x, mode: .batchStatistics)
+        return true
+    }
+
+    /// Before a checkpoint: state that waits for a later pass, completed (collective).
+    public func finishPendingStatistics() throws {
+        for (_, layer) in normalizationLayers { try layer.settlePendingStatistics() }
+    }
+
     public var parameterCount: Int { namedParameters.reduce(0) { $0 + $1.parameter.value.count } }
 }
 
@@ -92,15 +125,10 @@ extension Network {
                 feeder = source
                 continue
             }
-            let isNorm = layer is BatchNorm<Float> || layer is GroupNorm<Float> || layer is RepresentativeBatchNorm<Float>
-            guard isNorm, let gamma = layer.parameters.first else { continue }
-            var entry: [String: Double] = ["gamma_norm": norm(gamma.value.scalars)]
+            guard let normalization = layer as? NormalizationLayer, var entry = normalization.diagnostics() else { continue }
             if let feeder {
                 entry["weight_norm"] = norm(feeder.patchWeight.value.scalars)
                 entry["weight_grad_norm"] = norm(feeder.patchWeight.gradient.scalars)
-            }
-            if let cbn = layer as? CrossIterationBatchNorm<Float> {
-                entry.merge(cbn.takeDiagnostics().averages) { $1 }
             }
             result[name] = entry
             feeder = nil
@@ -113,7 +141,7 @@ extension Network {
     /// Hands the domain labels of the next forward's samples to every domain-specific BN layer.
     public func setDomains(_ domains: [Int32]?) {
         guard let domains else { return }
-        for case let layer as DomainBatchNorm<Float> in leaves.map(\.layer) { layer.domains = domains }
+        for (_, layer) in normalizationLayers { layer.useDomains(domains) }
     }
 
     /// Whether the model has domain-specific BN layers (which need domain labels with every batch).

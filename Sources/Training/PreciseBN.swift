@@ -2,7 +2,8 @@ import Collectives
 import Kernels
 import Normalization
 
-/// PreciseBN: replaces every BN layer's running (EMA) statistics with population statistics
+/// PreciseBN: replaces every normalization layer's running (EMA) statistics (each
+/// ``PopulationSlot`` of a ``NormalizationLayer``) with population statistics
 /// computed over a budget of samples (Wu & Johnson 2021, arXiv 2105.07576 §3; the paper finds
 /// 10³–10⁴ samples enough, hence the default 8192).
 ///
@@ -33,21 +34,17 @@ public enum PreciseBN {
     public static func recompute(network: Network, data: Dataset, sampleBudget: Int, batchSize: Int,
                                  seed: UInt64, world: any Communicator) throws -> Report {
         precondition(sampleBudget > 0 && batchSize > 0, "PreciseBN needs a positive budget and batch size")
-        let layers: [any PopulationStatisticsLayer] = network.batchNormLayers + network.leaves.compactMap { $0.layer as? MeanOnlyBatchNorm<Float> }
-        let domainLayers = network.leaves.compactMap { $0.layer as? DomainBatchNorm<Float> }
-        guard !layers.isEmpty || !domainLayers.isEmpty else { return Report(samples: 0, batches: 0) }
+        let slots = network.normalizationLayers.flatMap { $0.layer.populations }
+        guard !slots.isEmpty else { return Report(samples: 0, batches: 0) }
         let globalBatch = batchSize * world.size
         guard data.count >= 2 else { throw DataError("PreciseBN needs at least 2 samples, the data has \(data.count)") }
         let covered = min(sampleBudget, data.count)
         let batches = max(covered / globalBatch, 1)
         let order = ShardedSampler.permutation(count: data.count, seed: seed, epoch: 0x5052_4543)
 
-        var accumulators = layers.map { PopulationStatistics(shift: $0.runningMean.value.scalars.map(Double.init)) }
-        let contributes = layers.map { ($0.group?.rank ?? 0) == 0 }
-        // Domain-specific BN: one accumulator per layer and domain.
-        var domainAccumulators = domainLayers.map { layer in
-            layer.runningMeans.map { PopulationStatistics(shift: $0.value.scalars.map(Double.init)) }
-        }
+        var accumulators = slots.map { PopulationStatistics(shift: $0.shift()) }
+        // A batch of a statistics group is counted once: by the group's rank 0.
+        let contributes = slots.map { ($0.group?.rank ?? 0) == 0 }
         var samples = 0
         for b in 0..<batches {
             let start = b * globalBatch, end = min(start + globalBatch, data.count)
@@ -57,59 +54,26 @@ public enum PreciseBN {
             network.setDomains(data.domains(of: indices))
             network.sampleOffset = piece.lowerBound
             _ = try network.forward(x, mode: .batchStatistics)
-            for (index, layer) in layers.enumerated() where contributes[index] {
-                if let statistics = layer.lastStatistics { accumulators[index].add(statistics) }
-            }
-            for (index, layer) in domainLayers.enumerated() where (layer.group?.rank ?? 0) == 0 {
-                for (d, statistics) in layer.lastStatistics.enumerated() {
-                    if let statistics { domainAccumulators[index][d].add(statistics) }
-                }
+            for (index, slot) in slots.enumerated() where contributes[index] {
+                if let statistics = slot.last() { accumulators[index].add(statistics) }
             }
             samples += end - start
         }
 
-        var packed = accumulators.flatMap(\.packed) + domainAccumulators.flatMap { $0.flatMap(\.packed) }
+        var packed = accumulators.flatMap(\.packed)
         try world.allReduceSum(&packed)
         var offset = 0
-        for (index, layer) in layers.enumerated() {
-            let width = 1 + 2 * layer.featureCount
+        for (index, slot) in slots.enumerated() {
+            let width = 1 + 2 * slot.featureCount
             let total = PopulationStatistics(packed: packed[offset..<(offset + width)], shift: accumulators[index].shift)
             offset += width
             guard let mean = total.mean, let variance = total.unbiasedVariance else {
-                throw DataError("PreciseBN: a BN layer saw fewer than 2 values per channel; raise --precise-bn-samples")
-            }
-            layer.runningMean.value.scalars = mean.map { Float($0) }
-            layer.populationVariance?.value.scalars = variance.map { Float($0) }
-        }
-        for (index, layer) in domainLayers.enumerated() {
-            for d in 0..<layer.domainCount {
-                let width = 1 + 2 * layer.featureCount
-                let total = PopulationStatistics(packed: packed[offset..<(offset + width)], shift: domainAccumulators[index][d].shift)
-                offset += width
                 // A domain PreciseBN's samples did not reach keeps its running statistics.
-                guard let mean = total.mean, let variance = total.unbiasedVariance else { continue }
-                layer.setPopulation(domain: d, mean: mean, variance: variance)
+                if slot.mayBeUnreached { continue }
+                throw DataError("PreciseBN: a normalization layer saw fewer than 2 values per channel; raise ⟨preciseBNSamples⟩")
             }
+            slot.store(mean, variance)
         }
         return Report(samples: samples, batches: batches)
     }
-}
-
-/// A layer whose inference statistics PreciseBN recomputes: BN (mean and variance) and mean-only
-/// BN (mean).
-protocol PopulationStatisticsLayer: AnyObject {
-    var featureCount: Int { get }
-    var group: (any Communicator)? { get }
-    var runningMean: Buffer<Float> { get }
-    /// The running variance, for layers that keep one.
-    var populationVariance: Buffer<Float>? { get }
-    var lastStatistics: BatchStatistics? { get }
-}
-
-extension BatchNorm<Float>: PopulationStatisticsLayer {
-    var populationVariance: Buffer<Float>? { runningVariance }
-}
-
-extension MeanOnlyBatchNorm<Float>: PopulationStatisticsLayer {
-    var populationVariance: Buffer<Float>? { nil }
 }

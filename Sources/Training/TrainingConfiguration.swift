@@ -1,4 +1,6 @@
 import Foundation
+import Kernels
+import Normalization
 
 /// Everything that defines a training run; stored as JSON in checkpoint metadata.
 public struct TrainingConfiguration: Codable, Equatable, Sendable {
@@ -42,8 +44,19 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     /// Batch Renormalization's final clips (`norm == .brn`), reached by ``brnLimits(step:totalSteps:)``.
     public var brnRMax: Double = 3
     public var brnDMax: Double = 5
+    /// Batch Renormalization's warm-up: the fraction of the steps trained as plain BN before r and
+    /// d are relaxed (nil: 3 %).
+    public var brnWarmup: Double?
+    /// Moving Average BN (`norm == .mabn`): iterations averaged, warm-up iterations of batch
+    /// statistics, and iterations with the renormalization r held at 1 (the reference's 1000).
+    public var mabnWindow: Int = 4
+    public var mabnWarmup: Int = 100
+    public var mabnRenormHold: Int = 1000
     /// GroupNorm's groups per layer (`norm == .gn`).
     public var gnGroups: Int = 8
+    /// GroupNorm by group width instead: this many channels per group in every layer (nil: by
+    /// ``gnGroups``).
+    public var gnChannelsPerGroup: Int?
     /// Ghost batch size for `bn`/`syncbn` (nil = the whole per-rank batch).
     public var ghostBatchSize: Int?
     /// From this step on, BN layers normalize with their population statistics (FrozenBN).
@@ -107,14 +120,14 @@ extension TrainingConfiguration {
 }
 
 extension TrainingConfiguration {
-    /// Batch Renormalization's schedule, the paper's shape scaled to the run: plain BN (r_max = 1,
-    /// d_max = 0) for the first 3 % of the steps, then r_max relaxed linearly to ``brnRMax`` by
-    /// 28 % and d_max to ``brnDMax`` by 19 % (Ioffe 2017: 5k warm-up steps, r_max 1→3 over 40k and
-    /// d_max 0→5 over 25k, of a ~160k-step run).
+    /// Batch Renormalization's schedule (``BatchRenormalization/Schedule``) with this run's clips
+    /// and warm-up.
+    public var brnSchedule: BatchRenormalization<Float>.Schedule {
+        .init(rMax: brnRMax, dMax: brnDMax, warmup: brnWarmup ?? 0.03)
+    }
+
     public func brnLimits(step: Int, totalSteps: Int) -> (rMax: Double, dMax: Double) {
-        let t = Double(step) / Double(max(totalSteps, 1))
-        guard t >= 0.03 else { return (1, 0) }
-        return (1 + (brnRMax - 1) * min(1, (t - 0.03) / 0.25), brnDMax * min(1, (t - 0.03) / 0.16))
+        brnSchedule.limits(step: step, of: totalSteps)
     }
 }
 
@@ -127,40 +140,45 @@ extension TrainingConfiguration {
             range.contains(value) ? nil : "\(flag) must be between \(range.lowerBound) and \(range.upperBound), got \(value)"
         }
         let checks: [String?] = [
-            outside(batchSize, 1...(1 << 20), "--batch-size"),
-            outside(epochs, 1...1_000_000, "--epochs"),
-            steps.flatMap { outside($0, 1...1_000_000_000, "--steps") },
-            learningRate.isFinite && learningRate > 0 ? nil : "--lr must be a positive number, got \(learningRate)",
-            momentum.isFinite && momentum >= 0 && momentum < 1 ? nil : "--momentum must be in [0, 1), got \(momentum)",
-            weightDecay.isFinite && weightDecay >= 0 ? nil : "--weight-decay must be ≥ 0, got \(weightDecay)",
-            bnMomentum.isFinite && bnMomentum > 0 && bnMomentum <= 1 ? nil : "--bn-momentum must be in (0, 1], got \(bnMomentum)",
+            outside(batchSize, 1...(1 << 20), "⟨batchSize⟩"),
+            outside(epochs, 1...1_000_000, "⟨epochs⟩"),
+            steps.flatMap { outside($0, 1...1_000_000_000, "⟨steps⟩") },
+            learningRate.isFinite && learningRate > 0 ? nil : "⟨learningRate⟩ must be a positive number, got \(learningRate)",
+            momentum.isFinite && momentum >= 0 && momentum < 1 ? nil : "⟨momentum⟩ must be in [0, 1), got \(momentum)",
+            weightDecay.isFinite && weightDecay >= 0 ? nil : "⟨weightDecay⟩ must be ≥ 0, got \(weightDecay)",
+            bnMomentum.isFinite && bnMomentum > 0 && bnMomentum <= 1 ? nil : "⟨bnMomentum⟩ must be in (0, 1], got \(bnMomentum)",
             bnEpsilon.isFinite && bnEpsilon > 0 ? nil : "BN epsilon must be positive, got \(bnEpsilon)",
-            heldOutFraction > 0 && heldOutFraction < 1 ? nil : "--holdout-fraction must be in (0, 1), got \(heldOutFraction)",
-            syncGroupSize.flatMap { outside($0, 1...(1 << 20), "--sync-group-size") },
-            trainSamples.flatMap { outside($0, 2...(1 << 31), "--train-samples") },
-            evalSamples.flatMap { outside($0, 1...(1 << 31), "--eval-samples") },
-            outside(crossIteration.window, 1...64, "--cbn-window"),
-            crossIteration.rho.isFinite && (0...10).contains(crossIteration.rho) ? nil : "--cbn-rho must be between 0 and 10, got \(crossIteration.rho)",
-            outside(crossIteration.burnIn, 0...Int.max / 2, "--cbn-burnin"),
-            brnRMax.isFinite && (1...100).contains(brnRMax) ? nil : "--brn-rmax must be between 1 and 100, got \(brnRMax)",
-            brnDMax.isFinite && (0...100).contains(brnDMax) ? nil : "--brn-dmax must be between 0 and 100, got \(brnDMax)",
-            outside(gnGroups, 1...(1 << 20), "--gn-groups"),
-            ghostBatchSize.flatMap { outside($0, 1...(1 << 20), "--ghost-batch-size") },
-            freezeBNAfter.flatMap { outside($0, 0...Int.max / 2, "--freeze-bn-after") },
-            outside(evalEvery, 0...Int.max / 2, "--eval-every"),
+            heldOutFraction > 0 && heldOutFraction < 1 ? nil : "⟨heldOutFraction⟩ must be in (0, 1), got \(heldOutFraction)",
+            syncGroupSize.flatMap { outside($0, 1...(1 << 20), "⟨syncGroupSize⟩") },
+            trainSamples.flatMap { outside($0, 2...(1 << 31), "⟨trainSamples⟩") },
+            evalSamples.flatMap { outside($0, 1...(1 << 31), "⟨evalSamples⟩") },
+            outside(crossIteration.window, 1...64, "⟨crossIteration.window⟩"),
+            crossIteration.rho.isFinite && (0...10).contains(crossIteration.rho) ? nil : "⟨crossIteration.rho⟩ must be between 0 and 10, got \(crossIteration.rho)",
+            outside(crossIteration.burnIn, 0...Int.max / 2, "⟨crossIteration.burnIn⟩"),
+            brnRMax.isFinite && (1...100).contains(brnRMax) ? nil : "⟨brnRMax⟩ must be between 1 and 100, got \(brnRMax)",
+            brnDMax.isFinite && (0...100).contains(brnDMax) ? nil : "⟨brnDMax⟩ must be between 0 and 100, got \(brnDMax)",
+            outside(gnGroups, 1...(1 << 20), "⟨gnGroups⟩"),
+            outside(mabnWindow, 1...1024, "⟨mabnWindow⟩"),
+            outside(mabnWarmup, 0...Int.max / 2, "⟨mabnWarmup⟩"),
+            outside(mabnRenormHold, 0...Int.max / 2, "⟨mabnRenormHold⟩"),
+            gnChannelsPerGroup.flatMap { outside($0, 1...(1 << 20), "⟨gnChannelsPerGroup⟩") },
+            brnWarmup.flatMap { $0.isFinite && (0...0.99).contains($0) ? nil : "⟨brnWarmup⟩ must be a fraction of the run in [0, 0.99], got \($0)" },
+            ghostBatchSize.flatMap { outside($0, 1...(1 << 20), "⟨ghostBatchSize⟩") },
+            freezeBNAfter.flatMap { outside($0, 0...Int.max / 2, "⟨freezeBNAfter⟩") },
+            outside(evalEvery, 0...Int.max / 2, "⟨evalEvery⟩"),
             outside(evalBatchSize, 1...(1 << 20), "evaluation batch size"),
-            outside(preciseBNSamples, 2...(1 << 30), "--precise-bn-samples"),
-            preciseBNBatchSize.flatMap { outside($0, 1...(1 << 20), "--precise-bn-batch-size") },
-            outside(gradientBucketSize, 1...Int.max / 2, "--bucket-size"),
-            outside(logEvery, 1...Int.max / 2, "--log-every"),
-            lrReferenceBatch.flatMap { outside($0, 1...(1 << 30), "--lr-reference-batch") },
-            lrMilestones.allSatisfy { $0.isFinite && $0 >= 0 } ? nil : "--lr-milestones must be epochs ≥ 0",
-            warmupEpochs.flatMap { $0.isFinite && $0 >= 0 && $0 <= 1e6 ? nil : "--warmup-epochs must be between 0 and 1e6, got \($0)" },
-            warmupSteps.flatMap { outside($0, 0...Int.max / 2, "--warmup-steps") },
-            width.isFinite && width > 0 && width <= 64 ? nil : "--width must be in (0, 64], got \(width)",
-            outside(augmentation.padding, 0...64, "--pad"),
+            outside(preciseBNSamples, 2...(1 << 30), "⟨preciseBNSamples⟩"),
+            preciseBNBatchSize.flatMap { outside($0, 1...(1 << 20), "⟨preciseBNBatchSize⟩") },
+            outside(gradientBucketSize, 1...Int.max / 2, "⟨gradientBucketSize⟩"),
+            outside(logEvery, 1...Int.max / 2, "⟨logEvery⟩"),
+            lrReferenceBatch.flatMap { outside($0, 1...(1 << 30), "⟨lrReferenceBatch⟩") },
+            lrMilestones.allSatisfy { $0.isFinite && $0 >= 0 } ? nil : "⟨lrMilestones⟩ must be epochs ≥ 0",
+            warmupEpochs.flatMap { $0.isFinite && $0 >= 0 && $0 <= 1e6 ? nil : "⟨warmupEpochs⟩ must be between 0 and 1e6, got \($0)" },
+            warmupSteps.flatMap { outside($0, 0...Int.max / 2, "⟨warmupSteps⟩") },
+            width.isFinite && width > 0 && width <= 64 ? nil : "⟨width⟩ must be in (0, 64], got \(width)",
+            outside(augmentation.padding, 0...64, "⟨augmentation.padding⟩"),
         ]
-        return checks.compactMap { $0 }.first
+        return checks.compactMap { $0 }.first.map { SettingNames.render($0) }
     }
 }
 

@@ -393,7 +393,7 @@ struct TrainBench: ParsableCommand {
     @Option(help: "Comma-separated normalizations to compare (bn, syncbn, cbn).")
     var norms: String = "bn,syncbn"
     @Option(help: "Model: convnet, mlp, resnet20, resnet32, resnet56, resnet110 or resnet18.")
-    var model: String = ModelKind.convnet.rawValue
+    var model: ModelKind = .convnet
     @Option(help: "Channel multiplier of the model.")
     var width: Double = 1
     @Option(help: "Data the steps train on (as syncbn-train --data), e.g. fashion-mnist for 1×28×28 images.")
@@ -409,7 +409,6 @@ struct TrainBench: ParsableCommand {
         guard norms.split(separator: ",").allSatisfy({ NormalizationKind(rawValue: String($0)) != nil }) else {
             throw ValidationError("--norms must list bn, syncbn or cbn, got '\(norms)'")
         }
-        guard ModelKind(rawValue: model) != nil else { throw ValidationError("--model must be one of \(ModelKind.allCases.map(\.rawValue).joined(separator: ", ")), got '\(model)'") }
         guard width.isFinite && width > 0 && width <= 64 else { throw ValidationError("--width must be in (0, 64], got \(width)") }
         guard (1...65536).contains(batchSize), (1...100_000).contains(steps), (0...10_000).contains(warmup) else {
             throw ValidationError("--batch-size, --steps and --warmup must be positive and reasonable")
@@ -418,7 +417,7 @@ struct TrainBench: ParsableCommand {
 
     func run() throws {
         let kinds = norms.split(separator: ",").map { NormalizationKind(rawValue: String($0))! }
-        let model = ModelKind(rawValue: self.model)!, batch = batchSize, steps = self.steps, warmup = self.warmup
+        let model = self.model, batch = batchSize, steps = self.steps, warmup = self.warmup
         let source = self.data, width = self.width
         let data = Result { try DataSource.split(try DataSource(parsing: source), evaluation: nil, heldOutFraction: 0.1) }
         RankLaunch.run(simulateRanks: nil, command: "syncbn-bench", preflight: data.failure) { world in

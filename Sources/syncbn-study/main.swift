@@ -23,7 +23,7 @@ struct SyncBNStudy: ParsableCommand {
     var list = false
     @Flag(help: "The small version: synthetic data, tiny grids, one seed.")
     var quick = false
-    @Option(parsing: .unconditional, help: "Seeds per grid point (default: 2; 1 with --quick).")
+    @Option(parsing: .unconditional, help: "Seeds per grid point (default: 3; 1 with --quick).")
     var seeds: Int?
     @Option(parsing: .unconditional, help: "Ranks per job.")
     var ranks: Int = 4
@@ -31,8 +31,19 @@ struct SyncBNStudy: ParsableCommand {
     var data: String?
     @Option(parsing: .unconditional, help: "Training subset: the first N samples (default: 10000; all with --quick).")
     var trainSamples: Int?
-    @Option(parsing: .unconditional, help: "Training samples each job processes over all ranks (default: 40000; 1024 with --quick).")
+    @Option(name: [.customLong("samples-per-job"), .customLong("sample-budget")], parsing: .unconditional,
+            help: "Training samples each job processes over all ranks (default: 40000; 1024 with --quick).")
     var sampleBudget: Int?
+    @Option(help: "Model of every job (default: resnet20).")
+    var model: String?
+    @Option(parsing: .unconditional, help: "Channel-width multiplier of every job (default: 0.25; 0.125 with --quick).")
+    var width: Double?
+    @Option(parsing: .unconditional, help: "--lr of every job, at the reference batch 128 (default: 0.1).")
+    var lr: Double?
+    @Option(parsing: .unconditional, help: "Batch Renorm's plain-BN warm-up as a fraction of each run (default: the trainer's 0.03).")
+    var brnWarmup: Double?
+    @Option(parsing: .unconditional, help: "GroupNorm jobs with this many channels per group instead of 8 groups.")
+    var gnChannelsPerGroup: Int?
     @Flag(help: "Run jobs with --simulate-ranks in one process each instead of under mpirun.")
     var simulate = false
     @Option(help: "Extra mpirun arguments, space-separated (e.g. '--hostfile hosts').")
@@ -51,6 +62,11 @@ struct SyncBNStudy: ParsableCommand {
         if let data { s.data = data }
         if let trainSamples { s.trainSamples = trainSamples }
         if let sampleBudget { s.sampleBudget = sampleBudget }
+        if let model { s.model = model }
+        if let width { s.width = width }
+        if let lr { s.learningRate = lr }
+        s.brnWarmup = brnWarmup
+        s.gnChannelsPerGroup = gnChannelsPerGroup
         return s
     }
 
@@ -62,6 +78,13 @@ struct SyncBNStudy: ParsableCommand {
         guard (1...1024).contains(ranks) else { throw ValidationError("--ranks must be between 1 and 1024, got \(ranks)") }
         if let trainSamples, trainSamples < 2 { throw ValidationError("--train-samples must be ≥ 2, got \(trainSamples)") }
         if let sampleBudget, sampleBudget < 1 { throw ValidationError("--sample-budget must be ≥ 1, got \(sampleBudget)") }
+        if let width, !(width.isFinite && width > 0 && width <= 16) { throw ValidationError("--width must be in (0, 16], got \(width)") }
+        if let lr, !(lr.isFinite && lr > 0 && lr <= 100) { throw ValidationError("--lr must be in (0, 100], got \(lr)") }
+        if let brnWarmup, !(brnWarmup.isFinite && (0...0.99).contains(brnWarmup)) {
+            throw ValidationError("--brn-warmup must be a fraction in [0, 0.99], got \(brnWarmup)")
+        }
+        if let gnChannelsPerGroup, gnChannelsPerGroup < 1 { throw ValidationError("--gn-channels-per-group must be ≥ 1, got \(gnChannelsPerGroup)") }
+        if let model, model.isEmpty || model.contains(" ") { throw ValidationError("--model needs a model name, got '\(model)'") }
         guard jobTimeout.isFinite && jobTimeout >= 1 else { throw ValidationError("--job-timeout must be at least 1 second, got \(jobTimeout)") }
         if !list && out == nil { throw ValidationError("--out DIR is required (where the results go)") }
         if let out {

@@ -31,6 +31,76 @@ final class StudyTests: XCTestCase {
         XCTAssertFalse(changed.map(\.key).contains(a.key))
     }
 
+    func testTheReportsStatisticsMatchKnownValues() throws {
+        // Against numpy: t intervals (t₀.₉₇₅ with 4 and 2 degrees of freedom) and a least-squares slope.
+        let mean = try XCTUnwrap(StudyStatistics.mean([1, 2, 3, 4, 5]))
+        XCTAssertEqual(mean.estimate, 3, accuracy: 1e-12)
+        XCTAssertEqual(mean.low, 1.0370716, accuracy: 1e-6)
+        XCTAssertEqual(mean.high, 4.9629284, accuracy: 1e-6)
+        XCTAssertFalse(mean.withinNoise)
+        let paired = try XCTUnwrap(StudyStatistics.paired([1: 10, 2: 12, 3: 11, 4: 50], [1: 9, 2: 10, 3: 10]))
+        XCTAssertEqual(paired.n, 3, "only the seeds both arms have")
+        XCTAssertEqual(paired.estimate, 4.0 / 3, accuracy: 1e-12)
+        XCTAssertEqual(paired.low, -0.101, accuracy: 1e-3)
+        XCTAssertEqual(paired.high, 2.7676667, accuracy: 1e-6)
+        XCTAssertTrue(paired.withinNoise)
+        XCTAssertTrue(paired.text.hasSuffix("within noise"), paired.text)
+        let slope = try XCTUnwrap(StudyStatistics.slope(x: [1, 2, 3, 4], y: [2, 4.1, 5.9, 8.2]))
+        XCTAssertEqual(slope.estimate, 2.04, accuracy: 1e-12)
+        XCTAssertEqual(slope.low, 1.7611337, accuracy: 1e-6)
+        XCTAssertEqual(slope.high, 2.3188663, accuracy: 1e-6)
+        XCTAssertNil(StudyStatistics.slope(x: [1, 1], y: [2, 3]))
+        XCTAssertEqual(StudyStatistics.t975(40), 2.021, accuracy: 1e-3)
+    }
+
+    func testTheNewOptionsReachTheJobCommandLines() {
+        var settings = StudySettings.full
+        settings.model = "resnet32"
+        settings.width = 0.5
+        settings.learningRate = 0.2
+        settings.ranks = 8
+        settings.trainSamples = 20_000
+        settings.sampleBudget = 64_000
+        settings.brnWarmup = 0.25
+        settings.gnChannelsPerGroup = 4
+        XCTAssertEqual(StudySettings.full.seeds, 3, "three seeds by default")
+        let jobs = StudyCatalog.experiments(settings).flatMap(\.jobs).filter { $0.kind == .train }
+        XCTAssertFalse(jobs.isEmpty)
+        for job in jobs {
+            XCTAssertEqual(job.ranks, 8)
+            XCTAssertEqual(job.options["model"], "resnet32")
+            XCTAssertEqual(job.options["width"], "0.5")
+            XCTAssertEqual(job.options["train-samples"], "20000")
+            let steps = Int(job.options["steps"]!)!, batch = Int(job.options["batch-size"]!)!
+            XCTAssertEqual(steps, 64_000 / (8 * batch), "the sample budget sets the steps")
+            if job.options["norm"] == "brn" { XCTAssertEqual(job.options["brn-warmup"], "0.25") }
+            if job.options["norm"] == "gn" { XCTAssertEqual(job.options["gn-channels-per-group"], "4") }
+            if job.options["norm"] == "cbn" { XCTAssertNotNil(job.options["cbn-gradient"], "the CBN gradient is always named") }
+        }
+        XCTAssertTrue(jobs.contains { $0.options["brn-warmup"] != nil } && jobs.contains { $0.options["gn-channels-per-group"] != nil })
+        // E3's peak rates at b = 4 on 8 ranks: lr = peak × 128 / 32.
+        let e3 = StudyCatalog.experiment("e3-compensation", settings)!.jobs.map { Double($0.options["lr"]!)! }
+        XCTAssertEqual(Set(e3), [0.05, 0.2])
+    }
+
+    func testTheCommittedReportIsTheOneItsCommittedRecordsGive() throws {
+        // docs/study/runs holds every finished job's record and the report made from them: the
+        // report must be recomputable by anyone from the records alone.
+        let runs = repositoryRoot + "/docs/study/runs"
+        let study = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: runs + "/study.json"))) as? [String: Any]
+        let names = try XCTUnwrap((study?["experiments"] as? [[String: Any]])?.compactMap { $0["name"] as? String })
+        XCTAssertFalse(names.isEmpty)
+        let records = try FileManager.default.contentsOfDirectory(atPath: runs + "/records").filter { $0.hasSuffix(".json") }
+        XCTAssertFalse(records.isEmpty, "no committed records")
+        let dir = try temporaryDirectory()
+        try FileManager.default.copyItem(atPath: runs + "/records", toPath: dir + "/records")
+        let result = try runProcess(Self.study, names + ["--out", dir, "--report-only"], timeout: 60)
+        XCTAssertTrue(result.status == 0 || result.status == 1, describe(result))   // 1: some job failed, still reported
+        let recomputed = try String(contentsOfFile: dir + "/report.md", encoding: .utf8)
+        let committed = try String(contentsOfFile: runs + "/report.md", encoding: .utf8)
+        XCTAssertEqual(recomputed, committed, "docs/study/runs/report.md is not what its records give (re-run --report-only)")
+    }
+
     func testExperimentsShareTheJobsOfTheirCommonGridPoints() {
         let settings = StudySettings.full
         let all = StudyCatalog.experiments(settings)

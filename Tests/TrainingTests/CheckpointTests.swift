@@ -67,6 +67,13 @@ final class CheckpointTests: XCTestCase {
         var ibn = configuration(steps: 12, norm: .ibn, model: .resnet20)
         ibn.width = 0.5
         cases += [("in-track", instance, Self.data), ("shuffle", shuffled, Self.data), ("domain", domains, twoDomain), ("ibn", ibn, Self.data)]
+        // Moving Average BN with a window, warm-up and renormalization hold short enough that the
+        // resumed half uses the windows and clips r: per rank, and over a sync group of both ranks.
+        var mabn = configuration(steps: 12, norm: .mabn)
+        (mabn.mabnWindow, mabn.mabnWarmup, mabn.mabnRenormHold) = (3, 2, 4)
+        var mabnSynced = mabn
+        mabnSynced.syncGroupSize = 2
+        cases += [("mabn", mabn, Self.data), ("mabn-synced", mabnSynced, Self.data)]
         for (label, c, data) in cases {
             func run(resume: String? = nil, save: String? = nil, stopAt: Int? = nil) throws -> [String: [Float]] {
                 try InProcessGroup.run(size: 2) { comm -> [String: [Float]] in
@@ -99,7 +106,7 @@ final class CheckpointTests: XCTestCase {
         XCTAssertEqual(rank0?.prefix(2), [5, 3], "5 iterations, window of 4 keeps 3 past entries")
         for ranks in [1, 3] {
             XCTAssertThrowsError(try run(configuration(steps: 6, norm: .cbn), ranks: ranks, resume: path)) { error in
-                XCTAssertTrue("\(error)".contains("written by 2 rank(s)") && "\(error)".contains("--reset-cbn-windows"), "\(error)")
+                XCTAssertTrue("\(error)".contains("written by 2 rank(s)") && "\(error)".contains("resetCrossIterationWindows"), "\(error)")
             }
         }
         // Explicitly allowed: every window starts empty, the iteration count is kept.

@@ -8,17 +8,20 @@ import XCTest
 final class FoldingTests: XCTestCase {
     func testFoldedNetworksHaveNoBatchNormAndTheSameHeldOutLogits() throws {
         let data = try DataSource.split(.synthetic(train: 96, heldOut: 64, seed: 8), evaluation: nil, heldOutFraction: 0.1)
-        for (model, norm) in [(ModelKind.convnet, NormalizationKind.syncbn), (.mlp, .bn), (.convnet, .cbn)] {
+        for (model, norm) in [(ModelKind.convnet, NormalizationKind.syncbn), (.mlp, .bn), (.convnet, .cbn), (.convnet, .mabn), (.mlp, .mabn)] {
             var c = TrainingConfiguration()
             c.model = model
             c.norm = norm
             c.batchSize = 8
             c.steps = 12
+            (c.mabnWindow, c.mabnWarmup, c.mabnRenormHold) = (2, 3, 5)   // MABN: the windows and r in use
             let trainer = try Trainer(configuration: c, data: data, world: SingleProcessCommunicator())
             while trainer.step < trainer.totalSteps { try trainer.trainStep() }
             let folded = try trainer.network.foldingBatchNorm()
-            XCTAssertTrue(folded.batchNormLayers.isEmpty)
-            XCTAssertEqual(folded.layers.count, trainer.network.layers.count - trainer.network.batchNormLayers.count)
+            let norms = trainer.network.normalizationLayers.count
+            XCTAssertEqual(norms, model == .mlp ? 2 : 3, "\(model) \(norm)")
+            XCTAssertTrue(folded.normalizationLayers.isEmpty, "\(model) \(norm): every normalization folded")
+            XCTAssertEqual(folded.layers.count, trainer.network.layers.count - norms)
             let (x, _) = data.heldOut.batch(0..<64)
             let reference = try trainer.network.forward(x, mode: .inference), logits = try folded.forward(x, mode: .inference)
             let error = relativeError(logits.scalars, reference.scalars)

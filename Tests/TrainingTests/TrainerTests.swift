@@ -31,7 +31,7 @@ final class TrainerTests: XCTestCase {
             return 0
         }) { error in
             XCTAssertTrue(error is CollectiveRunError, "\(error)")
-            XCTAssertTrue("\(error)".contains("lower --lr"), "\(error)")
+            XCTAssertTrue("\(error)".contains("lower learningRate"), "the library names the setting: \(error)")
         }
     }
 
