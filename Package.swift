@@ -38,10 +38,11 @@ let package = Package(
             "Training", "Normalization", "CollectivesMPI", "CommandSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        // The experiment runner: composes syncbn-train command lines, so it links no numerics.
+        // The experiment runner: composes syncbn-train command lines, so it links no numerics
+        // (the executable takes Kernels' writer lock on its --out).
         .target(name: "Study"),
         .executableTarget(name: "syncbn-study", dependencies: [
-            "Study", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "Study", "Kernels", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "syncbn-bench", dependencies: [
             "Training", "CollectivesMPI", "CollectiveChecks", "CommandSupport",

@@ -66,8 +66,9 @@ public final class CollectiveWatchdog: @unchecked Sendable {
                       waited, current.name, current.sequence, contextText.isEmpty ? "" : ", " + describeContext())
     }
 
-    /// Runs one blocking collective under watch.
-    func watch<R>(_ name: String, _ body: () throws -> R) rethrows -> R {
+    /// Runs one blocking collective (or a start-up step that waits for the other ranks, such as
+    /// MPI's initialisation) under watch.
+    public func watch<R>(_ name: String, _ body: () throws -> R) rethrows -> R {
         enter(name)
         defer { leave() }
         return try body()

@@ -16,8 +16,15 @@ public enum RankLaunch {
     /// ranks first agree, with one all-gather, whether any of them has one: then the lowest such
     /// rank prints it and every rank finalises and exits 2, so the message is never lost to a
     /// rank that exits first, and a rank whose files were fine does not wait forever.
-    public static func run(simulateRanks: Int?, command: String, preflight: Error? = nil,
+    ///
+    /// With `collectiveTimeout`, every collective from the first on — the preflight agreement
+    /// included — is watched (``watched(_:timeout:command:)``), and `body` gets the watched
+    /// communicator: a rank stopped or dead before the run begins ends the job too.
+    public static func run(simulateRanks: Int?, command: String, preflight: Error? = nil, collectiveTimeout: Double? = nil,
                            _ body: @escaping (any Communicator) throws -> Void) -> Never {
+        func watching(_ world: any Communicator) -> any Communicator {
+            collectiveTimeout.map { watched(world, timeout: $0, command: command) } ?? world
+        }
         World.applySpeedSettings()
         if let n = simulateRanks, n > 1 {
             if let preflight { fail(command, describe(preflight)) }
@@ -25,7 +32,7 @@ public enum RankLaunch {
                 fail(command, "--simulate-ranks cannot be combined with an MPI launcher; use one or the other")
             }
             do {
-                _ = try InProcessGroup.run(size: n) { comm in try body(comm) }
+                _ = try InProcessGroup.run(size: n) { comm in try body(watching(comm)) }
                 exit(0)
             } catch {
                 fail(command, describe(error))
@@ -33,15 +40,25 @@ public enum RankLaunch {
         }
         if MPICommunicator.launchedByMPI {
             let world: MPICommunicator
-            do { world = try MPICommunicator.world() } catch { fail(command, describe(error)) }
+            // MPI's initialisation waits for every rank too (a rank stopped at start-up would hang it).
+            let startup = collectiveTimeout.map { timeout in
+                CollectiveWatchdog(timeout: timeout) { message in
+                    printError(command, "rank \(MPICommunicator.launcherRank): " + message + String(format: " (--collective-timeout %.0f)", timeout))
+                    _exit(3)
+                }
+            }
             do {
-                let flags = try world.allGather([Int64(preflight == nil ? 0 : 1)])
+                world = try startup.map { try $0.watch("MPI initialisation") { try MPICommunicator.world() } } ?? MPICommunicator.world()
+            } catch { fail(command, describe(error)) }
+            do {
+                let watchedWorld = watching(world)
+                let flags = try watchedWorld.allGather([Int64(preflight == nil ? 0 : 1)])
                 if let first = flags.firstIndex(where: { $0 == [1] }) {
                     if world.rank == first, let preflight { printError(command, describe(preflight)) }
                     MPICommunicator.finalize()
                     exit(2)
                 }
-                try body(world)
+                try body(watchedWorld)
                 MPICommunicator.finalize()
                 exit(0)
             } catch let error as CollectiveRunError {
@@ -61,7 +78,7 @@ public enum RankLaunch {
         }
         if let preflight { fail(command, describe(preflight)) }
         do {
-            try body(SingleProcessCommunicator())
+            try body(watching(SingleProcessCommunicator()))
             exit(0)
         } catch {
             fail(command, describe(error))

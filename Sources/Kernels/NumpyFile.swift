@@ -173,7 +173,8 @@ public func temporaryPath(for path: String) -> String {
 }
 
 /// Removes temporary files that an earlier, killed write to `path` left beside it
-/// (`.NAME.partial-*`); returns how many it removed.
+/// (`.NAME.partial-PID`) — only those whose process is gone: a live writer's file is its own.
+/// Returns how many it removed.
 @discardableResult
 public func removeStalePartialFiles(for path: String) -> Int {
     let url = URL(fileURLWithPath: path)
@@ -181,6 +182,7 @@ public func removeStalePartialFiles(for path: String) -> Int {
     let prefix = ".\(url.lastPathComponent).partial-"
     var removed = 0
     for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasPrefix(prefix) {
+        if let pid = Int32(name.dropFirst(prefix.count)), pid > 0, processIsAlive(pid) { continue }
         if unlink(directory + "/" + name) == 0 { removed += 1 }
     }
     return removed

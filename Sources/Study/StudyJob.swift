@@ -135,6 +135,17 @@ public struct StudyResult: Codable, Sendable {
 
     public init() {}
 
+    /// What makes these numbers impossible (an accuracy outside [0, 1], a non-finite loss), or nil.
+    public var problem: String? {
+        for (name, value) in [("EMA accuracy", emaAccuracy), ("PreciseBN accuracy", preciseAccuracy), ("training accuracy", finalTrainAccuracy)] {
+            if let value, !(value.isFinite && (0...1).contains(value)) { return "its \(name) is \(value), outside [0, 1]" }
+        }
+        for (name, value) in [("EMA loss", emaLoss), ("PreciseBN loss", preciseLoss), ("training loss", finalTrainLoss)] {
+            if let value, !value.isFinite { return "its \(name) is \(value)" }
+        }
+        return nil
+    }
+
     /// Reads a `syncbn-train --metrics` file.
     public static func parse(metrics path: String) throws -> StudyResult {
         let text = try String(contentsOfFile: path, encoding: .utf8)

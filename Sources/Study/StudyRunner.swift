@@ -69,9 +69,19 @@ public final class StudyRunner {
     public func recordPath(_ key: String) -> String { directory + "/records/" + key + ".json" }
     public func jobDirectory(_ key: String) -> String { directory + "/jobs/" + key }
 
+    /// The record of job `key`, if any. A record whose numbers cannot be (an accuracy outside
+    /// [0, 1], a non-finite loss) is reported as a failed job, not tabulated.
     public func record(_ key: String) -> StudyRecord? {
         guard let data = FileManager.default.contents(atPath: recordPath(key)) else { return nil }
-        return try? JSONDecoder().decode(StudyRecord.self, from: data)
+        guard var record = try? JSONDecoder().decode(StudyRecord.self, from: data) else {
+            return StudyRecord(key: key, job: StudyJob(ranks: 1, options: [:]), status: .failed, error: "records/\(key).json is not a readable record", seconds: 0)
+        }
+        if let result = record.result, let problem = result.problem {
+            record.status = .failed
+            record.error = "records/\(key).json: \(problem)"
+            record.result = nil
+        }
+        return record
     }
 
     /// Every distinct job of `experiments`, seed by seed (all grid points of seed 1 first), each

@@ -72,6 +72,10 @@ public enum Checkpoint {
             if let bad = values.firstIndex(where: { !$0.isFinite }) {
                 throw FileFormatError(path, "'\(name)' holds a non-finite value at index \(bad)")
             }
+            // A variance (BN's running_var, MABN's running E[x²]) below zero has no square root.
+            if name.hasSuffix("running_var"), let bad = values.firstIndex(where: { $0 < 0 }) {
+                throw FileFormatError(path, "'\(name)' holds a negative variance (\(values[bad])) at index \(bad)")
+            }
             used.insert(name)
             return values
         }

@@ -15,19 +15,40 @@ public final class MetricsWriter {
     private let handle: FileHandle
     public let path: String
 
-    /// Opens `path`; with `append` (a resumed run) the earlier history is kept.
-    public init(path: String, append: Bool = false) throws {
+    /// Opens `path`; with `append` (a resumed run) the earlier history is kept and every line is
+    /// appended (`O_APPEND`: concurrent appenders never overwrite each other's lines). A partial
+    /// last line (a kill or a full disk in the middle of a write) is cut off first
+    /// (``repairedPartialLine``). With `history`, an existing file whose first line records
+    /// another run's configuration is refused: its history is not this run's.
+    public init(path: String, append: Bool = false, history configuration: TrainingConfiguration? = nil, ranks: Int? = nil,
+                allowing allowed: Set<String> = []) throws {
         try checkReplaceableOutput(path)
-        if !(append && FileManager.default.fileExists(atPath: path)) {
-            guard FileManager.default.createFile(atPath: path, contents: nil) else {
-                throw DataError("⟨metrics⟩ \(path): cannot create the file")
+        if append, let existing = FileManager.default.contents(atPath: path), !existing.isEmpty {
+            if let configuration, let first = existing.split(separator: UInt8(ascii: "\n"), maxSplits: 1).first,
+               let object = try? JSONSerialization.jsonObject(with: Data(first)) as? [String: Any],
+               let stored = object["configuration"],
+               let storedData = try? JSONSerialization.data(withJSONObject: stored, options: [.sortedKeys]),
+               let storedConfiguration = try? JSONDecoder().decode(TrainingConfiguration.self, from: storedData),
+               let difference = storedConfiguration.trajectoryDifference(from: configuration, ranks: object["ranks"] as? Int, otherRanks: ranks,
+                                                                         allowing: allowed) {
+                throw DataError("⟨metrics⟩ \(path) holds the history of another run (its \(difference)); give another file, or pass --overwrite-metrics to replace it")
+            }
+            if existing.last != UInt8(ascii: "\n") {
+                let keep = existing.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 } ?? 0
+                guard truncate(path, off_t(keep)) == 0 else {
+                    throw DataError("⟨metrics⟩ \(path): cannot cut its partial last line: \(String(cString: strerror(errno)))")
+                }
+                repairedPartialLine = true
             }
         }
-        guard let handle = FileHandle(forWritingAtPath: path) else { throw DataError("⟨metrics⟩ \(path): cannot open the file for writing") }
-        if append { handle.seekToEndOfFile() }
-        self.handle = handle
+        let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0o644)
+        guard fd >= 0 else { throw DataError("⟨metrics⟩ \(path): cannot open the file for writing: \(String(cString: strerror(errno)))") }
+        self.handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         self.path = path
     }
+
+    /// Whether opening cut off a partial last line.
+    public private(set) var repairedPartialLine = false
 
     /// Opens an existing file (or device) for writing as it is, for tests of write errors.
     public init(deviceForTesting path: String) throws {

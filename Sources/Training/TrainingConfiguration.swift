@@ -213,3 +213,61 @@ extension TrainingConfiguration {
         return try JSONDecoder().decode(TrainingConfiguration.self, from: data)
     }
 }
+
+extension TrainingConfiguration {
+    /// Settings that do not change the training trajectory (what is evaluated, logged or
+    /// measured, and how gradients are bucketed, which changes no bit): a resume may change them
+    /// freely. Every other setting is part of the run.
+    public static let outsideTheTrajectory: Set<String> = [
+        "evalData", "evalSamples", "evalEvery", "evalBatchSize", "evalStats", "logEvery", "normalizationDiagnostics",
+        "gradientBucketSize", "preciseBNSamples", "preciseBNBatchSize",
+    ]
+
+    /// The first setting in which `other` would continue this run differently, as "⟨field⟩ was A,
+    /// now B" (nil when none does). The per-rank batch may differ when the global batch is the
+    /// same (`ranks` and `otherRanks`, when known): that is the same run on another number of ranks.
+    public func trajectoryDifference(from other: TrainingConfiguration, ranks: Int? = nil, otherRanks: Int? = nil,
+                                     allowing allowed: Set<String> = []) -> String? {
+        trajectoryDifferences(from: other, ranks: ranks, otherRanks: otherRanks).first { !allowed.contains($0.field) }?.text
+    }
+
+    /// Every setting's field path (`batchSize`, `crossIteration.window`), from the defaults.
+    public static var settingFields: [String] {
+        func fields(_ value: Any, _ prefix: String) -> [String] {
+            Mirror(reflecting: value).children.flatMap { child -> [String] in
+                guard let label = child.label else { return [] }
+                let path = prefix.isEmpty ? label : prefix + "." + label
+                if child.value is CrossIterationOptions || child.value is Augmentation { return fields(child.value, path) }
+                return [path]
+            }
+        }
+        return fields(TrainingConfiguration(), "")
+    }
+
+    /// Every setting in which `other` differs from this run's trajectory, in field order.
+    public func trajectoryDifferences(from other: TrainingConfiguration, ranks: Int? = nil,
+                                      otherRanks: Int? = nil, includingEqual: Bool = false) -> [(field: String, text: String)] {
+        func flattened(_ c: TrainingConfiguration) -> [String: String] {
+            guard let data = try? sortedJSONEncoder().encode(c), let object = try? JSONSerialization.jsonObject(with: data) else { return [:] }
+            var out: [String: String] = [:]
+            func walk(_ value: Any, _ path: String) {
+                if let dictionary = value as? [String: Any] {
+                    for (key, inner) in dictionary { walk(inner, path.isEmpty ? key : path + "." + key) }
+                } else if let data = try? JSONSerialization.data(withJSONObject: [value], options: [.sortedKeys]) {
+                    out[path] = String(decoding: data.dropFirst().dropLast(), as: UTF8.self)
+                }
+            }
+            walk(object, "")
+            return out
+        }
+        let mine = flattened(self), theirs = flattened(other)
+        var differences: [(field: String, text: String)] = []
+        for field in Set(mine.keys).union(theirs.keys).sorted() where !Self.outsideTheTrajectory.contains(field.split(separator: ".").first.map(String.init) ?? field) {
+            let a = mine[field] ?? "unset", b = theirs[field] ?? "unset"
+            guard a != b || includingEqual else { continue }
+            if field == "batchSize", let ranks, let otherRanks, batchSize * ranks == other.batchSize * otherRanks { continue }
+            differences.append((field, "⟨\(field)⟩ was \(a), now \(b)"))
+        }
+        return differences
+    }
+}

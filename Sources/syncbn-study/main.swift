@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Kernels
 import Study
 
 /// `syncbn-study`: the literature's batch-normalization experiments as grids of real training jobs.
@@ -114,6 +115,15 @@ struct SyncBNStudy: ParsableCommand {
             print("\(total.count) distinct jobs (\(settings.seeds) seed(s), \(settings.ranks) ranks, \(settings.sampleBudget) samples each, \(settings.data))")
             return
         }
+        // One study per directory: a second process on the same --out stops here (it would run every
+        // job twice and delete the metrics the first one is writing).
+        try FileManager.default.createDirectory(atPath: out!, withIntermediateDirectories: true)
+        let lock: WriterLock
+        do { lock = try WriterLock(for: out!, directory: true, flag: "--out") } catch {
+            FileHandle.standardError.write(Data("syncbn-study: error: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        defer { withExtendedLifetime(lock) {} }
         var launcher = StudyLauncher(trainBinary: Self.siblingBinary("syncbn-train"))
         launcher.simulate = simulate
         launcher.jobTimeout = jobTimeout

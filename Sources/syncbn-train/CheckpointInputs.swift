@@ -32,13 +32,30 @@ func inferenceTrainer(_ path: String, configuration: TrainingConfiguration, spli
     return trainer
 }
 
-/// Checks an export's `--out`: an existing directory, nothing there that is not ours, not the input.
-func validateExport(_ out: String, from resume: String) throws {
+/// The files a run on a checkpoint reads: the checkpoint and the data its stored configuration
+/// names (or the `data`/`evalData` given instead), for the output guard.
+func checkpointInputs(_ resume: String, data: String?, evalData: String?) -> [String] {
+    var files = [resume]
+    let stored = (try? Safetensors.read(resume))?.metadata["configuration"].flatMap { try? TrainingConfiguration.decoding(json: $0) }
+    for source in [data ?? stored?.data, evalData ?? stored?.evalData].compactMap({ $0 }) { files += Train.inputFiles(source) }
+    return files
+}
+
+/// The output guard of a subcommand that reads a checkpoint: every output is new or a regular
+/// file, none of them is the checkpoint or the data it names (by device and inode), no two are one file.
+func guardOutputs(_ outputs: [(flag: String, path: String?)], resume: String, data: String? = nil, evalData: String? = nil) throws {
     guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
-    let directory = URL(fileURLWithPath: out).deletingLastPathComponent().path
-    guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("--out \(out): directory \(directory) does not exist") }
-    do { try checkReplaceableOutput(out) } catch let error as FileFormatError { throw ValidationError("--out \(error)") }
-    guard URL(fileURLWithPath: out).standardizedFileURL != URL(fileURLWithPath: resume).standardizedFileURL else {
-        throw ValidationError("--out \(out) is the checkpoint being exported; refusing to overwrite it")
+    do { try OutputGuard.check(outputs, inputs: checkpointInputs(resume, data: data, evalData: evalData)) } catch { throw ValidationError("\(error)") }
+}
+
+/// `--collective-timeout` of the subcommands that run collectives on a checkpoint.
+struct CollectiveTimeoutOption: ParsableArguments {
+    @Option(parsing: .unconditional, help: "End the job (exit 3) when a collective has waited this many seconds (a stopped, dead or diverging rank), naming the collective.")
+    var collectiveTimeout: Double = 600
+
+    func validate() throws {
+        guard collectiveTimeout.isFinite && collectiveTimeout >= 1 else {
+            throw ValidationError("--collective-timeout must be at least 1 second, got \(collectiveTimeout)")
+        }
     }
 }

@@ -39,13 +39,11 @@ struct Evaluate: ParsableCommand {
     @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
 
+    @OptionGroup var watch: CollectiveTimeoutOption
+
     func validate() throws {
-        guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
         guard (1...(1 << 20)).contains(limit) else { throw ValidationError("--limit must be between 1 and 1048576, got \(limit)") }
-        for path in [inputs, logits].compactMap({ $0 }) {
-            let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
-            guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("\(path): directory \(directory) does not exist") }
-        }
+        try guardOutputs([("--inputs", inputs), ("--logits", logits)], resume: resume, evalData: evalData)
         if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
         if let preciseBnSamples, !(2...(1 << 30)).contains(preciseBnSamples) { throw ValidationError("--precise-bn-samples must be between 2 and 2^30, got \(preciseBnSamples)") }
         if let b = preciseBnBatchSize {
@@ -65,7 +63,7 @@ struct Evaluate: ParsableCommand {
             }
             return (configuration, split)
         }
-        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train evaluate", preflight: prepared.failure) { world in
+        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train evaluate", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in
             let (configuration, split) = try prepared.get()
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
             // The EMA statistics first (when the file keeps them beside PreciseBN's), then the stored

@@ -26,12 +26,14 @@ struct ExportFolded: ParsableCommand {
     @Option(help: "Data for the comparison (default: the checkpoint's).")
     var data: String?
 
-    func validate() throws { try validateExport(out, from: resume) }
+    @OptionGroup var watch: CollectiveTimeoutOption
+
+    func validate() throws { try guardOutputs([("--out", out)], resume: resume, data: data) }
 
     func run() throws {
         let resumePath = resume, outPath = out
         let prepared = Result { try loadCheckpointRun(resumePath, data: data, evalData: nil) }
-        RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-folded", preflight: prepared.failure) { world in
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-folded", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in
             let (configuration, split) = try prepared.get()
             let trainer = try inferenceTrainer(resumePath, configuration: configuration, split: split)
             let folded = try trainer.network.foldingBatchNorm()

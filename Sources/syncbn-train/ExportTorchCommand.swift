@@ -23,12 +23,14 @@ struct ExportTorch: ParsableCommand {
     @Option(help: "Where to write the model state (safetensors).")
     var out: String
 
-    func validate() throws { try validateExport(out, from: resume) }
+    @OptionGroup var watch: CollectiveTimeoutOption
+
+    func validate() throws { try guardOutputs([("--out", out)], resume: resume) }
 
     func run() throws {
         let resumePath = resume, outPath = out
         let prepared = Result { try loadCheckpointRun(resumePath, data: nil, evalData: nil) }
-        RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-torch", preflight: prepared.failure) { world in
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-torch", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in
             let (configuration, split) = try prepared.get()
             let trainer = try inferenceTrainer(resumePath, configuration: configuration, split: split)
             guard world.rank == 0 else { return }

@@ -44,10 +44,10 @@ struct RecomputeStats: ParsableCommand {
     @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
 
+    @OptionGroup var watch: CollectiveTimeoutOption
+
     func validate() throws {
-        guard FileManager.default.fileExists(atPath: resume) else { throw ValidationError("--resume \(resume): no such file") }
-        let directory = URL(fileURLWithPath: save).deletingLastPathComponent().path
-        guard FileManager.default.fileExists(atPath: directory) else { throw ValidationError("--save \(save): directory \(directory) does not exist") }
+        try guardOutputs([("--save", save)], resume: resume, data: data, evalData: evalData)
         if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
     }
 
@@ -59,7 +59,7 @@ struct RecomputeStats: ParsableCommand {
             configuration.preciseBNBatchSize = options.preciseBnBatchSize
             return (configuration, split)
         }
-        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train recompute-stats", preflight: prepared.failure) { world in
+        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train recompute-stats", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in
             let (configuration, split) = try prepared.get()
             let trainer = try Trainer(configuration: configuration, data: split, world: world)
             try trainer.resume(from: resumePath, forTraining: false)

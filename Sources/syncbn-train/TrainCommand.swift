@@ -70,6 +70,8 @@ struct Train: ParsableCommand {
     var saveEvery: Int?
     @Option(help: "Resume from a checkpoint written by --save; 'auto': from --save's file when it exists, else start fresh.")
     var resume: String?
+    @Option(help: "With --resume: settings (flag names without dashes, comma-separated, e.g. lr,steps) that may differ from the checkpoint's run; each change and its effect on the learning rate are printed. Other differences are an error.")
+    var allowConfigChange: String?
     @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
     @Flag(help: "Resume a cross-iteration BN checkpoint written by another number of ranks, with every window empty.")
@@ -111,8 +113,8 @@ struct Train: ParsableCommand {
     var cbnRho: Double = 1
     @Option(parsing: .unconditional, help: "Cross-iteration BN: steps of plain SyncBN before the window is used.")
     var cbnBurnin: Int = 0
-    @Option(help: "Cross-iteration BN: where gradients flow: current (the current batch's statistics only, as the reference code) or compensated (also through the current weight in the Taylor term).")
-    var cbnGradient: CrossIterationGradient = .current
+    @Option(help: "Cross-iteration BN: where gradients flow: compensated (the default: also through the current weight in the Taylor term, the exact derivative) or current (the current batch's statistics only, as the reference code).")
+    var cbnGradient: CrossIterationGradient = .compensated
     @Flag(help: "InstanceNorm: keep running statistics (the batch average of the instances' means and unbiased variances) and normalize with them at inference, as PyTorch's InstanceNorm2d(track_running_stats=True).")
     var inTrackRunningStats = false
     @Flag(help: "Domain-specific BN (with --norm bn or syncbn): every BN keeps separate batch and running statistics per domain of the data (two-domain:SRC, npy:X,Y,D), synced over the group in one all-reduce; inference and PreciseBN use the sample's domain.")
@@ -131,7 +133,7 @@ struct Train: ParsableCommand {
             let kind = norm
             let inapplicable: [(String, Bool, Bool)] = [
                 ("--cbn-window", cbnWindow != 4, kind == .cbn), ("--cbn-rho", cbnRho != 1, kind == .cbn),
-                ("--cbn-burnin", cbnBurnin != 0, kind == .cbn), ("--cbn-gradient", cbnGradient != .current, kind == .cbn),
+                ("--cbn-burnin", cbnBurnin != 0, kind == .cbn), ("--cbn-gradient", cbnGradient != .compensated, kind == .cbn),
                 ("--reset-cbn-windows", resetCbnWindows, kind == .cbn || kind == .mabn),
                 ("--brn-rmax", brnRmax != 3, kind == .brn), ("--brn-dmax", brnDmax != 5, kind == .brn),
                 ("--gn-groups", gnGroups != 8, kind == .gn && gnChannelsPerGroup == nil),
@@ -155,32 +157,32 @@ struct Train: ParsableCommand {
             guard let size = Int(syncGroupSize), size >= 1 else { throw ValidationError("--sync-group-size must be a group size ≥ 1 or 'node', got '\(syncGroupSize)'") }
         }
         if cbnDiagnostics && metrics == nil { throw ValidationError("--cbn-diagnostics writes to --metrics; give --metrics FILE") }
+        if let allowConfigChange {
+            guard resume != nil else { throw ValidationError("--allow-config-change applies with --resume only") }
+            let known = Set(TrainingConfiguration.settingFields.map { RunAgreement.flagName($0) })
+            for item in allowConfigChange.split(separator: ",") where !known.contains("--" + item.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "-"))) {
+                throw ValidationError("--allow-config-change: '\(item)' is not a setting of a run (give flag names, e.g. lr,steps)")
+            }
+        }
         // The ranges of every setting: written once, in the configuration.
         try trainingConfiguration.validateAsOptions()
         if let simulateRanks, !(1...256).contains(simulateRanks) { throw ValidationError("--simulate-ranks must be between 1 and 256, got \(simulateRanks)") }
         // Output paths are checked before anything runs: a directory we can write to, and nothing
-        // there that is not ours to replace (a device, a directory, a link, one of the inputs).
-        let inputs = Set(([data, evalData].compactMap { $0 }.flatMap(Self.inputFiles) + [resume].compactMap { $0 })
-            .map { URL(fileURLWithPath: $0).standardizedFileURL.path })
-        for (flag, path) in [("--save", save), ("--metrics", metrics)] {
-            guard let path else { continue }
-            let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
-            var isDirectory: ObjCBool = false
-            guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
-                throw ValidationError("\(flag) \(path): directory \(directory) does not exist")
+        // there that is not ours to replace (a device, a directory, a link, one of the inputs: by
+        // device and inode). --save may be the checkpoint it resumes from.
+        let dataFiles = [data, evalData].compactMap { $0 }.flatMap(Self.inputFiles)
+        let resumed = resume.flatMap { $0 == "auto" ? nil : $0 }
+        do {
+            if let save {
+                let continuing = resumed.map { FileIdentity($0) != nil && FileIdentity($0) == FileIdentity(save) } ?? false
+                try OutputGuard.check(save, flag: "--save", inputs: dataFiles + (continuing ? [] : resumed.map { [$0] } ?? []))
             }
-            guard access(directory, W_OK) == 0 else { throw ValidationError("\(flag) \(path): directory \(directory) is not writable") }
-            do { try checkReplaceableOutput(path) } catch let error as FileFormatError { throw ValidationError("\(flag) \(error)") }
-            let resolved = URL(fileURLWithPath: path).standardizedFileURL.path
-            if inputs.contains(resolved) && !(flag == "--save" && resume == path) {
-                throw ValidationError("\(flag) \(path) is one of this run's inputs; refusing to overwrite it")
-            }
-        }
+            if let metrics { try OutputGuard.check(metrics, flag: "--metrics", inputs: dataFiles + (resumed.map { [$0] } ?? []) + (save.map { [$0] } ?? [])) }
+            try OutputGuard.check([("--save", save), ("--metrics", metrics)], inputs: [])
+        } catch let error as LayerError { throw ValidationError(error.description) }
+        if save?.isEmpty == true { throw ValidationError("--save needs a file name, got an empty one") }
         if let metrics, resume == nil, !overwriteMetrics, FileManager.default.fileExists(atPath: metrics) {
             throw ValidationError("--metrics \(metrics) already exists; pass --overwrite-metrics to replace it, or --resume to continue its run")
-        }
-        if let save, let metrics, URL(fileURLWithPath: save).standardizedFileURL == URL(fileURLWithPath: metrics).standardizedFileURL {
-            throw ValidationError("--save and --metrics name the same file \(save)")
         }
         if let resume, resume != "auto", !FileManager.default.fileExists(atPath: resume) { throw ValidationError("--resume \(resume): no such file") }
         if resume == "auto" && save == nil { throw ValidationError("--resume auto needs --save (the checkpoint it resumes from)") }
@@ -299,8 +301,20 @@ struct Train: ParsableCommand {
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
         let timeout = collectiveTimeout, resetWindows = resetCbnWindows, checked = checkCollectives, nodeGroups = syncGroupSize == "node"
-        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: loaded.failure) { launched in
-            let watched = RankLaunch.watched(launched, timeout: timeout, command: "syncbn-train")
+        let automatic = resume == "auto", overwrite = overwriteMetrics
+        let allowed = Set((allowConfigChange ?? "").split(separator: ",").map { "--" + $0.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "-")) })
+        // One writer per output: the launcher's rank 0 (the one that writes) holds an advisory lock
+        // on --save and --metrics for the job's life; a second job on either stops here.
+        var locks: [WriterLock] = []
+        var lockFailure: Error?
+        if MPICommunicator.launcherRank == 0 {
+            do {
+                for case let (flag, path?) in [("--save", savePath), ("--metrics", metricsPath)] { locks.append(try WriterLock(for: path, flag: flag)) }
+            } catch { lockFailure = error }
+        }
+        withExtendedLifetime(locks) {
+        RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train", preflight: lockFailure ?? loaded.failure, collectiveTimeout: timeout) { launched in
+            let watched = launched as! WatchdogCommunicator
             let world: any Communicator = checked ? CheckedCommunicator(watched) : watched
             let (split, heldOutOverlap) = try loaded.get()
             var configuration = configuration
@@ -342,15 +356,56 @@ struct Train: ParsableCommand {
                 }
                 trainer.checkpointing = (savePath, saveEvery)
             }
+            // A resume continues the checkpoint's run: a setting that changes the trajectory must be
+            // the same, unless --allow-config-change names it (the ranks and the per-rank batch may
+            // change together, at the same global batch). More steps or epochs are the same run
+            // when the learning rate of every step already trained is the same under both.
+            var allowedChanges: [String] = [], allowedFields: [String] = []
+            if let resumePath {
+                let metadata = try Safetensors.read(resumePath).metadata
+                if let text = metadata["configuration"], let stored = try? TrainingConfiguration.decoding(json: text) {
+                    let storedRanks = metadata["ranks"].flatMap { Int($0) }
+                    var differences = stored.trajectoryDifferences(from: configuration, ranks: storedRanks, otherRanks: world.size)
+                    if let trained = metadata["step"].flatMap({ Int($0) }), let storedRanks,
+                       stored.batchSize * storedRanks == configuration.batchSize * world.size {
+                        let perEpoch = trainer.stepsPerEpoch
+                        let old = stored.learningRatePlan(ranks: storedRanks, stepsPerEpoch: perEpoch,
+                                                          totalSteps: stored.steps ?? stored.epochs * perEpoch)
+                        let new = trainer.learningRatePlan
+                        if (0..<trained).allSatisfy({ old.rate(at: $0) == new.rate(at: $0) }) {
+                            differences.removeAll { $0.field == "steps" || $0.field == "epochs" }
+                        }
+                    }
+                    if let refused = differences.first(where: { !allowed.contains(RunAgreement.flagName($0.field)) }) {
+                        throw CollectiveRunError("--resume \(resumePath) continues a run with other settings: \(refused.text); resume with the checkpoint's settings, or pass --allow-config-change \(RunAgreement.flagName(refused.field).dropFirst(2)) to continue with the new one")
+                    }
+                    allowedChanges = differences.map(\.text)
+                    allowedFields = differences.map(\.field) + ["steps", "epochs"]
+                }
+            }
             if let resumePath {
                 try trainer.resume(from: resumePath, resetCrossIterationWindows: resetWindows)
-                guard trainer.step < trainer.totalSteps else {
+                guard trainer.step < trainer.totalSteps || automatic else {
                     throw CollectiveRunError("\(resumePath) is at step \(trainer.step), at or past this run's \(trainer.totalSteps) steps: nothing to train (raise --steps or --epochs, or use syncbn-train evaluate)")
                 }
             }
+            if automatic && trainer.step >= trainer.totalSteps {
+                // A scheduler's retry of a finished job: nothing to do, and that is success.
+                if world.rank == 0 { FileHandle.standardError.write(Data("syncbn-train: \(resumePath ?? "") is at step \(trainer.step) of \(trainer.totalSteps): the run is done, nothing to train\n".utf8)) }
+                return
+            }
             if world.rank == 0 {
+                for change in allowedChanges {
+                    let plan = trainer.learningRatePlan
+                    FileHandle.standardError.write(Data("syncbn-train: resuming with a changed setting (--allow-config-change): \(SettingNames.render(change)); the learning rate from step \(trainer.step) follows the new settings (\(String(format: "%.6g", plan.rate(at: trainer.step))) there, peak \(String(format: "%.6g", plan.peak)))\n".utf8))
+                }
                 if let metricsPath {
-                    trainer.metrics = try MetricsWriter(path: metricsPath, append: resumePath != nil)
+                    trainer.metrics = try MetricsWriter(path: metricsPath, append: resumePath != nil,
+                                                        history: resumePath != nil && !overwrite ? configuration : nil, ranks: world.size,
+                                                        allowing: Set(allowedFields))
+                    if trainer.metrics?.repairedPartialLine == true {
+                        FileHandle.standardError.write(Data("syncbn-train: \(metricsPath) ended in a partial line (an interrupted write); it was cut off\n".utf8))
+                    }
                     try trainer.metrics?.writeStart(configuration: configuration, ranks: world.size, resumedAt: resumePath.map { _ in trainer.step })
                 }
                 trainer.progress = ProgressReporter()
@@ -372,6 +427,7 @@ struct Train: ParsableCommand {
                                               accuracies, summary.steps, world.size, summary.seconds, summary.samplesPerSecond,
                                               savePath.map { ", saved \($0)" } ?? ""))
             }
+        }
         }
     }
 }
