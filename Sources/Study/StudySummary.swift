@@ -275,6 +275,22 @@ public struct StudySummary: Codable, Sendable {
                           "| difference | \(panel.xLabel) | seeds | mean [95 % interval] |", "|---|---|---|---|"] + rows + [""]
             }
         }
+        if panel.kind == .statistics {
+            var rows: [String] = []
+            for series in panel.series {
+                for point in series.points {
+                    func seeds(_ values: [String: Double]) -> [Int: Double] {
+                        Dictionary(uniqueKeysWithValues: values.compactMap { key, value in Int(key).map { ($0, value) } })
+                    }
+                    guard let difference = StudyStatistics.paired(seeds(point.preciseBySeed), seeds(point.emaBySeed)) else { continue }
+                    rows.append("| \(series.name) | \(StudyCatalog.format(point.x)) | \(difference.n) | \(difference.text) |")
+                }
+            }
+            if !rows.isEmpty {
+                lines += ["PreciseBN − EMA error (points; 95 % t interval over the seeds):", "",
+                          "| series | \(panel.xLabel) | seeds | mean [95 % interval] |", "|---|---|---|---|"] + rows + [""]
+            }
+        }
         var trends: [String] = []
         for series in panel.series {
             var xs: [Double] = [], ys: [Double] = []
