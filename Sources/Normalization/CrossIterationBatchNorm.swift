@@ -111,7 +111,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         self.source = source
         let C = featureCount, K = source.patchWeight.value.count / featureCount, width = 1 + 2 * C + K + 2 * C * K
         saved = RankLocalState([0, 0], validate: { values in
-            guard values.count >= 2, values.allSatisfy(\.isFinite), values[0] >= 0, values[0] == values[0].rounded(),
+            // The iteration counter becomes an Int: beyond 2⁵² it is neither exact nor convertible.
+            guard values.count >= 2, values.allSatisfy(\.isFinite), values[0] >= 0, values[0] <= 0x1p52, values[0] == values[0].rounded(),
                   values[1] >= 0, values[1] <= Double(window - 1), values[1] == values[1].rounded() else {
                 return "is not a cross-iteration window of at most \(window - 1) entries"
             }

@@ -74,6 +74,13 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
                 }
             }
             guard train >= 2, heldOut >= 1 else { throw DataError("⟨data⟩ synthetic: need train ≥ 2 and heldout ≥ 1") }
+            // Known before anything is allocated: refuse what would not fit in half the memory.
+            let bytes = Double(train) + Double(heldOut), limit = Double(ProcessInfo.processInfo.physicalMemory) / 2
+            let needed = bytes * Double(SyntheticImages.sampleShape.reduce(1, *) * 4)
+            guard needed <= limit else {
+                throw DataError(String(format: "⟨data⟩ synthetic: %d + %d samples need %.1f GiB, more than half of this machine's %.1f GiB of memory",
+                                       train, heldOut, needed / 1_073_741_824, limit * 2 / 1_073_741_824))
+            }
             self = .synthetic(train: train, heldOut: heldOut, seed: seed)
         case "idx":
             let (a, b) = try pair()

@@ -227,6 +227,10 @@ public final class Trainer {
         try world.allReduceSum(&totals)
         loss.units = totals[0]
         loss.outOfRange = totals[1]
+        // Every rank sees the same totals: a non-finite loss is a collective error, not a NaN row.
+        guard loss.outOfRange == 0 else {
+            throw CollectiveRunError("evaluation after step \(step): \(loss.outOfRange) of \(totals[3]) held-out samples have a non-finite (or ≥ 2²⁴) loss: the model's logits are not finite")
+        }
         return Evaluation(loss: loss.value / Double(totals[3]), accuracy: Double(totals[2]) / Double(totals[3]), count: Int(totals[3]))
     }
 

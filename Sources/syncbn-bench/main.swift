@@ -59,7 +59,8 @@ struct LayerBench: ParsableCommand {
             guard dims.count == 2 || dims.count == 4, dims.allSatisfy({ ($0 ?? 0) >= 1 }) else {
                 throw ValidationError("--shape must be N,C or N,C,H,W with positive sizes, got '\(shape)'")
             }
-            guard dims.reduce(1, { $0 * $1! }) <= 1 << 30 else { throw ValidationError("--shape \(shape) is too large") }
+            // A product that overflows is too large too (no trap): multiply in Double.
+            guard dims.reduce(1.0, { $0 * Double($1!) }) <= Double(1 << 30) else { throw ValidationError("--shape \(shape) is too large (at most 2^30 values)") }
         }
     }
 
@@ -207,7 +208,7 @@ struct ConvBench: ParsableCommand {
 
     func dims() throws -> [Int] {
         let dims = shape.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
-        guard dims.count == 4, dims.allSatisfy({ $0 >= 1 }), dims.reduce(1, *) <= 1 << 28 else {
+        guard dims.count == 4, dims.allSatisfy({ $0 >= 1 }), dims.reduce(1.0, { $0 * Double($1) }) <= Double(1 << 28) else {
             throw ValidationError("--shape must be N,C,H,W with positive sizes (at most 2^28 elements), got '\(shape)'")
         }
         return dims

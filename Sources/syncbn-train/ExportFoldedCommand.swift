@@ -42,6 +42,10 @@ struct ExportFolded: ParsableCommand {
             let logits = try folded.forward(x, mode: .inference)
             var difference = 0.0, scale = 0.0
             for i in 0..<reference.count {
+                // max ignores NaN: a non-finite logit on either side is an error, not "differ by 0".
+                guard logits.scalars[i].isFinite && reference.scalars[i].isFinite else {
+                    throw CollectiveRunError("the \(logits.scalars[i].isFinite ? "unfolded" : "folded") model gives a non-finite logit for held-out sample \(i / max(reference.shape.last ?? 1, 1)); nothing written")
+                }
                 difference = max(difference, abs(Double(logits.scalars[i]) - Double(reference.scalars[i])))
                 scale = max(scale, abs(Double(reference.scalars[i])))
             }

@@ -230,4 +230,42 @@ final class HardeningTests: XCTestCase {
         XCTAssertFalse(text.contains("-400"), "an accuracy of 5.0 is not an error of −400 %")
         XCTAssertTrue(text.contains("failed"), text)
     }
+
+    /// Rewrites one tensor of checkpoint `path` into a new file.
+    func tampered(_ path: String, as name: String, _ change: (inout [String: StoredTensor]) throws -> Void) throws -> String {
+        let read = try Safetensors.read(path)
+        var tensors = read.tensors
+        try change(&tensors)
+        let out = dir + "/" + name
+        try Safetensors.write(tensors.map { (name: $0.key, tensor: $0.value) }, metadata: read.metadata, to: out)
+        return out
+    }
+
+    func testNonFiniteLogitsAreAnErrorNotANaNRow() throws {
+        let a = try checkpoint()
+        let huge = try tampered(a, as: "huge.safetensors") { tensors in
+            let name = try XCTUnwrap(tensors.keys.first { $0.hasPrefix("classifier.") && $0.hasSuffix("weight") })
+            tensors[name] = StoredTensor(floats: [Float](repeating: 3e38, count: tensors[name]!.floats!.count), shape: tensors[name]!.shape)
+        }
+        assertRefused(try train(["evaluate", "--resume", huge, "--json"]), ["non-finite"], status: 2)
+        assertRefused(try train(["export-folded", "--resume", huge, "--out", dir + "/folded.safetensors"]), ["non-finite"], status: 2)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/folded.safetensors"), "nothing written")
+    }
+
+    func testSizesThatCannotFitAreRefusedBeforeAllocating() throws {
+        assertRefused(try train(["--data", "synthetic:train=100000000", "--steps", "1"]), ["synthetic", "GiB"], status: 2)
+        let bench = try runProcess(Harness.bench, ["layer", "--shape", "9999999999,9999999999"], timeout: 30)
+        assertRefused(bench, ["--shape", "too large"], status: 64)
+        // A cross-iteration window whose iteration counter cannot be an Int.
+        let cbn = try checkpoint("cbn.safetensors", steps: 4, extra: ["--norm", "cbn", "--lr-schedule", "constant", "--warmup-steps", "0"])
+        let counter = try tampered(cbn, as: "counter.safetensors") { tensors in
+            let name = try XCTUnwrap(tensors.keys.first { $0.hasSuffix("cbn_window.rank0") })
+            var values = try XCTUnwrap(tensors[name]?.doubles)
+            values[0] = 1e300
+            tensors[name] = StoredTensor(doubles: values, shape: [values.count])
+        }
+        let resumed = try train(["--steps", "6", "--norm", "cbn", "--lr-schedule", "constant", "--warmup-steps", "0", "--eval-stats", "ema",
+                                 "--resume", counter, "--save", dir + "/continued.safetensors"])
+        assertRefused(resumed, ["cbn_window", "cross-iteration window"], status: 2)
+    }
 }
