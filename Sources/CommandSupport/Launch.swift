@@ -41,12 +41,7 @@ public enum RankLaunch {
         if MPICommunicator.launchedByMPI {
             let world: MPICommunicator
             // MPI's initialisation waits for every rank too (a rank stopped at start-up would hang it).
-            let startup = collectiveTimeout.map { timeout in
-                CollectiveWatchdog(timeout: timeout) { message in
-                    printError(command, "rank \(MPICommunicator.launcherRank): " + message + String(format: " (--collective-timeout %.0f)", timeout))
-                    _exit(3)
-                }
-            }
+            let startup = collectiveTimeout.map { watchdog(timeout: $0, command: command, rankPrefix: "rank \(MPICommunicator.launcherRank): ") }
             do {
                 world = try startup.map { try $0.watch("MPI initialisation") { try MPICommunicator.world() } } ?? MPICommunicator.world()
             } catch { fail(command, describe(error)) }
@@ -89,11 +84,16 @@ public enum RankLaunch {
     /// this rank print what it was waiting in and end with exit code 3 (under `mpirun`, which then
     /// ends the job), instead of waiting forever for a stopped or dead rank.
     public static func watched(_ world: any Communicator, timeout: Double, command: String) -> WatchdogCommunicator {
-        let rank = world.rank, size = world.size
-        return WatchdogCommunicator(world, watchdog: CollectiveWatchdog(timeout: timeout) { message in
-            printError(command, (size > 1 ? "rank \(rank): " : "") + message + String(format: " (--collective-timeout %.0f)", timeout))
+        WatchdogCommunicator(world, watchdog: watchdog(timeout: timeout, command: command,
+                                                       rankPrefix: world.size > 1 ? "rank \(world.rank): " : ""))
+    }
+
+    /// A watchdog whose expiry prints the wait on one line, naming the rank, and exits with 3.
+    static func watchdog(timeout: Double, command: String, rankPrefix: String) -> CollectiveWatchdog {
+        CollectiveWatchdog(timeout: timeout) { message in
+            printError(command, rankPrefix + message + String(format: " (--collective-timeout %.0f)", timeout))
             _exit(3)
-        })
+        }
     }
 
     /// How `world` was started, for the first line of a run's output.

@@ -41,14 +41,19 @@ public enum OutputGuard {
 
     /// Checks several outputs, and that no two of them are one file.
     public static func check(_ outputs: [(flag: String, path: String?)], inputs: [String]) throws {
-        var seen: [(flag: String, path: String)] = []
+        for case let (flag, path?) in outputs { try check(path, flag: flag, inputs: inputs) }
+        try requireDistinct(outputs)
+    }
+
+    /// No two of `outputs` are one file (after resolving symbolic links).
+    public static func requireDistinct(_ outputs: [(flag: String, path: String?)]) throws {
+        var seen: [(flag: String, resolved: String)] = []
         for case let (flag, path?) in outputs {
-            try check(path, flag: flag, inputs: inputs)
             let resolved = URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
-            if let other = seen.first(where: { URL(fileURLWithPath: $0.path).standardizedFileURL.resolvingSymlinksInPath().path == resolved }) {
+            if let other = seen.first(where: { $0.resolved == resolved }) {
                 throw LayerError("\(other.flag) and \(flag) name the same file \(path)")
             }
-            seen.append((flag, path))
+            seen.append((flag, resolved))
         }
     }
 }

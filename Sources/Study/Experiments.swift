@@ -172,6 +172,17 @@ public enum StudyCatalog {
         return o
     }
 
+    /// PreciseBN re-evaluations of the checkpoints of `parents`, one job per sample budget (x).
+    static func budgetPoints(_ series: String, of parents: [StudyPoint], budgets: [Double], _ s: StudySettings,
+                             options extra: [String: String] = [:]) -> [StudyPoint] {
+        parents.flatMap { point in
+            budgets.map { n in
+                StudyPoint(series: series, x: n, seed: point.seed,
+                           job: StudyJob(kind: .precise, ranks: s.ranks, options: ["precise-bn-samples": format(n)].merging(extra) { $1 }, parent: point.job))
+            }
+        }
+    }
+
     /// The CBN window the CBN paper pairs with a batch: about 32 samples per window (k = 32 / b, at most 16).
     public static func window(forBatch batch: Int) -> Int { max(1, min(16, 32 / batch)) }
 
@@ -264,14 +275,8 @@ public enum StudyCatalog {
                 }
             }
             let budgets: [Double] = q ? [32, 128] : [128, 512, 2048, 8192]
-            var budget: [StudyPoint] = []
-            for point in curves where point.series.hasSuffix("lr \(format(s.learningRate))") {
-                for n in budgets {
-                    let options = ["precise-bn-samples": format(n)]
-                    budget.append(StudyPoint(series: "PreciseBN (SyncBN, b = \(batch) per rank)", x: n, seed: point.seed,
-                                             job: StudyJob(kind: .precise, ranks: s.ranks, options: options, parent: point.job)))
-                }
-            }
+            let budget = budgetPoints("PreciseBN (SyncBN, b = \(batch) per rank)",
+                                      of: curves.filter { $0.series.hasSuffix("lr \(format(s.learningRate))") }, budgets: budgets, s)
             let batches: [Double] = q ? [8, 2] : [32, 8, 2]
             let small = points("BN (per rank)", batches) { b, seed in perRank(base(s, batch: Int(b), seed: seed), norm: "bn") }
             return StudyExperiment(
@@ -402,14 +407,8 @@ public enum StudyCatalog {
             p += points("BN (per rank, b = 2), cosine", [0]) { _, seed in run("cosine", seed: seed) }
             p += points("BN (per rank, b = 2), step ×0.1 at 50 % and 75 %", [1]) { _, seed in run("step", seed: seed) }
             let budgets: [Double] = q ? [8, 32] : [8, 16, 32, 64, 128]
-            var budget: [StudyPoint] = []
-            for point in p where point.x == 0 {
-                for n in budgets {
-                    budget.append(StudyPoint(series: "PreciseBN of the cosine runs, 2 samples per rank per forward", x: n, seed: point.seed,
-                                             job: StudyJob(kind: .precise, ranks: s.ranks,
-                                                           options: ["precise-bn-samples": format(n), "precise-bn-batch-size": "2"], parent: point.job)))
-                }
-            }
+            let budget = budgetPoints("PreciseBN of the cosine runs, 2 samples per rank per forward", of: p.filter { $0.x == 0 },
+                                      budgets: budgets, s, options: ["precise-bn-batch-size": "2"])
             return StudyExperiment(
                 name: name, title: "E5: PreciseBN at 2 samples per rank",
                 claim: "At per-GPU batch 2, PreciseBN beats the EMA by several points, and its estimate saturates after a modest number of samples (Wu & Johnson 2021, §3). Pass criteria, fixed before the run: PreciseBN better than the EMA by ≥ 1 point, paired over 3 seeds with the interval above zero, under each schedule (if only under cosine, the gap is the schedule's end, lr → 0, not the batch); the knee is the smallest budget within 0.5 points of the 128-sample error.",

@@ -39,6 +39,11 @@ public struct StudySummary: Codable, Sendable {
         /// Held-out error (percent) by seed, for paired differences: EMA and PreciseBN statistics.
         public var emaBySeed: [String: Double] = [:]
         public var preciseBySeed: [String: Double] = [:]
+
+        /// A by-seed table keyed by the seed as a number (JSON keys are strings).
+        static func seeds(_ values: [String: Double]) -> [Int: Double] {
+            Dictionary(uniqueKeysWithValues: values.compactMap { key, value in Int(key).map { ($0, value) } })
+        }
         /// Diagnostics averaged over seeds: layer → quantity → mean.
         public var diagnostics: [String: [String: Double]]?
         public var done: Int
@@ -257,9 +262,7 @@ public struct StudySummary: Codable, Sendable {
     func comparisons(_ panel: Panel) -> [String] {
         guard [.final, .statistics, .budget].contains(panel.kind) else { return [] }
         let usePrecise = panel.kind == .budget
-        func bySeed(_ point: Point) -> [Int: Double] {
-            Dictionary(uniqueKeysWithValues: (usePrecise ? point.preciseBySeed : point.emaBySeed).compactMap { key, value in Int(key).map { ($0, value) } })
-        }
+        func bySeed(_ point: Point) -> [Int: Double] { Point.seeds(usePrecise ? point.preciseBySeed : point.emaBySeed) }
         var lines: [String] = []
         if panel.series.count > 1, let reference = panel.series.first {
             var rows: [String] = []
@@ -279,10 +282,7 @@ public struct StudySummary: Codable, Sendable {
             var rows: [String] = []
             for series in panel.series {
                 for point in series.points {
-                    func seeds(_ values: [String: Double]) -> [Int: Double] {
-                        Dictionary(uniqueKeysWithValues: values.compactMap { key, value in Int(key).map { ($0, value) } })
-                    }
-                    guard let difference = StudyStatistics.paired(seeds(point.preciseBySeed), seeds(point.emaBySeed)) else { continue }
+                    guard let difference = StudyStatistics.paired(Point.seeds(point.preciseBySeed), Point.seeds(point.emaBySeed)) else { continue }
                     rows.append("| \(series.name) | \(StudyCatalog.format(point.x)) | \(difference.n) | \(difference.text) |")
                 }
             }

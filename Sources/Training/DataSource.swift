@@ -194,11 +194,16 @@ public struct DataError: Error, CustomStringConvertible {
 }
 
 func readFile(_ path: String) throws -> [UInt8] {
+    try requireReadableFile(path)
+    guard let data = FileManager.default.contents(atPath: path) else { throw FileFormatError(path, "cannot be read") }
+    return [UInt8](data)
+}
+
+/// A file that exists and is not a directory, or the error that says which.
+func requireReadableFile(_ path: String) throws {
     var isDirectory: ObjCBool = false
     guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { throw FileFormatError(path, "no such file") }
     guard !isDirectory.boolValue else { throw FileFormatError(path, "is a directory, expected a file") }
-    guard let data = FileManager.default.contents(atPath: path) else { throw FileFormatError(path, "cannot be read") }
-    return [UInt8](data)
 }
 
 /// Labels must be integers in 0 ..< 65536; the class count is max + 1.

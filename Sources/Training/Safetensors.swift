@@ -81,22 +81,42 @@ public enum Safetensors {
     }
 
     /// Reads every tensor and the metadata; a malformed file throws a ``FileFormatError``.
-    public static func read(_ path: String) throws -> (tensors: [String: StoredTensor], metadata: [String: String]) {
-        let bytes = try readFile(path)
-        guard bytes.count >= 8 else { throw FileFormatError(path, "too short to be a safetensors file") }
-        let headerLength = bytes[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
-        guard headerLength <= UInt64(bytes.count - 8) else {
-            throw FileFormatError(path, "truncated: header length \(headerLength) exceeds the file (\(bytes.count) bytes)")
+    /// The header length stored in a file's first 8 bytes, checked against the file's size.
+    private static func headerLength(_ prefix: some Collection<UInt8>, fileSize: Int, path: String) throws -> Int {
+        guard prefix.count >= 8, fileSize >= 8 else { throw FileFormatError(path, "too short to be a safetensors file") }
+        let length = prefix.prefix(8).enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        guard length <= UInt64(fileSize - 8) else {
+            throw FileFormatError(path, "truncated: header length \(length) exceeds the file (\(fileSize) bytes)")
         }
-        let dataStart = 8 + Int(headerLength)
-        guard let json = try? JSONSerialization.jsonObject(with: Data(bytes[8..<dataStart])), let header = json as? [String: Any] else {
+        return Int(length)
+    }
+
+    /// The header's JSON object and its `__metadata__`.
+    private static func header(_ bytes: Data, path: String) throws -> (header: [String: Any], metadata: [String: String]) {
+        guard let json = try? JSONSerialization.jsonObject(with: bytes), let header = json as? [String: Any] else {
             throw FileFormatError(path, "header is not a JSON object (not a safetensors file?)")
         }
-        var metadata: [String: String] = [:]
-        if let meta = header["__metadata__"] {
-            guard let meta = meta as? [String: String] else { throw FileFormatError(path, "__metadata__ must map strings to strings") }
-            metadata = meta
-        }
+        guard let meta = header["__metadata__"] else { return (header, [:]) }
+        guard let metadata = meta as? [String: String] else { throw FileFormatError(path, "__metadata__ must map strings to strings") }
+        return (header, metadata)
+    }
+
+    /// A file's `__metadata__` alone: reads the header, not the tensors (a checkpoint's
+    /// configuration without loading its weights).
+    public static func metadata(_ path: String) throws -> [String: String] {
+        try requireReadableFile(path)
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw FileFormatError(path, "cannot be read") }
+        defer { try? handle.close() }
+        let size = Int(try handle.seekToEnd())
+        try handle.seek(toOffset: 0)
+        let length = try headerLength(try handle.read(upToCount: 8) ?? Data(), fileSize: size, path: path)
+        return try header(try handle.read(upToCount: length) ?? Data(), path: path).metadata
+    }
+
+    public static func read(_ path: String) throws -> (tensors: [String: StoredTensor], metadata: [String: String]) {
+        let bytes = try readFile(path)
+        let dataStart = 8 + (try headerLength(bytes, fileSize: bytes.count, path: path))
+        let (header, metadata) = try header(Data(bytes[8..<dataStart]), path: path)
         let dataLength = bytes.count - dataStart
         var tensors: [String: StoredTensor] = [:]
         var ranges: [(start: Int, end: Int, name: String)] = []

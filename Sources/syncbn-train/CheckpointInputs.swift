@@ -10,7 +10,7 @@ import Training
 /// The configuration stored in a checkpoint (with `data`/`evalData` overriding its data) and the
 /// data it names, loaded: what a command needs to rebuild the model of a checkpoint.
 func loadCheckpointRun(_ path: String, data: String?, evalData: String?) throws -> (TrainingConfiguration, DataSplit) {
-    let (_, metadata) = try Safetensors.read(path)
+    let metadata = try Safetensors.metadata(path)
     if metadata["network"] == "custom" {
         throw FileFormatError(path, "holds a custom network built by its own program; load it with that program (Trainer.resume), not from its stored configuration")
     }
@@ -36,7 +36,7 @@ func inferenceTrainer(_ path: String, configuration: TrainingConfiguration, spli
 /// names (or the `data`/`evalData` given instead), for the output guard.
 func checkpointInputs(_ resume: String, data: String?, evalData: String?) -> [String] {
     var files = [resume]
-    let stored = (try? Safetensors.read(resume))?.metadata["configuration"].flatMap { try? TrainingConfiguration.decoding(json: $0) }
+    let stored = (try? Safetensors.metadata(resume))?["configuration"].flatMap { try? TrainingConfiguration.decoding(json: $0) }
     for source in [data ?? stored?.data, evalData ?? stored?.evalData].compactMap({ $0 }) { files += Train.inputFiles(source) }
     return files
 }
@@ -48,9 +48,9 @@ func guardOutputs(_ outputs: [(flag: String, path: String?)], resume: String, da
     do { try OutputGuard.check(outputs, inputs: checkpointInputs(resume, data: data, evalData: evalData)) } catch { throw ValidationError("\(error)") }
 }
 
-/// `--collective-timeout` of the subcommands that run collectives on a checkpoint.
+/// `--collective-timeout`, the same in every subcommand.
 struct CollectiveTimeoutOption: ParsableArguments {
-    @Option(parsing: .unconditional, help: "End the job (exit 3) when a collective has waited this many seconds (a stopped, dead or diverging rank), naming the collective.")
+    @Option(parsing: .unconditional, help: "End the job (exit 3) when a collective has waited this many seconds (a stopped, dead or diverging rank), naming the collective (and, in training, the step).")
     var collectiveTimeout: Double = 600
 
     func validate() throws {

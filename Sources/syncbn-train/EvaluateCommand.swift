@@ -69,7 +69,7 @@ struct Evaluate: ParsableCommand {
             // The EMA statistics first (when the file keeps them beside PreciseBN's), then the stored
             // ones, or ones recomputed now.
             try trainer.resume(from: resumePath, forTraining: true, resetCrossIterationWindows: true)   // windows play no part in inference
-            let stored = try Safetensors.read(resumePath).metadata["statistics"] ?? "ema"
+            let stored = try Safetensors.metadata(resumePath)["statistics"] ?? "ema"
             var results: [(String, Evaluation)] = []
             if recompute != nil {
                 results.append(("EMA", try trainer.evaluate()))

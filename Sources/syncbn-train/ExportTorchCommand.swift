@@ -43,7 +43,7 @@ struct ExportTorch: ParsableCommand {
                 case .rankLocal: continue
                 }
             }
-            let stored = try Safetensors.read(resumePath).metadata
+            let stored = try Safetensors.metadata(resumePath)
             var metadata = trainer.inferenceMetadata
             metadata["format"] = "syncbn-torch-1"
             metadata["statistics"] = stored["statistics"] ?? "ema"

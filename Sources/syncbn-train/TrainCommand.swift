@@ -78,8 +78,7 @@ struct Train: ParsableCommand {
     var resetCbnWindows = false
     @Flag(help: "Debugging: before every collective, check that all ranks issue the same operation, size and sequence number, and name the first divergence.")
     var checkCollectives = false
-    @Option(parsing: .unconditional, help: "End the job (exit 3) when a collective has waited this many seconds (a stopped, dead or diverging rank), naming the collective and the step.")
-    var collectiveTimeout: Double = 600
+    @OptionGroup var watch: CollectiveTimeoutOption
     @Option(parsing: .unconditional, help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
     @Option(parsing: .unconditional, help: "Batch Renorm: the fraction of the steps trained as plain BN before r and d are relaxed (default 0.03).")
@@ -157,11 +156,11 @@ struct Train: ParsableCommand {
             guard let size = Int(syncGroupSize), size >= 1 else { throw ValidationError("--sync-group-size must be a group size ≥ 1 or 'node', got '\(syncGroupSize)'") }
         }
         if cbnDiagnostics && metrics == nil { throw ValidationError("--cbn-diagnostics writes to --metrics; give --metrics FILE") }
-        if let allowConfigChange {
+        if allowConfigChange != nil {
             guard resume != nil else { throw ValidationError("--allow-config-change applies with --resume only") }
             let known = Set(TrainingConfiguration.settingFields.map { RunAgreement.flagName($0) })
-            for item in allowConfigChange.split(separator: ",") where !known.contains("--" + item.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "-"))) {
-                throw ValidationError("--allow-config-change: '\(item)' is not a setting of a run (give flag names, e.g. lr,steps)")
+            for flag in allowedChangeFlags where !known.contains(flag) {
+                throw ValidationError("--allow-config-change: '\(flag.dropFirst(2))' is not a setting of a run (give flag names, e.g. lr,steps)")
             }
         }
         // The ranges of every setting: written once, in the configuration.
@@ -178,7 +177,7 @@ struct Train: ParsableCommand {
                 try OutputGuard.check(save, flag: "--save", inputs: dataFiles + (continuing ? [] : resumed.map { [$0] } ?? []))
             }
             if let metrics { try OutputGuard.check(metrics, flag: "--metrics", inputs: dataFiles + (resumed.map { [$0] } ?? []) + (save.map { [$0] } ?? [])) }
-            try OutputGuard.check([("--save", save), ("--metrics", metrics)], inputs: [])
+            try OutputGuard.requireDistinct([("--save", save), ("--metrics", metrics)])
         } catch let error as LayerError { throw ValidationError(error.description) }
         if save?.isEmpty == true { throw ValidationError("--save needs a file name, got an empty one") }
         if let metrics, resume == nil, !overwriteMetrics, FileManager.default.fileExists(atPath: metrics) {
@@ -190,7 +189,6 @@ struct Train: ParsableCommand {
             guard saveEvery >= 1 else { throw ValidationError("--save-every must be ≥ 1, got \(saveEvery)") }
             guard save != nil else { throw ValidationError("--save-every needs --save (where to write)") }
         }
-        guard collectiveTimeout.isFinite && collectiveTimeout >= 1 else { throw ValidationError("--collective-timeout must be at least 1 second, got \(collectiveTimeout)") }
         if lrReferenceBatch != "none" {
             guard let b = Int(lrReferenceBatch), b >= 1 else { throw ValidationError("--lr-reference-batch must be a positive batch size or 'none', got '\(lrReferenceBatch)'") }
         }
@@ -201,6 +199,13 @@ struct Train: ParsableCommand {
         if warmupEpochs != nil && warmupSteps != nil { throw ValidationError("give --warmup-epochs or --warmup-steps, not both") }
         if augment != "auto" { _ = try augmentation(parsing: augment, padding: pad ?? 4) }
         if let pad, !(0...64).contains(pad) { throw ValidationError("--pad must be between 0 and 64, got \(pad)") }
+    }
+
+    /// `--allow-config-change`'s items as flags (`lr` → `--lr`).
+    var allowedChangeFlags: Set<String> {
+        Set((allowConfigChange ?? "").split(separator: ",").map {
+            "--" + $0.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "-"))
+        })
     }
 
     /// The files a `--data`/`--eval-data` value reads (for the output-path checks).
@@ -300,9 +305,9 @@ struct Train: ParsableCommand {
         let metricsPath = metrics, savePath = save, saveEvery = saveEvery
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
-        let timeout = collectiveTimeout, resetWindows = resetCbnWindows, checked = checkCollectives, nodeGroups = syncGroupSize == "node"
+        let timeout = watch.collectiveTimeout, resetWindows = resetCbnWindows, checked = checkCollectives, nodeGroups = syncGroupSize == "node"
         let automatic = resume == "auto", overwrite = overwriteMetrics
-        let allowed = Set((allowConfigChange ?? "").split(separator: ",").map { "--" + $0.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "-")) })
+        let allowed = allowedChangeFlags
         // One writer per output: the launcher's rank 0 (the one that writes) holds an advisory lock
         // on --save and --metrics for the job's life; a second job on either stops here.
         var locks: [WriterLock] = []
@@ -362,7 +367,7 @@ struct Train: ParsableCommand {
             // when the learning rate of every step already trained is the same under both.
             var allowedChanges: [String] = [], allowedFields: [String] = []
             if let resumePath {
-                let metadata = try Safetensors.read(resumePath).metadata
+                let metadata = try Safetensors.metadata(resumePath)
                 if let text = metadata["configuration"], let stored = try? TrainingConfiguration.decoding(json: text) {
                     let storedRanks = metadata["ranks"].flatMap { Int($0) }
                     var differences = stored.trajectoryDifferences(from: configuration, ranks: storedRanks, otherRanks: world.size)

@@ -252,14 +252,7 @@ final class StoppedRankTests: XCTestCase {
         let metrics = dir + "/metrics.jsonl"
         var stopped: Int32?
         // The ranks are the syncbn-train processes whose command line names this test's directory.
-        func ranks() -> [Int32] {
-            let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-            return entries.compactMap(Int32.init).filter { pid in
-                let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
-                let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
-                return comm.hasPrefix("syncbn-train") && cmdline.contains(dir)
-            }
-        }
+        func ranks() -> [Int32] { trainProcesses(matching: dir) }
         defer { if let stopped { kill(stopped, SIGKILL) } }
         let started = Date()
         let result = try runProcess(Harness.mpirun!, Harness.mpirunArguments(ranks: 3) + [

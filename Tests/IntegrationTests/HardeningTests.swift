@@ -175,7 +175,7 @@ final class HardeningTests: XCTestCase {
             let started = Date()
             let result = try runProcess(mpirun, Harness.mpirunArguments(ranks: 2) + [Harness.train] + arguments + ["--collective-timeout", "5"],
                                         timeout: 90, killWhen: {
-                if stopped == nil, let victim = self.ranks(matching: tag).max(), self.ranks(matching: tag).count == 2 {
+                if stopped == nil, let victim = trainProcesses(matching: tag).max(), trainProcesses(matching: tag).count == 2 {
                     kill(victim, SIGSTOP)
                     stopped = victim
                 }
@@ -186,16 +186,6 @@ final class HardeningTests: XCTestCase {
             XCTAssertNotEqual(result.status, 0, describe(result))
             XCTAssertLessThan(Date().timeIntervalSince(started), 5 + 30, describe(result))
             XCTAssertTrue(result.stderr.contains("no rank answered for") && result.stderr.contains("--collective-timeout 5"), describe(result))
-        }
-    }
-
-    /// The syncbn-train processes whose command line contains `tag`.
-    func ranks(matching tag: String) -> [Int32] {
-        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-        return entries.compactMap(Int32.init).filter { pid in
-            let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
-            let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
-            return comm.hasPrefix("syncbn-train") && cmdline.contains(tag)
         }
     }
 

@@ -36,6 +36,17 @@ enum Harness {
     }
 }
 
+/// The PIDs of the running syncbn-train processes whose command line contains `tag` (a test's
+/// directory, say): the ranks of that test's job.
+func trainProcesses(matching tag: String) -> [Int32] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap(Int32.init).filter { pid in
+        let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+        let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
+        return comm.hasPrefix("syncbn-train") && cmdline.contains(tag)
+    }
+}
+
 /// Every float tensor of a checkpoint by name.
 func checkpointTensors(_ path: String) throws -> [String: [Float]] {
     let (tensors, _) = try Safetensors.read(path)
