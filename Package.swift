@@ -21,13 +21,15 @@ let package = Package(
         .systemLibrary(name: "CMPI", pkgConfig: "ompi-c", providers: [.apt(["libopenmpi-dev"])]),
         .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
 
+        // oneDNN's convolutions (Debian's libdnnl-dev, oneDNN 2.6, OpenMP runtime), behind a small C layer.
+        .target(name: "CDNNL", linkerSettings: [.linkedLibrary("dnnl"), .linkedLibrary("gomp")]),
         .target(name: "CAllocator"),
         // zlib (Debian's zlib1g-dev) for gzipped IDX files; inflateInit2 is a macro, hence C.
         .target(name: "CGzip", linkerSettings: [.linkedLibrary("z")]),
         .target(name: "Collectives"),
         .target(name: "CollectivesMPI", dependencies: ["Collectives", "CMPI", "CAllocator", "Kernels"]),
         .target(name: "CollectiveChecks", dependencies: ["Collectives"]),
-        .target(name: "Kernels", dependencies: ["COpenBLAS"]),
+        .target(name: "Kernels", dependencies: ["COpenBLAS", "CDNNL"]),
         .target(name: "Normalization", dependencies: ["Kernels", "Collectives"]),
         .target(name: "Training", dependencies: ["Kernels", "Normalization", "Collectives", "CGzip"]),
         .target(name: "CommandSupport", dependencies: [

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Kernels
 import Normalization
 import Training
 
@@ -16,6 +17,7 @@ extension SamplerKind: ExpressibleByArgument {}
 extension CrossIterationGradient: ExpressibleByArgument {}
 extension EvaluationStatistics: ExpressibleByArgument {}
 extension LearningRateSchedule: ExpressibleByArgument {}
+extension ConvolutionBackend: ExpressibleByArgument {}
 
 extension TrainingConfiguration {
     /// The configuration's own check (``problem()``), as the command line's usage error: the

@@ -129,6 +129,51 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// The global index of the first sample of the next batch (see ``SampleAligned``).
     public var sampleOffset = 0
 
+    /// Which code computes this layer when Scalar is Float (Double always uses im2col): see
+    /// ``ConvolutionBackend``. Every rank of a job must use the same backend for a layer (the
+    /// exactness contract: one call shape and one kernel per layer).
+    public var backend: ConvolutionBackend = .im2col
+    /// The layout oneDNN computes in: by default its preferred (blocked) one, reordered at the
+    /// call's edges; plain NCHW sends oneDNN to its own im2col (docs/performance.md).
+    public var oneDNNLayout: OneDNNLayout = .preferred {
+        didSet { if oneDNNLayout != oldValue { oneDNNPrimitives.removeAll() } }
+    }
+    /// oneDNN's chunk of samples for forward and backward data; nil: ``oneDNNChunkSize(_:)``.
+    public var oneDNNChunkOverride: Int?
+    /// The backend that runs: oneDNN only for Float.
+    public var effectiveBackend: ConvolutionBackend { Scalar.self == Float.self ? backend : .im2col }
+    /// oneDNN primitives by shape, created on first use (a handful per layer: training and
+    /// evaluation share them when their image sizes agree).
+    private var oneDNNPrimitives: [OneDNNConvolution.Shape: OneDNNConvolution] = [:]
+    /// oneDNN's chunk input and output when a chunk is not whole in this batch (absent slots zero).
+    private var oneDNNChunkInput: [Float] = []
+    private var oneDNNChunkOutput: [Float] = []
+
+    /// Samples per oneDNN chunk: a power of two that depends on the layer's shape alone, the
+    /// largest (up to 16) whose chunk input and output hold at most 256 Ki values (1 MiB of Float).
+    public func oneDNNChunkSize(_ g: ConvolutionGeometry) -> Int {
+        if let oneDNNChunkOverride { return oneDNNChunkOverride }
+        let perSample = inputChannels * g.height * g.width + outputChannels * g.positions
+        var c = 1
+        while c < 16 && 2 * c * perSample <= (1 << 18) { c *= 2 }
+        return c
+    }
+
+    /// The primitives for one shape, created once.
+    private func oneDNN(_ g: ConvolutionGeometry, minibatch: Int, weightsMinibatch: Int = 0, weightsOutputChannels: Int = 0) throws -> OneDNNConvolution {
+        let shape = OneDNNConvolution.Shape(minibatch: minibatch, inputChannels: inputChannels, height: g.height, width: g.width,
+                                            outputChannels: outputChannels, kernelSize: kernelSize, stride: stride, padding: padding,
+                                            weightsMinibatch: weightsMinibatch, weightsOutputChannels: weightsOutputChannels,
+                                            layout: oneDNNLayout)
+        if let existing = oneDNNPrimitives[shape] { return existing }
+        let created = try OneDNNConvolution(shape)
+        oneDNNPrimitives[shape] = created
+        return created
+    }
+
+    /// The implementations oneDNN chose for this layer's last shape ("forward/data/weights"); nil before oneDNN ran.
+    public var oneDNNImplementations: [String] { oneDNNPrimitives.keys.sorted { $0.weightsOutputChannels < $1.weightsOutputChannels }.map { oneDNNPrimitives[$0]!.implementations } }
+
     /// Samples per chunk, c: a power of two that depends on the layer's shape alone, the largest
     /// with at most 2,048 GEMM columns (c·P) whose im2col matrix holds at most 128 Ki values
     /// (512 KiB of Float), so that every GEMM of the layer has one shape on any rank and batch.
@@ -203,11 +248,17 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         let g = try geometry(for: input.shape)
         let n = input.shape[0], K = g.patchSize, P = g.positions, C = outputChannels
         let c = chunkSize(g), width = c * P
-        if chunkColumns.count < K * width { chunkColumns = Scalar.filled(K * width, with: 0) }
-        if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
         let offset = sampleOffset
+        let primitives = effectiveBackend == .onednn && n > 0 ? try oneDNN(g, minibatch: oneDNNChunkSize(g)) : nil
+        if primitives == nil {
+            if chunkColumns.count < K * width { chunkColumns = Scalar.filled(K * width, with: 0) }
+            if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
+        }
         let output = Tensor<Scalar>(shape: [n, C, g.outputHeight, g.outputWidth]) { y in
             guard n > 0 else { return }
+            if let primitives {
+                oneDNNForward(primitives, input: input, offset: offset, g, into: y)
+            } else {
             input.scalars.withUnsafeBufferPointer { x in
                 weight.value.scalars.withUnsafeBufferPointer { w in
                     chunkColumns.withUnsafeMutableBufferPointer { cc in
@@ -227,6 +278,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                         }
                     }
                 }
+            }
             }
             if let bias {
                 bias.value.scalars.withUnsafeBufferPointer { b in
@@ -267,8 +319,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         patchStatisticsReceiver = nil
         let fused = receiver != nil
         let rows = fused ? 2 * C + 1 : C
-        if chunkColumns.count < K * width { chunkColumns = Scalar.filled(K * width, with: 0) }
-        if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
+        let useOneDNN = effectiveBackend == .onednn && n > 0
+        if !useOneDNN {
+            if chunkColumns.count < K * width { chunkColumns = Scalar.filled(K * width, with: 0) }
+            if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
+        }
         if weightGradientTree?.width != C * K { weightGradientTree = PairwiseAccumulator(width: C * K) }
         weightGradientTree!.reset()
         if fused {
@@ -279,6 +334,9 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         }
         var dx = Tensor<Scalar>(shape: [n, inputChannels, g.height, g.width])
         let offset = lastOffset
+        if useOneDNN {
+            try oneDNNBackward(g, input: input, output: output, outputGradient: outputGradient, offset: offset, fused: fused, into: &dx)
+        } else {
         input.scalars.withUnsafeBufferPointer { x in
             outputGradient.scalars.withUnsafeBufferPointer { dy in
                 output.scalars.withUnsafeBufferPointer { yp in
@@ -322,7 +380,6 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                                             }
                                         }
                                     }
-                                    weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
                                 }
                             }
                         }
@@ -330,6 +387,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                 }
             }
         }
+        }
+        weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
         if let receiver {
             var statistics = [Double](repeating: 0, count: (C + 1) * K)
             statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
@@ -353,16 +412,132 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// patch statistics widened into the Double tree (the type cross-iteration BN reduces them in).
     private func addFusedLeaf(dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>, columns: UnsafePointer<Scalar>, ldb: Int,
                               rows: Int, K: Int, P: Int) {
+        addFusedLeaf(dy: dy, y: y, K: K, P: P) { a, r in
+            Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: P, alpha: 1, a: a, lda: P,
+                        b: columns, ldb: ldb, beta: 0, c: r, ldc: K)
+        }
+    }
+
+    /// The fused leaf with its product computed by `product(rows, result)`: rows = [dY_s; Y_s; 1]
+    /// ((2·C_out + 1) × P), result = rows·cols_sᵀ ((2·C_out + 1) × K).
+    private func addFusedLeaf(dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>, K: Int, P: Int,
+                              product: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>) -> Void) {
         let C = outputChannels
         sampleRows.withUnsafeMutableBufferPointer { a in
             sampleResult.withUnsafeMutableBufferPointer { r in
                 a.baseAddress!.update(from: dy, count: C * P)
                 (a.baseAddress! + C * P).update(from: y, count: C * P)
                 (a.baseAddress! + 2 * C * P).update(repeating: 1, count: P)
-                Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: P, alpha: 1, a: a.baseAddress!, lda: P,
-                            b: columns, ldb: ldb, beta: 0, c: r.baseAddress!, ldc: K)
+                product(a.baseAddress!, r.baseAddress!)
                 weightGradientTree!.add { $0.update(from: r.baseAddress!, count: C * K) }
                 patchStatisticsTree!.add { Scalar.widen(r.baseAddress! + C * K, count: (C + 1) * K, into: $0) }
+            }
+        }
+    }
+
+    /// oneDNN's forward over the index-aligned chunks: a chunk this batch holds whole is computed
+    /// in place (input read from x, output written into y); a partial one goes through the chunk
+    /// buffers with absent slots zero, so every call has the layer's one shape.
+    private func oneDNNForward(_ primitives: OneDNNConvolution, input: Tensor<Scalar>, offset: Int, _ g: ConvolutionGeometry,
+                               into y: UnsafeMutableBufferPointer<Scalar>) {
+        let n = input.shape[0], c = primitives.shape.minibatch
+        let inPlane = inputChannels * g.height * g.width, outPlane = outputChannels * g.positions
+        if oneDNNChunkInput.count < c * inPlane { oneDNNChunkInput = [Float](repeating: 0, count: c * inPlane) }
+        if oneDNNChunkOutput.count < c * outPlane { oneDNNChunkOutput = [Float](repeating: 0, count: c * outPlane) }
+        input.scalars.withUnsafeBufferPointer { xs in
+            weight.value.scalars.withUnsafeBufferPointer { ws in
+                xs.withMemoryRebound(to: Float.self) { x in
+                    ws.withMemoryRebound(to: Float.self) { w in
+                        y.withMemoryRebound(to: Float.self) { y in
+                            for (samples, firstSlot) in Self.chunks(batch: n, offset: offset, size: c) {
+                                timedGEMM(m: outputChannels, n: c * g.positions, k: g.patchSize) {
+                                    if samples.count == c {
+                                        primitives.forward(x: x.baseAddress! + samples.lowerBound * inPlane, weight: w.baseAddress!,
+                                                           into: y.baseAddress! + samples.lowerBound * outPlane)
+                                    } else {
+                                        oneDNNPartialChunk(samples: samples, firstSlot: firstSlot, chunk: c, source: x.baseAddress!,
+                                                           sourcePlane: inPlane, target: y.baseAddress!, targetPlane: outPlane) { i, o in
+                                            primitives.forward(x: i, weight: w.baseAddress!, into: o)
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A partial chunk: samples copied into their slots of the chunk input (the rest zero), the
+    /// call run on the whole chunk, and the samples' results copied out of the chunk output.
+    private func oneDNNPartialChunk(samples: Range<Int>, firstSlot: Int, chunk c: Int, source: UnsafePointer<Float>, sourcePlane: Int,
+                                    target: UnsafeMutablePointer<Float>, targetPlane: Int,
+                                    _ call: (UnsafePointer<Float>, UnsafeMutablePointer<Float>) -> Void) {
+        oneDNNChunkInput.withUnsafeMutableBufferPointer { i in
+            oneDNNChunkOutput.withUnsafeMutableBufferPointer { o in
+                i.baseAddress!.update(repeating: 0, count: c * sourcePlane)
+                (i.baseAddress! + firstSlot * sourcePlane).update(from: source + samples.lowerBound * sourcePlane,
+                                                                 count: samples.count * sourcePlane)
+                call(i.baseAddress!, o.baseAddress!)
+                (target + samples.lowerBound * targetPlane).update(from: o.baseAddress! + firstSlot * targetPlane,
+                                                                  count: samples.count * targetPlane)
+            }
+        }
+    }
+
+    /// oneDNN's backward: each sample's weight gradient (one backward-weights call at minibatch 1,
+    /// the same shape for every sample; with patch statistics, one call with 2·C_out + 1 output
+    /// channels on [dY_s; Y_s; 1]) added along the pairwise tree, and the input gradient over the
+    /// forward's chunks.
+    private func oneDNNBackward(_ g: ConvolutionGeometry, input: Tensor<Scalar>, output: Tensor<Scalar>, outputGradient: Tensor<Scalar>,
+                                offset: Int, fused: Bool, into dx: inout Tensor<Scalar>) throws {
+        let n = input.shape[0], C = outputChannels, K = g.patchSize, P = g.positions
+        let c = oneDNNChunkSize(g)
+        let data = try oneDNN(g, minibatch: c)
+        let perSample = try oneDNN(g, minibatch: 0, weightsMinibatch: 1, weightsOutputChannels: fused ? 2 * C + 1 : C)
+        let inPlane = inputChannels * g.height * g.width, outPlane = C * P
+        if oneDNNChunkInput.count < c * outPlane { oneDNNChunkInput = [Float](repeating: 0, count: c * outPlane) }
+        if oneDNNChunkOutput.count < c * inPlane { oneDNNChunkOutput = [Float](repeating: 0, count: c * inPlane) }
+        input.scalars.withUnsafeBufferPointer { xs in
+            outputGradient.scalars.withUnsafeBufferPointer { dys in
+                output.scalars.withUnsafeBufferPointer { ys in
+                    weight.value.scalars.withUnsafeBufferPointer { ws in
+                        dx.scalars.withUnsafeMutableBufferPointer { dxs in
+                            let x = UnsafeRawPointer(xs.baseAddress!).assumingMemoryBound(to: Float.self)
+                            let dy = UnsafeRawPointer(dys.baseAddress!).assumingMemoryBound(to: Float.self)
+                            let w = UnsafeRawPointer(ws.baseAddress!).assumingMemoryBound(to: Float.self)
+                            let d = UnsafeMutableRawPointer(dxs.baseAddress!).assumingMemoryBound(to: Float.self)
+                            timedGEMM(m: C, n: K, k: n * P) {
+                                for s in 0..<n {
+                                    if fused {
+                                        addFusedLeaf(dy: dys.baseAddress! + s * outPlane, y: ys.baseAddress! + s * outPlane, K: K, P: P) { rows, result in
+                                            perSample.backwardWeights(x: x + s * inPlane, dy: UnsafeRawPointer(rows).assumingMemoryBound(to: Float.self),
+                                                                      into: UnsafeMutableRawPointer(result).assumingMemoryBound(to: Float.self))
+                                        }
+                                    } else {
+                                        weightGradientTree!.add { leaf in
+                                            perSample.backwardWeights(x: x + s * inPlane, dy: dy + s * outPlane,
+                                                                      into: UnsafeMutableRawPointer(leaf).assumingMemoryBound(to: Float.self))
+                                        }
+                                    }
+                                }
+                            }
+                            for (samples, firstSlot) in Self.chunks(batch: n, offset: offset, size: c) {
+                                timedGEMM(m: K, n: c * P, k: C) {
+                                    if samples.count == c {
+                                        data.backwardData(dy: dy + samples.lowerBound * outPlane, weight: w, into: d + samples.lowerBound * inPlane)
+                                    } else {
+                                        oneDNNPartialChunk(samples: samples, firstSlot: firstSlot, chunk: c, source: dy, sourcePlane: outPlane,
+                                                           target: d, targetPlane: inPlane) { i, o in
+                                            data.backwardData(dy: i, weight: w, into: o)
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
     }

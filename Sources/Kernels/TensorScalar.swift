@@ -1,4 +1,5 @@
 import COpenBLAS
+import CDNNL
 
 /// Float or Double: the element types of tensors.
 ///
@@ -80,9 +81,10 @@ extension Double: TensorScalar {
     }
 }
 
-/// Sets the number of threads OpenBLAS may use (1 per rank when ranks share a machine).
+/// Sets the number of threads OpenBLAS and oneDNN may use (1 per rank when ranks share a machine).
 public func setGEMMThreads(_ count: Int) {
     openblas_set_num_threads(Int32(count))
+    syncbn_dnnl_set_threads(Int32(count))
 }
 
 // Float witnesses for the element-wise activations: eight lanes at a time with SIMD masks

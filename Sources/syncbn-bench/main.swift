@@ -205,6 +205,12 @@ struct ConvBench: ParsableCommand {
     var padding: Int?
     @Option(name: .customLong("repeat"), help: "Timed iterations.")
     var repetitions: Int = 20
+    @Option(help: "Convolution code: im2col (OpenBLAS's sgemm) or onednn.")
+    var backend: ConvolutionBackend = .im2col
+    @Option(help: "oneDNN's layout: plain (NCHW throughout) or preferred (its blocked layout, reordered at the edges).")
+    var layout: String = "preferred"
+    @Option(help: "oneDNN's chunk of samples (a power of two; default: the layer's own).")
+    var chunk: Int?
 
     func dims() throws -> [Int] {
         let dims = shape.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
@@ -219,6 +225,10 @@ struct ConvBench: ParsableCommand {
         guard (1...4096).contains(outChannels), (1...15).contains(kernel), (1...8).contains(stride), (1...100_000).contains(repetitions) else {
             throw ValidationError("--out-channels (1…4096), --kernel (1…15), --stride (1…8) and --repeat (1…100000) must be in range")
         }
+        guard ["plain", "preferred"].contains(layout) else { throw ValidationError("--layout must be plain or preferred, got '\(layout)'") }
+        if let chunk, !(1...1024).contains(chunk) || chunk & (chunk - 1) != 0 {
+            throw ValidationError("--chunk must be a power of two in 1…1024, got \(chunk)")
+        }
         let p = padding ?? kernel / 2
         guard p >= 0 && p < kernel, d[2] + 2 * p >= kernel, d[3] + 2 * p >= kernel else {
             throw ValidationError("--padding must be in 0..<kernel and the padded input at least the kernel's size")
@@ -232,6 +242,9 @@ struct ConvBench: ParsableCommand {
             var random = DeterministicRandom(seed: 5, stream: [UInt64(world.rank)])
             let conv = Conv2d<Float>(inputChannels: d[1], outputChannels: out, kernelSize: kernel, stride: stride, padding: padding,
                                      bias: false, random: &random)
+            conv.backend = backend
+            conv.oneDNNLayout = layout == "plain" ? .plain : .preferred
+            conv.oneDNNChunkOverride = chunk
             let x = Tensor<Float>.normal(shape: d, using: &random)
             let g = try conv.geometry(for: d)
             let dy = Tensor<Float>.normal(shape: [d[0], out, g.outputHeight, g.outputWidth], using: &random)
@@ -254,12 +267,17 @@ struct ConvBench: ParsableCommand {
             let rates = try world.allGather([flops / f / 1e9, 2 * flops / b / 1e9, 3 * flops / (f + b) / 1e9, gemm])
             if world.rank == 0 {
                 let mean = (0..<4).map { i in rates.reduce(0) { $0 + $1[i] } / Double(rates.count) }
+                let isa = OneDNNConvolution.cpuISA
+                let code = backend == .onednn ? "onednn \(layout) chunk \(conv.oneDNNChunkSize(g)) [\(conv.oneDNNImplementations.joined(separator: ", "))]" : "im2col"
+                printTable("conv backend \(code), CPU \(isa)")
                 printTable(String(format: "conv %@ → %d, %d×%d stride %d pad %d on %d rank(s): forward %.3f ms (%.1f GFLOP/s), backward %.3f ms (%.1f GFLOP/s), together %.1f GFLOP/s = %.0f%% of sgemm 512³ %.1f (rank 0's times, mean rates)",
                                   d.map(String.init).joined(separator: "×"), out, kernel, kernel, stride, padding, world.size, f * 1e3, mean[0],
                                   b * 1e3, mean[1], mean[2], 100 * mean[2] / mean[3], mean[3]))
                 printJSON(["benchmark": "conv", "shape": d, "out_channels": out, "kernel": kernel, "stride": stride, "padding": padding,
                            "ranks": world.size, "forward_s": f, "backward_s": b, "gflop_per_s": mean[2], "sgemm_gflop_per_s": mean[3],
-                           "fraction_of_sgemm": mean[2] / mean[3]])
+                           "fraction_of_sgemm": mean[2] / mean[3], "backend": backend.rawValue, "cpu_isa": isa,
+                           "onednn_layout": backend == .onednn ? layout : "", "onednn_chunk": backend == .onednn ? conv.oneDNNChunkSize(g) : 0,
+                           "onednn_implementations": conv.oneDNNImplementations])
             }
         }
     }

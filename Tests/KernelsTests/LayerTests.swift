@@ -89,11 +89,13 @@ final class LayerTests: XCTestCase {
     /// batch's bit for bit. Nothing here depends on which BLAS kernel runs: each comparison is
     /// between calls of one shape.
     func testConv2dPiecesOfABatchGiveTheWholeBatchsResultsBitForBit() throws {
+        for backend in ConvolutionBackend.allCases {
         for (c, o, h, w, kernel, stride, padding) in [(16, 16, 16, 16, 3, 1, 1), (16, 32, 16, 16, 3, 2, 1), (3, 16, 9, 5, 3, 1, 1), (8, 8, 5, 5, 1, 1, 0), (4, 8, 7, 7, 3, 1, 1)] {
             var random = DeterministicRandom(seed: 80)
             let conv = Conv2d<Float>(inputChannels: c, outputChannels: o, kernelSize: kernel, stride: stride, padding: padding, bias: true, random: &random)
+            conv.backend = backend
             let x = randomTensor([32, c, h, w], seed: 81).converted(to: Float.self)
-            let label = "\(c)→\(o) k\(kernel) s\(stride)"
+            let label = "\(c)→\(o) k\(kernel) s\(stride) \(backend)"
             conv.sampleOffset = 0
             let whole = try conv.forward(x, mode: .training)
             let dy = randomTensor(whole.shape, seed: 82).converted(to: Float.self)
@@ -122,6 +124,7 @@ final class LayerTests: XCTestCase {
                 XCTAssertEqual(rankTreeSum(dw).map(\.bitPattern), wholeDw.map(\.bitPattern), "weight gradient over \(ranks) pieces, \(label)")
                 XCTAssertEqual(rankTreeSum(db).map(\.bitPattern), wholeDb.map(\.bitPattern), "bias gradient over \(ranks) pieces, \(label)")
             }
+        }
         }
     }
 

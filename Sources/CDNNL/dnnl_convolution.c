@@ -1,0 +1,322 @@
+// See include/dnnl_convolution.h.
+#include "dnnl_convolution.h"
+
+#include <dnnl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern void omp_set_num_threads(int);
+
+static dnnl_engine_t shared_engine;
+static dnnl_stream_t shared_stream;
+
+static int ensure_engine(char *error, size_t length) {
+    if (shared_engine) return 0;
+    if (dnnl_engine_create(&shared_engine, dnnl_cpu, 0) != dnnl_success) {
+        snprintf(error, length, "oneDNN could not create a CPU engine");
+        shared_engine = NULL;
+        return 1;
+    }
+    if (dnnl_stream_create(&shared_stream, shared_engine, dnnl_stream_default_flags) != dnnl_success) {
+        snprintf(error, length, "oneDNN could not create a CPU stream");
+        dnnl_engine_destroy(shared_engine);
+        shared_engine = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+/// One argument of a primitive: the user's plain memory, and where oneDNN wants another layout,
+/// its own buffer and the reorder between the two.
+typedef struct {
+    int arg;
+    int is_output;
+    dnnl_memory_t user;
+    dnnl_memory_t internal; // NULL: the primitive reads or writes the user's memory
+    dnnl_primitive_t reorder;
+    void *buffer;
+} argument;
+
+typedef struct {
+    dnnl_primitive_t primitive;
+    argument args[3];
+    int count;
+    dnnl_memory_t scratchpad;
+    void *scratchpad_buffer;
+    char implementation[64];
+} operation;
+
+struct syncbn_dnnl_convolution {
+    operation forward, data, weights;
+    int has_forward, has_weights;
+    char implementations[200];
+};
+
+static int fail(char *error, size_t length, const char *what, dnnl_status_t status) {
+    snprintf(error, length, "oneDNN: %s failed (status %d)", what, (int)status);
+    return 1;
+}
+
+static void *aligned(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+    return p;
+}
+
+/// Sets up argument `index` of `op`: `user` is the plain descriptor, `chosen` the primitive's.
+static int add_argument(operation *op, int arg, int is_output, const dnnl_memory_desc_t *user,
+                        const dnnl_memory_desc_t *chosen, char *error, size_t length) {
+    argument *a = &op->args[op->count++];
+    memset(a, 0, sizeof *a);
+    a->arg = arg;
+    a->is_output = is_output;
+    dnnl_status_t s = dnnl_memory_create(&a->user, user, shared_engine, DNNL_MEMORY_NONE);
+    if (s != dnnl_success) return fail(error, length, "memory_create", s);
+    if (dnnl_memory_desc_equal(user, chosen)) return 0;
+    a->buffer = aligned(dnnl_memory_desc_get_size(chosen));
+    if (!a->buffer) return fail(error, length, "allocation", dnnl_out_of_memory);
+    s = dnnl_memory_create(&a->internal, chosen, shared_engine, a->buffer);
+    if (s != dnnl_success) return fail(error, length, "memory_create", s);
+    dnnl_primitive_desc_t reorder_pd;
+    s = is_output ? dnnl_reorder_primitive_desc_create(&reorder_pd, chosen, shared_engine, user, shared_engine, NULL)
+                  : dnnl_reorder_primitive_desc_create(&reorder_pd, user, shared_engine, chosen, shared_engine, NULL);
+    if (s != dnnl_success) return fail(error, length, "reorder_primitive_desc_create", s);
+    s = dnnl_primitive_create(&a->reorder, reorder_pd);
+    dnnl_primitive_desc_destroy(reorder_pd);
+    if (s != dnnl_success) return fail(error, length, "reorder primitive_create", s);
+    return 0;
+}
+
+static int finish_operation(operation *op, dnnl_primitive_desc_t pd, char *error, size_t length) {
+    const char *impl = NULL;
+    dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl);
+    snprintf(op->implementation, sizeof op->implementation, "%s", impl ? impl : "?");
+    const dnnl_memory_desc_t *scratch = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    size_t bytes = scratch ? dnnl_memory_desc_get_size(scratch) : 0;
+    if (bytes > 0) {
+        op->scratchpad_buffer = aligned(bytes);
+        if (!op->scratchpad_buffer) return fail(error, length, "scratchpad allocation", dnnl_out_of_memory);
+        dnnl_status_t s = dnnl_memory_create(&op->scratchpad, scratch, shared_engine, op->scratchpad_buffer);
+        if (s != dnnl_success) return fail(error, length, "scratchpad memory_create", s);
+    }
+    dnnl_status_t s = dnnl_primitive_create(&op->primitive, pd);
+    if (s != dnnl_success) return fail(error, length, "primitive_create", s);
+    return 0;
+}
+
+static void destroy_operation(operation *op) {
+    for (int i = 0; i < op->count; i++) {
+        argument *a = &op->args[i];
+        if (a->reorder) dnnl_primitive_destroy(a->reorder);
+        if (a->internal) dnnl_memory_destroy(a->internal);
+        if (a->user) dnnl_memory_destroy(a->user);
+        free(a->buffer);
+    }
+    if (op->primitive) dnnl_primitive_destroy(op->primitive);
+    if (op->scratchpad) dnnl_memory_destroy(op->scratchpad);
+    free(op->scratchpad_buffer);
+    memset(op, 0, sizeof *op);
+}
+
+/// Runs `op` on the user's buffers (in argument order): inputs reordered in, outputs out.
+static int execute(operation *op, void *const *handles) {
+    dnnl_exec_arg_t args[4];
+    int n = 0;
+    for (int i = 0; i < op->count; i++) {
+        argument *a = &op->args[i];
+        if (dnnl_memory_set_data_handle(a->user, handles[i]) != dnnl_success) return 1;
+        if (a->internal && !a->is_output) {
+            dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, a->user}, {DNNL_ARG_TO, a->internal}};
+            if (dnnl_primitive_execute(a->reorder, shared_stream, 2, r) != dnnl_success) return 1;
+        }
+        args[n].arg = a->arg;
+        args[n].memory = a->internal ? a->internal : a->user;
+        n++;
+    }
+    if (op->scratchpad) {
+        args[n].arg = DNNL_ARG_SCRATCHPAD;
+        args[n].memory = op->scratchpad;
+        n++;
+    }
+    if (dnnl_primitive_execute(op->primitive, shared_stream, n, args) != dnnl_success) return 1;
+    for (int i = 0; i < op->count; i++) {
+        argument *a = &op->args[i];
+        if (a->internal && a->is_output) {
+            dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, a->internal}, {DNNL_ARG_TO, a->user}};
+            if (dnnl_primitive_execute(a->reorder, shared_stream, 2, r) != dnnl_success) return 1;
+        }
+    }
+    return dnnl_stream_wait(shared_stream) == dnnl_success ? 0 : 1;
+}
+
+static void plain(dnnl_memory_desc_t *md, int n, int c, int h, int w, dnnl_format_tag_t tag) {
+    dnnl_dims_t dims = {n, c, h, w};
+    dnnl_memory_desc_init_by_tag(md, 4, dims, dnnl_f32, tag);
+}
+
+/// A forward-training descriptor's primitive descriptor (also the hint backward needs).
+static dnnl_status_t forward_pd(dnnl_primitive_desc_t *pd, dnnl_primitive_attr_t attr, int n, int cin, int h, int w,
+                                int cout, int k, int stride, int padding, int oh, int ow, int layout) {
+    dnnl_memory_desc_t src, wei, dst;
+    dnnl_format_tag_t act = layout == SYNCBN_DNNL_PLAIN ? dnnl_nchw : dnnl_format_tag_any;
+    dnnl_format_tag_t wt = layout == SYNCBN_DNNL_PLAIN ? dnnl_oihw : dnnl_format_tag_any;
+    plain(&src, n, cin, h, w, act);
+    plain(&wei, cout, cin, k, k, wt);
+    plain(&dst, n, cout, oh, ow, act);
+    dnnl_dims_t strides = {stride, stride}, pad = {padding, padding};
+    dnnl_convolution_desc_t desc;
+    dnnl_status_t s = dnnl_convolution_forward_desc_init(&desc, dnnl_forward_training, dnnl_convolution_direct, &src, &wei, NULL,
+                                                        &dst, strides, pad, pad);
+    if (s != dnnl_success) return s;
+    return dnnl_primitive_desc_create(pd, &desc, attr, shared_engine, NULL);
+}
+
+syncbn_dnnl_convolution *syncbn_dnnl_convolution_create(int n, int cin, int h, int w, int cout, int k, int stride, int padding,
+                                                        int weights_minibatch, int weights_cout, int layout, char *error,
+                                                        size_t length) {
+    if (ensure_engine(error, length)) return NULL;
+    int oh = (h + 2 * padding - k) / stride + 1, ow = (w + 2 * padding - k) / stride + 1;
+    syncbn_dnnl_convolution *c = calloc(1, sizeof *c);
+    if (!c) { snprintf(error, length, "oneDNN: allocation failed"); return NULL; }
+    dnnl_primitive_attr_t attr;
+    dnnl_primitive_attr_create(&attr);
+    dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user);
+    dnnl_primitive_desc_t fwd = NULL, bwd = NULL, hint = NULL;
+    dnnl_memory_desc_t user_src, user_wei, user_dst;
+    dnnl_status_t s;
+    dnnl_dims_t strides = {stride, stride}, pad = {padding, padding};
+    dnnl_format_tag_t act = layout == SYNCBN_DNNL_PLAIN ? dnnl_nchw : dnnl_format_tag_any;
+    dnnl_format_tag_t wt = layout == SYNCBN_DNNL_PLAIN ? dnnl_oihw : dnnl_format_tag_any;
+
+    plain(&user_src, n, cin, h, w, dnnl_nchw);
+    plain(&user_wei, cout, cin, k, k, dnnl_oihw);
+    plain(&user_dst, n, cout, oh, ow, dnnl_nchw);
+    if (n > 0) {
+    // Forward.
+    if ((s = forward_pd(&fwd, attr, n, cin, h, w, cout, k, stride, padding, oh, ow, layout)) != dnnl_success) {
+        fail(error, length, "convolution forward descriptor", s);
+        goto failure;
+    }
+    if (add_argument(&c->forward, DNNL_ARG_SRC, 0, &user_src, dnnl_primitive_desc_query_md(fwd, dnnl_query_src_md, 0), error, length) ||
+        add_argument(&c->forward, DNNL_ARG_WEIGHTS, 0, &user_wei, dnnl_primitive_desc_query_md(fwd, dnnl_query_weights_md, 0), error, length) ||
+        add_argument(&c->forward, DNNL_ARG_DST, 1, &user_dst, dnnl_primitive_desc_query_md(fwd, dnnl_query_dst_md, 0), error, length) ||
+        finish_operation(&c->forward, fwd, error, length))
+        goto failure;
+
+    // Backward data, hinted by the forward.
+    {
+        dnnl_memory_desc_t dsrc, wei, ddst;
+        plain(&dsrc, n, cin, h, w, act);
+        plain(&wei, cout, cin, k, k, wt);
+        plain(&ddst, n, cout, oh, ow, act);
+        dnnl_convolution_desc_t desc;
+        if ((s = dnnl_convolution_backward_data_desc_init(&desc, dnnl_convolution_direct, &dsrc, &wei, &ddst, strides, pad, pad)) != dnnl_success ||
+            (s = dnnl_primitive_desc_create(&bwd, &desc, attr, shared_engine, fwd)) != dnnl_success) {
+            fail(error, length, "convolution backward-data descriptor", s);
+            goto failure;
+        }
+        if (add_argument(&c->data, DNNL_ARG_DIFF_DST, 0, &user_dst, dnnl_primitive_desc_query_md(bwd, dnnl_query_diff_dst_md, 0), error, length) ||
+            add_argument(&c->data, DNNL_ARG_WEIGHTS, 0, &user_wei, dnnl_primitive_desc_query_md(bwd, dnnl_query_weights_md, 0), error, length) ||
+            add_argument(&c->data, DNNL_ARG_DIFF_SRC, 1, &user_src, dnnl_primitive_desc_query_md(bwd, dnnl_query_diff_src_md, 0), error, length) ||
+            finish_operation(&c->data, bwd, error, length))
+            goto failure;
+        dnnl_primitive_desc_destroy(bwd);
+        bwd = NULL;
+    }
+    c->has_forward = 1;
+    }
+
+    // Backward weights for weights_minibatch samples and weights_cout output channels.
+    if (weights_minibatch > 0 && weights_cout > 0) {
+        int wn = weights_minibatch, wc = weights_cout;
+        if ((s = forward_pd(&hint, attr, wn, cin, h, w, wc, k, stride, padding, oh, ow, layout)) != dnnl_success) {
+            fail(error, length, "convolution forward descriptor (weights hint)", s);
+            goto failure;
+        }
+        dnnl_memory_desc_t src, dwei, ddst, u_src, u_dwei, u_ddst;
+        plain(&src, wn, cin, h, w, act);
+        plain(&dwei, wc, cin, k, k, wt);
+        plain(&ddst, wn, wc, oh, ow, act);
+        plain(&u_src, wn, cin, h, w, dnnl_nchw);
+        plain(&u_dwei, wc, cin, k, k, dnnl_oihw);
+        plain(&u_ddst, wn, wc, oh, ow, dnnl_nchw);
+        dnnl_convolution_desc_t desc;
+        if ((s = dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &src, &dwei, NULL, &ddst, strides, pad, pad)) != dnnl_success ||
+            (s = dnnl_primitive_desc_create(&bwd, &desc, attr, shared_engine, hint)) != dnnl_success) {
+            fail(error, length, "convolution backward-weights descriptor", s);
+            goto failure;
+        }
+        if (add_argument(&c->weights, DNNL_ARG_SRC, 0, &u_src, dnnl_primitive_desc_query_md(bwd, dnnl_query_src_md, 0), error, length) ||
+            add_argument(&c->weights, DNNL_ARG_DIFF_DST, 0, &u_ddst, dnnl_primitive_desc_query_md(bwd, dnnl_query_diff_dst_md, 0), error, length) ||
+            add_argument(&c->weights, DNNL_ARG_DIFF_WEIGHTS, 1, &u_dwei, dnnl_primitive_desc_query_md(bwd, dnnl_query_diff_weights_md, 0), error, length) ||
+            finish_operation(&c->weights, bwd, error, length))
+            goto failure;
+        c->has_weights = 1;
+        dnnl_primitive_desc_destroy(bwd);
+        bwd = NULL;
+        dnnl_primitive_desc_destroy(hint);
+        hint = NULL;
+    }
+    snprintf(c->implementations, sizeof c->implementations, "%s/%s/%s", c->has_forward ? c->forward.implementation : "-",
+             c->has_forward ? c->data.implementation : "-", c->has_weights ? c->weights.implementation : "-");
+    if (fwd) dnnl_primitive_desc_destroy(fwd);
+    dnnl_primitive_attr_destroy(attr);
+    return c;
+
+failure:
+    if (fwd) dnnl_primitive_desc_destroy(fwd);
+    if (bwd) dnnl_primitive_desc_destroy(bwd);
+    if (hint) dnnl_primitive_desc_destroy(hint);
+    dnnl_primitive_attr_destroy(attr);
+    syncbn_dnnl_convolution_destroy(c);
+    return NULL;
+}
+
+void syncbn_dnnl_convolution_destroy(syncbn_dnnl_convolution *c) {
+    if (!c) return;
+    destroy_operation(&c->forward);
+    destroy_operation(&c->data);
+    destroy_operation(&c->weights);
+    free(c);
+}
+
+int syncbn_dnnl_convolution_forward(syncbn_dnnl_convolution *c, const float *x, const float *w, float *y) {
+    if (!c->has_forward) return 1;
+    void *handles[3] = {(void *)x, (void *)w, y};
+    return execute(&c->forward, handles);
+}
+
+int syncbn_dnnl_convolution_backward_data(syncbn_dnnl_convolution *c, const float *dy, const float *w, float *dx) {
+    if (!c->has_forward) return 1;
+    void *handles[3] = {(void *)dy, (void *)w, dx};
+    return execute(&c->data, handles);
+}
+
+int syncbn_dnnl_convolution_backward_weights(syncbn_dnnl_convolution *c, const float *x, const float *dy, float *dw) {
+    if (!c->has_weights) return 1;
+    void *handles[3] = {(void *)x, (void *)dy, dw};
+    return execute(&c->weights, handles);
+}
+
+const char *syncbn_dnnl_convolution_implementations(const syncbn_dnnl_convolution *c) { return c->implementations; }
+
+const char *syncbn_dnnl_cpu_isa(void) {
+    switch (dnnl_get_effective_cpu_isa()) {
+    case dnnl_cpu_isa_sse41: return "sse41";
+    case dnnl_cpu_isa_avx: return "avx";
+    case dnnl_cpu_isa_avx2: return "avx2";
+    case dnnl_cpu_isa_avx512_mic: return "avx512_mic";
+    case dnnl_cpu_isa_avx512_mic_4ops: return "avx512_mic_4ops";
+    case dnnl_cpu_isa_avx512_core: return "avx512_core";
+    case dnnl_cpu_isa_avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx";
+    case dnnl_cpu_isa_avx2_vnni: return "avx2_vnni";
+    default: return "other";
+    }
+}
+
+void syncbn_dnnl_set_threads(int threads) { omp_set_num_threads(threads > 0 ? threads : 1); }
+
+int syncbn_dnnl_available(char *error, size_t length) { return ensure_engine(error, length); }

@@ -1,0 +1,48 @@
+// A 2-D convolution through oneDNN (Debian's libdnnl-dev, C API of oneDNN 2.6) on Float data:
+// the user's tensors are plain NCHW activations and OIHW weights; oneDNN may compute in its
+// blocked layouts, with reorders at the primitive's edges. Primitives are created once per shape
+// and reused; their scratchpad is owned here (user-managed scratchpad mode).
+#ifndef SYNCBN_DNNL_CONVOLUTION_H
+#define SYNCBN_DNNL_CONVOLUTION_H
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct syncbn_dnnl_convolution syncbn_dnnl_convolution;
+
+/// Which layout oneDNN computes in: plain NCHW/OIHW throughout, or whatever its convolution
+/// prefers (blocked, e.g. nChw8c/nChw16c), reordered from and to plain at the edges.
+enum syncbn_dnnl_layout { SYNCBN_DNNL_PLAIN = 0, SYNCBN_DNNL_PREFERRED = 1 };
+
+/// Forward and backward-data primitives for `minibatch` samples of cin×h×w into cout channels
+/// (k×k kernel, stride, symmetric padding), and a backward-weights primitive for `weights_minibatch`
+/// samples with `weights_cout` output channels (the layer's cout, or 2·cout + 1 for patch statistics;
+/// 0: none); `minibatch` 0: backward weights only. NULL on failure, with a message in `error`.
+syncbn_dnnl_convolution *syncbn_dnnl_convolution_create(int minibatch, int cin, int h, int w, int cout, int k,
+                                                        int stride, int padding, int weights_minibatch, int weights_cout,
+                                                        int layout, char *error, size_t error_length);
+void syncbn_dnnl_convolution_destroy(syncbn_dnnl_convolution *convolution);
+
+/// y (minibatch×cout×oh×ow) = conv(x, w). 0 on success.
+int syncbn_dnnl_convolution_forward(syncbn_dnnl_convolution *convolution, const float *x, const float *w, float *y);
+/// dx (minibatch×cin×h×w) = the input gradient of dy (minibatch×cout×oh×ow). 0 on success.
+int syncbn_dnnl_convolution_backward_data(syncbn_dnnl_convolution *convolution, const float *dy, const float *w, float *dx);
+/// dw (weights_cout×cin×k×k) = Σ over the weights_minibatch samples of dy ⋆ x. 0 on success.
+int syncbn_dnnl_convolution_backward_weights(syncbn_dnnl_convolution *convolution, const float *x, const float *dy, float *dw);
+
+/// The implementations oneDNN chose ("jit:avx2", "gemm:jit", …), "forward/data/weights".
+const char *syncbn_dnnl_convolution_implementations(const syncbn_dnnl_convolution *convolution);
+
+/// The CPU instruction set oneDNN dispatches to ("avx2", "avx512_core", …).
+const char *syncbn_dnnl_cpu_isa(void);
+/// Threads oneDNN's OpenMP regions use from this thread on.
+void syncbn_dnnl_set_threads(int threads);
+/// Whether the library loads and can create a CPU engine; 0 if so, else a message in `error`.
+int syncbn_dnnl_available(char *error, size_t error_length);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,83 @@
+import CDNNL
+
+/// Which code computes a Float convolution: im2col + OpenBLAS's sgemm, or oneDNN's direct
+/// convolutions (JIT-compiled for the CPU). Double convolutions always use im2col (the gradient
+/// checks run in Double against the definition).
+public enum ConvolutionBackend: String, Codable, CaseIterable, Sendable {
+    case im2col
+    case onednn
+}
+
+/// The layout oneDNN computes in: plain NCHW/OIHW, or the blocked layout its convolution prefers
+/// on this CPU (nChw8c on AVX2, nChw16c on AVX-512), reordered from and to plain at the edges.
+public enum OneDNNLayout: Int, Sendable {
+    case plain = 0
+    case preferred = 1
+}
+
+/// One oneDNN convolution shape: forward and backward-data primitives for a chunk of
+/// `minibatch` samples, and a backward-weights primitive for `weightsMinibatch` samples with
+/// `weightsOutputChannels` output channels (the layer's, or 2·C_out + 1 when the patch statistics
+/// of cross-iteration BN ride on the weight gradient). Created once per layer and shape; the
+/// scratchpads are owned by the primitives (user-managed, allocated at creation).
+public final class OneDNNConvolution {
+    public struct Shape: Hashable, Sendable {
+        public var minibatch: Int, inputChannels: Int, height: Int, width: Int
+        public var outputChannels: Int, kernelSize: Int, stride: Int, padding: Int
+        public var weightsMinibatch: Int, weightsOutputChannels: Int
+        public var layout: OneDNNLayout
+        public init(minibatch: Int, inputChannels: Int, height: Int, width: Int, outputChannels: Int, kernelSize: Int,
+                    stride: Int, padding: Int, weightsMinibatch: Int, weightsOutputChannels: Int, layout: OneDNNLayout = .preferred) {
+            self.minibatch = minibatch; self.inputChannels = inputChannels; self.height = height; self.width = width
+            self.outputChannels = outputChannels; self.kernelSize = kernelSize; self.stride = stride; self.padding = padding
+            self.weightsMinibatch = weightsMinibatch; self.weightsOutputChannels = weightsOutputChannels; self.layout = layout
+        }
+    }
+
+    public let shape: Shape
+    private let handle: OpaquePointer
+    /// The implementations oneDNN chose, forward/backward data/backward weights ("brg:avx512_core", "jit:avx2", "gemm:jit", …).
+    public let implementations: String
+
+    public init(_ shape: Shape) throws {
+        self.shape = shape
+        var message = [CChar](repeating: 0, count: 256)
+        guard let pointer = syncbn_dnnl_convolution_create(
+            Int32(shape.minibatch), Int32(shape.inputChannels), Int32(shape.height), Int32(shape.width), Int32(shape.outputChannels),
+            Int32(shape.kernelSize), Int32(shape.stride), Int32(shape.padding), Int32(shape.weightsMinibatch),
+            Int32(shape.weightsOutputChannels), Int32(shape.layout.rawValue), &message, message.count) else {
+            throw LayerError("Conv2d: \(String(cString: message))")
+        }
+        handle = pointer
+        implementations = String(cString: syncbn_dnnl_convolution_implementations(pointer))
+    }
+
+    deinit { syncbn_dnnl_convolution_destroy(handle) }
+
+    /// y (minibatch × C_out × H_out × W_out) = conv(x, w).
+    public func forward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_forward(handle, x, weight, y)
+        precondition(status == 0, "oneDNN convolution forward failed")
+    }
+
+    /// dx (minibatch × C_in × H × W) from dy.
+    public func backwardData(dy: UnsafePointer<Float>, weight: UnsafePointer<Float>, into dx: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_backward_data(handle, dy, weight, dx)
+        precondition(status == 0, "oneDNN convolution backward data failed")
+    }
+
+    /// dw (weightsOutputChannels × C_in × k × k) = Σ over the weightsMinibatch samples of dy ⋆ x.
+    public func backwardWeights(x: UnsafePointer<Float>, dy: UnsafePointer<Float>, into dw: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_backward_weights(handle, x, dy, dw)
+        precondition(status == 0, "oneDNN convolution backward weights failed")
+    }
+
+    /// The instruction set oneDNN dispatches to on this CPU ("avx2", "avx512_core", …; DNNL_MAX_CPU_ISA lowers it).
+    public static var cpuISA: String { String(cString: syncbn_dnnl_cpu_isa()) }
+
+    /// nil when oneDNN loads and creates its CPU engine, else why not.
+    public static func unavailability() -> String? {
+        var message = [CChar](repeating: 0, count: 256)
+        return syncbn_dnnl_available(&message, message.count) == 0 ? nil : String(cString: message)
+    }
+}

@@ -1,0 +1,129 @@
+import Kernels
+import TestSupport
+import XCTest
+
+/// oneDNN's convolutions against the definition (Double), against im2col, and with the patch
+/// statistics of cross-iteration BN riding on the weight gradient.
+extension LayerTests {
+    /// ‖a − b‖ / ‖b‖ over all elements: the relative error of a Float result as a whole (single
+    /// elements near zero can lose more digits to cancellation).
+    func relativeError<A: BinaryFloatingPoint>(_ a: [A], _ b: [Double]) -> Double {
+        precondition(a.count == b.count)
+        var difference = 0.0, norm = 0.0
+        for i in 0..<a.count { difference += (Double(a[i]) - b[i]) * (Double(a[i]) - b[i]); norm += b[i] * b[i] }
+        return (difference / max(norm, .leastNormalMagnitude)).squareRoot()
+    }
+
+    /// Every ResNet-20 (1×28×28, width 1) and ResNet-18 (3×32×32) convolution shape, stride 1 and 2,
+    /// 1×1 projections and 3×3, plus odd sizes and batch 1: forward, input and weight gradients
+    /// within 1e-5 of the definition and of im2col.
+    func testOneDNNConvolutionMatchesTheDefinitionAndIm2colOverResNetShapes() throws {
+        XCTAssertNil(OneDNNConvolution.unavailability())
+        let cases: [(batch: Int, c: Int, o: Int, h: Int, w: Int, kernel: Int, stride: Int, padding: Int)] = [
+            (2, 1, 16, 28, 28, 3, 1, 1), (2, 16, 16, 28, 28, 3, 1, 1), (2, 16, 32, 28, 28, 3, 2, 1), (2, 16, 32, 28, 28, 1, 2, 0),
+            (2, 32, 32, 14, 14, 3, 1, 1), (2, 32, 64, 14, 14, 3, 2, 1), (2, 32, 64, 14, 14, 1, 2, 0), (2, 64, 64, 7, 7, 3, 1, 1),
+            (1, 3, 64, 32, 32, 3, 1, 1), (1, 64, 64, 32, 32, 3, 1, 1), (1, 64, 128, 32, 32, 3, 2, 1), (1, 64, 128, 32, 32, 1, 2, 0),
+            (1, 128, 128, 16, 16, 3, 1, 1), (1, 128, 256, 16, 16, 3, 2, 1), (1, 128, 256, 16, 16, 1, 2, 0), (1, 256, 256, 8, 8, 3, 1, 1),
+            (1, 256, 512, 8, 8, 3, 2, 1), (1, 256, 512, 8, 8, 1, 2, 0), (1, 512, 512, 4, 4, 3, 1, 1),
+            (3, 3, 5, 9, 5, 3, 2, 1), (1, 2, 2, 2, 2, 3, 1, 1), (5, 4, 6, 7, 9, 1, 1, 0), (3, 5, 7, 11, 6, 3, 1, 0), (2, 2, 3, 6, 11, 5, 1, 2),
+        ]
+        for (index, t) in cases.enumerated() {
+            let label = "\(t.batch)×\(t.c)×\(t.h)×\(t.w) → \(t.o), \(t.kernel)×\(t.kernel) stride \(t.stride)"
+            var random = DeterministicRandom(seed: 300 + UInt64(index))
+            let reference = Conv2d<Double>(inputChannels: t.c, outputChannels: t.o, kernelSize: t.kernel, stride: t.stride,
+                                           padding: t.padding, bias: false, random: &random)
+            let x = randomTensor([t.batch, t.c, t.h, t.w], seed: 400 + UInt64(index))
+            let y = naiveConvolution(x, reference.weight.value, nil, stride: t.stride, padding: t.padding)
+            let outputShape = [t.batch, t.o, (t.h + 2 * t.padding - t.kernel) / t.stride + 1, (t.w + 2 * t.padding - t.kernel) / t.stride + 1]
+            let dy = randomTensor(outputShape, seed: 500 + UInt64(index))
+            let gradients = naiveConvolutionGradients(x, reference.weight.value, dy, stride: t.stride, padding: t.padding)
+            var results: [ConvolutionBackend: (y: [Float], dx: [Float], dw: [Float])] = [:]
+            for backend in ConvolutionBackend.allCases {
+                let conv = Conv2d<Float>(weight: reference.weight.value.converted(to: Float.self), bias: nil, stride: t.stride, padding: t.padding)
+                conv.backend = backend
+                let out = try conv.forward(x.converted(to: Float.self), mode: .training)
+                XCTAssertEqual(out.shape, outputShape, label)
+                let dx = try conv.backward(dy.converted(to: Float.self))
+                results[backend] = (out.scalars, dx.scalars, conv.weight.gradient.scalars)
+                if backend == .onednn { XCTAssertFalse(conv.oneDNNImplementations.isEmpty, label) }
+            }
+            let onednn = results[.onednn]!, im2col = results[.im2col]!
+            XCTAssertLessThan(relativeError(onednn.y, y), 1e-5, "forward against the definition, \(label)")
+            XCTAssertLessThan(relativeError(onednn.dx, gradients.dx), 1e-5, "input gradient against the definition, \(label)")
+            XCTAssertLessThan(relativeError(onednn.dw, gradients.dw), 1e-5, "weight gradient against the definition, \(label)")
+            XCTAssertLessThan(relativeError(onednn.y, im2col.y.map(Double.init)), 1e-5, "forward against im2col, \(label)")
+            XCTAssertLessThan(relativeError(onednn.dx, im2col.dx.map(Double.init)), 1e-5, "input gradient against im2col, \(label)")
+            XCTAssertLessThan(relativeError(onednn.dw, im2col.dw.map(Double.init)), 1e-5, "weight gradient against im2col, \(label)")
+        }
+    }
+
+    /// Both layouts oneDNN can compute in, and chunk sizes from 1 to beyond the batch, give the
+    /// definition's results (a partial chunk goes through the zero-padded chunk buffers).
+    func testOneDNNLayoutsAndChunkSizesAgreeWithTheDefinition() throws {
+        var random = DeterministicRandom(seed: 600)
+        let reference = Conv2d<Double>(inputChannels: 8, outputChannels: 12, kernelSize: 3, stride: 2, padding: 1, bias: true, random: &random)
+        let x = randomTensor([5, 8, 9, 9], seed: 601)
+        let y = naiveConvolution(x, reference.weight.value, reference.bias!.value.scalars, stride: 2, padding: 1)
+        let dy = randomTensor([5, 12, 5, 5], seed: 602)
+        let gradients = naiveConvolutionGradients(x, reference.weight.value, dy, stride: 2, padding: 1)
+        for layout in [OneDNNLayout.plain, .preferred] {
+            for chunk in [1, 2, 4, 8] {
+                let label = "layout \(layout), chunk \(chunk)"
+                let conv = Conv2d<Float>(weight: reference.weight.value.converted(to: Float.self), bias: reference.bias!.value.converted(to: Float.self),
+                                         stride: 2, padding: 1)
+                conv.backend = .onednn
+                conv.oneDNNLayout = layout
+                conv.oneDNNChunkOverride = chunk
+                conv.sampleOffset = 3
+                let out = try conv.forward(x.converted(to: Float.self), mode: .training)
+                let dx = try conv.backward(dy.converted(to: Float.self))
+                XCTAssertLessThan(relativeError(out.scalars, y), 1e-5, label)
+                XCTAssertLessThan(relativeError(dx.scalars, gradients.dx), 1e-5, label)
+                XCTAssertLessThan(relativeError(conv.weight.gradient.scalars, gradients.dw), 1e-5, label)
+                var db = [Double](repeating: 0, count: 12)
+                for s in 0..<5 { for o in 0..<12 { for p in 0..<25 { db[o] += dy.scalars[(s * 12 + o) * 25 + p] } } }
+                XCTAssertLessThan(relativeError(conv.bias!.gradient.scalars, db), 1e-5, label)
+            }
+        }
+    }
+
+    /// Cross-iteration BN's patch statistics through oneDNN (one backward-weights call with
+    /// 2·C_out + 1 output channels on [dY; Y; 1] per sample) against the per-sample definition:
+    /// Σ_i patch_i and Σ_i y_{i,c}·patch_i, and the weight gradient computed beside them.
+    func testOneDNNPatchStatisticsMatchThePerSampleDefinition() throws {
+        for (c, o, h, kernel, stride, padding) in [(4, 6, 9, 3, 1, 1), (8, 16, 14, 3, 2, 1), (6, 5, 7, 1, 1, 0)] {
+            let label = "\(c)→\(o) \(kernel)×\(kernel) stride \(stride)"
+            var random = DeterministicRandom(seed: 700)
+            let reference = Conv2d<Double>(inputChannels: c, outputChannels: o, kernelSize: kernel, stride: stride, padding: padding, bias: false, random: &random)
+            let x = randomTensor([3, c, h, h], seed: 701)
+            let conv = Conv2d<Float>(weight: reference.weight.value.converted(to: Float.self), bias: nil, stride: stride, padding: padding)
+            conv.backend = .onednn
+            conv.providesPatchStatistics = true
+            let y = try conv.forward(x.converted(to: Float.self), mode: .training)
+            let dy = randomTensor(y.shape, seed: 702)
+            var received: (patchSum: [Double], products: [Double])?
+            conv.patchStatisticsReceiver = { received = ($0, $1) }
+            _ = try conv.backward(dy.converted(to: Float.self))
+            let g = try reference.geometry(for: x.shape)
+            let P = g.positions, K = g.patchSize
+            _ = try reference.forward(x, mode: .training)
+            let patches = reference.lastPatches!   // K × N·P, sample-major columns
+            var patchSum = [Double](repeating: 0, count: K), products = [Double](repeating: 0, count: o * K)
+            let yd = y.scalars.map(Double.init)
+            for s in 0..<3 {
+                for p in 0..<P {
+                    for k in 0..<K {
+                        let v = patches.values[k * 3 * P + s * P + p]
+                        patchSum[k] += v
+                        for co in 0..<o { products[co * K + k] += yd[(s * o + co) * P + p] * v }
+                    }
+                }
+            }
+            let r = try XCTUnwrap(received, label)
+            XCTAssertLessThan(relativeError(r.patchSum, patchSum), 1e-6, "Σ patch, \(label)")
+            XCTAssertLessThan(relativeError(r.products, products), 1e-5, "Σ y·patch, \(label)")
+            let gradients = naiveConvolutionGradients(x, reference.weight.value, dy, stride: stride, padding: padding)
+            XCTAssertLessThan(relativeError(conv.weight.gradient.scalars, gradients.dw), 1e-5, "weight gradient, \(label)")
+        }
+    }
+}
