@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import Kernels
 import Normalization
 import Training
@@ -18,6 +19,21 @@ extension CrossIterationGradient: ExpressibleByArgument {}
 extension EvaluationStatistics: ExpressibleByArgument {}
 extension LearningRateSchedule: ExpressibleByArgument {}
 extension ConvolutionBackend: ExpressibleByArgument {}
+extension ConvolutionBackendSetting: ExpressibleByArgument {
+    public init?(argument: String) { self.init(argument) }
+    public static var allValueStrings: [String] { [] }
+}
+
+extension ConvolutionBackendSetting {
+    /// `--conv-backend`'s default: SYNCBN_CONV_BACKEND when set (a site's or a test suite's pin), else auto.
+    public static func commandLineDefault() throws -> ConvolutionBackendSetting {
+        guard let text = ProcessInfo.processInfo.environment["SYNCBN_CONV_BACKEND"], !text.isEmpty else { return .auto }
+        guard let value = ConvolutionBackendSetting(text) else {
+            throw ValidationError("SYNCBN_CONV_BACKEND='\(text)' is not auto, im2col, onednn or a comma-separated list of im2col/onednn")
+        }
+        return value
+    }
+}
 
 extension TrainingConfiguration {
     /// The configuration's own check (``problem()``), as the command line's usage error: the

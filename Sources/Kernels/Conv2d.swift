@@ -16,6 +16,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     public let bias: Parameter<Scalar>?
 
     public private(set) var lastGeometry: ConvolutionGeometry?
+    /// The shape of the last input, in either mode.
+    public private(set) var lastInputShape: [Int]?
     private var lastBatch = 0
     /// Samples in the last training forward whose backward has not run yet; nil otherwise.
     public var pendingTrainingBatch: Int? { lastGeometry == nil ? nil : lastBatch }
@@ -286,6 +288,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                 }
             }
         }
+        lastInputShape = input.shape
         if mode == .training {
             lastInput = input
             lastOutput = output

@@ -154,6 +154,8 @@ public protocol ExchangedGradients: AnyObject {
 /// that weight in the wrapped layer and returns it, for folding and export.
 public protocol ReparameterizedWeight: AnyObject {
     func materializedLayer() -> AnyObject
+    /// The layer it computes with (a convolution or linear layer).
+    var wrappedLayer: AnyObject { get }
 }
 
 /// A layer whose output at position i is θ_c·patch_i for output channel c (a convolution via

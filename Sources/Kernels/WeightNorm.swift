@@ -10,6 +10,7 @@
 /// in Double per channel. The wrapped layer's bias, if any, stays an ordinary parameter.
 public final class WeightNorm<Scalar: TensorScalar, Wrapped: Layer & PatchSource>: Layer, SampleAligned, ExchangedGradients, ReparameterizedWeight where Wrapped.Scalar == Scalar {
     public let layer: Wrapped
+    public var wrappedLayer: AnyObject { layer }
 
     /// Passed on to the wrapped layer.
     public var sampleOffset: Int {

@@ -229,6 +229,7 @@ public final class MovingAverageBatchNorm<Scalar: BatchNormScalar>: Layer, Norma
 public final class WeightCentering<Scalar: TensorScalar, Wrapped: Layer & PatchSource>: Layer, SampleAligned, ExchangedGradients,
     ReparameterizedWeight where Wrapped.Scalar == Scalar {
     public let layer: Wrapped
+    public var wrappedLayer: AnyObject { layer }
     public let direction: Parameter<Scalar>
     public var defersGradients = false
 

@@ -78,12 +78,17 @@ public final class MetricsWriter {
 
     /// The first line of a run (or of its continuation): the whole configuration, the number of
     /// ranks, the version and, for a resumed run, the step it resumed at.
-    public func writeStart(configuration: TrainingConfiguration, ranks: Int, resumedAt: Int?) throws {
+    public func writeStart(configuration: TrainingConfiguration, ranks: Int, resumedAt: Int?,
+                           convolutionBackends: [ConvolutionBackend]? = nil) throws {
         let encoded = try JSONEncoder().encode(configuration)
         let object = try JSONSerialization.jsonObject(with: encoded)
         var line: [String: Any] = ["event": resumedAt == nil ? "start" : "resume", "configuration": object, "ranks": ranks,
                                    "version": syncbnVersion]
         if let resumedAt { line["step"] = resumedAt }
+        if let convolutionBackends {
+            line["conv_backends"] = convolutionBackends.map(\.rawValue).joined(separator: ",")
+            line["cpu_isa"] = OneDNNConvolution.cpuISA
+        }
         try write(line)
     }
 }

@@ -68,6 +68,15 @@ public final class Trainer {
     /// Set once the data-dependent initialisation has run (or a checkpoint was loaded).
     private var dataInitialized = false
 
+    /// The backend of each convolution of ``network`` (``Network/convolutions``' order), once
+    /// chosen: from ``TrainingConfiguration/convBackend``, by timing for `auto`, or from the
+    /// checkpoint a run resumes (so that a resumed run computes what the original did).
+    public private(set) var convolutionBackends: [ConvolutionBackend]?
+    /// How ``convolutionBackends`` was decided, for the log: "set", "timed at batch 32", "from the checkpoint".
+    public private(set) var convolutionBackendOrigin = ""
+    /// With `auto`: each convolution's forward + backward seconds with [im2col, onednn] on this rank.
+    public private(set) var convolutionBackendSeconds: [[Double]] = []
+
     /// Trains `network` (one replica per rank, built alike on every rank) with `optimizer` on
     /// `data` over the ranks of `world`. `options` gives everything but the model: batch size,
     /// steps or epochs, learning-rate schedule, sampler, evaluation, PreciseBN, bucket size, seed
@@ -136,6 +145,50 @@ public final class Trainer {
             throw FileFormatError(path, "metadata has no valid 'step'")
         }
         step = saved
+        // `auto` continues with the checkpoint's backends (one written before oneDNN used im2col).
+        if configuration.convBackend == .auto {
+            let stored = metadata["conv_backends"] ?? ""
+            let list = stored.isEmpty ? [] : stored.split(separator: ",").map { ConvolutionBackend(rawValue: String($0)) }
+            guard !list.contains(where: { $0 == nil }) else { throw FileFormatError(path, "metadata 'conv_backends' is not a list of im2col/onednn") }
+            let backends = metadata["conv_backends"] == nil ? Array(repeating: .im2col, count: network.convolutions.count) : list.map { $0! }
+            guard backends.count == network.convolutions.count else {
+                throw FileFormatError(path, "metadata 'conv_backends' names \(backends.count) backend(s) for the model's \(network.convolutions.count) convolution(s)")
+            }
+            try applyConvolutionBackends(backends, origin: "from the checkpoint")
+        }
+    }
+
+    /// Decides every convolution's backend (``convolutionBackends``) unless decided already, and
+    /// sets it in the layers. Collective with `auto`: every rank times, rank 0's choice is kept.
+    /// ``trainStep()`` and ``evaluate()`` call it; a caller that wants to report the choice before
+    /// training calls it first.
+    public func chooseConvolutionBackends() throws {
+        guard convolutionBackends == nil else { return }
+        let count = network.convolutions.count
+        switch configuration.convBackend {
+        case .all(let backend):
+            try applyConvolutionBackends(Array(repeating: backend, count: count), origin: "set")
+        case .perLayer(let list):
+            try applyConvolutionBackends(list, origin: "set")
+        case .auto:
+            watchdog?.context = "timing the convolution backends"
+            let (backends, seconds) = try ConvolutionBackendTiming.choose(for: network, sampleShape: data.train.sampleShape,
+                                                                       batch: configuration.batchSize, domains: network.hasDomainBatchNorm,
+                                                                       world: world)
+            convolutionBackendSeconds = seconds
+            try applyConvolutionBackends(backends, origin: "timed at batch \(configuration.batchSize)")
+        }
+    }
+
+    /// Sets `backends` in the convolutions, in order.
+    private func applyConvolutionBackends(_ backends: [ConvolutionBackend], origin: String) throws {
+        let convolutions = network.convolutions
+        guard backends.count == convolutions.count else {
+            throw CollectiveRunError("⟨convBackend⟩ lists \(backends.count) backend(s), but the model has \(convolutions.count) convolution(s); give one per convolution, or one for all")
+        }
+        for (conv, backend) in zip(convolutions, backends) { conv.layer.backend = backend }
+        convolutionBackends = backends
+        convolutionBackendOrigin = origin
     }
 
     /// What a model needs outside syncbn: the architecture and the input standardization
@@ -162,6 +215,7 @@ public final class Trainer {
                         "statistics": emaBuffers == nil ? "ema" : "precise"]
         metadata.merge(inferenceMetadata) { $1 }
         if isCustomNetwork { metadata["network"] = "custom" }
+        if let convolutionBackends { metadata["conv_backends"] = convolutionBackends.map(\.rawValue).joined(separator: ",") }
         metadata.merge(extraMetadata) { $1 }
         try Checkpoint.save(network: network, optimizer: optimizer, emaBuffers: emaBuffers, rankLocal: rankLocal,
                             metadata: metadata, to: path)
@@ -170,6 +224,7 @@ public final class Trainer {
     /// One optimizer step; returns the global mean loss and accuracy of the batch.
     @discardableResult
     public func trainStep() throws -> (loss: Double, accuracy: Double, samples: Int, learningRate: Double) {
+        try chooseConvolutionBackends()
         network.prepare(step: step, of: totalSteps)
         watchdog?.context = "training step \(step + 1)"
         let dataStart = DispatchTime.now().uptimeNanoseconds
@@ -207,6 +262,7 @@ public final class Trainer {
     /// Held-out loss and accuracy with the running statistics (inference mode: no BN collectives).
     /// Each rank evaluates its contiguous piece; one all-reduce combines them.
     public func evaluate() throws -> Evaluation {
+        try chooseConvolutionBackends()
         watchdog?.context = "evaluation after step \(step)"
         let piece = contiguousPiece(of: data.heldOut.count, parts: world.size, index: world.rank)
         var loss = FixedPointLoss(), correct = 0

@@ -88,6 +88,10 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     public var domainBN = false
     /// How each global batch is cut into the ranks' batches.
     public var sampler: SamplerKind = .random
+    /// The Float convolutions' backend: im2col by default here (a run is reproducible without
+    /// naming one; runs stored without this setting used im2col); the command line's default is
+    /// `auto` (each convolution keeps the faster of im2col and oneDNN, timed at start-up).
+    public var convBackend: ConvolutionBackendSetting = .all(.im2col)
 
     public init() {}
 }
@@ -221,6 +225,9 @@ extension TrainingConfiguration {
     public static let outsideTheTrajectory: Set<String> = [
         "evalData", "evalSamples", "evalEvery", "evalBatchSize", "evalStats", "logEvery", "normalizationDiagnostics",
         "gradientBucketSize", "preciseBNSamples", "preciseBNBatchSize",
+        // The backend changes no formula, only how the last bits round; `auto` on a resume keeps
+        // the checkpoint's backends, so a resumed run stays bit-identical.
+        "convBackend",
     ]
 
     /// The first setting in which `other` would continue this run differently, as "⟨field⟩ was A,

@@ -122,10 +122,13 @@ struct Train: ParsableCommand {
     var shuffleBn = false
     @Option(help: "How each global batch is cut into the ranks' batches: random, or class-sorted (ordered by label first, so each rank gets as few classes as possible — for the leakage experiment).")
     var sampler: SamplerKind = .random
+    @Option(help: "Convolutions: auto (each times im2col and oneDNN on its shapes at start-up and keeps the faster; rank 0 decides; a resume keeps the checkpoint's choice), im2col, onednn, or one per convolution in model order (the comma-separated list auto prints, to repeat its choice). Default: auto, or SYNCBN_CONV_BACKEND when set.")
+    var convBackend: ConvolutionBackendSetting?
     @Flag(help: "With every metrics line, write per-layer diagnostics: norms of γ and of the feeding layer's weight and weight gradient; for cbn also entries kept, fraction dropped, Taylor-term size and window/batch variance ratio.")
     var cbnDiagnostics = false
 
     func validate() throws {
+        if convBackend == nil { _ = try ConvolutionBackendSetting.commandLineDefault() }
         // Flags that do nothing with the chosen normalization are mistakes, named here (a value
         // different from the default counts as given).
         do {
@@ -279,6 +282,7 @@ struct Train: ParsableCommand {
         c.shuffleBN = shuffleBn
         c.domainBN = domainBn
         c.sampler = sampler
+        c.convBackend = convBackend ?? (try? ConvolutionBackendSetting.commandLineDefault()) ?? .auto
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize
         return c
@@ -399,6 +403,7 @@ struct Train: ParsableCommand {
                 if world.rank == 0 { FileHandle.standardError.write(Data("syncbn-train: \(resumePath ?? "") is at step \(trainer.step) of \(trainer.totalSteps): the run is done, nothing to train\n".utf8)) }
                 return
             }
+            try trainer.chooseConvolutionBackends()
             if world.rank == 0 {
                 for change in allowedChanges {
                     let plan = trainer.learningRatePlan
@@ -411,7 +416,8 @@ struct Train: ParsableCommand {
                     if trainer.metrics?.repairedPartialLine == true {
                         FileHandle.standardError.write(Data("syncbn-train: \(metricsPath) ended in a partial line (an interrupted write); it was cut off\n".utf8))
                     }
-                    try trainer.metrics?.writeStart(configuration: configuration, ranks: world.size, resumedAt: resumePath.map { _ in trainer.step })
+                    try trainer.metrics?.writeStart(configuration: configuration, ranks: world.size, resumedAt: resumePath.map { _ in trainer.step },
+                                                    convolutionBackends: trainer.convolutionBackends)
                 }
                 trainer.progress = ProgressReporter()
                 let groups = configuration.norm != .bn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
@@ -421,6 +427,7 @@ struct Train: ParsableCommand {
                 trainer.progress?.line(String(format: "lr: peak %.6g%@, %@ schedule, %d warm-up steps", plan.peak, scaling,
                                               configuration.lrSchedule.rawValue, plan.warmupSteps))
                 if let resumePath { trainer.progress?.line("resumed from \(resumePath) at step \(trainer.step)") }
+                if let line = convolutionBackendLine(trainer) { trainer.progress?.line(line) }
             }
             let summary = try trainer.run()
             if let savePath { try trainer.save(to: savePath) }
@@ -435,4 +442,22 @@ struct Train: ParsableCommand {
         }
         }
     }
+}
+
+/// The convolutions' backends for the log: the counts, how they were decided, and the list that
+/// repeats the choice (`--conv-backend LIST`).
+func convolutionBackendLine(_ trainer: Trainer) -> String? {
+    guard let backends = trainer.convolutionBackends, !backends.isEmpty else { return nil }
+    let counts = ConvolutionBackend.allCases.compactMap { backend -> String? in
+        let n = backends.filter { $0 == backend }.count
+        return n == 0 ? nil : "\(backend.rawValue) for \(n)"
+    }.joined(separator: ", ")
+    var line = "convolutions: \(counts) of \(backends.count) (\(trainer.convolutionBackendOrigin); CPU \(OneDNNConvolution.cpuISA))"
+    if trainer.convolutionBackendOrigin.hasPrefix("timed") {
+        let total = trainer.convolutionBackendSeconds.reduce((0.0, 0.0)) { ($0.0 + $1[0], $0.1 + $1[1]) }
+        let chosen = zip(trainer.convolutionBackendSeconds, backends).reduce(0.0) { $0 + ($1.1 == .onednn ? $1.0[1] : $1.0[0]) }
+        line += String(format: ": %.1f ms per step against %.1f (im2col) and %.1f (onednn); repeat with --conv-backend %@",
+                       chosen * 1e3, total.0 * 1e3, total.1 * 1e3, backends.map(\.rawValue).joined(separator: ","))
+    }
+    return line
 }

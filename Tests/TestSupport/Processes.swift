@@ -30,6 +30,10 @@ public func runProcess(_ executable: String, _ arguments: [String], environment 
     for key in environment.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") || key.hasPrefix("PMI_") {
         environment.removeValue(forKey: key)
     }
+    // Tests compare runs bit for bit: `auto` could time its way to other backends in two runs,
+    // so the programs' default is pinned to oneDNN (every test of the binaries runs with it on);
+    // a test that wants another choice passes --conv-backend or sets the variable itself.
+    if environment["SYNCBN_CONV_BACKEND"] == nil { environment["SYNCBN_CONV_BACKEND"] = "onednn" }
     environment.merge(extra) { $1 }
     process.environment = environment
     if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
