@@ -423,8 +423,11 @@ struct TrainBench: ParsableCommand {
     var steps: Int = 60
     @Option(help: "Untimed steps first.")
     var warmup: Int = 5
+    @Option(help: "Convolutions: auto, im2col, onednn or one per convolution (as syncbn-train). Default: auto, or SYNCBN_CONV_BACKEND when set.")
+    var convBackend: ConvolutionBackendSetting?
 
     func validate() throws {
+        if convBackend == nil { _ = try ConvolutionBackendSetting.commandLineDefault() }
         guard norms.split(separator: ",").allSatisfy({ NormalizationKind(rawValue: String($0)) != nil }) else {
             throw ValidationError("--norms must list bn, syncbn or cbn, got '\(norms)'")
         }
@@ -438,6 +441,7 @@ struct TrainBench: ParsableCommand {
         let kinds = norms.split(separator: ",").map { NormalizationKind(rawValue: String($0))! }
         let model = self.model, batch = batchSize, steps = self.steps, warmup = self.warmup
         let source = self.data, width = self.width
+        let backendSetting = try convBackend ?? ConvolutionBackendSetting.commandLineDefault()
         let data = Result { try DataSource.split(try DataSource(parsing: source), evaluation: nil, heldOutFraction: 0.1) }
         RankLaunch.run(simulateRanks: nil, command: "syncbn-bench", preflight: data.failure) { world in
             let split = try data.get()
@@ -452,9 +456,11 @@ struct TrainBench: ParsableCommand {
                 c.norm = kind
                 c.batchSize = batch
                 c.steps = warmup + steps
+                c.convBackend = backendSetting
                 let trainer = try Trainer(configuration: c, data: split, world: world)
+                try trainer.chooseConvolutionBackends()
                 for _ in 0..<warmup { try trainer.trainStep() }
-                let convs = trainer.network.leaves.compactMap { $0.layer as? Conv2d<Float> }
+                let convs = trainer.network.convolutions.map(\.layer)
                 let gemm0 = convs.reduce(0.0) { $0 + $1.gemmSeconds }, ops0 = convs.reduce(0.0) { $0 + $1.gemmOperations }
                 trainer.ledger.reset()
                 let data0 = trainer.dataSeconds
@@ -476,9 +482,14 @@ struct TrainBench: ParsableCommand {
                     "compute_s": (total - comm - dataTime) / Double(steps), "comm_s": comm / Double(steps), "data_s": dataTime / Double(steps),
                     "peak_rss_mib": rss, "conv_gemm_gflop_per_s": gemmRate, "conv_gemm_fraction_of_sgemm": gemmRate / gemmLimit,
                     "collectives_per_step": Double(trainer.ledger.totalCollectives) / Double(steps),
+                    "conv_backends": (trainer.convolutionBackends ?? []).map(\.rawValue).joined(separator: ","),
                 ]
                 results.append(row)
                 if world.rank == 0 {
+                    if let backends = trainer.convolutionBackends {
+                        let oneDNN = backends.filter { $0 == .onednn }.count
+                        printTable("train \(kind.rawValue): convolutions onednn for \(oneDNN), im2col for \(backends.count - oneDNN) (\(trainer.convolutionBackendOrigin); CPU \(OneDNNConvolution.cpuISA))")
+                    }
                     printTable(String(format: "train %@ %@ batch %d × %d rank(s): %.0f samples/s, %.2f ms/step = compute %.2f + comm %.2f + data %.2f ms; peak RSS %.0f MiB/rank; conv GEMM %.1f GFLOP/s (%.0f%% of sgemm 512³ %.1f); %.0f collectives/step",
                                       model.rawValue, kind.rawValue, batch, world.size, Double(samples) / total, perStep * 1e3,
                                       (total - comm - dataTime) / Double(steps) * 1e3, comm / Double(steps) * 1e3, dataTime / Double(steps) * 1e3,
@@ -487,7 +498,8 @@ struct TrainBench: ParsableCommand {
             }
             var json: [String: Any] = ["benchmark": "train", "model": model.rawValue, "width": width, "data": source,
                                        "sample_shape": split.train.sampleShape, "ranks": world.size, "batch_size": batch,
-                                       "steps": steps, "sgemm_gflop_per_s": gemmLimit, "runs": results]
+                                       "steps": steps, "sgemm_gflop_per_s": gemmLimit, "runs": results,
+                                       "cpu_isa": OneDNNConvolution.cpuISA, "conv_backend": backendSetting.description]
             if let bn = stepSeconds[.bn] {
                 for kind in [NormalizationKind.syncbn, .cbn] {
                     guard let other = stepSeconds[kind] else { continue }

@@ -22,14 +22,17 @@ final class MPIIntegrationTests: XCTestCase {
     /// The exactness contract under real mpirun: W ranks × b gives bit for bit the checkpoint of
     /// 1 rank × W·b (every parameter, buffer, optimizer buffer, the EMA statistics kept beside
     /// PreciseBN's, and the cross-iteration windows, which every rank holds alike), for W = 2, 4, 8
-    /// on ResNet-20 with crop+flip and the default recipe, 100 steps. Both sides run on this
-    /// machine: nothing depends on which BLAS kernel the CPU gets.
+    /// on ResNet-20 with crop+flip and the default recipe, 100 steps, with oneDNN's convolutions
+    /// and with im2col. Both sides run on this machine: nothing depends on which BLAS or oneDNN
+    /// kernel the CPU gets.
     func testRanksTimesBatchGiveTheCheckpointOfOneRankWithTheWholeBatchBitForBit() throws {
         let base = ["--model", "resnet20", "--width", "0.25", "--augment", "crop,flip", "--steps", "100", "--seed", "3",
                     "--data", "synthetic:train=960,heldout=64", "--precise-bn-samples", "256"]
         let twoDomain = ["--data", "two-domain:synthetic:train=480,heldout=64", "--domain-bn"]
         let cases: [(String, [String], [Int])] = [
+            // The tests' programs default to oneDNN (Processes.swift); im2col is the other backend.
             ("syncbn", ["--norm", "syncbn"], [2, 4, 8]),
+            ("syncbn-im2col", ["--norm", "syncbn", "--conv-backend", "im2col"], [4]),
             // CBN's default is the compensated gradient; the reference code's gradient is one flag away.
             ("cbn", ["--norm", "cbn", "--cbn-window", "4"], [2, 4, 8]),
             ("brn", ["--norm", "brn"], [2, 4, 8]),
