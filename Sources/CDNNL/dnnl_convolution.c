@@ -7,6 +7,17 @@
 #include <string.h>
 
 extern void omp_set_num_threads(int);
+extern int omp_get_max_threads(void);
+
+/// Threads per oneDNN call: 1 (one per rank, like OpenBLAS) unless OMP_NUM_THREADS says otherwise
+/// (0: leave OpenMP's own setting) or syncbn_dnnl_set_threads chose. Applied on whichever thread
+/// calls, since OpenMP keeps the setting per thread (in-process ranks are threads).
+static int desired_threads = -1;
+
+static void apply_threads(void) {
+    if (desired_threads < 0) desired_threads = getenv("OMP_NUM_THREADS") ? 0 : 1;
+    if (desired_threads > 0 && omp_get_max_threads() != desired_threads) omp_set_num_threads(desired_threads);
+}
 
 static dnnl_engine_t shared_engine;
 static dnnl_stream_t shared_stream;
@@ -121,6 +132,7 @@ static void destroy_operation(operation *op) {
 
 /// Runs `op` on the user's buffers (in argument order): inputs reordered in, outputs out.
 static int execute(operation *op, void *const *handles) {
+    apply_threads();
     dnnl_exec_arg_t args[4];
     int n = 0;
     for (int i = 0; i < op->count; i++) {
@@ -317,6 +329,6 @@ const char *syncbn_dnnl_cpu_isa(void) {
     }
 }
 
-void syncbn_dnnl_set_threads(int threads) { omp_set_num_threads(threads > 0 ? threads : 1); }
+void syncbn_dnnl_set_threads(int threads) { desired_threads = threads > 0 ? threads : 1; }
 
 int syncbn_dnnl_available(char *error, size_t length) { return ensure_engine(error, length); }

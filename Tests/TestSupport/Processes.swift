@@ -31,9 +31,9 @@ public func runProcess(_ executable: String, _ arguments: [String], environment 
         environment.removeValue(forKey: key)
     }
     // Tests compare runs bit for bit: `auto` could time its way to other backends in two runs,
-    // so the programs' default is pinned to oneDNN (every test of the binaries runs with it on);
-    // a test that wants another choice passes --conv-backend or sets the variable itself.
-    if environment["SYNCBN_CONV_BACKEND"] == nil { environment["SYNCBN_CONV_BACKEND"] = "onednn" }
+    // so the programs' default is pinned to im2col (the tests' small layers are what it is fastest
+    // for); the tests of oneDNN and of auto pass --conv-backend or set the variable themselves.
+    if environment["SYNCBN_CONV_BACKEND"] == nil { environment["SYNCBN_CONV_BACKEND"] = "im2col" }
     environment.merge(extra) { $1 }
     process.environment = environment
     if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }

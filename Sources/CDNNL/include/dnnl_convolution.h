@@ -37,7 +37,7 @@ const char *syncbn_dnnl_convolution_implementations(const syncbn_dnnl_convolutio
 
 /// The CPU instruction set oneDNN dispatches to ("avx2", "avx512_core", …).
 const char *syncbn_dnnl_cpu_isa(void);
-/// Threads oneDNN's OpenMP regions use from this thread on.
+/// Threads oneDNN's OpenMP regions use (default: 1, or OMP_NUM_THREADS when set).
 void syncbn_dnnl_set_threads(int threads);
 /// Whether the library loads and can create a CPU engine; 0 if so, else a message in `error`.
 int syncbn_dnnl_available(char *error, size_t error_length);
