@@ -152,12 +152,14 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     private var oneDNNChunkOutput: [Float] = []
 
     /// Samples per oneDNN chunk: a power of two that depends on the layer's shape alone, the
-    /// largest (up to 16) whose chunk input and output hold at most 256 Ki values (1 MiB of Float).
+    /// largest (up to 8) whose chunk input and output hold at most 256 Ki values (1 MiB of Float).
+    /// Measured on ResNet-20's layers (docs/performance.md): forward gains little past 8 samples,
+    /// and a smaller chunk wastes less on the zero slots of a per-rank batch below it.
     public func oneDNNChunkSize(_ g: ConvolutionGeometry) -> Int {
         if let oneDNNChunkOverride { return oneDNNChunkOverride }
         let perSample = inputChannels * g.height * g.width + outputChannels * g.positions
         var c = 1
-        while c < 16 && 2 * c * perSample <= (1 << 18) { c *= 2 }
+        while c < 8 && 2 * c * perSample <= (1 << 18) { c *= 2 }
         return c
     }
 

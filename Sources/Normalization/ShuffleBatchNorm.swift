@@ -42,17 +42,24 @@ public final class ShuffleBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> 
         return order
     }
 
-    /// All ranks' values of `tensor`, concatenated in rank order.
-    func gathered(_ tensor: Tensor<Scalar>) throws -> [Double] {
-        try shuffleGroup.allGather(Scalar.widened(tensor.scalars)).flatMap { $0 }
+    /// All ranks' values of `tensor`, concatenated in rank order (moved, not computed on: Float
+    /// travels as Float).
+    func gathered(_ tensor: Tensor<Scalar>) throws -> [[Scalar]] {
+        if Scalar.self == Float.self { return try shuffleGroup.allGather(tensor.scalars as! [Float]) as! [[Scalar]] }
+        return try shuffleGroup.allGather(Scalar.widened(tensor.scalars)).map { Scalar.narrowed($0) }
     }
 
-    /// The samples at `positions` of `all` (sample-major, `sampleSize` values each).
-    func picking(_ all: [Double], _ positions: [Int], sampleSize: Int, sampleShape: [Int]) -> Tensor<Scalar> {
-        var values = [Double]()
-        values.reserveCapacity(positions.count * sampleSize)
-        for p in positions { values += all[(p * sampleSize)..<((p + 1) * sampleSize)] }
-        return Tensor(shape: [positions.count] + sampleShape, scalars: Scalar.narrowed(values))
+    /// The samples at `positions` of the group's batch `all` (each rank's part sample-major,
+    /// `sampleSize` values per sample; `offsets` the first sample of each part).
+    func picking(_ all: [[Scalar]], offsets: [Int], _ positions: [Int], sampleSize: Int, sampleShape: [Int]) -> Tensor<Scalar> {
+        Tensor(shape: [positions.count] + sampleShape) { out in
+            for (i, p) in positions.enumerated() {
+                let part = offsets.lastIndex { $0 <= p }!
+                all[part].withUnsafeBufferPointer { source in
+                    (out.baseAddress! + i * sampleSize).update(from: source.baseAddress! + (p - offsets[part]) * sampleSize, count: sampleSize)
+                }
+            }
+        }
     }
 
     public override func forward(_ input: Tensor<Scalar>, mode: Mode) throws -> Tensor<Scalar> {
@@ -67,12 +74,12 @@ public final class ShuffleBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> 
         for (position, sample) in permutation.enumerated() { inverse[sample] = position }
         let all = try gathered(input)
         let mine = Array(permutation[offsets[rank]..<(offsets[rank] + counts[rank])])
-        let normalized = try super.forward(picking(all, mine, sampleSize: sampleSize, sampleShape: sampleShape), mode: .training)
+        let normalized = try super.forward(picking(all, offsets: offsets, mine, sampleSize: sampleSize, sampleShape: sampleShape), mode: .training)
         route = Route(permutation: permutation, inverse: inverse, offsets: offsets, counts: counts, sampleSize: sampleSize, sampleShape: sampleShape)
         // Back to the original samples: the output of sample i sits at position inverse[i].
         let outputs = try gathered(normalized)
         let own = (offsets[rank]..<(offsets[rank] + counts[rank])).map { inverse[$0] }
-        return picking(outputs, own, sampleSize: sampleSize, sampleShape: sampleShape)
+        return picking(outputs, offsets: offsets, own, sampleSize: sampleSize, sampleShape: sampleShape)
     }
 
     public override func backward(_ outputGradient: Tensor<Scalar>) throws -> Tensor<Scalar> {
@@ -81,8 +88,9 @@ public final class ShuffleBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> 
         let rank = shuffleGroup.rank, range = route.offsets[rank]..<(route.offsets[rank] + route.counts[rank])
         // dy of the samples this rank normalized: position p holds sample permutation[p].
         let dy = try gathered(outputGradient)
-        let shuffled = picking(dy, range.map { route.permutation[$0] }, sampleSize: route.sampleSize, sampleShape: route.sampleShape)
+        let shuffled = picking(dy, offsets: route.offsets, range.map { route.permutation[$0] }, sampleSize: route.sampleSize,
+                               sampleShape: route.sampleShape)
         let dz = try gathered(try super.backward(shuffled))
-        return picking(dz, range.map { route.inverse[$0] }, sampleSize: route.sampleSize, sampleShape: route.sampleShape)
+        return picking(dz, offsets: route.offsets, range.map { route.inverse[$0] }, sampleSize: route.sampleSize, sampleShape: route.sampleShape)
     }
 }

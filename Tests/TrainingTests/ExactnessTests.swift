@@ -76,7 +76,7 @@ final class ExactnessTests: XCTestCase {
             ("brn", configuration(.brn, batch: 32), Self.data, [2, 4, 8]), ("gn", configuration(.gn, batch: 32), Self.data, [2, 4, 8]),
             ("domain", domain, Self.twoDomain, [2, 4, 8]), ("ibn", configuration(.ibn, batch: 32), Self.data, [2, 4, 8]),
             // oneDNN's convolutions, in-process ranks being threads (OpenMP's setting is per thread).
-            ("syncbn-onednn", oneDNN, Self.data, [4, 8]), ("cbn-onednn", oneDNNCBN, Self.data, [4]),
+            ("syncbn-onednn", oneDNN, Self.data, [8]), ("cbn-onednn", oneDNNCBN, Self.data, [4]),
         ]
         for (label, single, data, worlds) in cases {
             let reference = try train(single, data: data, ranks: 1)[0]
