@@ -211,6 +211,8 @@ struct ConvBench: ParsableCommand {
     var layout: String = "preferred"
     @Option(help: "oneDNN's chunk of samples (a power of two; default: the layer's own).")
     var chunk: Int?
+    @Flag(help: "Backward also computes cross-iteration BN's patch statistics (Σ patch, Σ y·patch) beside dW.")
+    var patchStatistics = false
 
     func dims() throws -> [Int] {
         let dims = shape.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
@@ -245,6 +247,7 @@ struct ConvBench: ParsableCommand {
             conv.backend = backend
             conv.oneDNNLayout = layout == "plain" ? .plain : .preferred
             conv.oneDNNChunkOverride = chunk
+            conv.providesPatchStatistics = patchStatistics
             let x = Tensor<Float>.normal(shape: d, using: &random)
             let g = try conv.geometry(for: d)
             let dy = Tensor<Float>.normal(shape: [d[0], out, g.outputHeight, g.outputWidth], using: &random)
@@ -254,6 +257,7 @@ struct ConvBench: ParsableCommand {
                 let t0 = DispatchTime.now().uptimeNanoseconds
                 _ = try conv.forward(x, mode: .training)
                 let t1 = DispatchTime.now().uptimeNanoseconds
+                if patchStatistics { conv.patchStatisticsReceiver = { _, _ in } }
                 _ = try conv.backward(dy)
                 let t2 = DispatchTime.now().uptimeNanoseconds
                 if iteration >= 2 {
@@ -277,7 +281,7 @@ struct ConvBench: ParsableCommand {
                            "ranks": world.size, "forward_s": f, "backward_s": b, "gflop_per_s": mean[2], "sgemm_gflop_per_s": mean[3],
                            "fraction_of_sgemm": mean[2] / mean[3], "backend": backend.rawValue, "cpu_isa": isa,
                            "onednn_layout": backend == .onednn ? layout : "", "onednn_chunk": backend == .onednn ? conv.oneDNNChunkSize(g) : 0,
-                           "onednn_implementations": conv.oneDNNImplementations])
+                           "onednn_implementations": conv.oneDNNImplementations, "patch_statistics": patchStatistics])
             }
         }
     }
