@@ -30,9 +30,9 @@ final class MPIIntegrationTests: XCTestCase {
                     "--data", "synthetic:train=960,heldout=64", "--precise-bn-samples", "256"]
         let twoDomain = ["--data", "two-domain:synthetic:train=480,heldout=64", "--domain-bn"]
         let cases: [(String, [String], [Int])] = [
-            // The tests' programs default to im2col (Processes.swift); oneDNN is the other backend.
+            // The tests' programs default to im2col (Processes.swift); oneDNN is the other backend (SyncBN
+            // with oneDNN in-process: ExactnessTests).
             ("syncbn", ["--norm", "syncbn"], [2, 4, 8]),
-            ("syncbn-onednn", ["--norm", "syncbn", "--conv-backend", "onednn"], [4]),
             ("cbn-onednn", ["--norm", "cbn", "--cbn-window", "4", "--conv-backend", "onednn"], [4]),
             // CBN's default is the compensated gradient; the reference code's gradient is one flag away.
             ("cbn", ["--norm", "cbn", "--cbn-window", "4"], [2, 4, 8]),
