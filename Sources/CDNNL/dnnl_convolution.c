@@ -167,19 +167,36 @@ static void plain(dnnl_memory_desc_t *md, int n, int c, int h, int w, dnnl_forma
     dnnl_memory_desc_init_by_tag(md, 4, dims, dnnl_f32, tag);
 }
 
-/// A forward-training descriptor's primitive descriptor (also the hint backward needs).
-static dnnl_status_t forward_pd(dnnl_primitive_desc_t *pd, dnnl_primitive_attr_t attr, int n, int cin, int h, int w,
-                                int cout, int k, int stride, int padding, int oh, int ow, int layout) {
-    dnnl_memory_desc_t src, wei, dst;
-    dnnl_format_tag_t act = layout == SYNCBN_DNNL_PLAIN ? dnnl_nchw : dnnl_format_tag_any;
-    dnnl_format_tag_t wt = layout == SYNCBN_DNNL_PLAIN ? dnnl_oihw : dnnl_format_tag_any;
-    plain(&src, n, cin, h, w, act);
-    plain(&wei, cout, cin, k, k, wt);
-    plain(&dst, n, cout, oh, ow, act);
-    dnnl_dims_t strides = {stride, stride}, pad = {padding, padding};
+/// The source, weight and destination descriptors of n samples, activations in `act`, weights in `wt`.
+static void descriptors(dnnl_memory_desc_t md[3], int n, int cin, int h, int w, int cout, int k, int oh, int ow,
+                        dnnl_format_tag_t act, dnnl_format_tag_t wt) {
+    plain(&md[0], n, cin, h, w, act);
+    plain(&md[1], cout, cin, k, k, wt);
+    plain(&md[2], n, cout, oh, ow, act);
+}
+
+/// One argument of an operation: its DNNL_ARG, direction, the user's descriptor and the query
+/// for the primitive's own.
+typedef struct {
+    int arg, is_output;
+    const dnnl_memory_desc_t *user;
+    dnnl_query_t query;
+} binding;
+
+/// Sets up `op`'s three arguments from `pd` and creates its primitive.
+static int bind(operation *op, dnnl_primitive_desc_t pd, const binding b[3], char *error, size_t length) {
+    for (int i = 0; i < 3; i++) {
+        if (add_argument(op, b[i].arg, b[i].is_output, b[i].user, dnnl_primitive_desc_query_md(pd, b[i].query, 0), error, length)) return 1;
+    }
+    return finish_operation(op, pd, error, length);
+}
+
+/// A forward-training primitive descriptor (also the hint backward needs).
+static dnnl_status_t forward_pd(dnnl_primitive_desc_t *pd, dnnl_primitive_attr_t attr, const dnnl_memory_desc_t md[3],
+                                const dnnl_dims_t strides, const dnnl_dims_t pad) {
     dnnl_convolution_desc_t desc;
-    dnnl_status_t s = dnnl_convolution_forward_desc_init(&desc, dnnl_forward_training, dnnl_convolution_direct, &src, &wei, NULL,
-                                                        &dst, strides, pad, pad);
+    dnnl_status_t s = dnnl_convolution_forward_desc_init(&desc, dnnl_forward_training, dnnl_convolution_direct, &md[0], &md[1], NULL,
+                                                        &md[2], strides, pad, pad);
     if (s != dnnl_success) return s;
     return dnnl_primitive_desc_create(pd, &desc, attr, shared_engine, NULL);
 }
@@ -195,75 +212,55 @@ syncbn_dnnl_convolution *syncbn_dnnl_convolution_create(int n, int cin, int h, i
     dnnl_primitive_attr_create(&attr);
     dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user);
     dnnl_primitive_desc_t fwd = NULL, bwd = NULL, hint = NULL;
-    dnnl_memory_desc_t user_src, user_wei, user_dst;
     dnnl_status_t s;
     dnnl_dims_t strides = {stride, stride}, pad = {padding, padding};
+    // The primitives' descriptors: plain, or `any` (oneDNN picks its blocked layout).
     dnnl_format_tag_t act = layout == SYNCBN_DNNL_PLAIN ? dnnl_nchw : dnnl_format_tag_any;
     dnnl_format_tag_t wt = layout == SYNCBN_DNNL_PLAIN ? dnnl_oihw : dnnl_format_tag_any;
+    dnnl_convolution_desc_t desc;
 
-    plain(&user_src, n, cin, h, w, dnnl_nchw);
-    plain(&user_wei, cout, cin, k, k, dnnl_oihw);
-    plain(&user_dst, n, cout, oh, ow, dnnl_nchw);
     if (n > 0) {
-    // Forward.
-    if ((s = forward_pd(&fwd, attr, n, cin, h, w, cout, k, stride, padding, oh, ow, layout)) != dnnl_success) {
-        fail(error, length, "convolution forward descriptor", s);
-        goto failure;
-    }
-    if (add_argument(&c->forward, DNNL_ARG_SRC, 0, &user_src, dnnl_primitive_desc_query_md(fwd, dnnl_query_src_md, 0), error, length) ||
-        add_argument(&c->forward, DNNL_ARG_WEIGHTS, 0, &user_wei, dnnl_primitive_desc_query_md(fwd, dnnl_query_weights_md, 0), error, length) ||
-        add_argument(&c->forward, DNNL_ARG_DST, 1, &user_dst, dnnl_primitive_desc_query_md(fwd, dnnl_query_dst_md, 0), error, length) ||
-        finish_operation(&c->forward, fwd, error, length))
-        goto failure;
-
-    // Backward data, hinted by the forward.
-    {
-        dnnl_memory_desc_t dsrc, wei, ddst;
-        plain(&dsrc, n, cin, h, w, act);
-        plain(&wei, cout, cin, k, k, wt);
-        plain(&ddst, n, cout, oh, ow, act);
-        dnnl_convolution_desc_t desc;
-        if ((s = dnnl_convolution_backward_data_desc_init(&desc, dnnl_convolution_direct, &dsrc, &wei, &ddst, strides, pad, pad)) != dnnl_success ||
+        // Forward, and backward data hinted by it.
+        dnnl_memory_desc_t user[3], md[3];
+        descriptors(user, n, cin, h, w, cout, k, oh, ow, dnnl_nchw, dnnl_oihw);
+        descriptors(md, n, cin, h, w, cout, k, oh, ow, act, wt);
+        if ((s = forward_pd(&fwd, attr, md, strides, pad)) != dnnl_success) {
+            fail(error, length, "convolution forward descriptor", s);
+            goto failure;
+        }
+        const binding forward[3] = {{DNNL_ARG_SRC, 0, &user[0], dnnl_query_src_md}, {DNNL_ARG_WEIGHTS, 0, &user[1], dnnl_query_weights_md},
+                                    {DNNL_ARG_DST, 1, &user[2], dnnl_query_dst_md}};
+        if (bind(&c->forward, fwd, forward, error, length)) goto failure;
+        if ((s = dnnl_convolution_backward_data_desc_init(&desc, dnnl_convolution_direct, &md[0], &md[1], &md[2], strides, pad, pad)) != dnnl_success ||
             (s = dnnl_primitive_desc_create(&bwd, &desc, attr, shared_engine, fwd)) != dnnl_success) {
             fail(error, length, "convolution backward-data descriptor", s);
             goto failure;
         }
-        if (add_argument(&c->data, DNNL_ARG_DIFF_DST, 0, &user_dst, dnnl_primitive_desc_query_md(bwd, dnnl_query_diff_dst_md, 0), error, length) ||
-            add_argument(&c->data, DNNL_ARG_WEIGHTS, 0, &user_wei, dnnl_primitive_desc_query_md(bwd, dnnl_query_weights_md, 0), error, length) ||
-            add_argument(&c->data, DNNL_ARG_DIFF_SRC, 1, &user_src, dnnl_primitive_desc_query_md(bwd, dnnl_query_diff_src_md, 0), error, length) ||
-            finish_operation(&c->data, bwd, error, length))
-            goto failure;
+        const binding data[3] = {{DNNL_ARG_DIFF_DST, 0, &user[2], dnnl_query_diff_dst_md}, {DNNL_ARG_WEIGHTS, 0, &user[1], dnnl_query_weights_md},
+                                 {DNNL_ARG_DIFF_SRC, 1, &user[0], dnnl_query_diff_src_md}};
+        if (bind(&c->data, bwd, data, error, length)) goto failure;
         dnnl_primitive_desc_destroy(bwd);
         bwd = NULL;
-    }
-    c->has_forward = 1;
+        c->has_forward = 1;
     }
 
     // Backward weights for weights_minibatch samples and weights_cout output channels.
     if (weights_minibatch > 0 && weights_cout > 0) {
-        int wn = weights_minibatch, wc = weights_cout;
-        if ((s = forward_pd(&hint, attr, wn, cin, h, w, wc, k, stride, padding, oh, ow, layout)) != dnnl_success) {
+        dnnl_memory_desc_t user[3], md[3];
+        descriptors(user, weights_minibatch, cin, h, w, weights_cout, k, oh, ow, dnnl_nchw, dnnl_oihw);
+        descriptors(md, weights_minibatch, cin, h, w, weights_cout, k, oh, ow, act, wt);
+        if ((s = forward_pd(&hint, attr, md, strides, pad)) != dnnl_success) {
             fail(error, length, "convolution forward descriptor (weights hint)", s);
             goto failure;
         }
-        dnnl_memory_desc_t src, dwei, ddst, u_src, u_dwei, u_ddst;
-        plain(&src, wn, cin, h, w, act);
-        plain(&dwei, wc, cin, k, k, wt);
-        plain(&ddst, wn, wc, oh, ow, act);
-        plain(&u_src, wn, cin, h, w, dnnl_nchw);
-        plain(&u_dwei, wc, cin, k, k, dnnl_oihw);
-        plain(&u_ddst, wn, wc, oh, ow, dnnl_nchw);
-        dnnl_convolution_desc_t desc;
-        if ((s = dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &src, &dwei, NULL, &ddst, strides, pad, pad)) != dnnl_success ||
+        if ((s = dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &md[0], &md[1], NULL, &md[2], strides, pad, pad)) != dnnl_success ||
             (s = dnnl_primitive_desc_create(&bwd, &desc, attr, shared_engine, hint)) != dnnl_success) {
             fail(error, length, "convolution backward-weights descriptor", s);
             goto failure;
         }
-        if (add_argument(&c->weights, DNNL_ARG_SRC, 0, &u_src, dnnl_primitive_desc_query_md(bwd, dnnl_query_src_md, 0), error, length) ||
-            add_argument(&c->weights, DNNL_ARG_DIFF_DST, 0, &u_ddst, dnnl_primitive_desc_query_md(bwd, dnnl_query_diff_dst_md, 0), error, length) ||
-            add_argument(&c->weights, DNNL_ARG_DIFF_WEIGHTS, 1, &u_dwei, dnnl_primitive_desc_query_md(bwd, dnnl_query_diff_weights_md, 0), error, length) ||
-            finish_operation(&c->weights, bwd, error, length))
-            goto failure;
+        const binding weights[3] = {{DNNL_ARG_SRC, 0, &user[0], dnnl_query_src_md}, {DNNL_ARG_DIFF_DST, 0, &user[2], dnnl_query_diff_dst_md},
+                                    {DNNL_ARG_DIFF_WEIGHTS, 1, &user[1], dnnl_query_diff_weights_md}};
+        if (bind(&c->weights, bwd, weights, error, length)) goto failure;
         c->has_weights = 1;
         dnnl_primitive_desc_destroy(bwd);
         bwd = NULL;
