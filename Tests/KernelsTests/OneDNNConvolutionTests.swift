@@ -5,15 +5,6 @@ import XCTest
 /// oneDNN's convolutions against the definition (Double), against im2col, and with the patch
 /// statistics of cross-iteration BN riding on the weight gradient.
 extension LayerTests {
-    /// ‖a − b‖ / ‖b‖ over all elements: the relative error of a Float result as a whole (single
-    /// elements near zero can lose more digits to cancellation).
-    func relativeError<A: BinaryFloatingPoint>(_ a: [A], _ b: [Double]) -> Double {
-        precondition(a.count == b.count)
-        var difference = 0.0, norm = 0.0
-        for i in 0..<a.count { difference += (Double(a[i]) - b[i]) * (Double(a[i]) - b[i]); norm += b[i] * b[i] }
-        return (difference / max(norm, .leastNormalMagnitude)).squareRoot()
-    }
-
     /// Every ResNet-20 (1×28×28, width 1) and ResNet-18 (3×32×32) convolution shape, stride 1 and 2,
     /// 1×1 projections and 3×3, plus odd sizes and batch 1: forward, input and weight gradients
     /// within 1e-5 of the definition and of im2col.
