@@ -23,7 +23,16 @@ public enum ConvolutionBackendSetting: Equatable, Sendable, Codable, LosslessStr
         switch self {
         case .auto: return "auto"
         case .all(let backend): return backend.rawValue
-        case .perLayer(let list): return list.map(\.rawValue).joined(separator: ",")
+        case .perLayer(let list): return list.listText
+        }
+    }
+
+    /// The backends the text names, in order (nil for `auto`): how a stored list is read back.
+    public var listed: [ConvolutionBackend]? {
+        switch self {
+        case .auto: return nil
+        case .all(let backend): return [backend]
+        case .perLayer(let list): return list
         }
     }
 
@@ -39,6 +48,12 @@ public enum ConvolutionBackendSetting: Equatable, Sendable, Codable, LosslessStr
         var container = encoder.singleValueContainer()
         try container.encode(description)
     }
+}
+
+extension Array where Element == ConvolutionBackend {
+    /// "im2col,onednn,…": how a list of backends is written (`--conv-backend LIST`, the
+    /// checkpoint's and the metrics' `conv_backends`).
+    public var listText: String { map(\.rawValue).joined(separator: ",") }
 }
 
 extension Network {

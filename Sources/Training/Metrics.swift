@@ -86,7 +86,7 @@ public final class MetricsWriter {
                                    "version": syncbnVersion]
         if let resumedAt { line["step"] = resumedAt }
         if let convolutionBackends {
-            line["conv_backends"] = convolutionBackends.map(\.rawValue).joined(separator: ",")
+            line["conv_backends"] = convolutionBackends.listText
             line["cpu_isa"] = OneDNNConvolution.cpuISA
         }
         try write(line)

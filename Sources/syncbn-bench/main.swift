@@ -486,14 +486,11 @@ struct TrainBench: ParsableCommand {
                     "compute_s": (total - comm - dataTime) / Double(steps), "comm_s": comm / Double(steps), "data_s": dataTime / Double(steps),
                     "peak_rss_mib": rss, "conv_gemm_gflop_per_s": gemmRate, "conv_gemm_fraction_of_sgemm": gemmRate / gemmLimit,
                     "collectives_per_step": Double(trainer.ledger.totalCollectives) / Double(steps),
-                    "conv_backends": (trainer.convolutionBackends ?? []).map(\.rawValue).joined(separator: ","),
+                    "conv_backends": (trainer.convolutionBackends ?? []).listText,
                 ]
                 results.append(row)
                 if world.rank == 0 {
-                    if let backends = trainer.convolutionBackends {
-                        let oneDNN = backends.filter { $0 == .onednn }.count
-                        printTable("train \(kind.rawValue): convolutions onednn for \(oneDNN), im2col for \(backends.count - oneDNN) (\(trainer.convolutionBackendOrigin); CPU \(OneDNNConvolution.cpuISA))")
-                    }
+                    if let summary = trainer.convolutionBackendSummary { printTable("train \(kind.rawValue): convolutions \(summary)") }
                     printTable(String(format: "train %@ %@ batch %d × %d rank(s): %.0f samples/s, %.2f ms/step = compute %.2f + comm %.2f + data %.2f ms; peak RSS %.0f MiB/rank; conv GEMM %.1f GFLOP/s (%.0f%% of sgemm 512³ %.1f); %.0f collectives/step",
                                       model.rawValue, kind.rawValue, batch, world.size, Double(samples) / total, perStep * 1e3,
                                       (total - comm - dataTime) / Double(steps) * 1e3, comm / Double(steps) * 1e3, dataTime / Double(steps) * 1e3,

@@ -444,20 +444,16 @@ struct Train: ParsableCommand {
     }
 }
 
-/// The convolutions' backends for the log: the counts, how they were decided, and the list that
-/// repeats the choice (`--conv-backend LIST`).
+/// The convolutions' backends for the log: the counts, how they were decided, and with `auto` the
+/// timing and the list that repeats the choice (`--conv-backend LIST`).
 func convolutionBackendLine(_ trainer: Trainer) -> String? {
-    guard let backends = trainer.convolutionBackends, !backends.isEmpty else { return nil }
-    let counts = ConvolutionBackend.allCases.compactMap { backend -> String? in
-        let n = backends.filter { $0 == backend }.count
-        return n == 0 ? nil : "\(backend.rawValue) for \(n)"
-    }.joined(separator: ", ")
-    var line = "convolutions: \(counts) of \(backends.count) (\(trainer.convolutionBackendOrigin); CPU \(OneDNNConvolution.cpuISA))"
-    if trainer.convolutionBackendOrigin.hasPrefix("timed") {
+    guard let summary = trainer.convolutionBackendSummary, let backends = trainer.convolutionBackends else { return nil }
+    var line = "convolutions: " + summary
+    if !trainer.convolutionBackendSeconds.isEmpty {
         let total = trainer.convolutionBackendSeconds.reduce((0.0, 0.0)) { ($0.0 + $1[0], $0.1 + $1[1]) }
         let chosen = zip(trainer.convolutionBackendSeconds, backends).reduce(0.0) { $0 + ($1.1 == .onednn ? $1.0[1] : $1.0[0]) }
         line += String(format: ": %.1f ms per step against %.1f (im2col) and %.1f (onednn); repeat with --conv-backend %@",
-                       chosen * 1e3, total.0 * 1e3, total.1 * 1e3, backends.map(\.rawValue).joined(separator: ","))
+                       chosen * 1e3, total.0 * 1e3, total.1 * 1e3, backends.listText)
     }
     return line
 }
