@@ -51,10 +51,31 @@ public enum Checkpoint {
     /// the stored running statistics do (what inference uses).
     @discardableResult
     ///
-    /// Rank-local state (cross-iteration windows) is per rank: the file must have been written
-    /// by `ranks` ranks, unless `resetRankLocal`, which starts every window empty instead.
+    /// Rank-local state (cross-iteration windows) is per rank: this rank continues the copies of
+    /// the written ranks `rankLocalSources` (one rank's, or a statistics group's, which must be
+    /// equal; ``rankLocalSources(rank:ranks:configuration:metadata:)`` finds them), unless
+    /// `resetRankLocal`, which starts every window empty instead.
+    /// The written ranks whose rank-local copies rank `rank` of `ranks` continues: itself on as
+    /// many ranks; on another number, at the same global batch and the same statistics groups
+    /// (``TrainingConfiguration/statisticsGroups(ranks:)``), the ranks of the written run whose
+    /// samples form this rank's statistics group — they kept one window, the group's.
+    public static func rankLocalSources(rank: Int, ranks: Int, configuration: TrainingConfiguration,
+                                        metadata: [String: String], path: String) -> Result<[Int], FileFormatError> {
+        let written = metadata["ranks"].flatMap { Int($0) }
+        if written == ranks { return .success([rank]) }
+        let refusal = FileFormatError(path, "was written by \(written.map(String.init) ?? "an unknown number of") rank(s) and holds each rank's cross-iteration BN window; resume on as many ranks, or at the same global batch with statistics groups that cover the same samples, or pass ⟨resetCrossIterationWindows⟩ to start the windows empty")
+        guard let written, written >= 1, let text = metadata["configuration"],
+              let stored = try? TrainingConfiguration.decoding(json: text),
+              stored.batchSize * written == configuration.batchSize * ranks,
+              case .consecutive(let span) = configuration.statisticsGroups(ranks: ranks),
+              stored.statisticsGroups(ranks: written) == .consecutive(span),
+              span % stored.batchSize == 0, span % configuration.batchSize == 0 else { return .failure(refusal) }
+        let group = rank * configuration.batchSize / span
+        return .success(Array((group * span / stored.batchSize)..<((group + 1) * span / stored.batchSize)))
+    }
+
     public static func load(_ path: String, into network: Network, optimizer: SGD?,
-                            preferEMA: Bool = true, rank: Int = 0, ranks: Int = 1,
+                            preferEMA: Bool = true, rankLocalSources: Result<[Int], FileFormatError> = .success([0]),
                             resetRankLocal: Bool = false) throws -> (metadata: [String: String], emaBuffers: [String: [Float]]?) {
         let (tensors, metadata) = try Safetensors.read(path)
         guard metadata["format"] == format else {
@@ -99,18 +120,22 @@ public enum Checkpoint {
                 used.insert(name)
                 assignments.append { c.value = value }
             case let .rankLocal(name, state):
-                let written = metadata["ranks"].flatMap { Int($0) }
                 if resetRankLocal {
                     let emptied = state.emptied(tensors["\(name).rank0"]?.doubles ?? [])
                     assignments.append { state.values = emptied }
                     continue
                 }
-                guard written == ranks else {
-                    throw FileFormatError(path, "was written by \(written.map(String.init) ?? "an unknown number of") rank(s) and holds each rank's cross-iteration BN window; resume on as many ranks, or pass ⟨resetCrossIterationWindows⟩ to start the windows empty")
+                let sources = try rankLocalSources.get()
+                var copies: [[Double]] = []
+                for source in sources {
+                    guard let values = tensors["\(name).rank\(source)"]?.doubles else {
+                        throw FileFormatError(path, "has no '\(name).rank\(source)': it was written by \(metadata["ranks"] ?? "another number of") rank(s); resume cross-iteration BN on as many ranks")
+                    }
+                    copies.append(values)
                 }
-                let key = "\(name).rank\(rank)"
-                guard let values = tensors[key]?.doubles else {
-                    throw FileFormatError(path, "has no '\(key)': it was written by \(metadata["ranks"] ?? "another number of") rank(s); resume cross-iteration BN on as many ranks")
+                guard let values = copies.first, let key = sources.first.map({ "\(name).rank\($0)" }) else { continue }
+                if let other = copies.firstIndex(where: { $0 != values }) {
+                    throw FileFormatError(path, "'\(name).rank\(sources[other])' differs from '\(key)', though both ranks shared one statistics group; the window cannot move to another number of ranks (pass ⟨resetCrossIterationWindows⟩ to start it empty)")
                 }
                 if let problem = state.validate(values) { throw FileFormatError(path, "'\(key)' \(problem)") }
                 assignments.append { state.values = values }

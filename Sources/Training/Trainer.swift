@@ -134,12 +134,15 @@ public final class Trainer {
 
     /// Continues from a checkpoint written by ``save(to:)``: with the EMA statistics when the file
     /// keeps them beside PreciseBN's (`forTraining`), otherwise with the statistics it stores.
-    /// With `resetCrossIterationWindows` a checkpoint written by another number of ranks may be
-    /// resumed: every cross-iteration BN window starts empty.
+    /// Cross-iteration windows move to another number of ranks when their statistics groups
+    /// cover the same samples (the group's window spans every rank); otherwise, with
+    /// `resetCrossIterationWindows`, every window starts empty.
     public func resume(from path: String, forTraining: Bool = true, resetCrossIterationWindows: Bool = false) throws {
         dataInitialized = true   // the checkpoint holds trained (or initialised) parameters
-        let (metadata, ema) = try Checkpoint.load(path, into: network, optimizer: optimizer, preferEMA: forTraining, rank: world.rank,
-                                                  ranks: world.size, resetRankLocal: resetCrossIterationWindows)
+        let sources = Checkpoint.rankLocalSources(rank: world.rank, ranks: world.size, configuration: configuration,
+                                                  metadata: try Safetensors.metadata(path), path: path)
+        let (metadata, ema) = try Checkpoint.load(path, into: network, optimizer: optimizer, preferEMA: forTraining,
+                                                  rankLocalSources: sources, resetRankLocal: resetCrossIterationWindows)
         emaBuffers = forTraining ? nil : ema
         guard let text = metadata["step"], let saved = Int(text), saved >= 0 else {
             throw FileFormatError(path, "metadata has no valid 'step'")

@@ -238,6 +238,40 @@ extension TrainingConfiguration {
         trajectoryDifferences(from: other, ranks: ranks, otherRanks: otherRanks).first { !allowed.contains($0.field) }?.text
     }
 
+    /// Which samples one normalization's batch statistics are computed over, in a training step.
+    /// Two runs with the same global batch and the same groups are one trajectory on different
+    /// numbers of ranks (the exactness contract makes them bit-identical where it holds).
+    public enum StatisticsGroups: Equatable, Sendable {
+        /// No statistics over samples (GN, LN, IN, WN): any split of the batch.
+        case none
+        /// Consecutive runs of this many samples of the global batch, aligned to its start.
+        case consecutive(Int)
+        /// Groups that depend on how the samples sit on the ranks (ShuffleBN's exchange, ghost
+        /// batches across a sync group, a ghost batch that does not divide the per-rank batch).
+        case placement(ranks: Int, batchSize: Int)
+
+        var text: String {
+            switch self {
+            case .none: return "no batch statistics"
+            case .consecutive(let n): return "statistics over \(n) consecutive samples"
+            case let .placement(ranks, batchSize): return "statistics over groups laid out by \(ranks) rank(s) × \(batchSize)"
+            }
+        }
+    }
+
+    /// The statistics groups of this run on `ranks` ranks.
+    public func statisticsGroups(ranks: Int) -> StatisticsGroups {
+        if norm.isBatchFree { return .none }
+        let synced = norm.synchronizes || (norm.synchronizesOnRequest && syncGroupSize != nil)
+        let group = synced ? min(syncGroupSize ?? ranks, ranks) : 1
+        if shuffleBN && ranks > 1 && min(syncGroupSize ?? ranks, ranks) > 1 { return .placement(ranks: ranks, batchSize: batchSize) }
+        if let ghost = ghostBatchSize, norm == .bn || norm == .syncbn {
+            if group == 1 && batchSize % ghost == 0 { return .consecutive(ghost) }
+            return .placement(ranks: ranks, batchSize: batchSize)
+        }
+        return .consecutive(group * batchSize)
+    }
+
     /// Every setting's field path (`batchSize`, `crossIteration.window`), from the defaults.
     public static var settingFields: [String] {
         func fields(_ value: Any, _ prefix: String) -> [String] {
@@ -272,7 +306,12 @@ extension TrainingConfiguration {
         for field in Set(mine.keys).union(theirs.keys).sorted() where !Self.outsideTheTrajectory.contains(field.split(separator: ".").first.map(String.init) ?? field) {
             let a = mine[field] ?? "unset", b = theirs[field] ?? "unset"
             guard a != b || includingEqual else { continue }
-            if field == "batchSize", let ranks, let otherRanks, batchSize * ranks == other.batchSize * otherRanks { continue }
+            if field == "batchSize", let ranks, let otherRanks, batchSize * ranks == other.batchSize * otherRanks {
+                let mine = statisticsGroups(ranks: ranks), theirs = other.statisticsGroups(ranks: otherRanks)
+                if mine == theirs { continue }
+                differences.append((field, "⟨\(field)⟩ was \(a) on \(ranks) rank(s), now \(b) on \(otherRanks): the same global batch, but \(mine.text) would become \(theirs.text)"))
+                continue
+            }
             differences.append((field, "⟨\(field)⟩ was \(a), now \(b)"))
         }
         return differences

@@ -131,4 +131,31 @@ final class TestClusterTests: XCTestCase {
         XCTAssertEqual(back.status, 0, describe(back))
         XCTAssertTrue(back.stderr.contains("done: held-out accuracy"), describe(back))
     }
+
+    /// `launch/train --max-restarts 1` over both hosts; once the first checkpoint is written, the
+    /// second host is taken out of the hosts file and its link goes down. The job ends through
+    /// the collective timeout, starts again on the first host alone (2 ranks × 8 at the global
+    /// batch of 4 × 4) from that checkpoint, and ends with the checkpoint of an uninterrupted
+    /// 4-rank run, bit for bit.
+    func testALostHostIsLeftOutAndTheRunGoesOnToTheSameCheckpoint() throws {
+        let h1 = "\(cluster)-h1", h2 = "\(cluster)-h2", script = Self.script
+        let hosts = dir + "/hosts", save = dir + "/restarted.safetensors", straight = dir + "/straight.safetensors"
+        try "\(h1):2\n\(h2):2\n".write(toFile: hosts, atomically: true, encoding: .utf8)
+        let arguments = ["--model", "resnet20", "--width", "0.25", "--data", "synthetic:train=256,heldout=64", "--batch-size", "4",
+                         "--steps", "60", "--save-every", "10", "--eval-stats", "ema", "--norm", "syncbn", "--collective-timeout", "5"]
+        let train = ([script, "head", cluster, Harness.repositoryRoot + "/launch/train", "--hosts-file", hosts, "--max-restarts", "1"]
+                     + arguments + ["--save", save]).map { "'\($0)'" }.joined(separator: " ")
+        let shell = "(while [ ! -e '\(save)' ]; do sleep 0.1; done; echo '\(h1):2' > '\(hosts)'; '\(script)' exec \(cluster) \(h2) ip link set eth0 down) & "
+            + "\(train); status=$?; wait; '\(script)' exec \(cluster) \(h2) ip link set eth0 up; exit $status"
+        let result = try runProcess("/bin/sh", ["-c", shell], timeout: 170)
+        XCTAssertFalse(result.timedOut, describe(result))
+        XCTAssertEqual(result.status, 0, describe(result))
+        XCTAssertTrue(result.stderr.contains("no rank answered for 5 s in"), describe(result))
+        XCTAssertTrue(result.stderr.contains("exit status 3; restart 1 of 1 on 2 rank(s) (\(h1):2), 8 samples per rank (global batch 16)"), describe(result))
+        let reference = try Harness.mpi(4, Harness.train, arguments + ["--save", straight])
+        XCTAssertEqual(reference.status, 0, describe(reference))
+        let x = try checkpointBits(straight), y = try checkpointBits(save)
+        XCTAssertEqual(x.keys.sorted(), y.keys.sorted())
+        XCTAssertEqual(x.keys.sorted().filter { x[$0] != y[$0] }, [], "tensors that differ from the uninterrupted run")
+    }
 }

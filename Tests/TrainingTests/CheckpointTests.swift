@@ -130,6 +130,42 @@ final class CheckpointTests: XCTestCase {
         }
     }
 
+    /// A checkpoint of 4 ranks × 4 continues on 2 ranks × 8 and on 1 × 16 (the same global
+    /// batch) bit for bit, cross-iteration windows included: they are a statistics group's, and
+    /// move to the ranks whose samples form the same group — every rank's when the group is all
+    /// of them; the first two ranks' and the last two's when 4 ranks in groups of 2 become 2
+    /// ranks of one each. Statistics over other samples (groups of 2 on 2 ranks × 8) are refused.
+    func testACheckpointContinuesOnAnotherNumberOfRanksAtTheSameGlobalBatch() throws {
+        let dir = temporaryDirectory()
+        func on(_ ranks: Int, _ norm: NormalizationKind, group: Int? = nil) -> TrainingConfiguration {
+            var c = configuration(steps: 8, norm: norm)
+            c.batchSize = 16 / ranks
+            c.syncGroupSize = group
+            return c
+        }
+        for (norm, group, after, groupAfter) in [(NormalizationKind.syncbn, Int?.none, 2, Int?.none), (.cbn, nil, 2, nil), (.cbn, nil, 1, nil),
+                                                 (.cbn, 2, 2, 1), (.mabn, 2, 2, 1)] {
+            let what = "\(norm) groups \(group.map(String.init) ?? "all") → \(after) rank(s), groups \(groupAfter.map(String.init) ?? "all")"
+            let straight = try run(on(4, norm, group: group), ranks: 4)
+            let path = dir + "/four-\(norm)-\(group ?? 0)-\(after).safetensors"
+            _ = try run(on(4, norm, group: group), ranks: 4, save: path, stopAt: 4)
+            let resumed = try run(on(after, norm, group: groupAfter), ranks: after, resume: path)
+            XCTAssertEqual(straight.0.keys.sorted(), resumed.0.keys.sorted(), what)
+            for (name, values) in straight.0 {
+                XCTAssertEqual(values.map(\.bitPattern), resumed.0[name]!.map(\.bitPattern), "\(what): \(name)")
+            }
+        }
+        // Groups of 2 on 2 ranks × 8 cover 16 samples, not the 8 the windows were summed over.
+        let path = dir + "/four-cbn-2-2.safetensors"
+        XCTAssertThrowsError(try run(on(2, .cbn, group: 2), ranks: 2, resume: path)) { error in
+            XCTAssertTrue("\(error)".contains("written by 4 rank(s)") && "\(error)".contains("resetCrossIterationWindows"), "\(error)")
+        }
+        // The configuration's own account of it, which the command line's resume check uses.
+        XCTAssertEqual(on(4, .cbn, group: 2).statisticsGroups(ranks: 4), on(2, .cbn, group: 1).statisticsGroups(ranks: 2))
+        XCTAssertNotEqual(on(4, .bn).statisticsGroups(ranks: 4), on(2, .bn).statisticsGroups(ranks: 2))
+        XCTAssertEqual(on(4, .gn).statisticsGroups(ranks: 4), .none)
+    }
+
     func testCheckpointHoldsEveryEntryUnderItsDottedNameAndMetadata() throws {
         let path = temporaryDirectory() + "/c.safetensors"
         let (state, _) = try run(configuration(steps: 3), ranks: 1, save: path)

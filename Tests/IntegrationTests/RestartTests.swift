@@ -1,0 +1,80 @@
+import Foundation
+import TestSupport
+import Training
+import XCTest
+
+/// `launch/train --max-restarts`: a job that fails is started again with `--resume auto`, on the
+/// hosts its hosts file names at that moment, with as many ranks as they hold at the same global
+/// batch. Each job here has the harness's watchdog.
+final class RestartTests: XCTestCase {
+    var dir = ""
+    override func setUpWithError() throws {
+        guard Harness.mpirun != nil else { throw XCTSkip("mpirun is not installed (launch/setup installs it)") }
+        dir = temporaryDirectory("syncbn-restart")
+    }
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir); super.tearDown() }
+
+    static var launcher: String { Harness.repositoryRoot + "/launch/train" }
+
+    func job(_ norm: String) -> [String] {
+        ["--norm", norm, "--steps", "40", "--save-every", "10", "--log-every", "1", "--eval-stats", "ema", "--conv-backend", "im2col"]
+    }
+
+    /// Starts `launch/train --hosts-file` on localhost:4 with `--max-restarts 1`; at step `cut`
+    /// the hosts file shrinks to localhost:2 and one rank is killed with SIGKILL.
+    func killedAndRestarted(_ arguments: [String], save: String, cut: Int = 15) throws -> ProcessResult {
+        let hosts = dir + "/hosts"
+        try "localhost:4\n".write(toFile: hosts, atomically: true, encoding: .utf8)
+        var killed = false
+        let result = try runProcess(Self.launcher, ["--hosts-file", hosts, "--max-restarts", "1"] + arguments + ["--save", save],
+                                    timeout: 180, killWhen: { [dir] in
+            guard !killed, let log = try? String(contentsOfFile: save + ".log", encoding: .utf8), log.contains("\"step\":\(cut),") else { return false }
+            killed = true
+            try? "localhost:2\n".write(toFile: hosts, atomically: true, encoding: .utf8)
+            if let victim = trainProcesses(matching: dir).max() { kill(victim, SIGKILL) }
+            return false
+        })
+        XCTAssertTrue(killed, "the job never reached step \(cut): \(describe(result))")
+        return result
+    }
+
+    /// 4 ranks × 32 killed at step 15 and restarted on 2 ranks × 64 from the step-10 checkpoint:
+    /// the final checkpoint is the uninterrupted 4-rank run's, bit for bit, for SyncBN and for
+    /// CBN (whose windows, the statistics of all ranks, move with the checkpoint).
+    func testAKilledRunGoesOnWithFewerRanksAndEndsBitIdentical() throws {
+        for norm in ["syncbn", "cbn"] {
+            let straight = dir + "/straight-\(norm).safetensors", restarted = dir + "/restarted-\(norm).safetensors"
+            let a = try Harness.mpi(4, Harness.train, job(norm) + ["--save", straight])
+            XCTAssertEqual(a.status, 0, describe(a))
+            let b = try killedAndRestarted(job(norm) + ["--metrics", restarted + ".log"], save: restarted)
+            XCTAssertEqual(b.status, 0, describe(b))
+            XCTAssertEqual(b.stderr.components(separatedBy: "restart 1 of 1 on 2 rank(s) (localhost:2), 64 samples per rank (global batch 128)").count - 1, 1, describe(b))
+            XCTAssertTrue(b.stderr.contains("signal 9 (SIGKILL)") && b.stderr.contains("resumed from"), describe(b))
+            let x = try checkpointBits(straight), y = try checkpointBits(restarted)
+            // The 4-rank run keeps four copies of each CBN window, the 2-rank run two (all equal).
+            let shared = x.keys.filter { y[$0] != nil }.sorted()
+            XCTAssertEqual(Set(x.keys).subtracting(shared).filter { !$0.contains("cbn_window.rank") }, [])
+            XCTAssertGreaterThan(shared.count, 20)
+            XCTAssertEqual(shared.filter { x[$0] != y[$0] }, [], "\(norm): tensors that differ from the uninterrupted run")
+            let (_, metadata) = try Safetensors.read(restarted)
+            XCTAssertEqual(metadata["ranks"], "2")
+        }
+    }
+
+    /// Per-rank BN has no same run on fewer ranks (each rank's 32 samples would become 64): the
+    /// restart is refused in one line naming the batch and not retried again; a usage error is
+    /// not retried at all.
+    func testWhatARestartCannotContinueIsNotRetried() throws {
+        let path = dir + "/bn.safetensors"
+        let bn = try killedAndRestarted(job("bn") + ["--metrics", path + ".log"], save: path)
+        XCTAssertEqual(bn.status, 2, describe(bn))
+        XCTAssertEqual(bn.stderr.components(separatedBy: "restart 1 of 1").count - 1, 1, describe(bn))
+        XCTAssertTrue(bn.stderr.contains("--batch-size was 32 on 4 rank(s), now 64 on 2"), describe(bn))
+        let usage = try runProcess(Self.launcher, ["-n", "2", "--max-restarts", "3", "--save", dir + "/u.safetensors", "--no-such-flag"], timeout: 60)
+        XCTAssertEqual(usage.status, 64, describe(usage))
+        XCTAssertFalse(usage.stderr.contains("restart"), describe(usage))
+        let unsaved = try runProcess(Self.launcher, ["-n", "2", "--max-restarts", "1", "--steps", "2"], timeout: 60)
+        XCTAssertEqual(unsaved.status, 64, describe(unsaved))
+        XCTAssertEqual(unsaved.stderr, "train: --max-restarts needs --save: a restart continues from that checkpoint (write it often with --save-every)\n")
+    }
+}
