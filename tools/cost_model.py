@@ -22,7 +22,13 @@ inside the machine whatever P is:
 
 SyncBN issues two all-reduces per BN layer and step, neither overlapped with compute: forward
 (count, Σx, Σx² as Float64: 8·(2C + 1) bytes), backward (Σdy, Σdy·x̂: 8·2C bytes). The predicted
-per-step overhead is the sum over layers. Not in the model: waiting for the slowest rank at each
+per-step overhead is the sum over layers.
+
+With --step, a `syncbn-bench train` measurement on one machine (P ranks over shared memory) is
+carried to P/G machines of G ranks: compute = the measured step − the model's shared-memory
+collectives for it; predicted = compute + the gradient buckets and (synchronized norms) the
+statistics all-reduces across the machines, each as above. --compare sets the same job measured
+across the machines beside it. Not in the model: waiting for the slowest rank at each
 of these synchronization points (compute jitter), which on a busy machine is larger than the
 transfer itself.
 """
@@ -93,6 +99,68 @@ def syncbn_step(channels, P, G, inside, across, grouped):
     return total
 
 
+def load_train(path):
+    """The `syncbn-bench train` JSON line of `path`: {norm: run}, ranks, and the file's object."""
+    try:
+        with open(path) as f:
+            lines = [line for line in f if line.startswith("{")]
+        data = json.loads(lines[-1])
+    except (OSError, ValueError, IndexError) as error:
+        fail(f"{path}: {error if not isinstance(error, IndexError) else 'no JSON line'}")
+    if data.get("benchmark") != "train" or not data.get("runs"):
+        fail(f"{path}: not the JSON line of `syncbn-bench train`")
+    for run in data["runs"]:
+        if "gradient_bytes" not in run or "normalization_channels" not in run:
+            fail(f"{path}: written by an older syncbn-bench (no gradient_bytes / normalization_channels)")
+    return {run["norm"]: run for run in data["runs"]}, data["ranks"], data
+
+
+def step_collectives(run, P, G, inside, across):
+    """Seconds of one step's collectives on P ranks, G per machine: the gradient buckets (the
+    collectives that are not BN statistics, equal in size) and, for synchronized norms, two
+    statistics all-reduces per normalization layer."""
+    channels = run["normalization_channels"] if run["norm"] != "bn" else []
+    statistics = 2 * len(channels)
+    buckets = max(round(run["collectives_per_step"]) - statistics, 1)
+    def one(n):
+        within = allreduce(min(P, G), n, *inside)
+        return within + (allreduce(math.ceil(P / G), n, *across) if P > G else 0.0)
+    gradients = buckets * one(run["gradient_bytes"] / buckets)
+    stats = sum(one(8 * (2 * C + 1)) + one(8 * 2 * C) for C in channels)
+    return gradients, stats, buckets
+
+
+def predict_steps(a, inside, across):
+    """Predicted step on G ranks per machine × m machines from a step measured on one machine
+    with as many ranks: its compute (the measured step less the model's shared-memory
+    collectives) plus the model's collectives across the machines."""
+    runs, P, data = load_train(a.step)
+    G = a.ranks_per_node
+    if P % G or P == G:
+        fail(f"--step: the measurement has {P} ranks; --ranks-per-node {G} must divide it into two or more machines")
+    compared = load_train(a.compare)[0] if a.compare else {}
+    rows = []
+    for norm, run in runs.items():
+        local = sum(step_collectives(run, P, P, inside, inside)[:2])
+        gradients, stats, buckets = step_collectives(run, P, G, inside, across)
+        channels = run["normalization_channels"] if norm != "bn" else []
+        statistics_bytes = sum(8 * (2 * C + 1) + 16 * C for C in channels)
+        # Above this bandwidth the statistics' all-reduces cost more than the gradients' (on two
+        # machines, one exchange each: K·α + β·Σn against k·α + β·N).
+        K = 2 * len(channels)
+        break_even = (run["gradient_bytes"] - statistics_bytes) / (across[0] * (K - buckets)) if K > buckets else None
+        row = {"norm": norm, "ranks": P, "ranks_per_node": G, "measured_one_machine_ms": 1e3 * run["step_s"],
+               "compute_ms": 1e3 * (run["step_s"] - local), "gradients_ms": 1e3 * gradients, "statistics_ms": 1e3 * stats,
+               "predicted_ms": 1e3 * (run["step_s"] - local + gradients + stats),
+               "gradient_bytes": run["gradient_bytes"], "statistics_bytes": statistics_bytes, "collectives": K + buckets,
+               "break_even_gb_per_s": break_even / 1e9 if break_even else None}
+        if norm in compared:
+            row["measured_ms"] = 1e3 * compared[norm]["step_s"]
+            row["predicted_over_measured"] = row["predicted_ms"] / row["measured_ms"]
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shm", required=True, help="allreduce JSON of a 2-rank run inside one machine")
@@ -102,6 +170,9 @@ def main(argv=None):
     p.add_argument("--models", default="resnet20,resnet50", help=f"from {', '.join(MODELS)}")
     p.add_argument("--net-alpha-us", type=float, help="override the network α (µs), e.g. a real cluster's")
     p.add_argument("--net-gbps", type=float, help="override the network bandwidth 1/β (GB/s)")
+    p.add_argument("--step", help="`syncbn-bench train` output measured on one machine: predict that step across machines "
+                   "of --ranks-per-node ranks each")
+    p.add_argument("--compare", help="`syncbn-bench train` output of the same job across the machines, to set beside --step's prediction")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     a = p.parse_args(argv)
     if a.ranks_per_node < 1:
@@ -124,14 +195,31 @@ def main(argv=None):
             fail("--net-gbps must be positive")
         across = (across[0], 1 / (a.net_gbps * 1e9))
     G = a.ranks_per_node
+    fits = {"shm": {"alpha_us": inside[0] * 1e6, "gb_per_s": 1 / inside[1] / 1e9},
+            "net": {"alpha_us": across[0] * 1e6, "gb_per_s": 1 / across[1] / 1e9}}
+    if a.step:
+        steps = predict_steps(a, inside, across)
+        if a.json:
+            print(json.dumps({"fit": fits, "steps": steps}, sort_keys=True))
+            return
+        print(f"Fit: shared memory α = {fits['shm']['alpha_us']:.2f} µs, 1/β = {fits['shm']['gb_per_s']:.2f} GB/s; "
+              f"network α = {fits['net']['alpha_us']:.2f} µs, 1/β = {fits['net']['gb_per_s']:.3f} GB/s.\n")
+        print("| norm | ranks | on one machine, ms | compute | + gradients | + statistics | predicted, ms | measured, ms | predicted / measured | bytes per step (gradients + statistics) | statistics dominate above |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in steps:
+            measured = f"{r['measured_ms']:.1f}" if "measured_ms" in r else "—"
+            ratio = f"{r['predicted_over_measured']:.2f}" if "measured_ms" in r else "—"
+            even = f"{r['break_even_gb_per_s']:.2f} GB/s" if r["break_even_gb_per_s"] else "—"
+            print(f"| {r['norm']} | {r['ranks']} ({r['ranks'] // r['ranks_per_node']} × {r['ranks_per_node']}) | {r['measured_one_machine_ms']:.1f} | "
+                  f"{r['compute_ms']:.1f} | {r['gradients_ms']:.2f} | {r['statistics_ms']:.2f} | {r['predicted_ms']:.1f} | {measured} | {ratio} | "
+                  f"{r['gradient_bytes']} + {r['statistics_bytes']} | {even} |")
+        return
     rows = []
     for m in models:
         for P in ranks:
             rows.append({"model": m, "layers": len(MODELS[m]), "ranks": P, "ranks_per_node": G,
                          "flat_ms": 1e3 * syncbn_step(MODELS[m], P, G, inside, across, grouped=False),
                          "grouped_ms": 1e3 * syncbn_step(MODELS[m], P, G, inside, across, grouped=True)})
-    fits = {"shm": {"alpha_us": inside[0] * 1e6, "gb_per_s": 1 / inside[1] / 1e9},
-            "net": {"alpha_us": across[0] * 1e6, "gb_per_s": 1 / across[1] / 1e9}}
     if a.json:
         print(json.dumps({"fit": fits, "predictions": rows}, sort_keys=True))
         return

@@ -115,7 +115,7 @@ public struct StudyExperiment: Codable, Sendable {
 /// The named experiments and their grids.
 public enum StudyCatalog {
     public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage", "domain",
-                               "e3-compensation", "e4-burnin", "e5-precise"]
+                               "e1-collapse", "e3-compensation", "e4-burnin", "e5-precise", "e7-frozen"]
 
     public static func experiments(_ s: StudySettings) -> [StudyExperiment] {
         names.map { experiment($0, s)! }
@@ -352,6 +352,51 @@ public enum StudyCatalog {
                 claim: "When a batch mixes domains, statistics shared across them normalize neither domain well; domain-specific statistics (for training, inference and PreciseBN) do better (Wu & Johnson 2021, §5).",
                 panels: [StudyPanel(name: "error", title: "Held-out error on both domains", kind: .statistics,
                                     xLabel: "samples per rank", xScale: "linear", points: p)])
+        case "e1-collapse":
+            // E1: is there a regime where small normalization batches collapse? Ghost BN inside a
+            // fixed SGD batch of 128 (per-rank batch 128 / ranks), so only the normalization batch
+            // changes, in four cells of model width × data and training length.
+            let batch = max(1, 128 / s.ranks)
+            let cells: [(width: Double, samples: Int?, epochs: Int)] = q ? [(s.width, s.trainSamples, 2)]
+                : [(0.25, 10_000, 4), (1, 10_000, 4), (0.25, 60_000, 5), (1, 60_000, 5)]
+            var p: [StudyPoint] = []
+            for cell in cells {
+                var c = s
+                c.width = cell.width
+                c.trainSamples = cell.samples
+                c.sampleBudget = q ? s.sampleBudget : (cell.samples ?? 60_000) * cell.epochs
+                let label = q ? "width \(format(cell.width))" : "width \(format(cell.width)), \((cell.samples ?? 0) / 1000)k × \(cell.epochs) epochs"
+                p += points(label, [2, Double(batch)]) { g, seed in
+                    var o = base(c, batch: batch, seed: seed)
+                    o["norm"] = "bn"
+                    if Int(g) < batch { o["ghost-batch-size"] = "\(Int(g))" }
+                    return o
+                }
+            }
+            return StudyExperiment(
+                name: name, title: "E1: the collapse regime (ghost BN at an SGD batch of \(batch * s.ranks))",
+                claim: "Normalization batches of 2 are much worse than 32 (Wu & Johnson 2021, §3; Yao et al. 2021). Pass criterion, fixed before the run: in a cell, error(2) − error(\(batch)) ≥ 3 points in each seed; the cells that pass are the regime the later experiments (E2, E7) run in. If no cell passes, the claim is not testable at this scale.",
+                panels: [StudyPanel(name: "error", title: "Held-out error against normalization batch (SGD batch \(batch * s.ranks))", kind: .final,
+                                    xLabel: "normalization batch (samples)", xScale: "log2", points: p)])
+        case "e7-frozen":
+            // E7: FrozenBN in the collapse regime: ghost batches of 2 and 4 with the statistics
+            // frozen for the last 20 % of training (evaluated with the frozen statistics, the EMA).
+            let batch = max(1, 128 / s.ranks)
+            var p: [StudyPoint] = []
+            for frozen in [false, true] {
+                p += points(frozen ? "ghost BN, frozen for the last 20 %" : "ghost BN", [2, 4]) { g, seed in
+                    var o = base(s, batch: batch, seed: seed)
+                    o["norm"] = "bn"
+                    o["ghost-batch-size"] = "\(Int(g))"
+                    if frozen { o["freeze-bn-after"] = "\(Int((Double(steps(o)) * 0.8).rounded()))" }
+                    return o
+                }
+            }
+            return StudyExperiment(
+                name: name, title: "E7: FrozenBN at ghost batches of 2 and 4 (SGD batch \(batch * s.ranks))",
+                claim: "Freezing BN's statistics (population statistics in training) for the last ~20 % of training helps small normalization batches (Wu & Johnson 2021, §5). Pass criterion, fixed before the run: frozen better than not by ≥ 1 point (EMA statistics, paired over 3 seeds, interval above zero) at ghost batch 2 or 4.",
+                panels: [StudyPanel(name: "error", title: "Held-out error against ghost batch, with and without FrozenBN", kind: .final,
+                                    xLabel: "normalization batch (samples)", xScale: "log2", points: p)])
         case "e3-compensation":
             // E3: can the Taylor compensation matter at all? Only where its term is a visible
             // fraction of the window's statistics (taylor_fraction ≥ 1e-3), so the peak rate, which

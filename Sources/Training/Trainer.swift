@@ -12,6 +12,30 @@ public struct CollectiveRunError: Error, CustomStringConvertible {
     public var description: String { SettingNames.render(message) }
 }
 
+extension Communicator {
+    /// Runs `body`, which every rank runs at the same point (building the model, reading a
+    /// checkpoint), and agrees on how it went: when it throws on any rank, every rank throws a
+    /// ``CollectiveRunError`` with the message of the lowest rank that failed, so the job ends
+    /// cleanly with one line instead of one per rank and an abort. Two collectives: one
+    /// all-gather always, a broadcast of the message after a failure.
+    public func agreeing<T>(_ body: () throws -> T) throws -> T {
+        var result: Result<T, Error>
+        do { result = .success(try body()) } catch { result = .failure(error) }
+        var message: [Int64] = []
+        if case let .failure(error) = result {
+            message = String(describing: error).utf8.prefix(4096).map { Int64($0) }
+        }
+        var failed = false
+        if case .failure = result { failed = true }
+        let lengths = try allGather([Int64(message.count), failed ? 1 : 0])
+        guard let first = lengths.firstIndex(where: { $0[1] == 1 }) else { return try result.get() }
+        var text = rank == first ? message : [Int64](repeating: 0, count: Int(lengths[first][0]))
+        try broadcast(&text, root: first)
+        let everyRank = lengths.allSatisfy { $0[1] == 1 }
+        throw CollectiveRunError((everyRank || size == 1 ? "" : "rank \(first): ") + String(decoding: text.map { UInt8(clamping: $0) }, as: UTF8.self))
+    }
+}
+
 /// Held-out loss and accuracy over all ranks.
 public struct Evaluation: Equatable, Sendable {
     public let loss: Double

@@ -487,6 +487,9 @@ struct TrainBench: ParsableCommand {
                     "peak_rss_mib": rss, "conv_gemm_gflop_per_s": gemmRate, "conv_gemm_fraction_of_sgemm": gemmRate / gemmLimit,
                     "collectives_per_step": Double(trainer.ledger.totalCollectives) / Double(steps),
                     "conv_backends": (trainer.convolutionBackends ?? []).listText,
+                    // What tools/cost_model.py needs to predict this step on another network.
+                    "gradient_bytes": 4 * trainer.network.namedParameters.reduce(0) { $0 + $1.parameter.value.count },
+                    "normalization_channels": trainer.network.normalizationLayers.compactMap { $0.layer.populations.first?.featureCount },
                 ]
                 results.append(row)
                 if world.rank == 0 {

@@ -65,10 +65,10 @@ struct Evaluate: ParsableCommand {
         }
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train evaluate", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in
             let (configuration, split) = try prepared.get()
-            let trainer = try Trainer(configuration: configuration, data: split, world: world)
+            let trainer = try world.agreeing { try Trainer(configuration: configuration, data: split, world: world) }
             // The EMA statistics first (when the file keeps them beside PreciseBN's), then the stored
             // ones, or ones recomputed now.
-            try trainer.resume(from: resumePath, forTraining: true, resetCrossIterationWindows: true)   // windows play no part in inference
+            try world.agreeing { try trainer.resume(from: resumePath, forTraining: true, resetCrossIterationWindows: true) }   // windows play no part in inference
             let stored = try Safetensors.metadata(resumePath)["statistics"] ?? "ema"
             var results: [(String, Evaluation)] = []
             if recompute != nil {

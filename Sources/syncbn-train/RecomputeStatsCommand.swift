@@ -61,8 +61,8 @@ struct RecomputeStats: ParsableCommand {
         }
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train recompute-stats", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in
             let (configuration, split) = try prepared.get()
-            let trainer = try Trainer(configuration: configuration, data: split, world: world)
-            try trainer.resume(from: resumePath, forTraining: false)
+            let trainer = try world.agreeing { try Trainer(configuration: configuration, data: split, world: world) }
+            try world.agreeing { try trainer.resume(from: resumePath, forTraining: false) }
             let before = try trainer.evaluate()
             let report = try trainer.recomputePopulationStatistics(rememberEMA: true)
             let after = try trainer.evaluate()

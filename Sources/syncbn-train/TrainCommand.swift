@@ -338,7 +338,7 @@ struct Train: ParsableCommand {
             agreement.add("--save-every", saveEvery.map(String.init) ?? "unset")
             try agreement.check(world)
             if nodeGroups { configuration.syncGroupSize = try RunAgreement.nodeGroupSize(world) }
-            let trainer = try Trainer(configuration: configuration, data: split, world: world)
+            let trainer = try world.agreeing { try Trainer(configuration: configuration, data: split, world: world) }
             trainer.watchdog = watched.watchdog
             if let savePath {
                 if world.rank == 0 {
@@ -393,7 +393,7 @@ struct Train: ParsableCommand {
                 }
             }
             if let resumePath {
-                try trainer.resume(from: resumePath, resetCrossIterationWindows: resetWindows)
+                try world.agreeing { try trainer.resume(from: resumePath, resetCrossIterationWindows: resetWindows) }
                 guard trainer.step < trainer.totalSteps || automatic else {
                     throw CollectiveRunError("\(resumePath) is at step \(trainer.step), at or past this run's \(trainer.totalSteps) steps: nothing to train (raise --steps or --epochs, or use syncbn-train evaluate)")
                 }

@@ -189,6 +189,24 @@ final class HardeningTests: XCTestCase {
         }
     }
 
+    /// An error every rank meets alike while building the model or reading the checkpoint is
+    /// printed once, by rank 0, with no abort banner: the ranks agree on the failure instead of
+    /// aborting (`Communicator.agreeing`). Found as: `--norm gn --gn-groups 3` printed per rank
+    /// with MPI_ABORT's banner, and a truncated `--resume` whose ranks named different entries.
+    func testErrorsEveryRankMeetsArePrintedOnceWithoutAnAbortBanner() throws {
+        let a = try checkpoint()
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: a))
+        let truncated = dir + "/truncated.safetensors"
+        try bytes.prefix(bytes.count - 64).write(to: URL(fileURLWithPath: truncated))
+        for (arguments, part) in [(["--norm", "gn", "--gn-groups", "3", "--steps", "2"], "--gn-groups 3 does not divide"),
+                                  (["--steps", "8", "--resume", truncated, "--eval-stats", "ema"], truncated),
+                                  (["evaluate", "--resume", truncated], truncated)] {
+            let result = try Harness.mpi(2, Harness.train, arguments, timeout: 60)
+            assertRefused(result, [part], status: 2)
+            XCTAssertFalse(result.stderr.contains("MPI_ABORT") || result.stderr.contains("rank 1:"), describe(result))
+        }
+    }
+
     func testASecondStudyOnTheSameDirectoryIsRefused() throws {
         let out = dir + "/study"
         var second: ProcessResult?

@@ -77,4 +77,30 @@ final class RestartTests: XCTestCase {
         XCTAssertEqual(unsaved.status, 64, describe(unsaved))
         XCTAssertEqual(unsaved.stderr, "train: --max-restarts needs --save: a restart continues from that checkpoint (write it often with --save-every)\n")
     }
+
+    /// launch/slurm.sbatch (its mpirun route, as inside an allocation without PMIx) with
+    /// SYNCBN_MAX_RESTARTS=1: a rank killed at step 15 and the step started again from the
+    /// step-10 checkpoint, ending with the uninterrupted run's checkpoint.
+    func testTheSlurmScriptRestartsAFailedJobStep() throws {
+        let root = Harness.repositoryRoot, save = dir + "/slurm.safetensors", straight = dir + "/straight.safetensors"
+        var extra = "-n 2 --oversubscribe --mca mpi_yield_when_idle 1"
+        if getuid() == 0 { extra += " --allow-run-as-root" }
+        var killed = false
+        let arguments = job("syncbn") + ["--sync-group-size", "2"]
+        let result = try runProcess(root + "/launch/slurm.sbatch", arguments + ["--save", save, "--metrics", save + ".log"],
+                                    environment: ["SYNCBN_HOME": root, "SYNCBN_MPIRUN_ARGS": extra, "PATH": "/usr/bin:/bin",
+                                                  "SLURM_SUBMIT_DIR": dir, "SYNCBN_MAX_RESTARTS": "1"], timeout: 180, killWhen: { [dir] in
+            guard !killed, let log = try? String(contentsOfFile: save + ".log", encoding: .utf8), log.contains("\"step\":15,") else { return false }
+            killed = true
+            if let victim = trainProcesses(matching: dir).max() { kill(victim, SIGKILL) }
+            return false
+        })
+        XCTAssertTrue(killed, describe(result))
+        XCTAssertEqual(result.status, 0, describe(result))
+        XCTAssertTrue(result.stderr.contains("restart 1 of 1, --resume auto") && result.stderr.contains("resumed from"), describe(result))
+        let reference = try Harness.mpi(2, Harness.train, arguments + ["--save", straight])
+        XCTAssertEqual(reference.status, 0, describe(reference))
+        let x = try checkpointBits(straight), y = try checkpointBits(save)
+        XCTAssertEqual(x.keys.sorted().filter { x[$0] != y[$0] }, [], "tensors that differ from the uninterrupted run")
+    }
 }

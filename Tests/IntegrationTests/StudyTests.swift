@@ -64,11 +64,14 @@ final class StudyTests: XCTestCase {
         settings.brnWarmup = 0.25
         settings.gnChannelsPerGroup = 4
         XCTAssertEqual(StudySettings.full.seeds, 3, "three seeds by default")
+        // E1's cells set their own width, data and length (its grid is over them).
+        let cells = Set(StudyCatalog.experiment("e1-collapse", settings)!.jobs.map(\.options))
         let jobs = StudyCatalog.experiments(settings).flatMap(\.jobs).filter { $0.kind == .train }
         XCTAssertFalse(jobs.isEmpty)
         for job in jobs {
             XCTAssertEqual(job.ranks, 8)
             XCTAssertEqual(job.options["model"], "resnet32")
+            if cells.contains(job.options) { continue }
             XCTAssertEqual(job.options["width"], "0.5")
             XCTAssertEqual(job.options["train-samples"], "20000")
             let steps = Int(job.options["steps"]!)!, batch = Int(job.options["batch-size"]!)!
@@ -81,6 +84,13 @@ final class StudyTests: XCTestCase {
         // E3's peak rates at b = 4 on 8 ranks: lr = peak × 128 / 32.
         let e3 = StudyCatalog.experiment("e3-compensation", settings)!.jobs.map { Double($0.options["lr"]!)! }
         XCTAssertEqual(Set(e3), [0.05, 0.2])
+        // E1: an SGD batch of 128 (16 per rank on 8 ranks), ghost batches of 2 against none, in
+        // four cells of width × data and length.
+        let e1 = StudyCatalog.experiment("e1-collapse", settings)!.jobs
+        XCTAssertEqual(Set(e1.map { $0.options["batch-size"] }), ["16"])
+        XCTAssertEqual(Set(e1.map { $0.options["ghost-batch-size"] ?? "none" }), ["2", "none"])
+        XCTAssertEqual(Set(e1.map { [$0.options["width"]!, $0.options["train-samples"]!, $0.options["steps"]!] }),
+                       [["0.25", "10000", "312"], ["1", "10000", "312"], ["0.25", "60000", "2343"], ["1", "60000", "2343"]])
     }
 
     func testTheCommittedReportIsTheOneItsCommittedRecordsGive() throws {

@@ -144,7 +144,8 @@ final class CheckpointTests: XCTestCase {
             return c
         }
         for (norm, group, after, groupAfter) in [(NormalizationKind.syncbn, Int?.none, 2, Int?.none), (.cbn, nil, 2, nil), (.cbn, nil, 1, nil),
-                                                 (.cbn, 2, 2, 1), (.mabn, 2, 2, 1)] {
+                                                 (.cbn, 2, 2, 1), (.mabn, 2, 2, 1), (.brn, nil, 2, nil), (.rbn, nil, 2, nil),
+                                                 (.gn, nil, 1, nil)] {
             let what = "\(norm) groups \(group.map(String.init) ?? "all") → \(after) rank(s), groups \(groupAfter.map(String.init) ?? "all")"
             let straight = try run(on(4, norm, group: group), ranks: 4)
             let path = dir + "/four-\(norm)-\(group ?? 0)-\(after).safetensors"
