@@ -98,10 +98,16 @@ public final class StudyRunner {
         return order
     }
 
+    /// Writes study.json: the settings and grids of `experiments` (what the report covers).
+    public func describe(_ experiments: [StudyExperiment], settings: StudySettings) throws {
+        try writeJSON(StudyFile(settings: settings, experiments: experiments), to: directory + "/study.json")
+    }
+
     /// Runs every job of `experiments` that has no record yet; returns the number run.
     @discardableResult
     public func run(_ experiments: [StudyExperiment], settings: StudySettings) throws -> Int {
-        try writeJSON(StudyFile(settings: settings, experiments: experiments), to: directory + "/study.json")
+        try describe(experiments, settings: settings)
+
         let all = Self.schedule(experiments)
         let pending = all.filter { job in
             guard let record = record(job.key) else { return true }

@@ -130,7 +130,7 @@ struct SyncBNStudy: ParsableCommand {
         launcher.mpirunArguments = mpirunArgs.map { $0.split(separator: " ").map(String.init) } ?? []
         let runner = try StudyRunner(directory: out!, launcher: launcher)
         runner.retryFailed = retryFailed
-        if !reportOnly { try runner.run(chosen, settings: settings) }
+        if reportOnly { try runner.describe(chosen, settings: settings) } else { try runner.run(chosen, settings: settings) }
         let summary = StudySummary(settings: settings, experiments: chosen, record: runner.record)
         try writeJSON(summary, to: out! + "/summary.json")
         try Data(summary.markdown.utf8).write(to: URL(fileURLWithPath: out! + "/report.md"), options: .atomic)
