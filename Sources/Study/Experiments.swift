@@ -384,7 +384,7 @@ public enum StudyCatalog {
             let batch = max(1, 128 / s.ranks)
             var p: [StudyPoint] = []
             for frozen in [false, true] {
-                p += points(frozen ? "ghost BN, frozen for the last 20 %" : "ghost BN", [2, 4]) { g, seed in
+                p += points(frozen ? "ghost BN, frozen for the last 20 %" : "ghost BN", q ? [2] : [2, 4]) { g, seed in
                     var o = base(s, batch: batch, seed: seed)
                     o["norm"] = "bn"
                     o["ghost-batch-size"] = "\(Int(g))"

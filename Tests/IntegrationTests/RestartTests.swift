@@ -103,4 +103,19 @@ final class RestartTests: XCTestCase {
         let x = try checkpointBits(straight), y = try checkpointBits(save)
         XCTAssertEqual(x.keys.sorted().filter { x[$0] != y[$0] }, [], "tensors that differ from the uninterrupted run")
     }
+
+    /// launch/train's own flags are checked before mpirun starts: one `train:` line, exit 64.
+    /// Found as: `-n` without a value gave `$2: unbound variable`, `--hosts localhost:1,,localhost:1`
+    /// exited 1 with no output, `--hosts :2` was accepted, `--mca --steps 2` swallowed the next flag.
+    func testLaunchTrainRefusesItsOwnBadFlagsInOneLine() throws {
+        for (arguments, expected) in [(["-n"], "train: -n needs a value"), (["-n", "0"], "train: -n needs a positive number of ranks, got '0'"),
+                                      (["--hosts", ":2"], "got ':2'"), (["--hosts", "localhost:1,,localhost:1"], "got ''"),
+                                      (["--hosts", "a:0"], "SLOTS ≥ 1, got 'a:0'"), (["--mca", "--steps", "2"], "train: --mca needs a parameter name and a value"),
+                                      (["--hosts", "a:1", "--hosts-file", "f"], "not both"), (["--max-restarts", "x"], "got 'x'")] {
+            let result = try runProcess(Self.launcher, arguments, timeout: 60)
+            XCTAssertEqual(result.status, 64, describe(result))
+            XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, describe(result))
+            XCTAssertTrue(result.stderr.hasPrefix("train: ") && result.stderr.contains(expected), "\(arguments): \(describe(result))")
+        }
+    }
 }

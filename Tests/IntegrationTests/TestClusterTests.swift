@@ -119,7 +119,7 @@ final class TestClusterTests: XCTestCase {
             let back = upAfter.map { "sleep \($0); '\(script)' exec \(cluster) \(h2) ip link set eth0 up" } ?? "true"
             let shell = "(sleep \(downAfter); '\(script)' exec \(cluster) \(h2) ip link set eth0 down; \(back)) & \(train); status=$?; "
                 + "wait; '\(script)' exec \(cluster) \(h2) ip link set eth0 up; exit $status"
-            return try runProcess("/bin/sh", ["-c", shell], timeout: 150)
+            return try runProcess("/bin/sh", ["-c", shell], timeout: 240)
         }
         let cut = try job(steps: 5000, downAfter: 8, upAfter: nil)
         XCTAssertFalse(cut.timedOut, describe(cut))
