@@ -88,15 +88,16 @@ def allreduce(P, n, alpha, beta):
     return min(recursive, ring)
 
 
+def machines_allreduce(P, G, n, inside, across, grouped=False):
+    """Seconds for one all-reduce of n bytes over P ranks on machines of G: inside each machine,
+    then (unless grouped to the machine) across the machines."""
+    within = allreduce(min(P, G), n, *inside)
+    return within + (0.0 if grouped or P <= G else allreduce(math.ceil(P / G), n, *across))
+
+
 def syncbn_step(channels, P, G, inside, across, grouped):
     """Seconds of SyncBN collectives per training step for BN layers of `channels`."""
-    total = 0.0
-    for C in channels:
-        for n in (8 * (2 * C + 1), 8 * 2 * C):
-            within = allreduce(min(P, G), n, *inside)
-            between = 0.0 if grouped or P <= G else allreduce(math.ceil(P / G), n, *across)
-            total += within + between
-    return total
+    return sum(machines_allreduce(P, G, n, inside, across, grouped) for C in channels for n in (8 * (2 * C + 1), 8 * 2 * C))
 
 
 def load_train(path):
@@ -122,12 +123,8 @@ def step_collectives(run, P, G, inside, across):
     channels = run["normalization_channels"] if run["norm"] != "bn" else []
     statistics = 2 * len(channels)
     buckets = max(round(run["collectives_per_step"]) - statistics, 1)
-    def one(n):
-        within = allreduce(min(P, G), n, *inside)
-        return within + (allreduce(math.ceil(P / G), n, *across) if P > G else 0.0)
-    gradients = buckets * one(run["gradient_bytes"] / buckets)
-    stats = sum(one(8 * (2 * C + 1)) + one(8 * 2 * C) for C in channels)
-    return gradients, stats, buckets
+    gradients = buckets * machines_allreduce(P, G, run["gradient_bytes"] / buckets, inside, across)
+    return gradients, syncbn_step(channels, P, G, inside, across, grouped=False), buckets
 
 
 def predict_steps(a, inside, across):
@@ -159,6 +156,12 @@ def predict_steps(a, inside, across):
             row["predicted_over_measured"] = row["predicted_ms"] / row["measured_ms"]
         rows.append(row)
     return rows
+
+
+def fit_line(fits, network_digits=2):
+    """The fitted α and 1/β of both transports, as the tables' first line."""
+    return (f"Fit: shared memory α = {fits['shm']['alpha_us']:.2f} µs, 1/β = {fits['shm']['gb_per_s']:.2f} GB/s; "
+            f"network α = {fits['net']['alpha_us']:.2f} µs, 1/β = {fits['net']['gb_per_s']:.{network_digits}f} GB/s")
 
 
 def main(argv=None):
@@ -202,8 +205,7 @@ def main(argv=None):
         if a.json:
             print(json.dumps({"fit": fits, "steps": steps}, sort_keys=True))
             return
-        print(f"Fit: shared memory α = {fits['shm']['alpha_us']:.2f} µs, 1/β = {fits['shm']['gb_per_s']:.2f} GB/s; "
-              f"network α = {fits['net']['alpha_us']:.2f} µs, 1/β = {fits['net']['gb_per_s']:.3f} GB/s.\n")
+        print(fit_line(fits, network_digits=3) + ".\n")
         print("| norm | ranks | on one machine, ms | compute | + gradients | + statistics | predicted, ms | measured, ms | predicted / measured | bytes per step (gradients + statistics) | statistics dominate above |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in steps:
@@ -223,8 +225,7 @@ def main(argv=None):
     if a.json:
         print(json.dumps({"fit": fits, "predictions": rows}, sort_keys=True))
         return
-    print(f"Fit: shared memory α = {fits['shm']['alpha_us']:.2f} µs, 1/β = {fits['shm']['gb_per_s']:.2f} GB/s; "
-          f"network α = {fits['net']['alpha_us']:.2f} µs, 1/β = {fits['net']['gb_per_s']:.2f} GB/s; G = {G} ranks per machine.\n")
+    print(fit_line(fits) + f"; G = {G} ranks per machine.\n")
     print("| model (BN layers) | ranks P | flat SyncBN, ms/step | node-grouped, ms/step |")
     print("|---|---|---|---|")
     for r in rows:
