@@ -48,28 +48,44 @@ public struct RunAgreement {
         }
     }
 
-    /// A data set's size, shape, classes and a content fingerprint: a hash of 64 records spread
-    /// evenly over it (samples and labels).
+    /// A data set's size, shape, classes and a hash of its whole content (every sample and label,
+    /// in order): two copies that differ in one value or in the order of two samples differ here.
     public mutating func add(data: Dataset, as name: String) {
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        func mix(_ value: UInt64) { hash = (hash ^ value) &* 0x100_0000_01B3 }
-        let picks = data.count == 0 ? [] : (0..<min(64, data.count)).map { $0 * data.count / min(64, data.count) }
-        for index in picks {
-            mix(UInt64(bitPattern: Int64(data.labels[index])))
-            for value in data.samples[(index * data.sampleSize)..<((index + 1) * data.sampleSize)] { mix(UInt64(value.bitPattern)) }
+        var hash = ContentHash()
+        data.labels.withUnsafeBufferPointer { labels in
+            for label in labels { hash.mix(UInt64(bitPattern: Int64(label))) }
         }
-        add(name, "\(data.count) samples of \(data.sampleShape), \(data.classes) classes, content \(String(hash, radix: 16))")
+        data.samples.withUnsafeBufferPointer { samples in
+            var index = 0
+            // Two floats per word, then the odd one.
+            while index + 1 < samples.count {
+                hash.mix(UInt64(samples[index].bitPattern) | UInt64(samples[index + 1].bitPattern) << 32)
+                index += 2
+            }
+            if index < samples.count { hash.mix(UInt64(samples[index].bitPattern)) }
+        }
+        add(name, "\(data.count) samples of \(data.sampleShape), \(data.classes) classes, content \(hash.text)")
     }
 
-    /// A file's identity: its size and a hash of its first MiB (the checkpoint header and more).
+    /// A file's identity: its size and a hash of all its bytes.
     public mutating func add(file path: String, as name: String) {
         guard let handle = FileHandle(forReadingAtPath: path) else { return add(name, "unreadable \(path)") }
         defer { try? handle.close() }
-        let head = handle.readData(ofLength: 1 << 20)
-        let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? -1
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for byte in head { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
-        add(name, "\(size) bytes, content \(String(hash, radix: 16))")
+        var hash = ContentHash()
+        var size = 0
+        var pending = Data()
+        while true {
+            let chunk = (try? handle.read(upToCount: 1 << 22)) ?? Data()
+            if chunk.isEmpty { break }
+            size += chunk.count
+            pending.append(chunk)
+            // Whole words only until the end, however the reads fall.
+            let whole = pending.count / 8 * 8
+            hash.mix(bytes: pending.prefix(whole))
+            pending = Data(pending.dropFirst(whole))
+        }
+        hash.mix(bytes: pending)
+        add(name, "\(size) bytes, content \(hash.text)")
     }
 
     /// Checks that every rank of `world` holds the same settings. Collective. On a difference
@@ -150,5 +166,41 @@ public struct RunAgreement {
             if character.isUppercase { result += "-" + character.lowercased() } else { result.append(character) }
         }
         return result
+    }
+}
+
+/// A 64-bit content hash (FNV-1a's step on 64-bit words, with a final avalanche): order-sensitive,
+/// for telling copies apart, not for security.
+struct ContentHash {
+    private var state: UInt64 = 0xCBF2_9CE4_8422_2325
+    private var words: UInt64 = 0
+
+    mutating func mix(_ word: UInt64) {
+        state = (state ^ word) &* 0x100_0000_01B3
+        state ^= state >> 29
+        words &+= 1
+    }
+
+    /// Bytes in order, eight to a word (the last word zero-padded, the count mixed in by `text`).
+    mutating func mix(bytes: Data) {
+        bytes.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
+            var offset = 0
+            while offset + 8 <= raw.count {
+                mix(raw.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+                offset += 8
+            }
+            if offset < raw.count {
+                var last: UInt64 = 0
+                for (shift, byte) in raw[offset...].enumerated() { last |= UInt64(byte) << (8 * UInt64(shift)) }
+                mix(last)
+            }
+        }
+    }
+
+    var text: String {
+        var value = state ^ words &* 0x9E37_79B9_7F4A_7C15
+        value = (value ^ (value >> 33)) &* 0xFF51_AFD7_ED55_8CCD
+        value ^= value >> 33
+        return String(value, radix: 16)
     }
 }

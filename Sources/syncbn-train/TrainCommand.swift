@@ -336,7 +336,14 @@ struct Train: ParsableCommand {
             if let resumePath { agreement.add(file: resumePath, as: "--resume") } else { agreement.add("--resume", "unset") }
             agreement.add("--save", savePath == nil ? "unset" : "set")
             agreement.add("--save-every", saveEvery.map(String.init) ?? "unset")
-            try agreement.check(world)
+            agreement.add("--resume auto", automatic ? "yes" : "no")
+            agreement.add("--reset-cbn-windows", resetWindows ? "yes" : "no")
+            agreement.add("--overwrite-metrics", overwrite ? "yes" : "no")
+            agreement.add("--check-collectives", checked ? "yes" : "no")
+            agreement.add("--collective-timeout", "\(timeout)")
+            // Over the unchecked communicator: --check-collectives on some ranks only is itself a
+            // difference to report, not a mismatch in the check's own collective.
+            try agreement.check(watched)
             if nodeGroups { configuration.syncGroupSize = try RunAgreement.nodeGroupSize(world) }
             let trainer = try world.agreeing { try Trainer(configuration: configuration, data: split, world: world) }
             trainer.watchdog = watched.watchdog

@@ -228,6 +228,8 @@ final class MismatchedLaunchTests: XCTestCase {
             (["--seed", "1"], ["--seed", "2"], "--seed"),
             (["--lr", "0.05"], [], "--lr"),
             (["--momentum", "0.5"], [], "--momentum"),
+            (["--norm", "cbn", "--reset-cbn-windows"], ["--norm", "cbn"], "--reset-cbn-windows is yes on ranks 0,1 but no on ranks 2,3"),
+            (["--check-collectives"], [], "--check-collectives is yes on ranks 0,1 but no on ranks 2,3"),
         ]
         for (a, b, expected) in cases {
             let result = try mpmd(a, b)
