@@ -74,3 +74,21 @@ int cgzip_decompress(const uint8_t *input, size_t input_length, size_t max_outpu
     *output_length = used;
     return 0;
 }
+
+int cgzip_peek(const uint8_t *input, size_t input_length, uint8_t *output, size_t wanted, size_t *output_length) {
+    *output_length = 0;
+    if (input_length < 2 || input[0] != 0x1f || input[1] != 0x8b) return 1;
+    z_stream stream;
+    memset(&stream, 0, sizeof stream);
+    if (inflateInit2(&stream, 16 + MAX_WBITS) != Z_OK) return 4;
+    size_t chunk = input_length > (1u << 30) ? (1u << 30) : input_length;
+    stream.next_in = (Bytef *)input;
+    stream.avail_in = (uInt)chunk;
+    stream.next_out = output;
+    stream.avail_out = (uInt)wanted;
+    int status = Z_OK;
+    while (stream.avail_out > 0 && status == Z_OK) status = inflate(&stream, Z_NO_FLUSH);
+    *output_length = wanted - stream.avail_out;
+    inflateEnd(&stream);
+    return (status == Z_OK || status == Z_STREAM_END || status == Z_BUF_ERROR) ? 0 : 2;
+}

@@ -74,13 +74,9 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
                 }
             }
             guard train >= 2, heldOut >= 1 else { throw DataError("⟨data⟩ synthetic: need train ≥ 2 and heldout ≥ 1") }
-            // Known before anything is allocated: refuse what would not fit in half the memory.
-            let bytes = Double(train) + Double(heldOut), limit = Double(ProcessInfo.processInfo.physicalMemory) / 2
-            let needed = bytes * Double(SyntheticImages.sampleShape.reduce(1, *) * 4)
-            guard needed <= limit else {
-                throw DataError(String(format: "⟨data⟩ synthetic: %d + %d samples need %.1f GiB, more than half of this machine's %.1f GiB of memory",
-                                       train, heldOut, needed / 1_073_741_824, limit * 2 / 1_073_741_824))
-            }
+            // Known before anything is allocated.
+            try DataMemory.check(values: (Double(train) + Double(heldOut)) * Double(SyntheticImages.sampleShape.reduce(1, *)),
+                                 what: "⟨data⟩ synthetic: \(train) + \(heldOut) samples")
             self = .synthetic(train: train, heldOut: heldOut, seed: seed)
         case "idx":
             let (a, b) = try pair()
@@ -218,12 +214,12 @@ func checkedLabels(_ values: [Int], path: String) throws -> (labels: [Int32], cl
 let maximumDecompressedSize = 1 << 32
 
 /// The bytes of a gzip file, decompressed with zlib (all members).
-func gunzip(_ compressed: [UInt8], path: String) throws -> [UInt8] {
+func gunzip(_ compressed: [UInt8], path: String, maximum: Int = maximumDecompressedSize) throws -> [UInt8] {
     var output: UnsafeMutablePointer<UInt8>?
     var length = 0
     var message = [CChar](repeating: 0, count: 256)
     let status = compressed.withUnsafeBufferPointer { input in
-        cgzip_decompress(input.baseAddress, input.count, maximumDecompressedSize, &output, &length, &message, message.count)
+        cgzip_decompress(input.baseAddress, input.count, min(maximum, maximumDecompressedSize), &output, &length, &message, message.count)
     }
     guard status == 0, let output else {
         let text = String(decoding: message.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
@@ -233,6 +229,44 @@ func gunzip(_ compressed: [UInt8], path: String) throws -> [UInt8] {
     return Array(UnsafeBufferPointer(start: output, count: length))
 }
 
+/// The first `count` decompressed bytes of a gzip file (fewer when it is shorter), the rest left
+/// compressed.
+func gunzipPrefix(_ compressed: [UInt8], count: Int, path: String) throws -> [UInt8] {
+    var output = [UInt8](repeating: 0, count: count)
+    var length = 0
+    let status = compressed.withUnsafeBufferPointer { input in
+        output.withUnsafeMutableBufferPointer { cgzip_peek(input.baseAddress, input.count, $0.baseAddress, count, &length) }
+    }
+    guard status == 0 else { throw FileFormatError(path, "cannot decompress: corrupt gzip data") }
+    return Array(output.prefix(length))
+}
+
+/// How much memory the loaded data may take: a bound checked from each file's header (or a
+/// synthetic source's counts) before the samples are allocated, so that a crafted header or a
+/// gzip bomb is one line, not a failed allocation minutes later.
+public enum DataMemory {
+    /// The budget in bytes (`--max-data-bytes`); nil: ``defaultBudget``.
+    nonisolated(unsafe) public static var budget: Int?
+
+    /// Half of this machine's memory, shared by the ranks mpirun starts on it (each loads its own
+    /// copy).
+    public static var defaultBudget: Int {
+        let local = ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"].flatMap { Int($0) }.map { max($0, 1) } ?? 1
+        return Int(ProcessInfo.processInfo.physicalMemory / 2) / local
+    }
+
+    /// Refuses `values` samples' values (4 bytes each, as Float) beyond the budget.
+    static func check(values: Double, what: String) throws {
+        let needed = values * 4, limit = Double(budget ?? defaultBudget)
+        guard needed > limit else { return }
+        let gib = { (bytes: Double) in
+            bytes >= 1_073_741_824 ? String(format: "%.2f GiB", bytes / 1_073_741_824) : String(format: "%.1f MiB", bytes / 1_048_576)
+        }
+        let origin = budget == nil ? "half of this machine's memory over its ranks; raise it with ⟨maxDataBytes⟩" : "⟨maxDataBytes⟩"
+        throw DataError("\(what) need \(gib(needed)) as Float, more than the data budget of \(gib(limit)) (\(origin))")
+    }
+}
+
 /// MNIST's IDX format: magic 0x0000, a type byte (0x08 = unsigned byte), a dimension count, the
 /// dimensions as big-endian UInt32, then the data. Gzipped files (`.gz`, or the gzip magic
 /// 1f 8b) are decompressed first.
@@ -240,10 +274,27 @@ enum IDXFormat {
     static func read(_ path: String) throws -> (dims: [Int], values: [UInt8]) {
         var bytes = try readFile(path)
         if bytes.count >= 2 && bytes[0] == 0x1F && bytes[1] == 0x8B {
-            bytes = try gunzip(bytes, path: path)
+            // The header first: what the dimensions need is checked before anything is inflated,
+            // and the data may not inflate past what they declare.
+            let head = try gunzipPrefix(bytes, count: 4 + 4 * 255, path: path)
+            let (dims, count) = try header(head, path: path)
+            try DataMemory.check(values: Double(count), what: "\(path): dimensions \(dims)")
+            bytes = try gunzip(bytes, path: path, maximum: 4 + 4 * dims.count + count)
         } else if path.hasSuffix(".gz") {
             throw FileFormatError(path, "named .gz but is not gzip data")
         }
+        let (dims, count) = try header(bytes, path: path)
+        try DataMemory.check(values: Double(count), what: "\(path): dimensions \(dims)")
+        let start = 4 + 4 * dims.count
+        guard bytes.count - start >= count else {
+            throw FileFormatError(path, "truncated: dimensions \(dims) need \(count) bytes of data, file has \(bytes.count - start)")
+        }
+        guard bytes.count - start == count else { throw FileFormatError(path, "\(bytes.count - start - count) bytes of trailing data") }
+        return (dims, Array(bytes[start...]))
+    }
+
+    /// The dimensions an IDX header declares and their product, or the error naming the file.
+    static func header(_ bytes: [UInt8], path: String) throws -> (dims: [Int], count: Int) {
         guard bytes.count >= 4, bytes[0] == 0, bytes[1] == 0 else { throw FileFormatError(path, "not an IDX file (bad magic number)") }
         guard bytes[2] == 0x08 else { throw FileFormatError(path, String(format: "IDX element type 0x%02x is not supported (only unsigned bytes, 0x08)", bytes[2])) }
         let ndims = Int(bytes[3])
@@ -257,12 +308,7 @@ enum IDXFormat {
             }
             count = product
         }
-        let start = 4 + 4 * ndims
-        guard bytes.count - start >= count else {
-            throw FileFormatError(path, "truncated: dimensions \(dims) need \(count) bytes of data, file has \(bytes.count - start)")
-        }
-        guard bytes.count - start == count else { throw FileFormatError(path, "\(bytes.count - start - count) bytes of trailing data") }
-        return (dims, Array(bytes[start...]))
+        return (dims, count)
     }
 
     static func load(images: String, labels: String) throws -> Dataset {
@@ -291,6 +337,7 @@ enum CIFAR10Format {
             throw FileFormatError(path, "size \(bytes.count) is not a multiple of the \(recordSize)-byte CIFAR-10 record (truncated?)")
         }
         let records = bytes.count / recordSize
+        try DataMemory.check(values: Double(records * (recordSize - 1)), what: "\(path): \(records) records")
         var samples = [Float](repeating: 0, count: records * (recordSize - 1))
         var labels = [Int32](repeating: 0, count: records)
         for r in 0..<records {
@@ -334,6 +381,7 @@ func loadNumpyPair(samples: String, labels: String) throws -> Dataset {
     guard x.shape[0] == y.shape[0] else {
         throw FileFormatError(labels, "has \(y.shape[0]) labels but \(samples) has \(x.shape[0]) samples")
     }
+    try DataMemory.check(values: Double(x.count), what: "\(samples): shape \(x.shape)")
     let values: [Float] = x.scalars()
     if let bad = values.firstIndex(where: { !$0.isFinite }) {
         throw FileFormatError(samples, "value \(bad) is not finite (\(values[bad]))")

@@ -59,3 +59,28 @@ struct CollectiveTimeoutOption: ParsableArguments {
         }
     }
 }
+
+struct DataMemoryOption: ParsableArguments {
+    @Option(help: "The most memory the loaded data may take, in bytes or with a K, M, G or T suffix (powers of 1024); checked from each file's header before the samples are allocated. Default: half of this machine's memory divided by the ranks mpirun starts on it.")
+    var maxDataBytes: String?
+
+    static func bytes(_ text: String) -> Int? {
+        let units: [Character: Int] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        var digits = Substring(text.uppercased())
+        var unit = 1
+        if digits.hasSuffix("IB") { digits = digits.dropLast(2) } else if digits.hasSuffix("B") { digits = digits.dropLast() }
+        if let last = digits.last, let scale = units[last] { unit = scale; digits = digits.dropLast() }
+        guard let value = Int(digits), value > 0 else { return nil }
+        let (product, overflow) = value.multipliedReportingOverflow(by: unit)
+        return overflow ? nil : product
+    }
+
+    func validate() throws {
+        if let maxDataBytes, Self.bytes(maxDataBytes) == nil {
+            throw ValidationError("--max-data-bytes must be a positive size such as 2000000000, 512M or 8G, got '\(maxDataBytes)'")
+        }
+    }
+
+    /// Sets the budget the data loaders check.
+    func apply() { DataMemory.budget = maxDataBytes.flatMap(Self.bytes) }
+}

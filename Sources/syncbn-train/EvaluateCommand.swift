@@ -40,6 +40,7 @@ struct Evaluate: ParsableCommand {
     var simulateRanks: Int?
 
     @OptionGroup var watch: CollectiveTimeoutOption
+    @OptionGroup var memory: DataMemoryOption
 
     func validate() throws {
         guard (1...(1 << 20)).contains(limit) else { throw ValidationError("--limit must be between 1 and 1048576, got \(limit)") }
@@ -53,6 +54,7 @@ struct Evaluate: ParsableCommand {
     }
 
     func run() throws {
+        memory.apply()
         let resumePath = resume, inputsPath = inputs, logitsPath = logits, limit = limit, json = json
         let recompute = preciseBnSamples, recomputeBatch = preciseBnBatchSize
         let prepared = Result { () -> (TrainingConfiguration, DataSplit) in

@@ -27,10 +27,12 @@ struct ExportFolded: ParsableCommand {
     var data: String?
 
     @OptionGroup var watch: CollectiveTimeoutOption
+    @OptionGroup var memory: DataMemoryOption
 
     func validate() throws { try guardOutputs([("--out", out)], resume: resume, data: data) }
 
     func run() throws {
+        memory.apply()
         let resumePath = resume, outPath = out
         let prepared = Result { try loadCheckpointRun(resumePath, data: data, evalData: nil) }
         RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-folded", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in

@@ -24,10 +24,12 @@ struct ExportTorch: ParsableCommand {
     var out: String
 
     @OptionGroup var watch: CollectiveTimeoutOption
+    @OptionGroup var memory: DataMemoryOption
 
     func validate() throws { try guardOutputs([("--out", out)], resume: resume) }
 
     func run() throws {
+        memory.apply()
         let resumePath = resume, outPath = out
         let prepared = Result { try loadCheckpointRun(resumePath, data: nil, evalData: nil) }
         RankLaunch.run(simulateRanks: nil, command: "syncbn-train export-torch", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in

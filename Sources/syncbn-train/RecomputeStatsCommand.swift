@@ -45,6 +45,7 @@ struct RecomputeStats: ParsableCommand {
     var simulateRanks: Int?
 
     @OptionGroup var watch: CollectiveTimeoutOption
+    @OptionGroup var memory: DataMemoryOption
 
     func validate() throws {
         try guardOutputs([("--save", save)], resume: resume, data: data, evalData: evalData)
@@ -52,6 +53,7 @@ struct RecomputeStats: ParsableCommand {
     }
 
     func run() throws {
+        memory.apply()
         let resumePath = resume, savePath = save, options = precise
         let prepared = Result { () -> (TrainingConfiguration, DataSplit) in
             var (configuration, split) = try loadCheckpointRun(resumePath, data: data, evalData: evalData)

@@ -79,6 +79,7 @@ struct Train: ParsableCommand {
     @Flag(help: "Debugging: before every collective, check that all ranks issue the same operation, size and sequence number, and name the first divergence.")
     var checkCollectives = false
     @OptionGroup var watch: CollectiveTimeoutOption
+    @OptionGroup var memory: DataMemoryOption
     @Option(parsing: .unconditional, help: "Log a metrics line every N steps.")
     var logEvery: Int = 10
     @Option(parsing: .unconditional, help: "Batch Renorm: the fraction of the steps trained as plain BN before r and d are relaxed (default 0.03).")
@@ -289,6 +290,7 @@ struct Train: ParsableCommand {
     }
 
     func run() throws {
+        memory.apply()
         var configuration = trainingConfiguration
         let loaded = Result { () -> (split: DataSplit, overlap: Int) in
             let split = try configuration.loadData()

@@ -51,6 +51,19 @@ final class BadInputTests: XCTestCase {
         assertOneLineError(result, mentions: ["--sync-group-size 3 exceeds"])
     }
 
+    func testTheDataBudgetIsOneLineBeforeAnythingIsAllocated() throws {
+        let small = try Harness.direct(Harness.train, ["--max-data-bytes", "1M", "--data", "synthetic:train=1000,heldout=100", "--steps", "1"], timeout: 60)
+        assertOneLineError(small, mentions: ["synthetic: 1000 + 100 samples need 3.2 MiB", "data budget of 1.0 MiB (--max-data-bytes)"])
+        let absurd = try Harness.direct(Harness.train, ["--data", "synthetic:train=100000000", "--steps", "1"], timeout: 60)
+        assertOneLineError(absurd, mentions: ["synthetic: 100000000 + 2048 samples need", "raise it with --max-data-bytes"])
+        XCTAssertLessThan(absurd.seconds, 20)
+        for bad in ["0", "-5", "12X", "99999999999T"] {
+            assertOneLineError(try Harness.direct(Harness.train, ["--max-data-bytes", bad], timeout: 60), mentions: ["--max-data-bytes"], status: 64)
+        }
+        let enough = try Harness.direct(Harness.train, ["--max-data-bytes", "4M", "--data", "synthetic:train=1000,heldout=100", "--steps", "1", "--model", "mlp"], timeout: 60)
+        XCTAssertEqual(enough.status, 0, describe(enough))
+    }
+
     func testACorruptCheckpointIsRejectedAndADivergingRunStops() throws {
         FileManager.default.createFile(atPath: dir + "/bad.safetensors", contents: Data([1, 2, 3]))
         assertOneLineError(try Harness.direct(Harness.train, ["--resume", dir + "/bad.safetensors", "--steps", "1"], timeout: 60),

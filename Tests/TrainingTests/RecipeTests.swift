@@ -189,6 +189,38 @@ final class RecipeTests: XCTestCase {
         }
     }
 
+    /// A gzip bomb: a small file whose IDX header declares millions of images is refused from the
+    /// header, before anything is inflated; data inflating past what the header declares stops at
+    /// the declared size.
+    func testTheDataBudgetIsCheckedFromTheHeaderBeforeAnythingIsInflated() throws {
+        let saved = DataMemory.budget
+        defer { DataMemory.budget = saved }
+        DataMemory.budget = 1 << 30
+        let labels = try gzip(write("lab", idx([2], [0, 1])))
+        let bomb = try gzip(write("bomb", idx([5_000_000, 28, 28], [UInt8](repeating: 0, count: 1 << 20))))
+        let started = Date()
+        XCTAssertThrowsError(try DataSource.idx(images: bomb, labels: labels).load()) { error in
+            let message = "\(error)"
+            for part in ["bomb.gz", "dimensions [5000000, 28, 28]", "14.60 GiB", "data budget of 1.00 GiB (maxDataBytes)"] {
+                XCTAssertTrue(message.contains(part), "'\(message)' lacks '\(part)'")
+            }
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1, "refused from the header")
+        let long = try gzip(write("long", idx([2, 2, 2], [UInt8](repeating: 7, count: 8 + (1 << 22)))))
+        XCTAssertThrowsError(try DataSource.idx(images: long, labels: labels).load()) { error in
+            XCTAssertTrue("\(error)".contains("long.gz") && "\(error)".contains("exceeds the size limit"), "\(error)")
+        }
+        XCTAssertEqual(try DataSource.idx(images: try gzip(write("ok", idx([2, 2, 2], [UInt8](repeating: 7, count: 8)))), labels: labels).load().train.count, 2)
+        // Synthetic sources are checked from their counts, before anything is made.
+        DataMemory.budget = 1 << 20
+        XCTAssertThrowsError(try DataSource(parsing: "synthetic:train=1000,heldout=100")) { error in
+            XCTAssertTrue("\(error)".contains("synthetic: 1000 + 100 samples need 3.2 MiB as Float, more than the data budget of 1.0 MiB"), "\(error)")
+        }
+        DataMemory.budget = nil
+        XCTAssertNoThrow(try DataSource(parsing: "synthetic:train=1000,heldout=100"))
+        XCTAssertThrowsError(try DataSource(parsing: "synthetic:train=1000000000"))
+    }
+
     func testFashionMNISTReadsTheFourFilesWithTheTestSetHeldOut() throws {
         let images = idx([12, 28, 28], (0..<(12 * 784)).map { UInt8($0 % 256) }), labels = idx([12], (0..<12).map { UInt8($0 % 10) })
         for (name, bytes) in [("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels),
