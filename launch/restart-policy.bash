@@ -1,4 +1,5 @@
-# The restart policy of --max-restarts, sourced by launch/train and launch/slurm.sbatch.
+# The restart policy of --max-restarts and the multi-node group default, sourced by launch/train,
+# launch/slurm.sbatch and launch/multinode-example.
 
 # retryable STATUS: whether a job that ended with STATUS is worth starting again. Not success
 # (0), a usage error (64) or a configuration error (2), which a restart would repeat, and not an
@@ -27,4 +28,27 @@ saves() {
     local arg
     for arg in "$@"; do case "$arg" in --save|--save=?*) return 0 ;; esac; done
     return 1
+}
+
+# node_groups ARGS…: sets `group` to `--sync-group-size node` (statistics synced within each
+# machine) when ARGS give no --sync-group-size and their normalization takes one: the norms whose
+# statistics span ranks (syncbn, the default, cbn, brn, rbn, wn-meanonly, ibn; mabn on request) and
+# bn with --shuffle-bn. Per-rank and batch-free norms (bn, gn, in, ln, wn) get no group.
+node_groups() {
+    local norm=syncbn shuffle=0
+    group=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --sync-group-size|--sync-group-size=*) return 0 ;;
+            --norm) norm="${2:-}"; shift ;;
+            --norm=*) norm="${1#--norm=}" ;;
+            --shuffle-bn) shuffle=1 ;;
+        esac
+        shift
+    done
+    case "$norm" in
+        syncbn|cbn|brn|rbn|wn-meanonly|ibn|mabn) group=(--sync-group-size node) ;;
+        bn) [ "$shuffle" = 1 ] && group=(--sync-group-size node) ;;
+    esac
+    return 0
 }

@@ -25,8 +25,21 @@ func loadCheckpointRun(_ path: String, data: String?, evalData: String?) throws 
     return (configuration, split)
 }
 
+/// The configuration of a checkpoint run for `ranks` ranks that do not train: a sync group the
+/// job cannot form (larger than the job, or not dividing it) becomes the greatest group size that
+/// divides both. Inference uses the stored statistics, not the groups; PreciseBN's batches are then
+/// normalized over the smaller groups (`note` says so). Nil note: the stored groups fit.
+func nonTrainingConfiguration(_ stored: TrainingConfiguration, ranks: Int) -> (configuration: TrainingConfiguration, note: String?) {
+    guard let size = stored.syncGroupSize, size > 1, ranks % size != 0 else { return (stored, nil) }
+    func gcd(_ a: Int, _ b: Int) -> Int { b == 0 ? a : gcd(b, a % b) }
+    var configuration = stored
+    configuration.syncGroupSize = gcd(size, ranks)
+    return (configuration, "the checkpoint's --sync-group-size \(size) does not fit \(ranks) rank\(ranks == 1 ? "" : "s"): batch statistics here span groups of \(configuration.syncGroupSize!)")
+}
+
 /// A checkpoint's model in inference mode on one process, with the statistics it stores.
-func inferenceTrainer(_ path: String, configuration: TrainingConfiguration, split: DataSplit) throws -> Trainer {
+func inferenceTrainer(_ path: String, configuration stored: TrainingConfiguration, split: DataSplit) throws -> Trainer {
+    let configuration = nonTrainingConfiguration(stored, ranks: 1).configuration
     let trainer = try Trainer(configuration: configuration, data: split, world: SingleProcessCommunicator())
     try trainer.resume(from: path, forTraining: false, resetCrossIterationWindows: true)   // windows play no part in inference
     return trainer

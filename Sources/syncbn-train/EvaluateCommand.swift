@@ -66,7 +66,9 @@ struct Evaluate: ParsableCommand {
             return (configuration, split)
         }
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train evaluate", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in
-            let (configuration, split) = try prepared.get()
+            let (checkpointConfiguration, split) = try prepared.get()
+            let (configuration, note) = nonTrainingConfiguration(checkpointConfiguration, ranks: world.size)
+            if let note, recompute != nil, world.rank == 0 { FileHandle.standardError.write(Data(("evaluate: note: " + note + "\n").utf8)) }
             let trainer = try world.agreeing { try Trainer(configuration: configuration, data: split, world: world) }
             // The EMA statistics first (when the file keeps them beside PreciseBN's), then the stored
             // ones, or ones recomputed now.

@@ -62,7 +62,9 @@ struct RecomputeStats: ParsableCommand {
             return (configuration, split)
         }
         RankLaunch.run(simulateRanks: simulateRanks, command: "syncbn-train recompute-stats", preflight: prepared.failure, collectiveTimeout: watch.collectiveTimeout) { world in
-            let (configuration, split) = try prepared.get()
+            let (stored, split) = try prepared.get()
+            let (configuration, note) = nonTrainingConfiguration(stored, ranks: world.size)
+            if let note, world.rank == 0 { FileHandle.standardError.write(Data(("recompute-stats: note: " + note + "\n").utf8)) }
             let trainer = try world.agreeing { try Trainer(configuration: configuration, data: split, world: world) }
             try world.agreeing { try trainer.resume(from: resumePath, forTraining: false) }
             let before = try trainer.evaluate()

@@ -39,6 +39,31 @@ final class HardeningTests: XCTestCase {
         return path
     }
 
+    /// A checkpoint trained with sync groups of 2 on 4 ranks reaches every subcommand on one
+    /// process: inference uses the stored statistics, so the groups do not have to fit the job.
+    func testCheckpointsOfSyncGroupsAreEvaluatedAndExportedOnOneProcess() throws {
+        let path = dir + "/groups.safetensors"
+        let trained = try train(["--simulate-ranks", "4", "--sync-group-size", "2", "--steps", "4", "--batch-size", "4",
+                                 "--data", "synthetic:train=256,heldout=32", "--eval-stats", "ema", "--save", path])
+        XCTAssertEqual(trained.status, 0, describe(trained))
+        let done = trained.stderr.split(separator: "\n").first { $0.hasPrefix("done:") }.map(String.init) ?? ""
+        let accuracy = done.components(separatedBy: "accuracy ").dropFirst().first?.components(separatedBy: " ").first
+        XCTAssertNotNil(accuracy, describe(trained))
+        for ranks in ["1", "3"] {
+            let evaluated = try train(["evaluate", "--resume", path, "--simulate-ranks", ranks])
+            XCTAssertEqual(evaluated.status, 0, describe(evaluated))
+            XCTAssertTrue(evaluated.stderr.contains("accuracy \(accuracy ?? "?")"), "the training run's own figure on \(ranks) rank(s): \(describe(evaluated))")
+        }
+        for arguments in [["export-torch", "--out", dir + "/t.safetensors"], ["export-folded", "--out", dir + "/f.safetensors"],
+                          ["recompute-stats", "--save", dir + "/r.safetensors"]] {
+            let result = try train(Array(arguments.prefix(1)) + ["--resume", path] + Array(arguments.dropFirst()))
+            XCTAssertEqual(result.status, 0, describe(result))
+            XCTAssertTrue(FileManager.default.fileExists(atPath: arguments[2]), describe(result))
+        }
+        let recomputed = try train(["recompute-stats", "--resume", path, "--save", dir + "/r3.safetensors", "--simulate-ranks", "3"])
+        XCTAssertTrue(recomputed.stderr.contains("--sync-group-size 2 does not fit 3 ranks: batch statistics here span groups of 1"), describe(recomputed))
+    }
+
     func testEverySubcommandRefusesToOverwriteItsInputsByIdentity() throws {
         let a = try checkpoint()
         let before = try Data(contentsOf: URL(fileURLWithPath: a))

@@ -77,5 +77,29 @@ final class MultiNodeIntegrationTests: XCTestCase {
         XCTAssertEqual(result.status, 0, describe(result))
         XCTAssertTrue(result.stderr.contains("statistics over 2 rank(s)), 2 rank(s)"), result.stderr)
         XCTAssertTrue(FileManager.default.fileExists(atPath: dir + "/m.jsonl"))
+        // Norms without cross-rank statistics run too: the script adds no node group for them.
+        for norm in ["gn", "bn"] {
+            let other = try runProcess(root + "/launch/slurm.sbatch", ["--steps", "2", "--norm", norm, "--model", "mlp"],
+                                       environment: ["SYNCBN_HOME": root, "SYNCBN_MPIRUN_ARGS": extra, "PATH": "/usr/bin:/bin", "SLURM_SUBMIT_DIR": dir],
+                                       timeout: 120)
+            XCTAssertEqual(other.status, 0, "--norm \(norm): \(describe(other))")
+        }
+    }
+
+    /// The multi-node scripts' default group: `--sync-group-size node` for the norms that take a
+    /// group, none for the others, and never over a group the user gave.
+    func testTheScriptsAddANodeGroupOnlyWhereTheNormTakesOne() throws {
+        let cases: [([String], String)] = [
+            ([], "--sync-group-size node"), (["--norm", "cbn"], "--sync-group-size node"), (["--norm=mabn"], "--sync-group-size node"),
+            (["--norm", "bn"], ""), (["--norm", "bn", "--shuffle-bn"], "--sync-group-size node"), (["--norm", "gn"], ""),
+            (["--norm", "in"], ""), (["--norm", "ln"], ""), (["--norm", "wn"], ""), (["--norm", "wn-meanonly"], "--sync-group-size node"),
+            (["--sync-group-size", "2"], ""), (["--norm", "syncbn", "--sync-group-size=4"], ""),
+        ]
+        for (arguments, expected) in cases {
+            let result = try runProcess("/bin/bash", ["-c", ". \"$1\"; shift; node_groups \"$@\"; echo \"${group[*]}\"", "bash",
+                                                      root + "/launch/restart-policy.bash"] + arguments, timeout: 20)
+            XCTAssertEqual(result.status, 0, describe(result))
+            XCTAssertEqual(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines), expected, "\(arguments)")
+        }
     }
 }
