@@ -3,14 +3,19 @@
 the learning rate, and the held-out accuracy of every evaluation with EMA and PreciseBN
 statistics.
 
-    python3 tools/plot_metrics.py metrics.jsonl out.png [--title TEXT]
+    launch/plot --metrics metrics.jsonl out.png [--title TEXT]
 
-Needs matplotlib (Debian: python3-matplotlib).
+launch/plot runs it with Debian's python3 and python3-matplotlib (installed when missing); run
+directly, it needs a python3 with matplotlib.
 """
 import argparse
 import json
+import sys
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError:
+    sys.exit(f"plot_metrics.py: {sys.executable} has no matplotlib; run launch/plot --metrics … (Debian's python3-matplotlib) or install matplotlib for it")
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

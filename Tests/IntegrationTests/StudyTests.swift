@@ -217,6 +217,10 @@ final class StudyTests: XCTestCase {
         let curves = try runProcess(repositoryRoot + "/launch/plot", ["--curves", metrics, "--out", directory + "/curves"], timeout: 300)
         XCTAssertEqual(curves.status, 0, describe(curves))
         XCTAssertGreaterThan((try? FileManager.default.attributesOfItem(atPath: directory + "/curves/curves.png")[.size] as? Int) ?? 0, 1000)
+        // One run's figure, through the system's python3 whatever python3 comes first on PATH.
+        let single = try runProcess(repositoryRoot + "/launch/plot", ["--metrics", metrics, directory + "/run.png"], timeout: 300)
+        XCTAssertEqual(single.status, 0, describe(single))
+        XCTAssertGreaterThan((try? FileManager.default.attributesOfItem(atPath: directory + "/run.png")[.size] as? Int) ?? 0, 1000)
     }
 
     func testBadArgumentsAreOneLineErrors() throws {
