@@ -20,8 +20,13 @@ public final class MetricsWriter {
     /// last line (a kill or a full disk in the middle of a write) is cut off first
     /// (``repairedPartialLine``). With `history`, an existing file whose first line records
     /// another run's configuration is refused: its history is not this run's.
+    ///
+    /// With `purgingAfter` (the step a resumed run continues from), lines of later steps — the
+    /// steps the resumed run replays, logged by the run that was interrupted after its last
+    /// checkpoint — are removed first (TensorBoard's `purge_step`), so the history holds each step
+    /// once (``purgedLines``). The file is rewritten beside itself and renamed into place.
     public init(path: String, append: Bool = false, history configuration: TrainingConfiguration? = nil, ranks: Int? = nil,
-                allowing allowed: Set<String> = []) throws {
+                allowing allowed: Set<String> = [], purgingAfter purgeStep: Int? = nil) throws {
         try checkReplaceableOutput(path)
         if append, let existing = FileManager.default.contents(atPath: path), !existing.isEmpty {
             if let configuration, let first = existing.split(separator: UInt8(ascii: "\n"), maxSplits: 1).first,
@@ -40,6 +45,21 @@ public final class MetricsWriter {
                 }
                 repairedPartialLine = true
             }
+            if let purgeStep {
+                let lines = existing.prefix(existing.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 } ?? 0)
+                    .split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: true)
+                let kept = lines.filter { line in
+                    guard let object = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any],
+                          let step = object["step"] as? Int else { return true }
+                    return step <= purgeStep
+                }
+                if kept.count < lines.count {
+                    var text = Data()
+                    for line in kept { text.append(contentsOf: line); text.append(UInt8(ascii: "\n")) }
+                    try Self.replace(path, with: text)
+                    purgedLines = lines.count - kept.count
+                }
+            }
         }
         let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0o644)
         guard fd >= 0 else { throw DataError("⟨metrics⟩ \(path): cannot open the file for writing: \(String(cString: strerror(errno)))") }
@@ -49,6 +69,26 @@ public final class MetricsWriter {
 
     /// Whether opening cut off a partial last line.
     public private(set) var repairedPartialLine = false
+
+    /// How many lines of steps after `purgingAfter` opening removed.
+    public private(set) var purgedLines = 0
+
+    /// Writes `data` to a temporary file beside `path`, flushes it and renames it over `path`: a
+    /// crash at any moment leaves the old file or the new one.
+    static func replace(_ path: String, with data: Data) throws {
+        let url = URL(fileURLWithPath: path)
+        let temporary = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).partial-\(getpid())").path
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o644)
+        guard fd >= 0 else { throw DataError("⟨metrics⟩ \(path): cannot rewrite it: \(String(cString: strerror(errno)))") }
+        let written = data.withUnsafeBytes { raw in raw.count == 0 ? 0 : Glibc.write(fd, raw.baseAddress, raw.count) }
+        let synced = fsync(fd) == 0
+        close(fd)
+        guard written == data.count, synced, rename(temporary, path) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(temporary)
+            throw DataError("⟨metrics⟩ \(path): cannot rewrite it: \(reason)")
+        }
+    }
 
     /// Opens an existing file (or device) for writing as it is, for tests of write errors.
     public init(deviceForTesting path: String) throws {

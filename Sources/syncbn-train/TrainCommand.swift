@@ -421,9 +421,12 @@ struct Train: ParsableCommand {
                 if let metricsPath {
                     trainer.metrics = try MetricsWriter(path: metricsPath, append: resumePath != nil,
                                                         history: resumePath != nil && !overwrite ? configuration : nil, ranks: world.size,
-                                                        allowing: Set(allowedFields))
+                                                        allowing: Set(allowedFields), purgingAfter: resumePath.map { _ in trainer.step })
                     if trainer.metrics?.repairedPartialLine == true {
                         FileHandle.standardError.write(Data("syncbn-train: \(metricsPath) ended in a partial line (an interrupted write); it was cut off\n".utf8))
+                    }
+                    if let purged = trainer.metrics?.purgedLines, purged > 0 {
+                        FileHandle.standardError.write(Data("syncbn-train: \(metricsPath): \(purged) line(s) after step \(trainer.step), the steps this resume replays, removed\n".utf8))
                     }
                     try trainer.metrics?.writeStart(configuration: configuration, ranks: world.size, resumedAt: resumePath.map { _ in trainer.step },
                                                     convolutionBackends: trainer.convolutionBackends)

@@ -58,6 +58,12 @@ final class RestartTests: XCTestCase {
             XCTAssertEqual(shared.filter { x[$0] != y[$0] }, [], "\(norm): tensors that differ from the uninterrupted run")
             let (_, metadata) = try Safetensors.read(restarted)
             XCTAssertEqual(metadata["ranks"], "2")
+            // The steps the restart replayed (11 to the kill) are in the history once.
+            let steps = try String(contentsOfFile: restarted + ".log", encoding: .utf8).split(separator: "\n").compactMap {
+                (try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]).flatMap { $0["event"] == nil ? $0["step"] as? Int : nil }
+            }
+            XCTAssertEqual(steps, Array(1...40), "\(norm): every training step logged once")
+            XCTAssertTrue(b.stderr.contains("after step 10, the steps this resume replays, removed"), describe(b))
         }
     }
 

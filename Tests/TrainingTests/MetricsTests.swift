@@ -60,4 +60,29 @@ final class MetricsTests: XCTestCase {
             XCTAssertTrue("\(error)".contains("No space left on device"), "\(error)")
         }
     }
+
+    /// A resume from the step-10 checkpoint of a run that logged to step 15 before it was killed:
+    /// the lines of steps 11–15 (which the resumed run logs again) are removed, a partial last line
+    /// is cut, the rest is kept byte for byte, and nothing is removed without a resume step.
+    func testAResumeRemovesTheLinesOfTheStepsItReplays() throws {
+        let dir = temporaryDirectory("syncbn-metrics")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/m.jsonl"
+        let kept = [#"{"event":"start","ranks":2}"#, #"{"step":5,"loss":2.1}"#, #"{"step":10,"loss":1.9}"#,
+                    #"{"event":"eval","step":10,"stats":"ema","accuracy":0.5}"#]
+        let replayed = [#"{"step":15,"loss":1.7}"#, #"{"event":"eval","step":15,"stats":"ema","accuracy":0.6}"#]
+        let text = (kept + replayed).joined(separator: "\n") + "\n" + #"{"step":20,"lo"#
+        try text.write(toFile: path, atomically: false, encoding: .utf8)
+        let writer = try MetricsWriter(path: path, append: true, purgingAfter: 10)
+        XCTAssertTrue(writer.repairedPartialLine)
+        XCTAssertEqual(writer.purgedLines, 2)
+        try writer.write(["step": 15, "loss": 1.6])
+        let after = try String(contentsOfFile: path, encoding: .utf8)
+        XCTAssertTrue(after.hasPrefix(kept.joined(separator: "\n") + "\n"), after)
+        XCTAssertEqual(try lines(path).compactMap { $0["step"] as? Int }, [5, 10, 10, 15])
+        XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: dir).contains { $0.contains("partial") }, "no temporary file left")
+        let untouched = try MetricsWriter(path: path, append: true)
+        XCTAssertEqual(untouched.purgedLines, 0)
+        XCTAssertEqual(try lines(path).count, 5)
+    }
 }
