@@ -60,6 +60,30 @@ final class ReadmeCommandsTests: XCTestCase {
         }
         XCTAssertGreaterThanOrEqual(ran, 9, "the documented commands were found")
     }
+
+    /// The headline figures (the main job's accuracies and step count) are what the main job
+    /// gives now. Not to the bit: the accuracies depend on the CPU's BLAS kernels and on the
+    /// convolution backends auto picks, so each must be within 0.3 points (6 of the 2048 held-out
+    /// images) — a figure left from an older version of the job fails, another CPU does not.
+    func testTheHeadlineFiguresAreTheMainJobsOwn() throws {
+        let readme = try String(contentsOfFile: root + "/README.md", encoding: .utf8).replacingOccurrences(of: "\n", with: " ")
+        let pattern = try NSRegularExpression(pattern: #"\*\*([0-9.]+) % held-out accuracy with the EMA statistics and ([0-9.]+) % with PreciseBN's after ([0-9]+) steps"#)
+        guard let match = pattern.firstMatch(in: readme, range: NSRange(readme.startIndex..., in: readme)) else {
+            return XCTFail("the README's headline sentence was not found")
+        }
+        let quoted = (1...3).map { Double(readme[Range(match.range(at: $0), in: readme)!])! }
+        let result = try runProcess("/bin/sh", ["-c", root + "/launch/train -n 4"], environment: ["OPENBLAS_NUM_THREADS": "1"], timeout: 300,
+                                    directory: temporaryDirectory("syncbn-headline"))
+        XCTAssertEqual(result.status, 0, describe(result))
+        let done = try NSRegularExpression(pattern: #"done: held-out accuracy ([0-9.]+)% \(EMA\), ([0-9.]+)% \(PreciseBN\) after ([0-9]+) steps on 4 rank"#)
+        guard let line = done.firstMatch(in: result.stderr, range: NSRange(result.stderr.startIndex..., in: result.stderr)) else {
+            return XCTFail("no summary line: \(describe(result))")
+        }
+        let measured = (1...3).map { Double(result.stderr[Range(line.range(at: $0), in: result.stderr)!])! }
+        XCTAssertEqual(measured[2], quoted[2], "steps")
+        XCTAssertEqual(measured[0], quoted[0], accuracy: 0.3, "EMA accuracy: the README says \(quoted[0]) %")
+        XCTAssertEqual(measured[1], quoted[1], accuracy: 0.3, "PreciseBN accuracy: the README says \(quoted[1]) %")
+    }
 }
 
 /// The README's option tables are `tools/options_table.py`'s output for the current binaries —
