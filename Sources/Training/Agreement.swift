@@ -18,6 +18,23 @@ public struct RunAgreement {
 
     public init() {}
 
+    /// The flags of `syncbn-train train` that every rank must give alike beside the training
+    /// configuration's fields (each added by the command under this name).
+    public static let comparedFlags = ["--sync-group-size node", "--resume", "--save", "--save-every", "--resume auto",
+                                       "--reset-cbn-windows", "--overwrite-metrics", "--check-collectives",
+                                       "--collective-timeout", "--allow-config-change"]
+
+    /// The flags that may differ between ranks, and why: every other flag is compared.
+    public static let rankLocalFlags: [String: String] = [
+        "--data": "where the data lives on each host; the contents are compared",
+        "--eval-data": "the same for the held-out set",
+        "--metrics": "only rank 0 writes it",
+        "--save": "only rank 0 writes it (whether it is given is compared)",
+        "--log-every": "only rank 0 logs",
+        "--max-data-bytes": "each host's own memory",
+        "--simulate-ranks": "not an MPI job: one process runs every rank",
+    ]
+
     public mutating func add(_ name: String, _ value: String) { settings.append((name, value)) }
 
     /// Every field of the training configuration, under its flag's name.

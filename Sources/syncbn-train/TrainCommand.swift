@@ -343,6 +343,8 @@ struct Train: ParsableCommand {
             agreement.add("--overwrite-metrics", overwrite ? "yes" : "no")
             agreement.add("--check-collectives", checked ? "yes" : "no")
             agreement.add("--collective-timeout", "\(timeout)")
+            agreement.add("--allow-config-change", allowed.sorted().joined(separator: ","))
+            assert(Set(RunAgreement.comparedFlags).isSubset(of: agreement.settings.map(\.name)), "a compared flag is not added")
             // Over the unchecked communicator: --check-collectives on some ranks only is itself a
             // difference to report, not a mismatch in the check's own collective.
             try agreement.check(watched)

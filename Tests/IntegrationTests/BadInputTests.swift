@@ -216,6 +216,33 @@ final class MismatchedLaunchTests: XCTestCase {
                               timeout: 60)
     }
 
+    /// "Every flag is compared but the listed ones": each flag of `train --help` is a field of the
+    /// training configuration, a flag the command compares by name, or one of the rank-local
+    /// exceptions — and the README names exactly those exceptions.
+    func testEveryFlagIsComparedOrAListedException() throws {
+        let help = try runProcess(Harness.train, ["train", "--help"], timeout: 30)
+        XCTAssertEqual(help.status, 0, describe(help))
+        let flags = Set(help.stdout.split(separator: "\n").compactMap { line -> String? in
+            let text = line.trimmingCharacters(in: .whitespaces)
+            guard line.hasPrefix("  "), !line.hasPrefix("   "), text.hasPrefix("--") else { return nil }
+            return String(text.prefix { $0 != " " && $0 != "<" })
+        }).subtracting(["--help", "--version"])
+        XCTAssertGreaterThan(flags.count, 50, help.stdout)
+        // A field's flag, without the part of it the field is ("--augment (crop)" is --augment).
+        let settings = Set(TrainingConfiguration.settingFields.map { RunAgreement.flagName($0).components(separatedBy: " (")[0] })
+        let compared = Set(RunAgreement.comparedFlags), exceptions = Set(RunAgreement.rankLocalFlags.keys)
+        XCTAssertEqual(flags.subtracting(settings).subtracting(compared).subtracting(exceptions), [], "flags neither compared nor listed as exceptions")
+        XCTAssertEqual(exceptions.subtracting(flags), [], "exceptions that are not flags")
+        let readme = try String(contentsOfFile: Harness.repositoryRoot + "/README.md", encoding: .utf8).replacingOccurrences(of: "\n", with: " ")
+        guard let start = readme.range(of: "Every flag of `train` is compared except these"),
+              let end = readme.range(of: "Hashing the contents", range: start.upperBound..<readme.endIndex) else {
+            return XCTFail("the README's list of exceptions was not found")
+        }
+        let named = Set(readme[start.upperBound..<end.lowerBound].components(separatedBy: "`").enumerated()
+            .filter { $0.offset % 2 == 1 && $0.element.hasPrefix("--") }.map(\.element))
+        XCTAssertEqual(named, exceptions, "the README lists the exceptions")
+    }
+
     func testCheckedCollectivesChangeNothingWhenRanksAgree() throws {
         let args = ["--data", "synthetic:train=256,heldout=32", "--steps", "6", "--batch-size", "4", "--norm", "cbn"]
         let plain = try Harness.mpi(3, Harness.train, args)
