@@ -278,6 +278,23 @@ public struct StudySummary: Codable, Sendable {
                           "| difference | \(panel.xLabel) | seeds | mean [95 % interval] |", "|---|---|---|---|"] + rows + [""]
             }
         }
+        // Along each series: its first grid point against its last, paired over the seeds, with
+        // each seed's difference (criteria such as "in each seed" read off this table).
+        if panel.kind == .final {
+            var rows: [String] = []
+            for series in panel.series where series.points.count >= 2 {
+                let ordered = series.points.sorted { $0.x < $1.x }
+                let (first, last) = (bySeed(ordered.first!), bySeed(ordered.last!))
+                guard let difference = StudyStatistics.paired(first, last), difference.n > 0 else { continue }
+                let perSeed = Set(first.keys).intersection(last.keys).sorted()
+                    .map { "seed \($0): " + String(format: "%+.2f", first[$0]! - last[$0]!) }.joined(separator: ", ")
+                rows.append("| \(series.name) | \(StudyCatalog.format(ordered.first!.x)) − \(StudyCatalog.format(ordered.last!.x)) | \(difference.n) | \(difference.text) | \(perSeed) |")
+            }
+            if !rows.isEmpty {
+                lines += ["Along each series, first against last \(panel.xLabel) (\(usePrecise ? "PreciseBN" : "EMA") error, points; 95 % t interval over the shared seeds):", "",
+                          "| series | \(panel.xLabel) | seeds | mean [95 % interval] | each seed |", "|---|---|---|---|---|"] + rows + [""]
+            }
+        }
         if panel.kind == .statistics {
             var rows: [String] = []
             for series in panel.series {
