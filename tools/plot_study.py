@@ -178,9 +178,14 @@ def plot_experiment(experiment, out):
             axes_specs += [(panel, None), (panel, "curves")]
         else:
             axes_specs.append((panel, None))
-    fig, axes = plt.subplots(1, len(axes_specs), figsize=(max(5.2 * len(axes_specs), 8.5), 4.2), squeeze=False)
+    # At most four axes to a row: experiments with many panels wrap.
+    columns = min(4, len(axes_specs))
+    rows = (len(axes_specs) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(max(5.2 * columns, 8.5), 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(axes_specs):]:
+        ax.set_visible(False)
     anything = False
-    for ax, (panel, key) in zip(axes[0], axes_specs):
+    for ax, (panel, key) in zip(axes.flat, axes_specs):
         kind = panel["kind"]
         if kind == "final":
             drawn = draw_final(ax, panel, key)

@@ -84,14 +84,17 @@ public struct StudyPanel: Codable, Sendable {
     /// linear, log2 or log10.
     public var xScale: String
     public var points: [StudyPoint]
+    /// The error on one domain's held-out samples only (data with domain labels), instead of all.
+    public var domain: Int?
 
-    public init(name: String, title: String, kind: PanelKind, xLabel: String, xScale: String, points: [StudyPoint]) {
+    public init(name: String, title: String, kind: PanelKind, xLabel: String, xScale: String, points: [StudyPoint], domain: Int? = nil) {
         self.name = name
         self.title = title
         self.kind = kind
         self.xLabel = xLabel
         self.xScale = xScale
         self.points = points
+        self.domain = domain
     }
 }
 
@@ -115,7 +118,7 @@ public struct StudyExperiment: Codable, Sendable {
 /// The named experiments and their grids.
 public enum StudyCatalog {
     public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage", "domain",
-                               "e1-collapse", "e3-compensation", "e4-burnin", "e5-precise", "e7-frozen"]
+                               "e1-collapse", "e3-compensation", "e4-burnin", "e5-precise", "e7-frozen", "e8-domains"]
 
     public static func experiments(_ s: StudySettings) -> [StudyExperiment] {
         names.map { experiment($0, s)! }
@@ -383,6 +386,34 @@ public enum StudyCatalog {
                 claim: "Normalization batches of 2 are much worse than 32 (Wu & Johnson 2021, §3; Yao et al. 2021). Pass criterion, fixed before the run: in a cell, error(2) − error(\(batch)) ≥ 3 points in each seed; the cells that pass are the regime the later experiments (E2, E7) run in. If no cell of ResNet-20 passes, the claim is not testable at this scale for it; the ResNet-56 cell (added after the four ResNet-20 cells had run and missed the criterion, with the same criterion) tests whether depth brings the collapse.",
                 panels: [StudyPanel(name: "error", title: "Held-out error against normalization batch (SGD batch \(batch * s.ranks))", kind: .final,
                                     xLabel: "normalization batch (samples)", xScale: "log2", points: p)])
+        case "e8-domains":
+            // E8: two domains a per-domain normalization can and cannot undo. Domain 1 is each
+            // image at a third of its contrast (an affine change of intensity: the first BN's
+            // per-domain statistics remove it) or at half its size (a change of scale: no
+            // statistics remove it); SyncBN with statistics shared by the domains or per domain.
+            let batch = max(1, 128 / s.ranks)
+            var panels: [StudyPanel] = []
+            for (shift, describe) in [("contrast", "a third of the contrast"), ("shrunk", "half the size")] {
+                var p: [StudyPoint] = []
+                for (perDomain, label) in [(false, "shared statistics"), (true, "per-domain statistics")] {
+                    p += points(label, [Double(batch)]) { _, seed in
+                        var o = base(s, batch: batch, seed: seed)
+                        o["data"] = "two-domain-\(shift):" + s.data
+                        o["norm"] = "syncbn"
+                        if perDomain { o["domain-bn"] = "" }
+                        return o
+                    }
+                }
+                for (domain, what) in [(1, "domain 1 (changed)"), (0, "domain 0 (as it is)"), (nil, "both domains")] as [(Int?, String)] {
+                    panels.append(StudyPanel(name: "\(shift)-\(domain.map { "domain\($0)" } ?? "both")",
+                                             title: "Domain 1 at \(describe): error on \(what)", kind: .final,
+                                             xLabel: "batch per rank (SyncBN)", xScale: "log2", points: p, domain: domain))
+                }
+            }
+            return StudyExperiment(
+                name: name, title: "E8: domains a per-domain normalization can and cannot undo",
+                claim: "Batches that mix domains are better normalized with statistics per domain (Wu & Johnson 2021, §5; Chang et al. 2019). Pass criterion, fixed before the run: on the contrast-changed domain, per-domain statistics at least 1 point better than shared ones, paired over 3 seeds with a 95 % interval below zero; the shrunk domain, which no statistics can undo, is reported beside it without a prediction.",
+                panels: panels)
         case "e7-frozen":
             // E7: FrozenBN in the collapse regime: ghost batches of 2 and 4 with the statistics
             // frozen for the last 20 % of training (evaluated with the frozen statistics, the EMA).

@@ -115,6 +115,8 @@ public struct StudyResult: Codable, Sendable {
         public var statistics: String
         public var accuracy: Double
         public var loss: Double
+        /// Each domain's accuracy, for data with domain labels (nil for a domain without samples).
+        public var domainAccuracies: [Double?]?
     }
 
     /// The final held-out accuracy with EMA and with PreciseBN statistics (when evaluated).
@@ -122,6 +124,9 @@ public struct StudyResult: Codable, Sendable {
     public var preciseAccuracy: Double?
     public var emaLoss: Double?
     public var preciseLoss: Double?
+    /// Each domain's final held-out accuracy (data with domain labels).
+    public var emaDomainAccuracies: [Double?]?
+    public var preciseDomainAccuracies: [Double?]?
     /// Mean training loss and accuracy over the last tenth of the logged steps.
     public var finalTrainLoss: Double?
     public var finalTrainAccuracy: Double?
@@ -140,6 +145,11 @@ public struct StudyResult: Codable, Sendable {
         for (name, value) in [("EMA accuracy", emaAccuracy), ("PreciseBN accuracy", preciseAccuracy), ("training accuracy", finalTrainAccuracy)] {
             if let value, !(value.isFinite && (0...1).contains(value)) { return "its \(name) is \(value), outside [0, 1]" }
         }
+        for (name, values) in [("EMA", emaDomainAccuracies), ("PreciseBN", preciseDomainAccuracies)] {
+            for case let (domain, value?) in (values ?? []).enumerated() where !(value.isFinite && (0...1).contains(value)) {
+                return "its \(name) accuracy on domain \(domain) is \(value), outside [0, 1]"
+            }
+        }
         for (name, value) in [("EMA loss", emaLoss), ("PreciseBN loss", preciseLoss), ("training loss", finalTrainLoss)] {
             if let value, !value.isFinite { return "its \(name) is \(value)" }
         }
@@ -157,7 +167,8 @@ public struct StudyResult: Codable, Sendable {
             let event = object["event"] as? String
             if event == "eval", let step = object["step"] as? Int, let stats = object["stats"] as? String,
                let accuracy = object["accuracy"] as? Double, let loss = object["loss"] as? Double {
-                result.evaluations.append(.init(step: step, statistics: stats, accuracy: accuracy, loss: loss))
+                let domains = (object["domain_accuracy"] as? [Any]).map { $0.map { $0 as? Double } }
+                result.evaluations.append(.init(step: step, statistics: stats, accuracy: accuracy, loss: loss, domainAccuracies: domains))
             } else if event == "diagnostics", let layers = object["layers"] as? [String: [String: Double]] {
                 result.diagnostics = layers
                 if let step = object["step"] as? Int, let first = layers.keys.sorted().first, let norm = layers[first]?["weight_norm"] {
@@ -171,8 +182,12 @@ public struct StudyResult: Codable, Sendable {
         }
         if let last = result.evaluations.last?.step {
             for evaluation in result.evaluations where evaluation.step == last {
-                if evaluation.statistics == "ema" { result.emaAccuracy = evaluation.accuracy; result.emaLoss = evaluation.loss }
-                if evaluation.statistics == "precise" { result.preciseAccuracy = evaluation.accuracy; result.preciseLoss = evaluation.loss }
+                if evaluation.statistics == "ema" {
+                    result.emaAccuracy = evaluation.accuracy; result.emaLoss = evaluation.loss; result.emaDomainAccuracies = evaluation.domainAccuracies
+                }
+                if evaluation.statistics == "precise" {
+                    result.preciseAccuracy = evaluation.accuracy; result.preciseLoss = evaluation.loss; result.preciseDomainAccuracies = evaluation.domainAccuracies
+                }
             }
         }
         if let lastStep = intervals.last?.step {

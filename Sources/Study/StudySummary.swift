@@ -107,10 +107,19 @@ public struct StudySummary: Codable, Sendable {
                     return Series(name: name, points: xs.map { x in
                         let here = mine.filter { $0.x == x }
                         let records = here.map { record($0.job.key) }
+                        // The accuracy the panel reads: overall, or one domain's.
+                        let ema: (StudyResult) -> Double? = { result in
+                            guard let d = panel.domain else { return result.emaAccuracy }
+                            return result.emaDomainAccuracies.flatMap { d < $0.count ? $0[d] : nil }
+                        }
+                        let precise: (StudyResult) -> Double? = { result in
+                            guard let d = panel.domain else { return result.preciseAccuracy }
+                            return result.preciseDomainAccuracies.flatMap { d < $0.count ? $0[d] : nil }
+                        }
                         var emaBySeed: [String: Double] = [:], preciseBySeed: [String: Double] = [:]
                         for (point, record) in zip(here, records) where record?.status == .ok {
-                            if let a = record?.result?.emaAccuracy { emaBySeed[String(point.seed)] = 100 * (1 - a) }
-                            if let a = record?.result?.preciseAccuracy { preciseBySeed[String(point.seed)] = 100 * (1 - a) }
+                            if let a = record?.result.flatMap(ema) { emaBySeed[String(point.seed)] = 100 * (1 - a) }
+                            if let a = record?.result.flatMap(precise) { preciseBySeed[String(point.seed)] = 100 * (1 - a) }
                         }
                         let ok = records.compactMap { $0?.status == .ok ? $0?.result : nil }
                         func errors(_ accuracy: (StudyResult) -> Double?) -> SeedStatistics? {
@@ -123,7 +132,7 @@ public struct StudySummary: Codable, Sendable {
                             for d in withDiagnostics { for (layer, values) in d { for (k, v) in values { sums[layer, default: [:]][k, default: 0] += v / Double(withDiagnostics.count) } } }
                             diagnostics = sums
                         }
-                        return Point(x: x, ema: errors(\.emaAccuracy), precise: errors(\.preciseAccuracy),
+                        return Point(x: x, ema: errors(ema), precise: errors(precise),
                                      trainLoss: SeedStatistics(ok.compactMap(\.finalTrainLoss)),
                                      trainError: SeedStatistics(ok.compactMap(\.finalTrainAccuracy).map { 100 * (1 - $0) }),
                                      emaBySeed: emaBySeed, preciseBySeed: preciseBySeed, diagnostics: diagnostics,

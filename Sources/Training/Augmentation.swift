@@ -48,6 +48,7 @@ public struct Augmentation: Codable, Equatable, Sendable, CustomStringConvertibl
         switch source {
         case .fashionMNIST, .cifar10: return Augmentation(crop: sampleShape.count == 3, flip: sampleShape.count == 3, padding: padding)
         case let .twoDomain(inner): return automatic(for: inner, sampleShape: sampleShape)
+        case let .shiftedDomain(inner, _): return automatic(for: inner, sampleShape: sampleShape)
         default: return Augmentation(padding: padding)
         }
     }

@@ -25,6 +25,9 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
     case fashionMNIST(directory: String)
     /// SRC and an intensity-inverted copy of it as domain 1 (training and held-out sets).
     indirect case twoDomain(DataSource)
+    /// SRC and a copy of it changed by `shift` as domain 1 (`two-domain-shrunk:SRC`,
+    /// `two-domain-contrast:SRC`).
+    indirect case shiftedDomain(DataSource, DomainShift)
     /// npy:X,Y,D — samples, labels and a domain label per sample.
     case npyWithDomains(samples: String, labels: String, domains: String)
 
@@ -41,6 +44,7 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
         case let .npy(samples, labels): return "npy:\(samples),\(labels)"
         case let .fashionMNIST(directory): return "fashion-mnist:\(directory)"
         case let .twoDomain(source): return "two-domain:\(source)"
+        case let .shiftedDomain(source, shift): return "two-domain-\(shift.rawValue):\(source)"
         case let .npyWithDomains(samples, labels, domains): return "npy:\(samples),\(labels),\(domains)"
         }
     }
@@ -93,14 +97,24 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
             guard !rest.isEmpty else { throw DataError("⟨data⟩ two-domain: expected two-domain:SOURCE (e.g. two-domain:fashion-mnist)") }
             let inner = try DataSource(parsing: rest)
             if case .twoDomain = inner { throw DataError("⟨data⟩ two-domain: the source already has two domains") }
+            if case .shiftedDomain = inner { throw DataError("⟨data⟩ two-domain: the source already has two domains") }
             self = .twoDomain(inner)
+        case "two-domain-shrunk", "two-domain-contrast":
+            let shift = DomainShift(rawValue: String(kind.dropFirst("two-domain-".count)))!
+            guard !rest.isEmpty else { throw DataError("⟨data⟩ \(kind): expected \(kind):SOURCE (e.g. \(kind):fashion-mnist)") }
+            let inner = try DataSource(parsing: rest)
+            switch inner {
+            case .twoDomain, .shiftedDomain, .npyWithDomains: throw DataError("⟨data⟩ \(kind): the source already has domains")
+            default: break
+            }
+            self = .shiftedDomain(inner, shift)
         case "fashion-mnist":
             self = .fashionMNIST(directory: rest.isEmpty ? Self.fashionMNISTDirectory : rest)
         case "cifar10":
             guard !rest.isEmpty else { throw DataError("⟨data⟩ cifar10: expected cifar10:DIRECTORY") }
             self = .cifar10(directory: rest)
         default:
-            throw DataError("⟨data⟩: unknown source '\(kind)' (synthetic, fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y[,D], two-domain:SOURCE)")
+            throw DataError("⟨data⟩: unknown source '\(kind)' (synthetic, fashion-mnist[:DIR], idx:IMAGES,LABELS, cifar10:DIR, npy:X,Y[,D], two-domain:SOURCE, two-domain-shrunk:SOURCE, two-domain-contrast:SOURCE)")
         }
     }
 
@@ -119,6 +133,9 @@ public enum DataSource: Equatable, Sendable, CustomStringConvertible {
         case let .twoDomain(source):
             let (train, heldOut) = try source.load()
             return (train.withInvertedDomain(), heldOut?.withInvertedDomain())
+        case let .shiftedDomain(source, shift):
+            let (train, heldOut) = try source.load()
+            return (try train.withSecondDomain(shift), try heldOut?.withSecondDomain(shift))
         case let .npyWithDomains(samples, labels, domains):
             var data = try loadNumpyPair(samples: samples, labels: labels)
             let array = try NumpyArray(contentsOf: domains)

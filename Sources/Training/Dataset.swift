@@ -83,6 +83,48 @@ public struct Dataset: Sendable {
         return result
     }
 
+    /// Every sample twice, in place (2i) and changed by `shift` as domain 1 (2i + 1), both with
+    /// the sample's label. Images only (C×H×W).
+    public func withSecondDomain(_ shift: DomainShift) throws -> Dataset {
+        guard sampleShape.count == 3 else { throw DataError("two-domain-\(shift.rawValue): needs C×H×W images, the samples have shape \(sampleShape)") }
+        let (channels, height, width) = (sampleShape[0], sampleShape[1], sampleShape[2])
+        let background = samples.min() ?? 0, size = sampleSize, plane = height * width
+        var values = [Float](repeating: 0, count: 2 * samples.count)
+        var doubled = [Int32](repeating: 0, count: 2 * count)
+        for i in 0..<count {
+            let source = i * size, original = 2 * i * size, changed = (2 * i + 1) * size
+            for k in 0..<size { values[original + k] = samples[source + k] }
+            switch shift {
+            case .shrunk:
+                // Half the size (each 2×2 block averaged), centred on the background.
+                let (h2, w2) = (height / 2, width / 2), (top, left) = ((height - height / 2) / 2, (width - width / 2) / 2)
+                for k in 0..<size { values[changed + k] = background }
+                for c in 0..<channels {
+                    for y in 0..<h2 {
+                        for x in 0..<w2 {
+                            var sum: Float = 0
+                            for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] { sum += samples[source + c * plane + (2 * y + dy) * width + 2 * x + dx] }
+                            values[changed + c * plane + (top + y) * width + left + x] = sum / 4
+                        }
+                    }
+                }
+            case .contrast:
+                // A third of the contrast: each channel's deviations from its mean over the image.
+                for c in 0..<channels {
+                    var mean: Float = 0
+                    for k in 0..<plane { mean += samples[source + c * plane + k] }
+                    mean /= Float(plane)
+                    for k in 0..<plane { values[changed + c * plane + k] = mean + (samples[source + c * plane + k] - mean) / 3 }
+                }
+            }
+            doubled[2 * i] = labels[i]
+            doubled[2 * i + 1] = labels[i]
+        }
+        var result = Dataset(sampleShape: sampleShape, classes: classes, samples: values, labels: doubled)
+        result.domains = (0..<(2 * count)).map { Int32($0 % 2) }
+        return result
+    }
+
     /// Per-channel mean and standard deviation (channel = first sample dimension for C×H×W,
     /// one channel for feature vectors), in Double.
     public func channelMoments() -> (mean: [Double], std: [Double]) {
@@ -157,4 +199,14 @@ public struct DataSplit: Sendable {
     /// training split, in the source's units: pixels / 255 for images): x_model = (x − mean)/std.
     public private(set) var inputMean: [Double] = []
     public private(set) var inputStd: [Double] = []
+}
+
+/// How the second domain of `two-domain-KIND:SOURCE` differs from the source.
+public enum DomainShift: String, Codable, Sendable, CaseIterable {
+    /// Each image at half its size (2×2 means), centred on the background: a change of scale,
+    /// which per-domain statistics cannot undo.
+    case shrunk
+    /// Each image at a third of its contrast (per channel, around the image's mean): an affine
+    /// change of intensity, which per-domain statistics of the first normalization undo.
+    case contrast
 }

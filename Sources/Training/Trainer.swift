@@ -41,6 +41,16 @@ public struct Evaluation: Equatable, Sendable {
     public let loss: Double
     public let accuracy: Double
     public let count: Int
+    /// For held-out data with domain labels: the accuracy on each domain's samples (domain order;
+    /// nan for a domain with no held-out sample).
+    public var domainAccuracies: [Double]? = nil
+
+    public init(loss: Double, accuracy: Double, count: Int, domainAccuracies: [Double]? = nil) {
+        self.loss = loss
+        self.accuracy = accuracy
+        self.count = count
+        self.domainAccuracies = domainAccuracies
+    }
 }
 
 /// What a finished run reports.
@@ -306,20 +316,36 @@ public final class Trainer {
         watchdog?.context = "evaluation after step \(step)"
         let piece = contiguousPiece(of: data.heldOut.count, parts: world.size, index: world.rank)
         var loss = FixedPointLoss(), correct = 0
+        // With domain labels: correct and all samples per domain, the same first-maximum rule.
+        let domainCount = data.heldOut.domains == nil ? 0 : data.heldOut.domainCount
+        var perDomain = [Int64](repeating: 0, count: 2 * domainCount)
         var start = piece.lowerBound
         while start < piece.upperBound {
             let end = min(start + configuration.evalBatchSize, piece.upperBound)
             let (x, labels) = data.heldOut.batch(start..<end)
-            network.setDomains(data.heldOut.domains(of: start..<end))
+            let domains = data.heldOut.domains(of: start..<end)
+            network.setDomains(domains)
             network.sampleOffset = start
             let logits = try network.forward(x, mode: .inference)
             let (_, batchCorrect, _, batchLoss) = try softmaxCrossEntropy(logits: logits, labels: labels, scale: 0)
             loss.units += batchLoss.units
             loss.outOfRange += batchLoss.outOfRange
             correct += batchCorrect
+            if let domains {
+                let classes = logits.shape[1]
+                logits.scalars.withUnsafeBufferPointer { z in
+                    for row in 0..<labels.count {
+                        var best = 0
+                        for k in 1..<classes where z[row * classes + k] > z[row * classes + best] { best = k }
+                        let domain = Int(domains[row])
+                        perDomain[2 * domain + 1] += 1
+                        if best == Int(labels[row]) { perDomain[2 * domain] += 1 }
+                    }
+                }
+            }
             start = end
         }
-        var totals = [loss.units, loss.outOfRange, Int64(correct), Int64(piece.count)]
+        var totals = [loss.units, loss.outOfRange, Int64(correct), Int64(piece.count)] + perDomain
         try world.allReduceSum(&totals)
         loss.units = totals[0]
         loss.outOfRange = totals[1]
@@ -327,7 +353,17 @@ public final class Trainer {
         guard loss.outOfRange == 0 else {
             throw CollectiveRunError("evaluation after step \(step): \(loss.outOfRange) of \(totals[3]) held-out samples have a non-finite (or ≥ 2²⁴) loss: the model's logits are not finite")
         }
-        return Evaluation(loss: loss.value / Double(totals[3]), accuracy: Double(totals[2]) / Double(totals[3]), count: Int(totals[3]))
+        var domainAccuracies: [Double]?
+        if domainCount > 0 {
+            var accuracies: [Double] = []
+            for d in 0..<domainCount {
+                let right = Double(totals[4 + 2 * d]), all = Double(totals[5 + 2 * d])
+                accuracies.append(all == 0 ? Double.nan : right / all)
+            }
+            domainAccuracies = accuracies
+        }
+        return Evaluation(loss: loss.value / Double(totals[3]), accuracy: Double(totals[2]) / Double(totals[3]), count: Int(totals[3]),
+                          domainAccuracies: domainAccuracies)
     }
 
     /// The running statistics by buffer name.
@@ -440,9 +476,15 @@ public final class Trainer {
 
     private func report(_ evaluation: Evaluation, statistics: String) throws {
         guard world.rank == 0 else { return }
-        try metrics?.write(["event": "eval", "stats": statistics, "step": step, "loss": evaluation.loss, "accuracy": evaluation.accuracy])
-        progress?.line(String(format: "eval  step %d  held-out loss %.4f  accuracy %.2f%% (%d samples, %@ statistics)",
+        var line: [String: Any] = ["event": "eval", "stats": statistics, "step": step, "loss": evaluation.loss, "accuracy": evaluation.accuracy]
+        // JSON has no nan: a domain without held-out samples is null.
+        if let domains = evaluation.domainAccuracies { line["domain_accuracy"] = domains.map { $0.isNaN ? NSNull() as Any : $0 as Any } }
+        try metrics?.write(line)
+        let perDomain = evaluation.domainAccuracies.map { domains in
+            "; by domain " + domains.map { $0.isNaN ? "–" : String(format: "%.2f%%", $0 * 100) }.joined(separator: " / ")
+        } ?? ""
+        progress?.line(String(format: "eval  step %d  held-out loss %.4f  accuracy %.2f%% (%d samples, %@ statistics%@)",
                               step, evaluation.loss, evaluation.accuracy * 100, evaluation.count,
-                              statistics == "ema" ? "EMA" : "PreciseBN"))
+                              statistics == "ema" ? "EMA" : "PreciseBN", perDomain))
     }
 }

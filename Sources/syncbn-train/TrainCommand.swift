@@ -220,6 +220,7 @@ struct Train: ParsableCommand {
         case let .npy(samples, labels): return [samples, labels]
         case let .npyWithDomains(samples, labels, domains): return [samples, labels, domains]
         case let .twoDomain(inner): return inputFiles(inner.description)
+        case let .shiftedDomain(inner, _): return inputFiles(inner.description)
         default: return []
         }
     }

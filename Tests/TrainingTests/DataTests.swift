@@ -1,3 +1,4 @@
+import Collectives
 import Foundation
 import Kernels
 import TestSupport
@@ -141,6 +142,57 @@ final class DataTests: XCTestCase {
             classesPerRankRandom += (0..<ranks).map { Set(unsorted[$0].batch(step: step).indices.map { labels[$0] }).count }
         }
         XCTAssertLessThan(classesPerRank.reduce(0, +), classesPerRankRandom.reduce(0, +), "fewer classes per rank than a random cut")
+    }
+
+    /// two-domain-shrunk and two-domain-contrast: domain 1 is each image at half size (2×2 means,
+    /// centred on the background) or at a third of its contrast around its mean, checked on a
+    /// hand-made 1×4×4 image.
+    func testShrunkAndContrastDomainsAreTheImagesChanged() throws {
+        let pixels: [Float] = (0..<16).map { Float($0) }
+        let image = Dataset(sampleShape: [1, 4, 4], classes: 2, samples: pixels + pixels.map { 15 - $0 }, labels: [0, 1])
+        let shrunk = try image.withSecondDomain(.shrunk)
+        XCTAssertEqual(shrunk.count, 4)
+        XCTAssertEqual(shrunk.labels, [0, 0, 1, 1])
+        XCTAssertEqual(shrunk.domains, [0, 1, 0, 1])
+        XCTAssertEqual(Array(shrunk.samples[0..<16]), pixels)
+        // 2×2 means of rows 0–1 and 2–3: (0+1+4+5)/4 = 2.5, 4.5, 10.5, 12.5, at rows and columns 1–2; 0 elsewhere.
+        XCTAssertEqual(Array(shrunk.samples[16..<32]), [0, 0, 0, 0, 0, 2.5, 4.5, 0, 0, 10.5, 12.5, 0, 0, 0, 0, 0])
+        let contrast = try image.withSecondDomain(.contrast)
+        XCTAssertEqual(Array(contrast.samples[16..<32]), pixels.map { 7.5 + ($0 - 7.5) / 3 })
+        XCTAssertEqual(Array(contrast.samples[48..<64]), pixels.map { 7.5 + (15 - $0 - 7.5) / 3 })
+        XCTAssertEqual(try DataSource(parsing: "two-domain-contrast:synthetic:train=20,heldout=6,seed=2"),
+                       .shiftedDomain(.synthetic(train: 20, heldOut: 6, seed: 2), .contrast))
+        XCTAssertEqual(DataSource.shiftedDomain(.synthetic(train: 20, heldOut: 6, seed: 2), .shrunk).description,
+                       "two-domain-shrunk:synthetic:train=20,heldout=6,seed=2")
+        XCTAssertThrowsError(try DataSource(parsing: "two-domain-shrunk:two-domain:synthetic")) { XCTAssertTrue("\($0)".contains("already has domains")) }
+        XCTAssertThrowsError(try Dataset(sampleShape: [16], classes: 2, samples: pixels, labels: [0]).withSecondDomain(.shrunk))
+    }
+
+    /// With domain labels, an evaluation reports each domain's accuracy; with equal counts their
+    /// mean is the overall accuracy, and the counts add up on any number of ranks.
+    func testEvaluationsReportEachDomainsAccuracy() throws {
+        let data = try DataSource.split(.shiftedDomain(.synthetic(train: 256, heldOut: 50, seed: 4), .contrast), evaluation: nil, heldOutFraction: 0.1)
+        var c = TrainingConfiguration()
+        c.steps = 8
+        c.domainBN = true
+        let evaluations = try [1, 3].map { ranks in
+            try InProcessGroup.run(size: ranks) { comm -> Evaluation in
+                var c = c
+                c.batchSize = 48 / ranks   // one global batch: the same run
+                let trainer = try Trainer(configuration: c, data: data, world: comm)
+                _ = try trainer.run()
+                return try trainer.evaluate()
+            }[0]
+        }
+        XCTAssertEqual(evaluations[0], evaluations[1], "the same on 1 and 3 ranks")
+        for evaluation in evaluations {
+            let domains = try XCTUnwrap(evaluation.domainAccuracies)
+            XCTAssertEqual(domains.count, 2)
+            XCTAssertEqual((domains[0] + domains[1]) / 2, evaluation.accuracy, accuracy: 1e-12)
+            for accuracy in domains { XCTAssertEqual((accuracy * 50).rounded(), accuracy * 50, accuracy: 1e-9, "a count of the 50 held-out images of a domain") }
+        }
+        XCTAssertNil(try Trainer(configuration: TrainingConfiguration(), data: try DataSource.split(.synthetic(train: 64, heldOut: 8, seed: 0), evaluation: nil, heldOutFraction: 0.1),
+                                 world: SingleProcessCommunicator()).evaluate().domainAccuracies)
     }
 
     /// two-domain:SRC interleaves every sample with its intensity-inverted copy (domain 1), in the
