@@ -10,7 +10,7 @@ import Training
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "train", abstract: "Train a model (the default subcommand).")
 
-    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], fashion-mnist[:DIR], idx:IMAGES,LABELS (plain or .gz), cifar10:DIR, npy:X,Y[,DOMAINS] or two-domain:SOURCE (SOURCE plus an intensity-inverted copy as domain 1).")
+    @Option(help: "Training data: synthetic[:train=N,heldout=N,seed=S], fashion-mnist[:DIR], idx:IMAGES,LABELS (plain or .gz), cifar10:DIR, npy:X,Y[,DOMAINS], or SOURCE plus a changed copy as domain 1: two-domain:SOURCE (intensity-inverted), two-domain-contrast:SOURCE (a third of the contrast) or two-domain-shrunk:SOURCE (half the size, centred).")
     var data: String = DataSource.defaultSynthetic.description
     @Option(help: "Held-out data for evaluation (same forms as --data); default: the source's test set or the last --holdout-fraction.")
     var evalData: String?
