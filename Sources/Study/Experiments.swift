@@ -118,7 +118,7 @@ public struct StudyExperiment: Codable, Sendable {
 /// The named experiments and their grids.
 public enum StudyCatalog {
     public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage", "domain",
-                               "e1-collapse", "e3-compensation", "e4-burnin", "e5-precise", "e7-frozen", "e8-domains"]
+                               "e1-collapse", "e2-matched", "e3-compensation", "e4-burnin", "e5-precise", "e7-frozen", "e8-domains"]
 
     public static func experiments(_ s: StudySettings) -> [StudyExperiment] {
         names.map { experiment($0, s)! }
@@ -386,6 +386,35 @@ public enum StudyCatalog {
                 claim: "Normalization batches of 2 are much worse than 32 (Wu & Johnson 2021, §3; Yao et al. 2021). Pass criterion, fixed before the run: in a cell, error(2) − error(\(batch)) ≥ 3 points in each seed; the cells that pass are the regime the later experiments (E2, E7) run in. If no cell of ResNet-20 passes, the claim is not testable at this scale for it; the ResNet-56 cell (added after the four ResNet-20 cells had run and missed the criterion, with the same criterion) tests whether depth brings the collapse.",
                 panels: [StudyPanel(name: "error", title: "Held-out error against normalization batch (SGD batch \(batch * s.ranks))", kind: .final,
                                     xLabel: "normalization batch (samples)", xScale: "log2", points: p)])
+        case "e2-matched":
+            // E2: every arm at one SGD batch (8 ranks × 4 = 32), so only how each normalizes
+            // differs: per-rank BN (4 samples), SyncBN (32), CBN over k = 8 iterations with each
+            // gradient, naive CBN (no compensation), Batch Renorm, GroupNorm, Moving Average BN;
+            // statistics per rank for all but SyncBN.
+            var c = s
+            c.ranks = q ? s.ranks : 8
+            let batch = q ? 2 : 4
+            func arm(_ seed: Int) -> [String: String] { base(c, batch: batch, seed: seed) }
+            let window = q ? 2 : cbnWindow
+            let arms: [(String, (Int) -> [String: String])] = [
+                ("SyncBN", { var o = arm($0); o["norm"] = "syncbn"; return o }),
+                ("BN per rank", { perRank(arm($0), norm: "bn") }),
+                ("CBN, compensated gradient", { cbn(arm($0), window: window, rho: 1, burnInFraction: cbnBurnIn, compensatedGradient: true) }),
+                ("CBN, reference gradient", { cbn(arm($0), window: window, rho: 1, burnInFraction: cbnBurnIn) }),
+                ("naive CBN (rho 0)", { cbn(arm($0), window: window, rho: 0, burnInFraction: cbnBurnIn, compensatedGradient: true) }),
+                ("Batch Renorm", { var o = perRank(arm($0), norm: "brn"); o["brn-warmup"] = "0.25"; return o }),
+                ("GroupNorm, 4 channels per group", { var o = perRank(arm($0), norm: "gn"); o["gn-channels-per-group"] = "4"; return o }),
+                ("Moving Average BN", { perRank(arm($0), norm: "mabn") }),
+            ]
+            var p: [StudyPoint] = []
+            for (label, make) in (q ? Array(arms.prefix(3)) : arms) {
+                p += seeds.map { seed in StudyPoint(series: label, x: Double(batch), seed: seed, job: StudyJob(ranks: c.ranks, options: make(seed))) }
+            }
+            return StudyExperiment(
+                name: name, title: "E2: one SGD batch for every arm (\(c.ranks) ranks × \(batch))",
+                claim: "With the SGD batch held fixed, per-rank BN at \(batch) samples is clearly worse than SyncBN, and cross-iteration BN recovers SyncBN's accuracy from per-rank batches (Yao et al. 2021, Table 1). Pass criterion, fixed before the run: BN per rank at least 3 points worse than SyncBN (paired over 3 seeds, 95 % interval above zero), and CBN with the compensated gradient within 1 point of SyncBN (mean paired difference ≤ 1).",
+                panels: [StudyPanel(name: "error", title: "Held-out error by normalization (SGD batch \(c.ranks * batch), \(batch) per rank)", kind: .final,
+                                    xLabel: "batch per rank", xScale: "log2", points: p)])
         case "e8-domains":
             // E8: two domains a per-domain normalization can and cannot undo. Domain 1 is each
             // image at a third of its contrast (an affine change of intensity: the first BN's
