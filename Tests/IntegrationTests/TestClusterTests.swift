@@ -1,4 +1,5 @@
 import Foundation
+import Kernels
 import TestSupport
 import Training
 import XCTest
@@ -63,6 +64,42 @@ final class TestClusterTests: XCTestCase {
     /// 2 hosts × 2 ranks with TCP between the hosts give the checkpoint of 4 ranks on one host,
     /// bit for bit: the ranks compute the same things and the reductions add in the same order
     /// (the rank tree over point-to-point messages), whatever carries the bytes.
+    /// Each host with its own copy of the data, as on separate machines (a bind mount in the
+    /// host's mount namespace): copies that differ only in the order of two samples, far from any
+    /// evenly spread record, stop the job before training in one line naming the ranks of each
+    /// host; equal copies train.
+    func testPerHostDataCopiesThatDifferAreFoundBeforeTraining() throws {
+        let host2 = "\(cluster)-h2"
+        defer { _ = try? runProcess(Self.script, ["unmount", cluster, host2], timeout: 30) }
+        var state: UInt64 = 12345
+        var samples = (0..<(300 * 64)).map { _ -> Float in
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            return Float(state >> 40) / Float(1 << 24)
+        }
+        let labels = (0..<300).map { Float($0 % 10) }
+        try writeNumpy(Tensor<Float>(shape: [300, 1, 8, 8], scalars: samples), to: dir + "/x.npy")
+        try writeNumpy(Tensor<Float>(shape: [300], scalars: labels), to: dir + "/y.npy")
+        for i in 0..<64 { samples.swapAt(101 * 64 + i, 103 * 64 + i) }   // samples 101 and 103 (labels 1 and 3) swap
+        try writeNumpy(Tensor<Float>(shape: [300, 1, 8, 8], scalars: samples), to: dir + "/x-host2.npy")
+        var swappedLabels = labels
+        swappedLabels.swapAt(101, 103)
+        try writeNumpy(Tensor<Float>(shape: [300], scalars: swappedLabels), to: dir + "/y-host2.npy")
+        let arguments = ["--data", "npy:\(dir)/x.npy,\(dir)/y.npy", "--steps", "3", "--batch-size", "4", "--model", "mlp", "--eval-stats", "ema"]
+        let same = try onCluster(4, arguments)
+        XCTAssertEqual(same.status, 0, "one shared copy: \(describe(same))")
+        for (source, target) in [("x-host2.npy", "x.npy"), ("y-host2.npy", "y.npy")] {
+            let mount = try runProcess(Self.script, ["mount", cluster, host2, dir + "/" + source, dir + "/" + target], timeout: 30)
+            XCTAssertEqual(mount.status, 0, describe(mount))
+        }
+        let differing = try onCluster(4, arguments)
+        XCTAssertEqual(differing.status, 2, describe(differing))
+        let errors = differing.stderr.split(separator: "\n").filter { $0.contains("error:") }
+        XCTAssertEqual(errors.count, 1, describe(differing))
+        XCTAssertTrue(errors.first?.contains("--data (the training set) is 270 samples of [1, 8, 8], 10 classes, content") ?? false, describe(differing))
+        XCTAssertTrue(errors.first?.contains("on ranks 0,1 but") ?? false && errors.first?.contains("on ranks 2,3") ?? false, describe(differing))
+        XCTAssertFalse(differing.stderr.contains("step 1/"), "stopped before training")
+    }
+
     func testTwoHostsOverTCPGiveTheCheckpointOfFourRanksOnOneHost() throws {
         let remote = dir + "/cluster.safetensors", local = dir + "/local.safetensors"
         let a = try onCluster(4, job + ["--save", remote])
