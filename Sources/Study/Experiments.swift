@@ -163,6 +163,22 @@ public enum StudyCatalog {
         return o
     }
 
+    /// Per-rank BN normalizing ghost batches of `size` samples inside the per-rank `batch` (plain
+    /// per-rank BN when `size` is the batch).
+    static func ghost(_ options: [String: String], size: Int, batch: Int) -> [String: String] {
+        var o = options
+        o["norm"] = "bn"
+        if size < batch { o["ghost-batch-size"] = "\(size)" }
+        return o
+    }
+
+    /// FrozenBN for the last 20 % of the run: the statistics frozen after 80 % of its steps.
+    static func frozenForLastFifth(_ options: [String: String]) -> [String: String] {
+        var o = options
+        o["freeze-bn-after"] = "\(Int((Double(steps(options)) * 0.8).rounded()))"
+        return o
+    }
+
     /// Cross-iteration BN with per-rank statistics.
     static func cbn(_ options: [String: String], window: Int, rho: Double, burnInFraction: Double,
                     compensatedGradient: Bool = false) -> [String: String] {
@@ -299,8 +315,7 @@ public enum StudyCatalog {
                 var o = base(s, batch: batch, seed: seed)
                 let size = Int(g)
                 if size <= batch {
-                    o["norm"] = "bn"
-                    if size < batch { o["ghost-batch-size"] = "\(size)" }
+                    o = ghost(o, size: size, batch: batch)
                 } else {
                     o["norm"] = "syncbn"
                     if size / batch < s.ranks { o["sync-group-size"] = "\(size / batch)" }
@@ -309,9 +324,7 @@ public enum StudyCatalog {
             }
             var p = points("BN", sizes) { g, seed in normalized(g, seed: seed) }
             p += points("BN, FrozenBN for the last 20 %", sizes.filter { $0 <= 4 || q }) { g, seed in
-                var o = normalized(g, seed: seed)
-                o["freeze-bn-after"] = "\(Int((Double(steps(o)) * 0.8).rounded()))"
-                return o
+                frozenForLastFifth(normalized(g, seed: seed))
             }
             return StudyExperiment(
                 name: name, title: "Normalization batch size at a fixed total batch of \(total)",
@@ -374,12 +387,7 @@ public enum StudyCatalog {
                 c.sampleBudget = q ? s.sampleBudget : (cell.samples ?? 60_000) * cell.epochs
                 let prefix = cell.model.map { "\($0), " } ?? ""
                 let label = q ? "width \(format(cell.width))" : "\(prefix)width \(format(cell.width)), \((cell.samples ?? 0) / 1000)k × \(cell.epochs) epochs"
-                p += points(label, [2, Double(batch)]) { g, seed in
-                    var o = base(c, batch: batch, seed: seed)
-                    o["norm"] = "bn"
-                    if Int(g) < batch { o["ghost-batch-size"] = "\(Int(g))" }
-                    return o
-                }
+                p += points(label, [2, Double(batch)]) { g, seed in ghost(base(c, batch: batch, seed: seed), size: Int(g), batch: batch) }
             }
             return StudyExperiment(
                 name: name, title: "E1: the collapse regime (ghost BN at an SGD batch of \(batch * s.ranks))",
@@ -450,11 +458,8 @@ public enum StudyCatalog {
             var p: [StudyPoint] = []
             for frozen in [false, true] {
                 p += points(frozen ? "ghost BN, frozen for the last 20 %" : "ghost BN", q ? [2] : [2, 4]) { g, seed in
-                    var o = base(s, batch: batch, seed: seed)
-                    o["norm"] = "bn"
-                    o["ghost-batch-size"] = "\(Int(g))"
-                    if frozen { o["freeze-bn-after"] = "\(Int((Double(steps(o)) * 0.8).rounded()))" }
-                    return o
+                    let o = ghost(base(s, batch: batch, seed: seed), size: Int(g), batch: batch)
+                    return frozen ? frozenForLastFifth(o) : o
                 }
             }
             return StudyExperiment(
