@@ -207,6 +207,10 @@ public enum StudyCatalog {
 
     static let cbnBatch = 4, cbnWindow = 8, cbnBurnIn = 0.25
 
+    /// The model of E1's cell that met its criterion (ghost batches of 2 at least 3 points worse
+    /// than 32 in each seed): where E2 and E7 run, whatever `--model` says.
+    static let collapseModel = "resnet56"
+
     public static func experiment(_ name: String, _ s: StudySettings) -> StudyExperiment? {
         let seeds = Array(1...max(1, s.seeds))
         func job(_ options: [String: String]) -> StudyJob { StudyJob(ranks: s.ranks, options: normOptions(options, s)) }
@@ -398,9 +402,10 @@ public enum StudyCatalog {
             // E2: every arm at one SGD batch (8 ranks × 4 = 32), so only how each normalizes
             // differs: per-rank BN (4 samples), SyncBN (32), CBN over k = 8 iterations with each
             // gradient, naive CBN (no compensation), Batch Renorm, GroupNorm, Moving Average BN;
-            // statistics per rank for all but SyncBN.
+            // statistics per rank for all but SyncBN. In E1's passing cell (ResNet-56).
             var c = s
             c.ranks = q ? s.ranks : 8
+            if !q { c.model = collapseModel }
             let batch = q ? 2 : 4
             func arm(_ seed: Int) -> [String: String] { base(c, batch: batch, seed: seed) }
             let window = q ? 2 : cbnWindow
@@ -453,12 +458,15 @@ public enum StudyCatalog {
                 panels: panels)
         case "e7-frozen":
             // E7: FrozenBN in the collapse regime: ghost batches of 2 and 4 with the statistics
-            // frozen for the last 20 % of training (evaluated with the frozen statistics, the EMA).
+            // frozen for the last 20 % of training (evaluated with the frozen statistics, the EMA),
+            // in the cell of E1 that passed (ResNet-56; the study's width, data and length).
             let batch = max(1, 128 / s.ranks)
+            var c = s
+            if !q { c.model = collapseModel }
             var p: [StudyPoint] = []
             for frozen in [false, true] {
                 p += points(frozen ? "ghost BN, frozen for the last 20 %" : "ghost BN", q ? [2] : [2, 4]) { g, seed in
-                    let o = ghost(base(s, batch: batch, seed: seed), size: Int(g), batch: batch)
+                    let o = ghost(base(c, batch: batch, seed: seed), size: Int(g), batch: batch)
                     return frozen ? frozenForLastFifth(o) : o
                 }
             }

@@ -64,14 +64,17 @@ final class StudyTests: XCTestCase {
         settings.brnWarmup = 0.25
         settings.gnChannelsPerGroup = 4
         XCTAssertEqual(StudySettings.full.seeds, 3, "three seeds by default")
-        // E1's cells set their own width, data and length (its grid is over them).
+        // E1's cells set their own width, data and length (its grid is over them); E2 and E7 run
+        // in E1's passing cell (ResNet-56), whatever the settings' model.
         let cells = Set(StudyCatalog.experiment("e1-collapse", settings)!.jobs.map(\.options))
+        let inCollapseCell = ["e2-matched", "e7-frozen"].flatMap { StudyCatalog.experiment($0, settings)!.jobs }
+        XCTAssertEqual(Set(inCollapseCell.map { $0.options["model"] }), ["resnet56"])
         let jobs = StudyCatalog.experiments(settings).flatMap(\.jobs).filter { $0.kind == .train }
         XCTAssertFalse(jobs.isEmpty)
         for job in jobs {
             XCTAssertEqual(job.ranks, 8)
             if cells.contains(job.options) { continue }
-            XCTAssertEqual(job.options["model"], "resnet32")
+            XCTAssertEqual(job.options["model"], inCollapseCell.contains { $0.key == job.key } ? "resnet56" : "resnet32")
             XCTAssertEqual(job.options["width"], "0.5")
             XCTAssertEqual(job.options["train-samples"], "20000")
             let steps = Int(job.options["steps"]!)!, batch = Int(job.options["batch-size"]!)!
