@@ -118,7 +118,7 @@ public struct StudyExperiment: Codable, Sendable {
 /// The named experiments and their grids.
 public enum StudyCatalog {
     public static let names = ["small-batch", "cbn-window", "cbn-burnin", "cbn-rho", "precise-vs-ema", "norm-batch", "leakage", "domain",
-                               "e1-collapse", "e2-matched", "e3-compensation", "e4-burnin", "e5-precise", "e7-frozen", "e8-domains"]
+                               "e1-collapse", "e2-matched", "e3-compensation", "e4-burnin", "e5-precise", "e6-ushape", "e7-frozen", "e8-domains"]
 
     public static func experiments(_ s: StudySettings) -> [StudyExperiment] {
         names.map { experiment($0, s)! }
@@ -428,6 +428,34 @@ public enum StudyCatalog {
                 claim: "With the SGD batch held fixed, per-rank BN at \(batch) samples is clearly worse than SyncBN, and cross-iteration BN recovers SyncBN's accuracy from per-rank batches (Yao et al. 2021, Table 1). Pass criterion, fixed before the run: BN per rank at least 3 points worse than SyncBN (paired over 3 seeds, 95 % interval above zero), and CBN with the compensated gradient within 1 point of SyncBN (mean paired difference ≤ 1).",
                 panels: [StudyPanel(name: "error", title: "Held-out error by normalization (SGD batch \(c.ranks * batch), \(batch) per rank)", kind: .final,
                                     xLabel: "batch per rank", xScale: "log2", points: p)])
+        case "e6-ushape":
+            // E6: the U-shape at an SGD batch of 512 (4 ranks × 128): normalization batches of 8
+            // and 32 (ghost), 128 (per rank) and 512 (SyncBN), at full width on 10k images for 30
+            // epochs, long enough for a train–test gap that the large batches' weaker noise could
+            // widen (the right side of the U).
+            var c = s
+            let batch = q ? 16 : 128
+            if !q {
+                c.width = 1
+                c.trainSamples = 10_000
+                c.sampleBudget = 10_000 * 30
+            }
+            let sizes: [Double] = q ? [2, 8, 16, Double(16 * s.ranks)] : [8, 32, 128, 512]
+            let p = points("BN, SGD batch \(batch * c.ranks)", sizes) { g, seed in
+                let size = Int(g), o = base(c, batch: batch, seed: seed)
+                if size <= batch { return ghost(o, size: size, batch: batch) }
+                var synced = o
+                synced["norm"] = "syncbn"
+                if size / batch < c.ranks { synced["sync-group-size"] = "\(size / batch)" }
+                return synced
+            }
+            return StudyExperiment(
+                name: name, title: "E6: the U-shape (normalization batch at an SGD batch of \(batch * c.ranks))",
+                claim: "Error against the normalization batch is U-shaped: small batches are noisy, the largest regularize less (Wu & Johnson 2021, §3). Pass criterion, fixed before the run: first, the train–test gap (held-out minus last-tenth training error) at 512 exceeds 3 points, else the right side is not testable here; then the U holds if the best of 32 and 128 is at least 1 point better than 8 and than 512, each paired over 3 seeds with its 95 % interval above zero.",
+                panels: [StudyPanel(name: "error", title: "Held-out error against normalization batch (SGD batch \(batch * c.ranks))", kind: .final,
+                                    xLabel: "normalization batch (samples)", xScale: "log2", points: p),
+                         StudyPanel(name: "generalization", title: "Training against held-out error", kind: .leakage,
+                                    xLabel: "normalization batch (samples)", xScale: "log2", points: p)])
         case "e8-domains":
             // E8: two domains a per-domain normalization can and cannot undo. Domain 1 is each
             // image at a third of its contrast (an affine change of intensity: the first BN's

@@ -220,7 +220,8 @@ public struct StudySummary: Codable, Sendable {
             for series in panel.series {
                 for point in series.points {
                     let gap = point.ema.flatMap { e in point.trainError.map { String(format: "%.1f", e.mean - $0.mean) } } ?? "–"
-                    rows.append("| \(series.name) | \(point.trainError?.text ?? "–") | \(cell(point)) | \(gap) |")
+                    let setting = series.points.count > 1 ? "\(series.name), \(panel.xLabel) \(StudyCatalog.format(point.x))" : series.name
+                    rows.append("| \(setting) | \(point.trainError?.text ?? "–") | \(cell(point)) | \(gap) |")
                 }
             }
             return rows
