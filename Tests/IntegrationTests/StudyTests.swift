@@ -227,6 +227,38 @@ final class StudyTests: XCTestCase {
         XCTAssertGreaterThan((try? FileManager.default.attributesOfItem(atPath: directory + "/run.png")[.size] as? Int) ?? 0, 1000)
     }
 
+    /// tools/variance_ratio.py (E5's per-layer EMA / PreciseBN variance ratio) against the same
+    /// ratios computed here from the checkpoint's tensors; a checkpoint without PreciseBN's
+    /// statistics is one line.
+    func testTheVarianceRatioToolReadsBothStatisticsOfACheckpoint() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let both = directory + "/both.safetensors", ema = directory + "/ema.safetensors"
+        for (path, stats) in [(both, "both"), (ema, "ema")] {
+            let trained = try runProcess(Harness.train, ["--steps", "20", "--batch-size", "4", "--data", "synthetic:train=256,heldout=32",
+                                                          "--eval-stats", stats, "--precise-bn-samples", "128", "--save", path], timeout: 120)
+            XCTAssertEqual(trained.status, 0, describe(trained))
+        }
+        let tool = repositoryRoot + "/tools/variance_ratio.py"
+        let result = try runProcess("/usr/bin/env", ["python3", tool, both, "--json"], timeout: 60)
+        XCTAssertEqual(result.status, 0, describe(result))
+        let summary = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: [String: Double]])
+        let tensors = try checkpointTensors(both)
+        let layers = tensors.keys.filter { $0.hasSuffix(".running_var") && !$0.hasPrefix("ema.") }.map { String($0.dropLast(".running_var".count)) }
+        XCTAssertEqual(Set(summary.keys), Set(layers))
+        for layer in layers {
+            let ratios = zip(tensors["ema.\(layer).running_var"]!, tensors["\(layer).running_var"]!).map { Double($0) / Double($1) }.sorted()
+            let median = ratios.count % 2 == 1 ? ratios[ratios.count / 2] : (ratios[ratios.count / 2 - 1] + ratios[ratios.count / 2]) / 2
+            XCTAssertEqual(summary[layer]?["median"] ?? .nan, median, accuracy: 1e-6 * median, layer)
+            XCTAssertEqual(summary[layer]?["min"] ?? .nan, ratios.first!, accuracy: 1e-6 * ratios.first!, layer)
+            XCTAssertEqual(summary[layer]?["channels"], Double(ratios.count), layer)
+        }
+        XCTAssertNotEqual(summary.values.compactMap { $0["median"] }.filter { abs($0 - 1) > 1e-3 }.count, 0, "the two statistics differ")
+        let refused = try runProcess("/usr/bin/env", ["python3", tool, ema], timeout: 60)
+        XCTAssertEqual(refused.status, 1, describe(refused))
+        XCTAssertTrue(refused.stderr.contains("ema.safetensors holds EMA statistics only"), describe(refused))
+    }
+
     func testBadArgumentsAreOneLineErrors() throws {
         for (arguments, expected) in [(["--list", "nonsense"], "unknown experiment 'nonsense'"), (["--quick"], "--out DIR is required"),
                                       (["--out", "/tmp", "--seeds", "0"], "--seeds must be between 1 and 100")] {
