@@ -174,6 +174,44 @@ final class TestClusterTests: XCTestCase {
     /// the collective timeout, starts again on the first host alone (2 ranks × 8 at the global
     /// batch of 4 × 4) from that checkpoint, and ends with the checkpoint of an uninterrupted
     /// 4-rank run, bit for bit.
+    /// launch/slurm.sbatch in an allocation of the two hosts (Slurm's environment, and stand-ins
+    /// for `scontrol show hostnames` and for `sinfo`, which reports each node's state from a file):
+    /// host 2's link is cut after the first checkpoint and sinfo reports it down; the restart runs
+    /// on host 1 alone, 2 ranks × 8, and ends with the uninterrupted 4-rank run's checkpoint.
+    /// GroupNorm: the script's default node groups for SyncBN would change the statistics' samples
+    /// on one node (groups of 8 become 16), which the resume check refuses, as it should.
+    func testTheSlurmScriptRestartsOnTheNodesLeft() throws {
+        let h1 = "\(cluster)-h1", h2 = "\(cluster)-h2", script = Self.script, root = Harness.repositoryRoot
+        let bin = dir + "/bin", states = dir + "/states", save = dir + "/slurm.safetensors", straight = dir + "/straight.safetensors"
+        try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: true)
+        try "\(h1) idle\n\(h2) idle\n".write(toFile: states, atomically: true, encoding: .utf8)
+        let stubs = [
+            "scontrol": "#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && echo \"$3\" | tr ',' '\\n'\n",
+            "sinfo": "#!/bin/sh\nfor a; do case $a in --nodes=*) n=${a#--nodes=} ;; esac; done\nawk -v n=\"$n\" '$1 == n { print $2 }' '\(states)'\n",
+        ]
+        for (name, text) in stubs {
+            try text.write(toFile: bin + "/" + name, atomically: true, encoding: .utf8)
+            chmod(bin + "/" + name, 0o755)
+        }
+        let arguments = ["--model", "resnet20", "--width", "0.25", "--data", "synthetic:train=256,heldout=64", "--batch-size", "4",
+                         "--steps", "60", "--save-every", "10", "--eval-stats", "ema", "--norm", "gn", "--collective-timeout", "5"]
+        let environment = ["SYNCBN_HOME=\(root)", "PATH=\(bin):/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_SUBMIT_DIR=\(dir)",
+                           "SYNCBN_MAX_RESTARTS=1", "SLURM_JOB_NODELIST=\(h1),\(h2)", "SLURM_NTASKS=4", "SLURM_NTASKS_PER_NODE=2(x2)"]
+        let job = ([script, "head", cluster, "/usr/bin/env"] + environment + [root + "/launch/slurm.sbatch"] + arguments + ["--save", save])
+            .map { "'\($0)'" }.joined(separator: " ")
+        let shell = "(while [ ! -e '\(save)' ]; do sleep 0.1; done; printf '\(h1) idle\\n\(h2) down*\\n' > '\(states)'; "
+            + "'\(script)' exec \(cluster) \(h2) ip link set eth0 down) & \(job); status=$?; wait; '\(script)' exec \(cluster) \(h2) ip link set eth0 up; exit $status"
+        let result = try runProcess("/bin/sh", ["-c", shell], timeout: 170)
+        XCTAssertFalse(result.timedOut, describe(result))
+        XCTAssertEqual(result.status, 0, describe(result))
+        XCTAssertTrue(result.stderr.contains("restart 1 of 1 on 2 rank(s) (\(h1):2), 8 samples per rank (global batch 16), --resume auto"), describe(result))
+        let reference = try Harness.mpi(4, Harness.train, arguments + ["--save", straight])
+        XCTAssertEqual(reference.status, 0, describe(reference))
+        let x = try checkpointBits(straight), y = try checkpointBits(save)
+        XCTAssertEqual(x.keys.sorted(), y.keys.sorted())
+        XCTAssertEqual(x.keys.sorted().filter { x[$0] != y[$0] }, [], "tensors that differ from the uninterrupted run")
+    }
+
     func testALostHostIsLeftOutAndTheRunGoesOnToTheSameCheckpoint() throws {
         let h1 = "\(cluster)-h1", h2 = "\(cluster)-h2", script = Self.script
         let hosts = dir + "/hosts", save = dir + "/restarted.safetensors", straight = dir + "/straight.safetensors"
