@@ -157,6 +157,28 @@ final class EvaluateIntegrationTests: XCTestCase {
         return regex.matches(in: text, range: NSRange(text.startIndex..., in: text)).map { String(text[Range($0.range(at: 1), in: text)!]) }
     }
 
+    /// On data with domains, training's evaluation and `evaluate` report each domain's accuracy,
+    /// the same numbers (the progress line, the metrics and --json), and with equal domain sizes
+    /// their mean is the overall accuracy.
+    func testEvaluateReportsEachDomainsAccuracy() throws {
+        let path = dir + "/domains.safetensors", metrics = dir + "/m.jsonl"
+        let trained = try Harness.direct(Harness.train, ["--data", "two-domain-shrunk:synthetic:train=256,heldout=64", "--steps", "10",
+                                                         "--batch-size", "16", "--domain-bn", "--eval-stats", "ema", "--save", path, "--metrics", metrics])
+        XCTAssertEqual(trained.status, 0, describe(trained))
+        let evaluated = try Harness.direct(Harness.train, ["evaluate", "--resume", path, "--json"])
+        XCTAssertEqual(evaluated.status, 0, describe(evaluated))
+        let object = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(evaluated.stdout.utf8)) as? [String: Any])
+        let ema = try XCTUnwrap(object["ema"] as? [String: Any])
+        let domains = try XCTUnwrap(ema["domain_accuracy"] as? [Double])
+        XCTAssertEqual(domains.count, 2)
+        XCTAssertEqual((domains[0] + domains[1]) / 2, try XCTUnwrap(ema["accuracy"] as? Double), accuracy: 1e-12)
+        let logged = try String(contentsOfFile: metrics, encoding: .utf8).split(separator: "\n").compactMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }.last { $0["event"] as? String == "eval" }
+        XCTAssertEqual(logged?["domain_accuracy"] as? [Double], domains, "the training run's last evaluation")
+        XCTAssertTrue(evaluated.stderr.contains(String(format: "by domain %.2f%% / %.2f%%", domains[0] * 100, domains[1] * 100)), describe(evaluated))
+    }
+
     func testEvaluateReproducesTheFinalEvaluationAndNumPyAgreesWithTheLogits() throws {
         for (model, extra) in [("resnet20", ["--width", "0.25"]), ("convnet", [])] {
             let checkpoint = dir + "/\(model).safetensors", inputs = dir + "/\(model)-x.npy", logits = dir + "/\(model)-logits.npy"
