@@ -20,7 +20,7 @@ public struct RunAgreement {
 
     /// The flags of `syncbn-train train` that every rank must give alike beside the training
     /// configuration's fields (each added by the command under this name).
-    public static let comparedFlags = ["--sync-group-size node", "--resume", "--save", "--save-every", "--resume auto",
+    public static let comparedFlags = ["--sync-group-size node", "--sync-group-size all", "--resume", "--save", "--save-every", "--resume auto",
                                        "--reset-cbn-windows", "--overwrite-metrics", "--check-collectives",
                                        "--collective-timeout", "--allow-config-change"]
 

@@ -26,7 +26,7 @@ struct Train: ParsableCommand {
     var width: Double = 1
     @Option(help: "Normalization: bn (per-rank statistics, no collectives), syncbn (statistics over each sync group), cbn (cross-iteration BN over each sync group), gn (GroupNorm), in (InstanceNorm), ln (LayerNorm), brn (Batch Renormalization), rbn (Representative BN), wn (weight normalization with a bias), wn-meanonly (weight normalization with mean-only BN), ibn (IBN-Net's IBN-a, ResNets only) or mabn (Moving Average BN, per rank unless --sync-group-size is given); brn, rbn, wn-meanonly and ibn sync over the sync group.")
     var norm: NormalizationKind = .syncbn
-    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn, cbn, brn, rbn, wn-meanonly and ibn (1 = per rank; default: all ranks) and mabn (default: per rank); it must divide the ranks; 'node': the ranks of each host (statistics stay inside a machine, gradients cross machines).")
+    @Option(parsing: .unconditional, help: "Consecutive ranks that share batch statistics under syncbn, cbn, brn, rbn, wn-meanonly and ibn (1 = per rank; default: all ranks) and mabn (default: per rank); it must divide the ranks; 'node': the ranks of each host (statistics stay inside a machine, gradients cross machines); 'all': every rank (the default made explicit, e.g. to keep launch/slurm.sbatch from adding 'node').")
     var syncGroupSize: String?
     @Option(parsing: .unconditional, help: "Samples per rank per step.")
     var batchSize: Int = 32
@@ -156,8 +156,8 @@ struct Train: ParsableCommand {
         if norm == .ibn, model.residualStages == nil {
             throw ValidationError("--norm ibn (IBN-Net's IBN-a blocks) is for the ResNets, not --model \(model.rawValue)")
         }
-        if let syncGroupSize, syncGroupSize != "node" {
-            guard let size = Int(syncGroupSize), size >= 1 else { throw ValidationError("--sync-group-size must be a group size ≥ 1 or 'node', got '\(syncGroupSize)'") }
+        if let syncGroupSize, syncGroupSize != "node", syncGroupSize != "all" {
+            guard let size = Int(syncGroupSize), size >= 1 else { throw ValidationError("--sync-group-size must be a group size ≥ 1, 'node' or 'all', got '\(syncGroupSize)'") }
         }
         if cbnDiagnostics && metrics == nil { throw ValidationError("--cbn-diagnostics writes to --metrics; give --metrics FILE") }
         if allowConfigChange != nil {
@@ -313,6 +313,7 @@ struct Train: ParsableCommand {
         // --resume auto: the --save file when it exists (a re-run after a crash), else a fresh start.
         let resumePath = resume == "auto" ? savePath.flatMap { FileManager.default.fileExists(atPath: $0) ? $0 : nil } : resume
         let timeout = watch.collectiveTimeout, resetWindows = resetCbnWindows, checked = checkCollectives, nodeGroups = syncGroupSize == "node"
+        let allGroups = syncGroupSize == "all"
         let automatic = resume == "auto", overwrite = overwriteMetrics
         let allowed = allowedChangeFlags
         // One writer per output: the launcher's rank 0 (the one that writes) holds an advisory lock
@@ -334,6 +335,7 @@ struct Train: ParsableCommand {
             var agreement = RunAgreement()
             try agreement.add(configuration: configuration)
             agreement.add("--sync-group-size node", nodeGroups ? "yes" : "no")
+            agreement.add("--sync-group-size all", allGroups ? "yes" : "no")
             agreement.add(data: split.train, as: "--data (the training set)")
             agreement.add(data: split.heldOut, as: "--eval-data (the held-out set)")
             if let resumePath { agreement.add(file: resumePath, as: "--resume") } else { agreement.add("--resume", "unset") }
@@ -350,6 +352,8 @@ struct Train: ParsableCommand {
             // difference to report, not a mismatch in the check's own collective.
             try agreement.check(watched)
             if nodeGroups { configuration.syncGroupSize = try RunAgreement.nodeGroupSize(world) }
+            // 'all' is the default of the norms that synchronize; MABN's default is per rank.
+            if allGroups && configuration.norm.synchronizesOnRequest { configuration.syncGroupSize = world.size }
             let trainer = try world.agreeing { try Trainer(configuration: configuration, data: split, world: world) }
             trainer.watchdog = watched.watchdog
             if let savePath {
@@ -435,7 +439,14 @@ struct Train: ParsableCommand {
                                                     convolutionBackends: trainer.convolutionBackends)
                 }
                 trainer.progress = ProgressReporter()
-                let groups = configuration.norm != .bn ? "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)" : "per-rank statistics"
+                let groups: String
+                if configuration.norm.isBatchFree || configuration.norm == .wn {
+                    groups = "no batch statistics"
+                } else if configuration.norm == .bn || (configuration.norm.synchronizesOnRequest && configuration.syncGroupSize == nil) {
+                    groups = "per-rank statistics"
+                } else {
+                    groups = "statistics over \(configuration.syncGroupSize.map { min($0, world.size) } ?? world.size) rank(s)"
+                }
                 let plan = trainer.learningRatePlan
                 let scaling = configuration.lrReferenceBatch.map { " = \(configuration.learningRate) × \(configuration.batchSize * world.size)/\($0)" } ?? ""
                 trainer.progress?.line("syncbn-train: \(configuration.model.rawValue)\(configuration.width == 1 ? "" : " ×\(configuration.width)") with \(configuration.norm.rawValue) (\(groups)), \(world.size) rank(s) (\(RankLaunch.transportName(world))) × batch \(configuration.batchSize), \(trainer.totalSteps) steps, \(split.train.count) training / \(split.heldOut.count) held-out samples\(heldOutOverlap > 0 ? " (\(heldOutOverlap) of them also in the training set)" : ""), augmentation \(configuration.augmentation)")

@@ -169,17 +169,14 @@ final class TestClusterTests: XCTestCase {
         XCTAssertTrue(back.stderr.contains("done: held-out accuracy"), describe(back))
     }
 
-    /// `launch/train --max-restarts 1` over both hosts; once the first checkpoint is written, the
-    /// second host is taken out of the hosts file and its link goes down. The job ends through
-    /// the collective timeout, starts again on the first host alone (2 ranks × 8 at the global
-    /// batch of 4 × 4) from that checkpoint, and ends with the checkpoint of an uninterrupted
-    /// 4-rank run, bit for bit.
     /// launch/slurm.sbatch in an allocation of the two hosts (Slurm's environment, and stand-ins
     /// for `scontrol show hostnames` and for `sinfo`, which reports each node's state from a file):
     /// host 2's link is cut after the first checkpoint and sinfo reports it down; the restart runs
-    /// on host 1 alone, 2 ranks × 8, and ends with the uninterrupted 4-rank run's checkpoint.
-    /// GroupNorm: the script's default node groups for SyncBN would change the statistics' samples
-    /// on one node (groups of 8 become 16), which the resume check refuses, as it should.
+    /// on host 1 alone, 2 ranks × 8, and ends with the uninterrupted 4-rank run's checkpoint. This
+    /// is launch/train's lost host too: the script runs it on a hosts file it keeps to sinfo's
+    /// word. SyncBN over all ranks (`--sync-group-size all`): the script's default node groups
+    /// would cover other samples on one node (groups of 8 become 16), which the resume check
+    /// refuses, as it should.
     func testTheSlurmScriptRestartsOnTheNodesLeft() throws {
         let h1 = "\(cluster)-h1", h2 = "\(cluster)-h2", script = Self.script, root = Harness.repositoryRoot
         let bin = dir + "/bin", states = dir + "/states", save = dir + "/slurm.safetensors", straight = dir + "/straight.safetensors"
@@ -194,7 +191,8 @@ final class TestClusterTests: XCTestCase {
             chmod(bin + "/" + name, 0o755)
         }
         let arguments = ["--model", "resnet20", "--width", "0.25", "--data", "synthetic:train=256,heldout=64", "--batch-size", "4",
-                         "--steps", "60", "--save-every", "10", "--eval-stats", "ema", "--norm", "gn", "--collective-timeout", "5"]
+                         "--steps", "60", "--save-every", "10", "--eval-stats", "ema", "--norm", "syncbn", "--sync-group-size", "all",
+                         "--collective-timeout", "5"]
         let environment = ["SYNCBN_HOME=\(root)", "PATH=\(bin):/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_SUBMIT_DIR=\(dir)",
                            "SYNCBN_MAX_RESTARTS=1", "SLURM_JOB_NODELIST=\(h1),\(h2)", "SLURM_NTASKS=4", "SLURM_NTASKS_PER_NODE=2(x2)"]
         let job = ([script, "head", cluster, "/usr/bin/env"] + environment + [root + "/launch/slurm.sbatch"] + arguments + ["--save", save])
@@ -205,28 +203,6 @@ final class TestClusterTests: XCTestCase {
         XCTAssertFalse(result.timedOut, describe(result))
         XCTAssertEqual(result.status, 0, describe(result))
         XCTAssertTrue(result.stderr.contains("restart 1 of 1 on 2 rank(s) (\(h1):2), 8 samples per rank (global batch 16), --resume auto"), describe(result))
-        let reference = try Harness.mpi(4, Harness.train, arguments + ["--save", straight])
-        XCTAssertEqual(reference.status, 0, describe(reference))
-        let x = try checkpointBits(straight), y = try checkpointBits(save)
-        XCTAssertEqual(x.keys.sorted(), y.keys.sorted())
-        XCTAssertEqual(x.keys.sorted().filter { x[$0] != y[$0] }, [], "tensors that differ from the uninterrupted run")
-    }
-
-    func testALostHostIsLeftOutAndTheRunGoesOnToTheSameCheckpoint() throws {
-        let h1 = "\(cluster)-h1", h2 = "\(cluster)-h2", script = Self.script
-        let hosts = dir + "/hosts", save = dir + "/restarted.safetensors", straight = dir + "/straight.safetensors"
-        try "\(h1):2\n\(h2):2\n".write(toFile: hosts, atomically: true, encoding: .utf8)
-        let arguments = ["--model", "resnet20", "--width", "0.25", "--data", "synthetic:train=256,heldout=64", "--batch-size", "4",
-                         "--steps", "60", "--save-every", "10", "--eval-stats", "ema", "--norm", "syncbn", "--collective-timeout", "5"]
-        let train = ([script, "head", cluster, Harness.repositoryRoot + "/launch/train", "--hosts-file", hosts, "--max-restarts", "1"]
-                     + arguments + ["--save", save]).map { "'\($0)'" }.joined(separator: " ")
-        let shell = "(while [ ! -e '\(save)' ]; do sleep 0.1; done; echo '\(h1):2' > '\(hosts)'; '\(script)' exec \(cluster) \(h2) ip link set eth0 down) & "
-            + "\(train); status=$?; wait; '\(script)' exec \(cluster) \(h2) ip link set eth0 up; exit $status"
-        let result = try runProcess("/bin/sh", ["-c", shell], timeout: 170)
-        XCTAssertFalse(result.timedOut, describe(result))
-        XCTAssertEqual(result.status, 0, describe(result))
-        XCTAssertTrue(result.stderr.contains("no rank answered for 5 s in"), describe(result))
-        XCTAssertTrue(result.stderr.contains("exit status 3; restart 1 of 1 on 2 rank(s) (\(h1):2), 8 samples per rank (global batch 16)"), describe(result))
         let reference = try Harness.mpi(4, Harness.train, arguments + ["--save", straight])
         XCTAssertEqual(reference.status, 0, describe(reference))
         let x = try checkpointBits(straight), y = try checkpointBits(save)
