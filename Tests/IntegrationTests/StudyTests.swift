@@ -66,7 +66,10 @@ final class StudyTests: XCTestCase {
         XCTAssertEqual(StudySettings.full.seeds, 3, "three seeds by default")
         // E1's cells set their own width, data and length (its grid is over them); E2 and E7 run
         // in E1's passing cell (ResNet-56), whatever the settings' model.
-        let cells = Set(StudyCatalog.experiment("e1-collapse", settings)!.jobs.map(\.options))
+        // E6 fixes its own width, data and length too (full width, 10k images, 30 epochs).
+        let cells = Set(["e1-collapse", "e6-ushape"].flatMap { StudyCatalog.experiment($0, settings)!.jobs.map(\.options) })
+        XCTAssertEqual(Set(StudyCatalog.experiment("e6-ushape", settings)!.jobs.map { [$0.options["width"]!, $0.options["train-samples"]!, $0.options["steps"]!] }),
+                       [["1", "10000", "\(300_000 / (8 * 128))"]])
         let inCollapseCell = ["e2-matched", "e7-frozen"].flatMap { StudyCatalog.experiment($0, settings)!.jobs }
         XCTAssertEqual(Set(inCollapseCell.map { $0.options["model"] }), ["resnet56"])
         let jobs = StudyCatalog.experiments(settings).flatMap(\.jobs).filter { $0.kind == .train }
