@@ -172,6 +172,16 @@ public enum StudyCatalog {
         return o
     }
 
+    /// A normalization batch of `size` samples at `batch` per rank on `ranks` ranks: ghost BN up to
+    /// the per-rank batch, SyncBN over size / batch consecutive ranks beyond it.
+    static func normalizationBatch(_ options: [String: String], size: Int, batch: Int, ranks: Int) -> [String: String] {
+        if size <= batch { return ghost(options, size: size, batch: batch) }
+        var o = options
+        o["norm"] = "syncbn"
+        if size / batch < ranks { o["sync-group-size"] = "\(size / batch)" }
+        return o
+    }
+
     /// FrozenBN for the last 20 % of the run: the statistics frozen after 80 % of its steps.
     static func frozenForLastFifth(_ options: [String: String]) -> [String: String] {
         var o = options
@@ -316,15 +326,7 @@ public enum StudyCatalog {
             let total = batch * s.ranks
             let sizes: [Double] = (q ? [2, 8, Double(total)] : [2, 4, 8, 16, 32, 64, 128]).filter { $0 <= Double(total) }
             func normalized(_ g: Double, seed: Int) -> [String: String] {
-                var o = base(s, batch: batch, seed: seed)
-                let size = Int(g)
-                if size <= batch {
-                    o = ghost(o, size: size, batch: batch)
-                } else {
-                    o["norm"] = "syncbn"
-                    if size / batch < s.ranks { o["sync-group-size"] = "\(size / batch)" }
-                }
-                return o
+                normalizationBatch(base(s, batch: batch, seed: seed), size: Int(g), batch: batch, ranks: s.ranks)
             }
             var p = points("BN", sizes) { g, seed in normalized(g, seed: seed) }
             p += points("BN, FrozenBN for the last 20 %", sizes.filter { $0 <= 4 || q }) { g, seed in
@@ -442,12 +444,7 @@ public enum StudyCatalog {
             }
             let sizes: [Double] = q ? [2, 8, 16, Double(16 * s.ranks)] : [8, 32, 128, 512]
             let p = points("BN, SGD batch \(batch * c.ranks)", sizes) { g, seed in
-                let size = Int(g), o = base(c, batch: batch, seed: seed)
-                if size <= batch { return ghost(o, size: size, batch: batch) }
-                var synced = o
-                synced["norm"] = "syncbn"
-                if size / batch < c.ranks { synced["sync-group-size"] = "\(size / batch)" }
-                return synced
+                normalizationBatch(base(c, batch: batch, seed: seed), size: Int(g), batch: batch, ranks: c.ranks)
             }
             return StudyExperiment(
                 name: name, title: "E6: the U-shape (normalization batch at an SGD batch of \(batch * c.ranks))",

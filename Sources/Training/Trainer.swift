@@ -45,6 +45,14 @@ public struct Evaluation: Equatable, Sendable {
     /// nan for a domain with no held-out sample).
     public var domainAccuracies: [Double]? = nil
 
+    /// "; by domain 91.20% / 88.05%" for the progress and evaluate lines ("" without domains).
+    public var domainText: String {
+        domainAccuracies.map { "; by domain " + $0.map { $0.isNaN ? "–" : String(format: "%.2f%%", $0 * 100) }.joined(separator: " / ") } ?? ""
+    }
+
+    /// The domain accuracies as JSON values (null for a domain without held-out samples).
+    public var domainJSON: [Any]? { domainAccuracies.map { $0.map { $0.isNaN ? NSNull() as Any : $0 as Any } } }
+
     public init(loss: Double, accuracy: Double, count: Int, domainAccuracies: [Double]? = nil) {
         self.loss = loss
         self.accuracy = accuracy
@@ -477,14 +485,10 @@ public final class Trainer {
     private func report(_ evaluation: Evaluation, statistics: String) throws {
         guard world.rank == 0 else { return }
         var line: [String: Any] = ["event": "eval", "stats": statistics, "step": step, "loss": evaluation.loss, "accuracy": evaluation.accuracy]
-        // JSON has no nan: a domain without held-out samples is null.
-        if let domains = evaluation.domainAccuracies { line["domain_accuracy"] = domains.map { $0.isNaN ? NSNull() as Any : $0 as Any } }
+        if let domains = evaluation.domainJSON { line["domain_accuracy"] = domains }
         try metrics?.write(line)
-        let perDomain = evaluation.domainAccuracies.map { domains in
-            "; by domain " + domains.map { $0.isNaN ? "–" : String(format: "%.2f%%", $0 * 100) }.joined(separator: " / ")
-        } ?? ""
         progress?.line(String(format: "eval  step %d  held-out loss %.4f  accuracy %.2f%% (%d samples, %@ statistics%@)",
                               step, evaluation.loss, evaluation.accuracy * 100, evaluation.count,
-                              statistics == "ema" ? "EMA" : "PreciseBN", perDomain))
+                              statistics == "ema" ? "EMA" : "PreciseBN", evaluation.domainText))
     }
 }

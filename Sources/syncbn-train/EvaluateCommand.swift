@@ -92,18 +92,15 @@ struct Evaluate: ParsableCommand {
                 if let inputsPath { try writeNumpy(x, to: inputsPath) }
                 if let logitsPath { try writeNumpy(try trainer.network.forward(x, mode: .inference), to: logitsPath) }
                 for (statistics, evaluation) in results {
-                    let perDomain = evaluation.domainAccuracies.map { domains in
-                        "; by domain " + domains.map { $0.isNaN ? "–" : String(format: "%.2f%%", $0 * 100) }.joined(separator: " / ")
-                    } ?? ""
                     let line = String(format: "evaluate: step %d, held-out loss %.4f, accuracy %.2f%% (%d samples, %@ statistics%@)",
-                                      trainer.step, evaluation.loss, evaluation.accuracy * 100, evaluation.count, statistics, perDomain)
+                                      trainer.step, evaluation.loss, evaluation.accuracy * 100, evaluation.count, statistics, evaluation.domainText)
                     FileHandle.standardError.write(Data((line + "\n").utf8))
                 }
                 if json {
                     var object: [String: Any] = ["step": trainer.step, "samples": results[0].1.count]
                     for (statistics, evaluation) in results {
                         var entry: [String: Any] = ["loss": evaluation.loss, "accuracy": evaluation.accuracy]
-                        if let domains = evaluation.domainAccuracies { entry["domain_accuracy"] = domains.map { $0.isNaN ? NSNull() as Any : $0 as Any } }
+                        if let domains = evaluation.domainJSON { entry["domain_accuracy"] = domains }
                         object[statistics == "EMA" ? "ema" : "precise"] = entry
                     }
                     if let recompute { object["precise_bn_samples"] = recompute }
