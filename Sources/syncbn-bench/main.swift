@@ -407,13 +407,13 @@ struct TrainBench: ParsableCommand {
         commandName: "train",
         abstract: "Time training steps of a model and split them into compute, communication and data.",
         discussion: """
-        For each --norm (default: bn then syncbn, so their ratio comes from one run; cbn adds its own ratio to bn): samples/s over all ranks, \
+        For each --norm (default: bn then syncbn, so their ratio comes from one run; every other arm adds its own ratio to bn): samples/s over all ranks, \
         seconds per step split into compute / communication (time blocked in collectives) / data, peak RSS \
         per rank, the GEMM GFLOP/s achieved inside the conv layers (as a fraction of sgemm 512³ measured in \
         this run), and collectives per step. The first --warmup steps are not timed.
         """)
 
-    @Option(help: "Comma-separated normalizations to compare (bn, syncbn, cbn).")
+    @Option(help: "Comma-separated arms to compare: any --norm of syncbn-train, shufflebn (bn with --shuffle-bn) or domainbn (syncbn with --domain-bn, on two-domain:DATA unless the data has domains).")
     var norms: String = "bn,syncbn"
     @Option(help: "Model: convnet, mlp, resnet20, resnet32, resnet56, resnet110 or resnet18.")
     var model: ModelKind = .convnet
@@ -432,8 +432,9 @@ struct TrainBench: ParsableCommand {
 
     func validate() throws {
         if convBackend == nil { _ = try ConvolutionBackendSetting.commandLineDefault() }
-        guard norms.split(separator: ",").allSatisfy({ NormalizationKind(rawValue: String($0)) != nil }) else {
-            throw ValidationError("--norms must list bn, syncbn or cbn, got '\(norms)'")
+        guard norms.split(separator: ",").allSatisfy({ BenchArm(String($0)) != nil }) else {
+            let kinds = NormalizationKind.allCases.map(\.rawValue).joined(separator: ", ")
+            throw ValidationError("--norms must list arms among \(kinds), shufflebn and domainbn, got '\(norms)'")
         }
         guard width.isFinite && width > 0 && width <= 64 else { throw ValidationError("--width must be in (0, 64], got \(width)") }
         guard (1...65536).contains(batchSize), (1...100_000).contains(steps), (0...10_000).contains(warmup) else {
@@ -442,22 +443,32 @@ struct TrainBench: ParsableCommand {
     }
 
     func run() throws {
-        let kinds = norms.split(separator: ",").map { NormalizationKind(rawValue: String($0))! }
+        let arms = norms.split(separator: ",").map { BenchArm(String($0))! }
         let model = self.model, batch = batchSize, steps = self.steps, warmup = self.warmup
         let source = self.data, width = self.width
         let backendSetting = try convBackend ?? ConvolutionBackendSetting.commandLineDefault()
         let data = Result { try DataSource.split(try DataSource(parsing: source), evaluation: nil, heldOutFraction: 0.1) }
-        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench", preflight: data.failure) { world in
-            let split = try data.get()
+        // Domain-specific BN's arm needs domain labels: the data followed by its shifted copy.
+        let needsDomains = arms.contains(where: \.domainBN)
+        let domainData = Result { () -> DataSplit? in
+            guard needsDomains, try data.get().train.domains == nil else { return nil }
+            return try DataSource.split(try DataSource(parsing: "two-domain:" + source), evaluation: nil, heldOutFraction: 0.1)
+        }
+        RankLaunch.run(simulateRanks: nil, command: "syncbn-bench", preflight: data.failure ?? domainData.failure) { world in
+            let plain = try data.get(), domainSplit = try domainData.get()
             try world.barrier()   // every rank measures at once, as they will train at once
             let gemmLimit = MachineLimits.gemmGFLOPs()
             var results: [[String: Any]] = []
-            var stepSeconds: [NormalizationKind: Double] = [:]
-            for kind in kinds {
+            var stepSeconds: [String: Double] = [:]
+            for arm in arms {
+                let kind = arm.kind
                 var c = TrainingConfiguration()
                 c.model = model
                 c.width = width
                 c.norm = kind
+                c.shuffleBN = arm.shuffleBN
+                c.domainBN = arm.domainBN
+                let split = arm.domainBN ? domainSplit ?? plain : plain
                 c.batchSize = batch
                 c.steps = warmup + steps
                 c.convBackend = backendSetting
@@ -480,9 +491,9 @@ struct TrainBench: ParsableCommand {
                 getrusage(RUSAGE_SELF.rawValue, &usage)
                 let rss = try world.allGather([Double(usage.ru_maxrss) / 1024]).map { $0[0] }
                 let perStep = try world.allGather([total / Double(steps)]).map { $0[0] }.max()!
-                stepSeconds[kind] = perStep
+                stepSeconds[arm.name] = perStep
                 let row: [String: Any] = [
-                    "norm": kind.rawValue, "samples_per_s": Double(samples) / total, "step_s": perStep,
+                    "norm": arm.name, "samples_per_s": Double(samples) / total, "step_s": perStep,
                     "compute_s": (total - comm - dataTime) / Double(steps), "comm_s": comm / Double(steps), "data_s": dataTime / Double(steps),
                     "peak_rss_mib": rss, "conv_gemm_gflop_per_s": gemmRate, "conv_gemm_fraction_of_sgemm": gemmRate / gemmLimit,
                     "collectives_per_step": Double(trainer.ledger.totalCollectives) / Double(steps),
@@ -493,25 +504,44 @@ struct TrainBench: ParsableCommand {
                 ]
                 results.append(row)
                 if world.rank == 0 {
-                    if let summary = trainer.convolutionBackendSummary { printTable("train \(kind.rawValue): convolutions \(summary)") }
+                    if let summary = trainer.convolutionBackendSummary { printTable("train \(arm.name): convolutions \(summary)") }
                     printTable(String(format: "train %@ %@ batch %d × %d rank(s): %.0f samples/s, %.2f ms/step = compute %.2f + comm %.2f + data %.2f ms; peak RSS %.0f MiB/rank; conv GEMM %.1f GFLOP/s (%.0f%% of sgemm 512³ %.1f); %.0f collectives/step",
-                                      model.rawValue, kind.rawValue, batch, world.size, Double(samples) / total, perStep * 1e3,
+                                      model.rawValue, arm.name, batch, world.size, Double(samples) / total, perStep * 1e3,
                                       (total - comm - dataTime) / Double(steps) * 1e3, comm / Double(steps) * 1e3, dataTime / Double(steps) * 1e3,
                                       rss.max()!, gemmRate, 100 * gemmRate / gemmLimit, gemmLimit, Double(trainer.ledger.totalCollectives) / Double(steps)))
                 }
             }
             var json: [String: Any] = ["benchmark": "train", "model": model.rawValue, "width": width, "data": source,
-                                       "sample_shape": split.train.sampleShape, "ranks": world.size, "batch_size": batch,
+                                       "sample_shape": plain.train.sampleShape, "ranks": world.size, "batch_size": batch,
                                        "steps": steps, "sgemm_gflop_per_s": gemmLimit, "runs": results,
                                        "cpu_isa": OneDNNConvolution.cpuISA, "conv_backend": backendSetting.description]
-            if let bn = stepSeconds[.bn] {
-                for kind in [NormalizationKind.syncbn, .cbn] {
-                    guard let other = stepSeconds[kind] else { continue }
-                    json["\(kind.rawValue)_over_bn"] = other / bn
-                    if world.rank == 0 { printTable(String(format: "%@ step / bn step = %.3f", kind.rawValue, other / bn)) }
+            if let bn = stepSeconds["bn"] {
+                for arm in arms where arm.name != "bn" {
+                    guard let other = stepSeconds[arm.name] else { continue }
+                    json["\(arm.name)_over_bn"] = other / bn
+                    if world.rank == 0 { printTable(String(format: "%@ step / bn step = %.3f", arm.name, other / bn)) }
                 }
             }
             if world.rank == 0 { printJSON(json) }
+        }
+    }
+}
+
+/// One arm of `bench train`: a normalization, or ShuffleBN / domain-specific BN around BN.
+struct BenchArm {
+    var name: String
+    var kind: NormalizationKind
+    var shuffleBN = false
+    var domainBN = false
+
+    init?(_ name: String) {
+        self.name = name
+        switch name {
+        case "shufflebn": kind = .bn; shuffleBN = true
+        case "domainbn": kind = .syncbn; domainBN = true
+        default:
+            guard let kind = NormalizationKind(rawValue: name) else { return nil }
+            self.kind = kind
         }
     }
 }

@@ -70,4 +70,75 @@ final class ShuffleBatchNormTests: XCTestCase {
         }
         assertGradient(analytic, numeric, 1e-6, "ShuffleBN input gradient")
     }
+
+    /// In Float and in Double (where a different rounding of the statistics would show), over two
+    /// steps (the second shifts by running means the first moved, and draws a new permutation),
+    /// every number the layer produces is, bit for bit, per-rank BN's on the
+    /// rank's share of the permuted batch: outputs and dx moved back, and on rank v the running
+    /// statistics, the counter and dγ, dβ of virtual batch v. Only statistics travel between the
+    /// ranks, so the equality is what says nothing was lost by not moving the activations.
+    func testMatchesPerRankBNOfThePermutedBatchBitForBit() throws {
+        try checkBitForBit(Float.self)
+        try checkBitForBit(Double.self)
+    }
+
+    func checkBitForBit<S: BatchNormScalar>(_: S.Type) throws {
+        let sizes = [5, 0, 3, 8], total = 16, shape = [4, 5, 5]
+        let steps = (0..<2).map { step in
+            (x: Tensor<S>(shape: [total] + shape, scalars: S.narrowed(randomTensor([total] + shape, seed: 40 + UInt64(step), mean: 3).scalars)),
+             dy: Tensor<S>(shape: [total] + shape, scalars: S.narrowed(randomTensor([total] + shape, seed: 50 + UInt64(step)).scalars)))
+        }
+        func configure(_ bn: BatchNorm<S>) {
+            bn.weight.value.scalars = [1.4, 0.6, -0.8, 1.1]
+            bn.bias.value.scalars = [0.1, -0.3, 0.2, 0]
+        }
+        typealias Outcome = (y: [[S]], dx: [[S]], state: [[S]], counter: Int64)
+        let ranks = try InProcessGroup.run(size: sizes.count) { comm -> Outcome in
+            let layer = ShuffleBatchNorm<S>(featureCount: 4, shuffleGroup: comm, seed: 77)
+            configure(layer)
+            let start = sizes[..<comm.rank].reduce(0, +), range = start..<(start + sizes[comm.rank])
+            var outcome: Outcome = ([], [], [], 0)
+            for step in steps {
+                outcome.y.append(try layer.forward(step.x.slice(samples: range), mode: .training).scalars)
+                outcome.dx.append(try layer.backward(step.dy.slice(samples: range)).scalars)
+                outcome.state.append(layer.runningMean.value.scalars + layer.runningVariance.value.scalars
+                                     + layer.weight.gradient.scalars + layer.bias.gradient.scalars)
+            }
+            outcome.counter = layer.batchesTracked.value
+            return outcome
+        }
+        // The definition: one BN per rank, fed that rank's share of each step's permuted batch.
+        let perRank = sizes.map { _ in BatchNorm<S>(featureCount: 4) }
+        perRank.forEach(configure)
+        for (t, step) in steps.enumerated() {
+            let permutation = ShuffleBatchNorm<S>.permutation(count: total, seed: 77, step: Int64(t))
+            var y = [[S]](repeating: [], count: total), dx = y
+            var start = 0
+            for (v, size) in sizes.enumerated() {
+                let samples = Array(permutation[start..<(start + size)])
+                start += size
+                guard size > 0 else { continue }
+                let pick = { (t: Tensor<S>) in Tensor<S>.concatenate(samples.map { t.slice(samples: $0..<($0 + 1)) }, sampleShape: shape) }
+                let out = try perRank[v].forward(pick(step.x), mode: .training)
+                let back = try perRank[v].backward(pick(step.dy))
+                for (j, sample) in samples.enumerated() {
+                    y[sample] = Array(out.slice(samples: j..<(j + 1)).scalars)
+                    dx[sample] = Array(back.slice(samples: j..<(j + 1)).scalars)
+                }
+                let bn = perRank[v]
+                XCTAssertEqual(ranks[v].state[t], bn.runningMean.value.scalars + bn.runningVariance.value.scalars
+                               + bn.weight.gradient.scalars + bn.bias.gradient.scalars, "\(S.self) rank \(v), step \(t): running statistics, dγ, dβ")
+            }
+            var first = 0
+            for (r, size) in sizes.enumerated() {
+                XCTAssertEqual(ranks[r].y[t], Array(y[first..<(first + size)].joined()), "\(S.self) rank \(r), step \(t): outputs")
+                XCTAssertEqual(ranks[r].dx[t], Array(dx[first..<(first + size)].joined()), "\(S.self) rank \(r), step \(t): dx")
+                first += size
+            }
+        }
+        // Rank 1 holds no samples: like BN on an empty batch it counts nothing and keeps its
+        // running statistics; the permutation follows the group's largest counter, so it agrees.
+        XCTAssertEqual(ranks.map(\.counter), [2, 0, 2, 2])
+        XCTAssertEqual(ranks[1].state[1], [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    }
 }
