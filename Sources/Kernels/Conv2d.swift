@@ -130,6 +130,16 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
 
     /// The global index of the first sample of the next batch (see ``SampleAligned``).
     public var sampleOffset = 0
+    /// Samples per leaf of the weight gradient's pairwise tree: a power of two; leaf j holds the
+    /// global samples j·L ..< (j + 1)·L and is one call (one GEMM over L·P columns, or one oneDNN
+    /// backward-weights call at minibatch L). 1 (the default) gives every sample its own leaf,
+    /// the same bits for any split of the batch; L > 1 needs every batch aligned to L (its first
+    /// sample and its size multiples of L: `Trainer` sets it only on such steps) and is as exact
+    /// across ranks where every rank's batch is a multiple of L — fewer, bigger calls for layers
+    /// whose per-sample weight gradient is large next to the work (ResNet-18's last stage).
+    public var weightGradientLeaf = 1 {
+        didSet { precondition(weightGradientLeaf > 0 && weightGradientLeaf & (weightGradientLeaf - 1) == 0, "a weight-gradient leaf is a power of two") }
+    }
 
     /// Which code computes this layer when Scalar is Float (Double always uses im2col): see
     /// ``ConvolutionBackend``. Every rank of a job must use the same backend for a layer (the
@@ -325,15 +335,20 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         let fused = receiver != nil
         let rows = fused ? 2 * C + 1 : C
         let useOneDNN = effectiveBackend == .onednn && n > 0
+        let L = weightGradientLeaf
+        try requireShape(L == 1 || (lastOffset % L == 0 && n % L == 0), "Conv2d",
+                         "weight-gradient leaves of \(L) samples need a batch aligned to them, got samples \(lastOffset)..<\(lastOffset + n)")
         if !useOneDNN {
             if chunkColumns.count < K * width { chunkColumns = Scalar.filled(K * width, with: 0) }
             if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
         }
         if weightGradientTree?.width != C * K { weightGradientTree = PairwiseAccumulator(width: C * K) }
         weightGradientTree!.reset()
-        if fused {
-            if sampleRows.count != rows * P { sampleRows = Scalar.filled(rows * P, with: 0) }
+        if fused || L > 1 {
+            if sampleRows.count != rows * L * P { sampleRows = Scalar.filled(rows * L * P, with: 0) }
             if sampleResult.count != rows * K { sampleResult = Scalar.filled(rows * K, with: 0) }
+        }
+        if fused {
             if patchStatisticsTree?.width != (C + 1) * K { patchStatisticsTree = PairwiseAccumulator(width: (C + 1) * K) }
             patchStatisticsTree!.reset()
         }
@@ -352,6 +367,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                                     for (samples, firstSlot) in Self.chunks(batch: n, offset: offset, size: c) {
                                         chunkColumns(of: x.baseAddress!, g, samples: samples, firstSlot: firstSlot, chunk: c, into: cc.baseAddress!)
                                         timedGEMM(m: rows, n: K, k: samples.count * P) {
+                                            if L > 1 {
+                                                addLeafParts(samples: samples, firstSlot: firstSlot, offset: offset, dy: dy.baseAddress!,
+                                                             y: fused ? yp.baseAddress! : nil, columns: cc.baseAddress!, ldb: width, K: K, P: P)
+                                                return
+                                            }
                                             for (i, s) in samples.enumerated() {
                                                 let columns = cc.baseAddress! + (firstSlot + i) * P
                                                 if fused {
@@ -423,20 +443,66 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         }
     }
 
-    /// The fused leaf with its product computed by `product(rows, result)`: rows = [dY_s; Y_s; 1]
-    /// ((2·C_out + 1) × P), result = rows·cols_sᵀ ((2·C_out + 1) × K).
-    private func addFusedLeaf(dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>, K: Int, P: Int,
+    /// The fused leaf of `count` consecutive samples with its product computed by
+    /// `product(rows, result)`: rows = [dY; Y; 1] of the samples ((2·C_out + 1) × P each, one
+    /// sample after another: oneDNN's minibatch layout), result = (2·C_out + 1) × K.
+    private func addFusedLeaf(dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>, K: Int, P: Int, count: Int = 1,
                               product: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>) -> Void) {
-        let C = outputChannels
         sampleRows.withUnsafeMutableBufferPointer { a in
+            fillLeafRows(a.baseAddress!, dy: dy, y: y, count: count, P: P, sampleMajor: true)
             sampleResult.withUnsafeMutableBufferPointer { r in
-                a.baseAddress!.update(from: dy, count: C * P)
-                (a.baseAddress! + C * P).update(from: y, count: C * P)
-                (a.baseAddress! + 2 * C * P).update(repeating: 1, count: P)
                 product(a.baseAddress!, r.baseAddress!)
-                weightGradientTree!.add { $0.update(from: r.baseAddress!, count: C * K) }
-                patchStatisticsTree!.add { Scalar.widen(r.baseAddress! + C * K, count: (C + 1) * K, into: $0) }
             }
+        }
+        pushLeaf(K: K, fused: true)
+    }
+
+    /// The rows of a leaf's product for `count` consecutive samples: dY (C_out rows), and with `y`
+    /// Y and a row of ones; sample-major (each sample's rows × P block in turn) or channel-major
+    /// (each row spanning the samples' P positions in turn: the GEMM operand over count·P columns).
+    private func fillLeafRows(_ a: UnsafeMutablePointer<Scalar>, dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>?, count: Int, P: Int,
+                              sampleMajor: Bool) {
+        let C = outputChannels, rows = y == nil ? C : 2 * C + 1
+        for i in 0..<count {
+            let block = sampleMajor ? a + i * rows * P : a + i * P, rowStride = sampleMajor ? P : count * P
+            for co in 0..<C {
+                (block + co * rowStride).update(from: dy + (i * C + co) * P, count: P)
+                if let y { (block + (C + co) * rowStride).update(from: y + (i * C + co) * P, count: P) }
+            }
+            if y != nil { (block + 2 * C * rowStride).update(repeating: 1, count: P) }
+        }
+    }
+
+    /// The finished leaf in ``sampleResult`` into the trees: dW (C_out × K) into the Scalar one,
+    /// with `fused` the patch statistics ((C_out + 1) × K) widened into the Double one.
+    private func pushLeaf(K: Int, fused: Bool) {
+        let C = outputChannels
+        sampleResult.withUnsafeBufferPointer { r in
+            weightGradientTree!.add { $0.update(from: r.baseAddress!, count: C * K) }
+            if fused { patchStatisticsTree!.add { Scalar.widen(r.baseAddress! + C * K, count: (C + 1) * K, into: $0) } }
+        }
+    }
+
+    /// im2col's weight gradient with leaves of L = ``weightGradientLeaf`` samples, over one chunk:
+    /// a leaf inside the chunk is one GEMM over its L·P columns; a leaf wider than the chunk (the
+    /// chunks of big layers hold one or two samples) is accumulated over its chunks in order
+    /// (β = 1 after the first), and goes into the tree when its last sample is in.
+    private func addLeafParts(samples: Range<Int>, firstSlot: Int, offset: Int, dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>?,
+                              columns: UnsafePointer<Scalar>, ldb: Int, K: Int, P: Int) {
+        let L = weightGradientLeaf, rows = y == nil ? outputChannels : 2 * outputChannels + 1, C = outputChannels
+        var i = 0
+        while i < samples.count {
+            let s = samples.lowerBound + i, global = offset + s, leafEnd = (global / L + 1) * L
+            let m = min(leafEnd - global, samples.count - i)
+            sampleRows.withUnsafeMutableBufferPointer { a in
+                fillLeafRows(a.baseAddress!, dy: dy + s * C * P, y: y.map { $0 + s * C * P }, count: m, P: P, sampleMajor: false)
+                sampleResult.withUnsafeMutableBufferPointer { r in
+                    Scalar.gemm(transposeA: false, transposeB: true, m: rows, n: K, k: m * P, alpha: 1, a: a.baseAddress!, lda: m * P,
+                                b: columns + (firstSlot + i) * P, ldb: ldb, beta: global % L == 0 ? 0 : 1, c: r.baseAddress!, ldc: K)
+                }
+            }
+            if global + m == leafEnd { pushLeaf(K: K, fused: y != nil) }
+            i += m
         }
     }
 
@@ -491,16 +557,17 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         }
     }
 
-    /// oneDNN's backward: each sample's weight gradient (one backward-weights call at minibatch 1,
-    /// the same shape for every sample; with patch statistics, one call with 2·C_out + 1 output
-    /// channels on [dY_s; Y_s; 1]) added along the pairwise tree, and the input gradient over the
-    /// forward's chunks.
+    /// oneDNN's backward: each leaf's weight gradient (one backward-weights call at minibatch L =
+    /// ``weightGradientLeaf``, 1 by default, the same shape for every leaf; with patch statistics,
+    /// one call with 2·C_out + 1 output channels on [dY_s; Y_s; 1]) added along the pairwise tree,
+    /// and the input gradient over the forward's chunks.
     private func oneDNNBackward(_ g: ConvolutionGeometry, input: Tensor<Scalar>, output: Tensor<Scalar>, outputGradient: Tensor<Scalar>,
                                 offset: Int, fused: Bool, into dx: inout Tensor<Scalar>) throws {
         let n = input.shape[0], C = outputChannels, K = g.patchSize, P = g.positions
         let c = oneDNNChunkSize(g)
         let data = try oneDNN(g, minibatch: c)
-        let perSample = try oneDNN(g, minibatch: 0, weightsMinibatch: 1, weightsOutputChannels: fused ? 2 * C + 1 : C)
+        let L = weightGradientLeaf
+        let perLeaf = try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: fused ? 2 * C + 1 : C)
         let inPlane = inputChannels * g.height * g.width, outPlane = C * P
         if oneDNNChunkInput.count < c * outPlane { oneDNNChunkInput = [Float](repeating: 0, count: c * outPlane) }
         if oneDNNChunkOutput.count < c * inPlane { oneDNNChunkOutput = [Float](repeating: 0, count: c * inPlane) }
@@ -514,16 +581,16 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                             let w = UnsafeRawPointer(ws.baseAddress!).assumingMemoryBound(to: Float.self)
                             let d = UnsafeMutableRawPointer(dxs.baseAddress!).assumingMemoryBound(to: Float.self)
                             timedGEMM(m: C, n: K, k: n * P) {
-                                for s in 0..<n {
+                                for s in Swift.stride(from: 0, to: n, by: L) {
                                     if fused {
-                                        addFusedLeaf(dy: dys.baseAddress! + s * outPlane, y: ys.baseAddress! + s * outPlane, K: K, P: P) { rows, result in
-                                            perSample.backwardWeights(x: x + s * inPlane, dy: UnsafeRawPointer(rows).assumingMemoryBound(to: Float.self),
-                                                                      into: UnsafeMutableRawPointer(result).assumingMemoryBound(to: Float.self))
+                                        addFusedLeaf(dy: dys.baseAddress! + s * outPlane, y: ys.baseAddress! + s * outPlane, K: K, P: P, count: L) { rows, result in
+                                            perLeaf.backwardWeights(x: x + s * inPlane, dy: UnsafeRawPointer(rows).assumingMemoryBound(to: Float.self),
+                                                                    into: UnsafeMutableRawPointer(result).assumingMemoryBound(to: Float.self))
                                         }
                                     } else {
                                         weightGradientTree!.add { leaf in
-                                            perSample.backwardWeights(x: x + s * inPlane, dy: dy + s * outPlane,
-                                                                      into: UnsafeMutableRawPointer(leaf).assumingMemoryBound(to: Float.self))
+                                            perLeaf.backwardWeights(x: x + s * inPlane, dy: dy + s * outPlane,
+                                                                    into: UnsafeMutableRawPointer(leaf).assumingMemoryBound(to: Float.self))
                                         }
                                     }
                                 }

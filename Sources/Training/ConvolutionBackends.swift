@@ -72,11 +72,13 @@ extension Network {
 public enum ConvolutionBackendTiming {
     /// Seconds of one forward + backward of a layer like `conv` on `inputShape` with `backend`:
     /// the best of `repeats` after one warm-up (a copy of the layer: the model is not touched).
-    /// With `patchStatistics` the backward also computes cross-iteration BN's patch sums.
+    /// With `patchStatistics` the backward also computes cross-iteration BN's patch sums; the
+    /// weight gradient uses leaves of `weightGradientLeaf` samples, as training will.
     public static func seconds(like conv: Conv2d<Float>, inputShape: [Int], backend: ConvolutionBackend,
-                               patchStatistics: Bool, repeats: Int = 3) throws -> Double {
+                               patchStatistics: Bool, weightGradientLeaf: Int = 1, repeats: Int = 3) throws -> Double {
         let copy = Conv2d<Float>(weight: conv.weight.value, bias: conv.bias?.value, stride: conv.stride, padding: conv.padding)
         copy.backend = backend
+        copy.weightGradientLeaf = weightGradientLeaf
         copy.providesPatchStatistics = patchStatistics && conv.bias == nil
         var random = DeterministicRandom(seed: 17)
         let x = Tensor<Float>.normal(shape: inputShape, using: &random)
@@ -98,7 +100,7 @@ public enum ConvolutionBackendTiming {
     /// `batch` samples on every rank at once (so the timing sees the job's contention), and rank
     /// 0's choices broadcast. oneDNN is kept only where it is at least 3 % faster, so a tie
     /// stays on im2col. `sampleShape` is one input sample's shape.
-    public static func choose(for network: Network, sampleShape: [Int], batch: Int, domains: Bool,
+    public static func choose(for network: Network, sampleShape: [Int], batch: Int, domains: Bool, weightGradientLeaf: Int = 1,
                               world: any Communicator) throws -> (backends: [ConvolutionBackend], seconds: [[Double]]) {
         let convolutions = network.convolutions
         guard !convolutions.isEmpty else { return ([], []) }
@@ -113,7 +115,8 @@ public enum ConvolutionBackendTiming {
             let key = "\(inputShape) \(conv.outputChannels) \(conv.kernelSize) \(conv.stride) \(conv.padding) \(conv.bias != nil) \(conv.providesPatchStatistics)"
             if timed[key] == nil {
                 timed[key] = try ConvolutionBackend.allCases.map {
-                    try Self.seconds(like: conv, inputShape: inputShape, backend: $0, patchStatistics: conv.providesPatchStatistics)
+                    try Self.seconds(like: conv, inputShape: inputShape, backend: $0, patchStatistics: conv.providesPatchStatistics,
+                                     weightGradientLeaf: weightGradientLeaf)
                 }
             }
             seconds.append(timed[key]!)

@@ -222,7 +222,7 @@ public final class Trainer {
             watchdog?.context = "timing the convolution backends"
             let (backends, seconds) = try ConvolutionBackendTiming.choose(for: network, sampleShape: data.train.sampleShape,
                                                                        batch: configuration.batchSize, domains: network.hasDomainBatchNorm,
-                                                                       world: world)
+                                                                       weightGradientLeaf: configuration.weightGradientLeaf, world: world)
             convolutionBackendSeconds = seconds
             try applyConvolutionBackends(backends, origin: "timed at batch \(configuration.batchSize)")
         }
@@ -291,6 +291,10 @@ public final class Trainer {
         network.setDomains(data.train.domains(of: indices))
         dataSeconds += Double(DispatchTime.now().uptimeNanoseconds - dataStart) * 1e-9
         network.sampleOffset = contiguousPiece(of: globalCount, parts: world.size, index: world.rank).lowerBound
+        // Leaves of L samples only on full global batches (every rank's piece then a multiple of
+        // L); a short last batch uses single-sample leaves, whatever the layout, so it stays exact.
+        let leaf = globalCount == world.size * configuration.batchSize ? configuration.weightGradientLeaf : 1
+        for (_, conv) in network.convolutions where conv.weightGradientLeaf != leaf { conv.weightGradientLeaf = leaf }
         if step == 0 && !dataInitialized {
             watchdog?.context = "data-dependent initialisation"
             let world = self.world

@@ -23,6 +23,9 @@ extension Trainer {
                 throw CollectiveRunError("⟨ghostBatchSize⟩ must be between 1 and the per-rank batch \(configuration.batchSize), got \(ghost)")
             }
         }
+        guard configuration.batchSize % configuration.weightGradientLeaf == 0 else {
+            throw CollectiveRunError("⟨weightGradientLeaf⟩ \(configuration.weightGradientLeaf) does not divide the per-rank batch \(configuration.batchSize) (each rank's weight-gradient leaves must be whole)")
+        }
         guard groupSize <= ranks else {
             throw CollectiveRunError("⟨syncGroupSize⟩ \(groupSize) exceeds the \(ranks) rank\(ranks == 1 ? "" : "s") of this job")
         }

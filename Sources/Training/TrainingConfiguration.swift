@@ -92,6 +92,12 @@ public struct TrainingConfiguration: Codable, Equatable, Sendable {
     /// naming one; runs stored without this setting used im2col); the command line's default is
     /// `auto` (each convolution keeps the faster of im2col and oneDNN, timed at start-up).
     public var convBackend: ConvolutionBackendSetting = .all(.im2col)
+    /// Samples per leaf of every convolution's weight-gradient tree (``Conv2d/weightGradientLeaf``):
+    /// 1, every sample its own leaf, is exact for any split of the batch; a larger power of two
+    /// must divide the per-rank batch, and then W ranks × b is bit-identical to 1 × W·b for every
+    /// W whose per-rank batch it divides (a short last batch of an epoch uses leaves of 1 samples
+    /// on every layout alike).
+    public var weightGradientLeaf: Int = 1
 
     public init() {}
 }
@@ -181,6 +187,8 @@ extension TrainingConfiguration {
             warmupSteps.flatMap { outside($0, 0...Int.max / 2, "⟨warmupSteps⟩") },
             width.isFinite && width > 0 && width <= 64 ? nil : "⟨width⟩ must be in (0, 64], got \(width)",
             outside(augmentation.padding, 0...64, "⟨augmentation.padding⟩"),
+            (1...64).contains(weightGradientLeaf) && weightGradientLeaf & (weightGradientLeaf - 1) == 0 ? nil
+                : "⟨weightGradientLeaf⟩ must be a power of two between 1 and 64, got \(weightGradientLeaf)",
         ]
         return checks.compactMap { $0 }.first.map { SettingNames.render($0) }
     }

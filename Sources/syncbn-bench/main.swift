@@ -213,6 +213,8 @@ struct ConvBench: ParsableCommand {
     var chunk: Int?
     @Flag(help: "Backward also computes cross-iteration BN's patch statistics (Σ patch, Σ y·patch) beside dW.")
     var patchStatistics = false
+    @Option(help: "Samples per leaf of the weight gradient's tree (a power of two dividing N; as syncbn-train --weight-gradient-leaf).")
+    var weightGradientLeaf: Int = 1
 
     func dims() throws -> [Int] {
         let dims = shape.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
@@ -231,6 +233,9 @@ struct ConvBench: ParsableCommand {
         if let chunk, !(1...1024).contains(chunk) || chunk & (chunk - 1) != 0 {
             throw ValidationError("--chunk must be a power of two in 1…1024, got \(chunk)")
         }
+        guard (1...1024).contains(weightGradientLeaf), weightGradientLeaf & (weightGradientLeaf - 1) == 0, d[0] % weightGradientLeaf == 0 else {
+            throw ValidationError("--weight-gradient-leaf must be a power of two dividing N, got \(weightGradientLeaf)")
+        }
         let p = padding ?? kernel / 2
         guard p >= 0 && p < kernel, d[2] + 2 * p >= kernel, d[3] + 2 * p >= kernel else {
             throw ValidationError("--padding must be in 0..<kernel and the padded input at least the kernel's size")
@@ -248,6 +253,7 @@ struct ConvBench: ParsableCommand {
             conv.oneDNNLayout = layout == "plain" ? .plain : .preferred
             conv.oneDNNChunkOverride = chunk
             conv.providesPatchStatistics = patchStatistics
+            conv.weightGradientLeaf = weightGradientLeaf
             let x = Tensor<Float>.normal(shape: d, using: &random)
             let g = try conv.geometry(for: d)
             let dy = Tensor<Float>.normal(shape: [d[0], out, g.outputHeight, g.outputWidth], using: &random)
@@ -273,7 +279,7 @@ struct ConvBench: ParsableCommand {
                 let mean = (0..<4).map { i in rates.reduce(0) { $0 + $1[i] } / Double(rates.count) }
                 let isa = OneDNNConvolution.cpuISA
                 let code = backend == .onednn ? "onednn \(layout) chunk \(conv.oneDNNChunkSize(g)) [\(conv.oneDNNImplementations.joined(separator: ", "))]" : "im2col"
-                printTable("conv backend \(code), CPU \(isa)")
+                printTable("conv backend \(code), weight-gradient leaf \(conv.weightGradientLeaf), CPU \(isa)")
                 printTable(String(format: "conv %@ → %d, %d×%d stride %d pad %d on %d rank(s): forward %.3f ms (%.1f GFLOP/s), backward %.3f ms (%.1f GFLOP/s), together %.1f GFLOP/s = %.0f%% of sgemm 512³ %.1f (rank 0's times, mean rates)",
                                   d.map(String.init).joined(separator: "×"), out, kernel, kernel, stride, padding, world.size, f * 1e3, mean[0],
                                   b * 1e3, mean[1], mean[2], 100 * mean[2] / mean[3], mean[3]))
@@ -281,7 +287,8 @@ struct ConvBench: ParsableCommand {
                            "ranks": world.size, "forward_s": f, "backward_s": b, "gflop_per_s": mean[2], "sgemm_gflop_per_s": mean[3],
                            "fraction_of_sgemm": mean[2] / mean[3], "backend": backend.rawValue, "cpu_isa": isa,
                            "onednn_layout": backend == .onednn ? layout : "", "onednn_chunk": backend == .onednn ? conv.oneDNNChunkSize(g) : 0,
-                           "onednn_implementations": conv.oneDNNImplementations, "patch_statistics": patchStatistics])
+                           "onednn_implementations": conv.oneDNNImplementations, "patch_statistics": patchStatistics,
+                           "weight_gradient_leaf": conv.weightGradientLeaf])
             }
         }
     }
@@ -429,6 +436,8 @@ struct TrainBench: ParsableCommand {
     var warmup: Int = 5
     @Option(help: "Convolutions: auto, im2col, onednn or one per convolution (as syncbn-train). Default: auto, or SYNCBN_CONV_BACKEND when set.")
     var convBackend: ConvolutionBackendSetting?
+    @Option(help: "Samples per leaf of each convolution's weight-gradient sum (as syncbn-train).")
+    var weightGradientLeaf: Int = 1
 
     func validate() throws {
         if convBackend == nil { _ = try ConvolutionBackendSetting.commandLineDefault() }
@@ -445,7 +454,7 @@ struct TrainBench: ParsableCommand {
     func run() throws {
         let arms = norms.split(separator: ",").map { BenchArm(String($0))! }
         let model = self.model, batch = batchSize, steps = self.steps, warmup = self.warmup
-        let source = self.data, width = self.width
+        let source = self.data, width = self.width, leaf = weightGradientLeaf
         let backendSetting = try convBackend ?? ConvolutionBackendSetting.commandLineDefault()
         let data = Result { try DataSource.split(try DataSource(parsing: source), evaluation: nil, heldOutFraction: 0.1) }
         // Domain-specific BN's arm needs domain labels: the data followed by its shifted copy.
@@ -472,6 +481,7 @@ struct TrainBench: ParsableCommand {
                 c.batchSize = batch
                 c.steps = warmup + steps
                 c.convBackend = backendSetting
+                c.weightGradientLeaf = leaf
                 let trainer = try Trainer(configuration: c, data: split, world: world)
                 try trainer.chooseConvolutionBackends()
                 for _ in 0..<warmup { try trainer.trainStep() }
@@ -514,7 +524,8 @@ struct TrainBench: ParsableCommand {
             var json: [String: Any] = ["benchmark": "train", "model": model.rawValue, "width": width, "data": source,
                                        "sample_shape": plain.train.sampleShape, "ranks": world.size, "batch_size": batch,
                                        "steps": steps, "sgemm_gflop_per_s": gemmLimit, "runs": results,
-                                       "cpu_isa": OneDNNConvolution.cpuISA, "conv_backend": backendSetting.description]
+                                       "cpu_isa": OneDNNConvolution.cpuISA, "conv_backend": backendSetting.description,
+                                       "weight_gradient_leaf": leaf]
             if let bn = stepSeconds["bn"] {
                 for arm in arms where arm.name != "bn" {
                     guard let other = stepSeconds[arm.name] else { continue }

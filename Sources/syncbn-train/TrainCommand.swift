@@ -125,6 +125,8 @@ struct Train: ParsableCommand {
     var sampler: SamplerKind = .random
     @Option(help: "Convolutions: auto (each times im2col and oneDNN on its shapes at start-up and keeps the faster; rank 0 decides; a resume keeps the checkpoint's choice), im2col, onednn, or one per convolution in model order (the comma-separated list auto prints, to repeat its choice). Default: auto, or SYNCBN_CONV_BACKEND when set.")
     var convBackend: ConvolutionBackendSetting?
+    @Option(parsing: .unconditional, help: "Samples per leaf of each convolution's weight-gradient sum (a power of two dividing --batch-size): 1 (the default) is exact for any split of the batch; 8 is faster on large late layers (ResNet-18) and exact between layouts whose per-rank batches it divides.")
+    var weightGradientLeaf: Int = 1
     @Flag(help: "With every metrics line, write per-layer diagnostics: norms of γ and of the feeding layer's weight and weight gradient; for cbn also entries kept, fraction dropped, Taylor-term size and window/batch variance ratio.")
     var cbnDiagnostics = false
 
@@ -284,6 +286,7 @@ struct Train: ParsableCommand {
         c.shuffleBN = shuffleBn
         c.domainBN = domainBn
         c.sampler = sampler
+        c.weightGradientLeaf = weightGradientLeaf
         c.convBackend = convBackend ?? (try? ConvolutionBackendSetting.commandLineDefault()) ?? .auto
         c.preciseBNSamples = precise.preciseBnSamples
         c.preciseBNBatchSize = precise.preciseBnBatchSize

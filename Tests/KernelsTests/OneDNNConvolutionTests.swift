@@ -117,4 +117,59 @@ extension LayerTests {
             XCTAssertLessThan(relativeError(conv.weight.gradient.scalars, gradients.dw), 1e-5, "weight gradient, \(label)")
         }
     }
+
+    /// Weight-gradient leaves of L samples (one GEMM over L·P columns, or one oneDNN call at
+    /// minibatch L) give the definition's dW with either backend, for leaves inside an im2col chunk
+    /// and leaves spanning several (a big layer's chunk holds fewer samples than a leaf), with
+    /// and without cross-iteration BN's patch statistics; dx does not depend on L at all; and a
+    /// batch not aligned to L is refused, not summed in another order.
+    func testWeightGradientLeavesMatchTheDefinitionWithEitherBackend() throws {
+        for (c, o, h) in [(4, 6, 9), (128, 32, 4)] {
+            var random = DeterministicRandom(seed: 800)
+            let reference = Conv2d<Double>(inputChannels: c, outputChannels: o, kernelSize: 3, stride: 1, padding: 1, bias: false, random: &random)
+            let x = randomTensor([8, c, h, h], seed: 801), dy = randomTensor([8, o, h, h], seed: 802)
+            let gradients = naiveConvolutionGradients(x, reference.weight.value, dy, stride: 1, padding: 1)
+            let chunk = try reference.chunkSize(reference.geometry(for: x.shape))
+            for backend in ConvolutionBackend.allCases {
+                var perSample: (dx: [Float], dw: [Float], patches: [Double])?
+                for leaf in [1, 2, 4, 8] {
+                    let label = "\(c)→\(o) @\(h)×\(h) (im2col chunk \(chunk)), \(backend), leaf \(leaf)"
+                    let conv = Conv2d<Float>(weight: reference.weight.value.converted(to: Float.self), bias: nil, stride: 1, padding: 1)
+                    conv.backend = backend
+                    conv.weightGradientLeaf = leaf
+                    conv.providesPatchStatistics = true
+                    conv.sampleOffset = 16
+                    _ = try conv.forward(x.converted(to: Float.self), mode: .training)
+                    var patches: [Double] = []
+                    conv.patchStatisticsReceiver = { patches = $0 + $1 }
+                    let dx = try conv.backward(dy.converted(to: Float.self))
+                    XCTAssertLessThan(relativeError(conv.weight.gradient.scalars, gradients.dw), 1e-5, "fused dW, \(label)")
+                    // Without the patch statistics (the plain weight-gradient path).
+                    _ = try conv.forward(x.converted(to: Float.self), mode: .training)
+                    _ = try conv.backward(dy.converted(to: Float.self))
+                    XCTAssertLessThan(relativeError(conv.weight.gradient.scalars, gradients.dw), 1e-5, "dW, \(label)")
+                    if let perSample {
+                        XCTAssertEqual(dx.scalars, perSample.dx, "dx does not depend on the leaf, \(label)")
+                        XCTAssertLessThan(relativeError(patches, perSample.patches), 1e-5, "patch statistics against leaves of 1, \(label)")
+                        if chunk < leaf || backend == .onednn {
+                            XCTAssertNotEqual(conv.weight.gradient.scalars, perSample.dw, "a leaf of \(leaf) is another sum, \(label)")
+                        }
+                    } else {
+                        perSample = (dx.scalars, conv.weight.gradient.scalars, patches)
+                    }
+                }
+            }
+            // Double (im2col) to the definition's precision.
+            let double = Conv2d<Double>(weight: reference.weight.value, bias: nil, stride: 1, padding: 1)
+            double.weightGradientLeaf = 4
+            double.sampleOffset = 4
+            _ = try double.forward(x, mode: .training)
+            _ = try double.backward(dy)
+            XCTAssertLessThan(relativeError(double.weight.gradient.scalars, gradients.dw), 1e-12, "Double, leaf 4, \(c)→\(o)")
+            // A batch that starts inside a leaf.
+            double.sampleOffset = 2
+            _ = try double.forward(x, mode: .training)
+            XCTAssertThrowsError(try double.backward(dy)) { XCTAssertTrue("\($0)".contains("weight-gradient leaves of 4 samples"), "\($0)") }
+        }
+    }
 }

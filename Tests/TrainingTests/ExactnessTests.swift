@@ -69,6 +69,12 @@ final class ExactnessTests: XCTestCase {
         domain.domainBN = true
         var oneDNN = configuration(.syncbn, batch: 32)
         oneDNN.convBackend = .all(.onednn)
+        // Weight-gradient leaves of 4 samples (each rank's batch a multiple of them; the epoch's
+        // short last batch falls back to single-sample leaves on every layout alike).
+        var leaves = oneDNN
+        leaves.weightGradientLeaf = 4
+        var cbnLeaves = cbn
+        cbnLeaves.weightGradientLeaf = 4
         let cases: [(String, TrainingConfiguration, DataSplit, [Int])] = [
             ("syncbn", configuration(.syncbn, batch: 32), Self.data, [2, 4, 8]), ("cbn", cbn, Self.data, [2, 4, 8]),
             ("brn", configuration(.brn, batch: 32), Self.data, [2, 4, 8]), ("gn", configuration(.gn, batch: 32), Self.data, [2, 4, 8]),
@@ -76,9 +82,12 @@ final class ExactnessTests: XCTestCase {
             // oneDNN's convolutions, in-process ranks being threads (OpenMP's setting is per thread).
             // (CBN with oneDNN: under mpirun, MPIIntegrationTests.)
             ("syncbn-onednn", oneDNN, Self.data, [8]),
+            ("syncbn-onednn-leaf4", leaves, Self.data, [8]), ("cbn-leaf4", cbnLeaves, Self.data, [4]),
         ]
+        var references: [String: [String: [UInt32]]] = [:]
         for (label, single, data, worlds) in cases {
             let reference = try train(single, data: data, ranks: 1)[0]
+            references[label] = reference.state
             XCTAssertEqual(reference.losses.count, 100)
             XCTAssertGreaterThan(Set(reference.losses).count, 50, "\(label): the run must actually train")
             for ranks in worlds {
@@ -99,6 +108,9 @@ final class ExactnessTests: XCTestCase {
             }
             if label.hasPrefix("cbn") { XCTAssertFalse(reference.windows.isEmpty) }
         }
+        // The leaves are used: the same runs with single-sample leaves end elsewhere.
+        XCTAssertNotEqual(references["syncbn-onednn-leaf4"], references["syncbn-onednn"])
+        XCTAssertNotEqual(references["cbn-leaf4"], references["cbn"])
     }
 
     /// The other side of the contract, so the test above cannot pass by accident: per-rank BN
