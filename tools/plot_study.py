@@ -172,7 +172,11 @@ def draw_leakage(ax, panel):
 def plot_experiment(experiment, out):
     axes_specs = []
     for panel in experiment["panels"]:
-        if panel["kind"] == "final":
+        single_x = len({p["x"] for series in panel["series"] for p in series["points"]}) == 1
+        if panel["kind"] == "final" and single_x:
+            # One grid point (arms compared at one setting): EMA and PreciseBN bars per arm.
+            axes_specs.append((panel, "bars"))
+        elif panel["kind"] == "final":
             axes_specs += [(panel, "ema"), (panel, "precise")]
         elif panel["kind"] == "diagnostics":
             axes_specs += [(panel, None), (panel, "curves")]
@@ -187,7 +191,10 @@ def plot_experiment(experiment, out):
     anything = False
     for ax, (panel, key) in zip(axes.flat, axes_specs):
         kind = panel["kind"]
-        if kind == "final":
+        if key == "bars":
+            drawn = draw_statistics_bars(ax, panel)
+            ax.set_title(panel["title"], fontsize=9)
+        elif kind == "final":
             drawn = draw_final(ax, panel, key)
             ax.set_title(f"{panel['title']}\n({dict(STATISTICS)[key]})", fontsize=9)
         elif kind in ("statistics",):
