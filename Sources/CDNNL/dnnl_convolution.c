@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 extern void omp_set_num_threads(int);
 extern int omp_get_max_threads(void);
@@ -130,18 +131,47 @@ static void destroy_operation(operation *op) {
     memset(op, 0, sizeof *op);
 }
 
-/// Runs `op` on the user's buffers (in argument order): inputs reordered in, outputs out.
-static int execute(operation *op, void *const *handles) {
+/// Seconds spent by this thread in calls, and in their reorders between the plain and the blocked
+/// layout (activations and weights apart): what keeping activations blocked could save at most.
+static _Thread_local double seconds_total, seconds_activation_reorders, seconds_weight_reorders;
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int run_reorder(argument *a, dnnl_memory_t from, dnnl_memory_t to) {
+    double start = now();
+    dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+    int failed = dnnl_primitive_execute(a->reorder, shared_stream, 2, r) != dnnl_success;
+    double elapsed = now() - start;
+    if (a->arg == DNNL_ARG_WEIGHTS || a->arg == DNNL_ARG_DIFF_WEIGHTS) seconds_weight_reorders += elapsed;
+    else seconds_activation_reorders += elapsed;
+    return failed;
+}
+
+void syncbn_dnnl_timings(double *total, double *activation_reorders, double *weight_reorders) {
+    *total = seconds_total;
+    *activation_reorders = seconds_activation_reorders;
+    *weight_reorders = seconds_weight_reorders;
+}
+
+/// Runs `op` on the user's buffers (in argument order): inputs reordered in, outputs out. With
+/// `blocked_output`, an output oneDNN computes in another layout is written there as it is (its
+/// reorder to the user's layout skipped).
+static int execute_into(operation *op, void *const *handles, void *blocked_output) {
+    double start = now();
+    int status = 1;
     apply_threads();
     dnnl_exec_arg_t args[4];
     int n = 0;
     for (int i = 0; i < op->count; i++) {
         argument *a = &op->args[i];
-        if (dnnl_memory_set_data_handle(a->user, handles[i]) != dnnl_success) return 1;
-        if (a->internal && !a->is_output) {
-            dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, a->user}, {DNNL_ARG_TO, a->internal}};
-            if (dnnl_primitive_execute(a->reorder, shared_stream, 2, r) != dnnl_success) return 1;
-        }
+        if (dnnl_memory_set_data_handle(a->user, handles[i]) != dnnl_success) goto done;
+        if (a->internal && !a->is_output && run_reorder(a, a->user, a->internal)) goto done;
+        if (a->internal && a->is_output && blocked_output &&
+            dnnl_memory_set_data_handle(a->internal, blocked_output) != dnnl_success) goto done;
         args[n].arg = a->arg;
         args[n].memory = a->internal ? a->internal : a->user;
         n++;
@@ -151,16 +181,22 @@ static int execute(operation *op, void *const *handles) {
         args[n].memory = op->scratchpad;
         n++;
     }
-    if (dnnl_primitive_execute(op->primitive, shared_stream, n, args) != dnnl_success) return 1;
+    if (dnnl_primitive_execute(op->primitive, shared_stream, n, args) != dnnl_success) goto done;
     for (int i = 0; i < op->count; i++) {
         argument *a = &op->args[i];
-        if (a->internal && a->is_output) {
-            dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, a->internal}, {DNNL_ARG_TO, a->user}};
-            if (dnnl_primitive_execute(a->reorder, shared_stream, 2, r) != dnnl_success) return 1;
-        }
+        if (a->internal && a->is_output && !blocked_output && run_reorder(a, a->internal, a->user)) goto done;
     }
-    return dnnl_stream_wait(shared_stream) == dnnl_success ? 0 : 1;
+    status = dnnl_stream_wait(shared_stream) == dnnl_success ? 0 : 1;
+done:
+    for (int i = 0; blocked_output && i < op->count; i++) {
+        argument *a = &op->args[i];
+        if (a->internal && a->is_output) dnnl_memory_set_data_handle(a->internal, a->buffer);
+    }
+    seconds_total += now() - start;
+    return status;
 }
+
+static int execute(operation *op, void *const *handles) { return execute_into(op, handles, NULL); }
 
 static void plain(dnnl_memory_desc_t *md, int n, int c, int h, int w, dnnl_format_tag_t tag) {
     dnnl_dims_t dims = {n, c, h, w};
@@ -306,6 +342,32 @@ int syncbn_dnnl_convolution_backward_weights(syncbn_dnnl_convolution *c, const f
     if (!c->has_weights) return 1;
     void *handles[3] = {(void *)x, (void *)dy, dw};
     return execute(&c->weights, handles);
+}
+
+size_t syncbn_dnnl_convolution_blocked_weights_gradient_floats(const syncbn_dnnl_convolution *c) {
+    if (!c->has_weights || !c->weights.args[2].internal) return 0;
+    const dnnl_memory_desc_t *md = NULL;
+    if (dnnl_memory_get_memory_desc(c->weights.args[2].internal, &md) != dnnl_success || !md) return 0;
+    return dnnl_memory_desc_get_size(md) / sizeof(float);
+}
+
+int syncbn_dnnl_convolution_backward_weights_blocked(syncbn_dnnl_convolution *c, const float *x, const float *dy, float *dw_blocked) {
+    if (!c->has_weights || !c->weights.args[2].internal) return 1;
+    void *handles[3] = {(void *)x, (void *)dy, NULL};
+    return execute_into(&c->weights, handles, dw_blocked);
+}
+
+int syncbn_dnnl_convolution_weights_gradient_to_plain(syncbn_dnnl_convolution *c, const float *blocked, float *dw) {
+    argument *a = &c->weights.args[2];
+    if (!c->has_weights || !a->internal) return 1;
+    double start = now();
+    int status = 1;
+    if (dnnl_memory_set_data_handle(a->internal, (void *)blocked) == dnnl_success && dnnl_memory_set_data_handle(a->user, dw) == dnnl_success &&
+        !run_reorder(a, a->internal, a->user))
+        status = dnnl_stream_wait(shared_stream) == dnnl_success ? 0 : 1;
+    dnnl_memory_set_data_handle(a->internal, a->buffer);
+    seconds_total += now() - start;
+    return status;
 }
 
 const char *syncbn_dnnl_convolution_implementations(const syncbn_dnnl_convolution *c) { return c->implementations; }

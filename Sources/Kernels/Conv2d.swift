@@ -107,6 +107,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// The per-sample weight gradients added along the pairwise tree (and, with patch statistics,
     /// the per-sample Σ y·patch and Σ patch in Double).
     private var weightGradientTree: PairwiseAccumulator<Scalar>?
+    /// When the tree's leaves are oneDNN's blocked weight gradients: the primitives that reorder
+    /// the total once, and its blocked buffer.
+    private var blockedWeightGradient: OneDNNConvolution?
+    private var blockedWeightGradientTree: PairwiseAccumulator<Float>?
+    private var blockedTotal: [Float] = []
     private var patchStatisticsTree: PairwiseAccumulator<Double>?
     /// The last training input and output (shared storage, not copies): backward builds the
     /// columns again, a chunk at a time, instead of keeping the whole batch's im2col matrix, and
@@ -413,7 +418,19 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             }
         }
         }
-        weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
+        if let blocked = blockedWeightGradient {
+            // The leaves were summed in oneDNN's layout; one reorder (which only moves values)
+            // gives the same bits as summing the reordered leaves.
+            blockedWeightGradient = nil
+            blockedTotal.withUnsafeMutableBufferPointer { t in
+                blockedWeightGradientTree!.total(into: t.baseAddress!)
+                weightGradient.scalars.withUnsafeMutableBufferPointer {
+                    $0.withMemoryRebound(to: Float.self) { blocked.weightGradientToPlain(t.baseAddress!, into: $0.baseAddress!) }
+                }
+            }
+        } else {
+            weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
+        }
         if let receiver {
             var statistics = [Double](repeating: 0, count: (C + 1) * K)
             statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
@@ -568,6 +585,14 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         let data = try oneDNN(g, minibatch: c)
         let L = weightGradientLeaf
         let perLeaf = try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: fused ? 2 * C + 1 : C)
+        // Without patch statistics the leaves stay in oneDNN's layout, reordered once at the end.
+        let blockedCount = fused ? 0 : perLeaf.blockedWeightGradientCount
+        if blockedCount > 0 {
+            if blockedWeightGradientTree?.width != blockedCount { blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount) }
+            blockedWeightGradientTree!.reset()
+            if blockedTotal.count != blockedCount { blockedTotal = [Float](repeating: 0, count: blockedCount) }
+            blockedWeightGradient = perLeaf
+        }
         let inPlane = inputChannels * g.height * g.width, outPlane = C * P
         if oneDNNChunkInput.count < c * outPlane { oneDNNChunkInput = [Float](repeating: 0, count: c * outPlane) }
         if oneDNNChunkOutput.count < c * inPlane { oneDNNChunkOutput = [Float](repeating: 0, count: c * inPlane) }
@@ -586,6 +611,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                                         addFusedLeaf(dy: dys.baseAddress! + s * outPlane, y: ys.baseAddress! + s * outPlane, K: K, P: P, count: L) { rows, result in
                                             perLeaf.backwardWeights(x: x + s * inPlane, dy: UnsafeRawPointer(rows).assumingMemoryBound(to: Float.self),
                                                                     into: UnsafeMutableRawPointer(result).assumingMemoryBound(to: Float.self))
+                                        }
+                                    } else if blockedCount > 0 {
+                                        blockedWeightGradientTree!.add { leaf in
+                                            perLeaf.backwardWeightsBlocked(x: x + s * inPlane, dy: dy + s * outPlane, into: leaf)
                                         }
                                     } else {
                                         weightGradientTree!.add { leaf in

@@ -72,6 +72,30 @@ public final class OneDNNConvolution {
         precondition(status == 0, "oneDNN convolution backward weights failed")
     }
 
+    /// Floats of the weight gradient in oneDNN's own layout when that is not the plain one (0
+    /// otherwise): the size of a leaf when the leaves are summed before the one reorder.
+    public var blockedWeightGradientCount: Int { Int(syncbn_dnnl_convolution_blocked_weights_gradient_floats(handle)) }
+
+    /// dw in oneDNN's layout (``blockedWeightGradientCount`` values), not reordered.
+    public func backwardWeightsBlocked(x: UnsafePointer<Float>, dy: UnsafePointer<Float>, into dw: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_backward_weights_blocked(handle, x, dy, dw)
+        precondition(status == 0, "oneDNN convolution backward weights failed")
+    }
+
+    /// A weight gradient in oneDNN's layout reordered into the plain C_out × C_in × k × k one.
+    public func weightGradientToPlain(_ blocked: UnsafePointer<Float>, into dw: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_weights_gradient_to_plain(handle, blocked, dw)
+        precondition(status == 0, "oneDNN weight-gradient reorder failed")
+    }
+
+    /// This thread's seconds in oneDNN convolution calls so far, and within them the reorders of
+    /// activations and of weights between the plain and the blocked layout.
+    public static var timings: (total: Double, activationReorders: Double, weightReorders: Double) {
+        var total = 0.0, activations = 0.0, weights = 0.0
+        syncbn_dnnl_timings(&total, &activations, &weights)
+        return (total, activations, weights)
+    }
+
     /// The instruction set oneDNN dispatches to on this CPU ("avx2", "avx512_core", …; DNNL_MAX_CPU_ISA lowers it).
     public static var cpuISA: String { String(cString: syncbn_dnnl_cpu_isa()) }
 

@@ -258,8 +258,10 @@ struct ConvBench: ParsableCommand {
             let g = try conv.geometry(for: d)
             let dy = Tensor<Float>.normal(shape: [d[0], out, g.outputHeight, g.outputWidth], using: &random)
             var forward: [Double] = [], backward: [Double] = []
+            var before = OneDNNConvolution.timings
             try world.barrier()
             for iteration in 0..<(repeats + 2) {
+                if iteration == 2 { before = OneDNNConvolution.timings }
                 let t0 = DispatchTime.now().uptimeNanoseconds
                 _ = try conv.forward(x, mode: .training)
                 let t1 = DispatchTime.now().uptimeNanoseconds
@@ -271,6 +273,10 @@ struct ConvBench: ParsableCommand {
                     backward.append(Double(t2 - t1) * 1e-9)
                 }
             }
+            let after = OneDNNConvolution.timings
+            let reorders = (activations: (after.activationReorders - before.activationReorders) / Double(repeats),
+                            weights: (after.weightReorders - before.weightReorders) / Double(repeats),
+                            calls: (after.total - before.total) / Double(repeats))
             let gemm = MachineLimits.gemmGFLOPs()
             let flops = 2 * Double(d[0] * out * g.patchSize * g.positions)
             let f = forward.sorted()[repeats / 2], b = backward.sorted()[repeats / 2]
@@ -280,6 +286,10 @@ struct ConvBench: ParsableCommand {
                 let isa = OneDNNConvolution.cpuISA
                 let code = backend == .onednn ? "onednn \(layout) chunk \(conv.oneDNNChunkSize(g)) [\(conv.oneDNNImplementations.joined(separator: ", "))]" : "im2col"
                 printTable("conv backend \(code), weight-gradient leaf \(conv.weightGradientLeaf), CPU \(isa)")
+                if backend == .onednn {
+                    printTable(String(format: "oneDNN calls %.3f ms per forward + backward, of which reorders of activations %.3f ms and of weights %.3f ms (mean)",
+                                      reorders.calls * 1e3, reorders.activations * 1e3, reorders.weights * 1e3))
+                }
                 printTable(String(format: "conv %@ → %d, %d×%d stride %d pad %d on %d rank(s): forward %.3f ms (%.1f GFLOP/s), backward %.3f ms (%.1f GFLOP/s), together %.1f GFLOP/s = %.0f%% of sgemm 512³ %.1f (rank 0's times, mean rates)",
                                   d.map(String.init).joined(separator: "×"), out, kernel, kernel, stride, padding, world.size, f * 1e3, mean[0],
                                   b * 1e3, mean[1], mean[2], 100 * mean[2] / mean[3], mean[3]))
@@ -288,7 +298,8 @@ struct ConvBench: ParsableCommand {
                            "fraction_of_sgemm": mean[2] / mean[3], "backend": backend.rawValue, "cpu_isa": isa,
                            "onednn_layout": backend == .onednn ? layout : "", "onednn_chunk": backend == .onednn ? conv.oneDNNChunkSize(g) : 0,
                            "onednn_implementations": conv.oneDNNImplementations, "patch_statistics": patchStatistics,
-                           "weight_gradient_leaf": conv.weightGradientLeaf])
+                           "weight_gradient_leaf": conv.weightGradientLeaf, "onednn_call_s": reorders.calls,
+                           "onednn_activation_reorder_s": reorders.activations, "onednn_weight_reorder_s": reorders.weights])
             }
         }
     }

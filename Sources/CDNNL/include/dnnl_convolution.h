@@ -33,6 +33,15 @@ int syncbn_dnnl_convolution_backward_data(syncbn_dnnl_convolution *convolution, 
 int syncbn_dnnl_convolution_backward_weights(syncbn_dnnl_convolution *convolution, const float *x, const float *dy, float *dw);
 
 /// The implementations oneDNN chose ("jit:avx2", "gemm:jit", …), "forward/data/weights".
+/// Floats of the weight gradient in the layout oneDNN computes it in, when that is not the plain
+/// one (0: it computes in the plain layout). A sum of such gradients reordered once equals the
+/// sum of the reordered gradients bit for bit: a reorder only moves values.
+size_t syncbn_dnnl_convolution_blocked_weights_gradient_floats(const syncbn_dnnl_convolution *convolution);
+/// Backward weights into `dw_blocked` in oneDNN's own layout (no reorder).
+int syncbn_dnnl_convolution_backward_weights_blocked(syncbn_dnnl_convolution *convolution, const float *x, const float *dy, float *dw_blocked);
+/// A weight gradient in oneDNN's layout reordered into the plain one.
+int syncbn_dnnl_convolution_weights_gradient_to_plain(syncbn_dnnl_convolution *convolution, const float *blocked, float *dw);
+
 const char *syncbn_dnnl_convolution_implementations(const syncbn_dnnl_convolution *convolution);
 
 /// The CPU instruction set oneDNN dispatches to ("avx2", "avx512_core", …).
@@ -41,6 +50,10 @@ const char *syncbn_dnnl_cpu_isa(void);
 void syncbn_dnnl_set_threads(int threads);
 /// Whether the library loads and can create a CPU engine; 0 if so, else a message in `error`.
 int syncbn_dnnl_available(char *error, size_t error_length);
+
+/// This thread's seconds in convolution calls since it started, and the part of them spent
+/// reordering activations and weights between the plain and the blocked layout.
+void syncbn_dnnl_timings(double *total, double *activation_reorders, double *weight_reorders);
 
 #ifdef __cplusplus
 }
