@@ -107,11 +107,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// The per-sample weight gradients added along the pairwise tree (and, with patch statistics,
     /// the per-sample Σ y·patch and Σ patch in Double).
     private var weightGradientTree: PairwiseAccumulator<Scalar>?
-    /// When the tree's leaves are oneDNN's blocked weight gradients: the primitives that reorder
-    /// the total once, and its blocked buffer.
+    /// When the leaves are oneDNN's blocked weight gradients: the primitives that reorder the
+    /// total once, and the tree that sums them in oneDNN's layout.
     private var blockedWeightGradient: OneDNNConvolution?
     private var blockedWeightGradientTree: PairwiseAccumulator<Float>?
-    private var blockedTotal: [Float] = []
     private var patchStatisticsTree: PairwiseAccumulator<Double>?
     /// The last training input and output (shared storage, not copies): backward builds the
     /// columns again, a chunk at a time, instead of keeping the whole batch's im2col matrix, and
@@ -347,8 +346,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             if chunkColumns.count < K * width { chunkColumns = Scalar.filled(K * width, with: 0) }
             if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
         }
-        if weightGradientTree?.width != C * K { weightGradientTree = PairwiseAccumulator(width: C * K) }
-        weightGradientTree!.reset()
+        // The plain tree, unless oneDNN sums the leaves in its own layout (it decides below).
+        if !useOneDNN || fused { preparePlainTree(width: C * K) }
         if fused || L > 1 {
             if sampleRows.count != rows * L * P { sampleRows = Scalar.filled(rows * L * P, with: 0) }
             if sampleResult.count != rows * K { sampleResult = Scalar.filled(rows * K, with: 0) }
@@ -422,10 +421,9 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             // The leaves were summed in oneDNN's layout; one reorder (which only moves values)
             // gives the same bits as summing the reordered leaves.
             blockedWeightGradient = nil
-            blockedTotal.withUnsafeMutableBufferPointer { t in
-                blockedWeightGradientTree!.total(into: t.baseAddress!)
+            blockedWeightGradientTree!.withTotal { t in
                 weightGradient.scalars.withUnsafeMutableBufferPointer {
-                    $0.withMemoryRebound(to: Float.self) { blocked.weightGradientToPlain(t.baseAddress!, into: $0.baseAddress!) }
+                    $0.withMemoryRebound(to: Float.self) { blocked.weightGradientToPlain(t, into: $0.baseAddress!) }
                 }
             }
         } else {
@@ -448,6 +446,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             bias.gradient = biasGradient
         }
         return dx
+    }
+
+    private func preparePlainTree(width: Int) {
+        if weightGradientTree?.width != width { weightGradientTree = PairwiseAccumulator(width: width) }
+        weightGradientTree!.reset()
     }
 
     /// One sample's [dW; Σ y·patch; Σ patch] = [dY_s; Y_s; 1]·cols_sᵀ: dW into the Scalar tree, the
@@ -590,8 +593,9 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         if blockedCount > 0 {
             if blockedWeightGradientTree?.width != blockedCount { blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount) }
             blockedWeightGradientTree!.reset()
-            if blockedTotal.count != blockedCount { blockedTotal = [Float](repeating: 0, count: blockedCount) }
             blockedWeightGradient = perLeaf
+        } else if !fused {
+            preparePlainTree(width: C * K)
         }
         let inPlane = inputChannels * g.height * g.width, outPlane = C * P
         if oneDNNChunkInput.count < c * outPlane { oneDNNChunkInput = [Float](repeating: 0, count: c * outPlane) }

@@ -88,6 +88,18 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
         count += 1
     }
 
+    /// The total of the leaves added since the last reset, computed in the accumulator's own leaf
+    /// buffer (free between leaves) and handed to `body`: no buffer of the caller's.
+    public mutating func withTotal<R>(_ body: (UnsafePointer<Scalar>) -> R) -> R {
+        var scratch: [Scalar] = []
+        swap(&scratch, &carry)
+        defer { swap(&scratch, &carry) }
+        return scratch.withUnsafeMutableBufferPointer { t in
+            total(into: t.baseAddress!)
+            return body(t.baseAddress!)
+        }
+    }
+
     /// The total of the leaves added since the last reset, into `target` (`width` values; zeros
     /// when there were none): the partial blocks combined from the latest (rightmost) up.
     public mutating func total(into target: UnsafeMutablePointer<Scalar>) {
