@@ -347,7 +347,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             if chunkOutput.count < C * width { chunkOutput = Scalar.filled(C * width, with: 0) }
         }
         // The plain tree, unless oneDNN sums the leaves in its own layout (it decides below).
-        if !useOneDNN || fused { preparePlainTree(width: C * K) }
+        if !useOneDNN { preparePlainTree(width: C * K) }
         if fused || L > 1 {
             if sampleRows.count != rows * L * P { sampleRows = Scalar.filled(rows * L * P, with: 0) }
             if sampleResult.count != rows * K { sampleResult = Scalar.filled(rows * K, with: 0) }
@@ -477,19 +477,34 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         pushLeaf(K: K, fused: true)
     }
 
+    /// The patch statistics of `count` consecutive samples, [Σ y·patch; Σ patch] = [Y; 1]·colsᵀ
+    /// computed by `product(rows, result)` ((C_out + 1) × K), widened into the Double tree.
+    private func addPatchStatisticsLeaf(y: UnsafePointer<Scalar>, K: Int, P: Int, count: Int,
+                                        product: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>) -> Void) {
+        let C = outputChannels
+        sampleRows.withUnsafeMutableBufferPointer { a in
+            fillLeafRows(a.baseAddress!, dy: y, y: nil, ones: true, count: count, P: P, sampleMajor: true)
+            sampleResult.withUnsafeMutableBufferPointer { r in
+                product(a.baseAddress!, r.baseAddress!)
+                patchStatisticsTree!.add { Scalar.widen(r.baseAddress!, count: (C + 1) * K, into: $0) }
+            }
+        }
+    }
+
     /// The rows of a leaf's product for `count` consecutive samples: dY (C_out rows), and with `y`
     /// Y and a row of ones; sample-major (each sample's rows × P block in turn) or channel-major
     /// (each row spanning the samples' P positions in turn: the GEMM operand over count·P columns).
-    private func fillLeafRows(_ a: UnsafeMutablePointer<Scalar>, dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>?, count: Int, P: Int,
-                              sampleMajor: Bool) {
-        let C = outputChannels, rows = y == nil ? C : 2 * C + 1
+    /// (`ones` adds the row of ones without Y: [Y; 1] when `dy` is given Y.)
+    private func fillLeafRows(_ a: UnsafeMutablePointer<Scalar>, dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>?, ones: Bool? = nil,
+                              count: Int, P: Int, sampleMajor: Bool) {
+        let C = outputChannels, withOnes = ones ?? (y != nil), rows = C + (y == nil ? 0 : C) + (withOnes ? 1 : 0)
         for i in 0..<count {
             let block = sampleMajor ? a + i * rows * P : a + i * P, rowStride = sampleMajor ? P : count * P
             for co in 0..<C {
                 (block + co * rowStride).update(from: dy + (i * C + co) * P, count: P)
                 if let y { (block + (C + co) * rowStride).update(from: y + (i * C + co) * P, count: P) }
             }
-            if y != nil { (block + 2 * C * rowStride).update(repeating: 1, count: P) }
+            if withOnes { (block + (rows - 1) * rowStride).update(repeating: 1, count: P) }
         }
     }
 
@@ -587,14 +602,18 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         let c = oneDNNChunkSize(g)
         let data = try oneDNN(g, minibatch: c)
         let L = weightGradientLeaf
-        let perLeaf = try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: fused ? 2 * C + 1 : C)
-        // Without patch statistics the leaves stay in oneDNN's layout, reordered once at the end.
-        let blockedCount = fused ? 0 : perLeaf.blockedWeightGradientCount
+        let perLeaf = try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: C)
+        // Cross-iteration BN's patch statistics: a second call per leaf with C_out + 1 output
+        // channels on [Y; 1] (one call on [dY; Y; 1] doubles the weight gradient's channels and
+        // loses its blocked sum: measured slower, docs/performance.md).
+        let statistics = fused ? try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: C + 1) : nil
+        // The weight-gradient leaves stay in oneDNN's layout, reordered once at the end.
+        let blockedCount = perLeaf.blockedWeightGradientCount
         if blockedCount > 0 {
             if blockedWeightGradientTree?.width != blockedCount { blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount) }
             blockedWeightGradientTree!.reset()
             blockedWeightGradient = perLeaf
-        } else if !fused {
+        } else {
             preparePlainTree(width: C * K)
         }
         let inPlane = inputChannels * g.height * g.width, outPlane = C * P
@@ -611,12 +630,13 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                             let d = UnsafeMutableRawPointer(dxs.baseAddress!).assumingMemoryBound(to: Float.self)
                             timedGEMM(m: C, n: K, k: n * P) {
                                 for s in Swift.stride(from: 0, to: n, by: L) {
-                                    if fused {
-                                        addFusedLeaf(dy: dys.baseAddress! + s * outPlane, y: ys.baseAddress! + s * outPlane, K: K, P: P, count: L) { rows, result in
-                                            perLeaf.backwardWeights(x: x + s * inPlane, dy: UnsafeRawPointer(rows).assumingMemoryBound(to: Float.self),
-                                                                    into: UnsafeMutableRawPointer(result).assumingMemoryBound(to: Float.self))
+                                    if let statistics {
+                                        addPatchStatisticsLeaf(y: ys.baseAddress! + s * outPlane, K: K, P: P, count: L) { rows, result in
+                                            statistics.backwardWeights(x: x + s * inPlane, dy: UnsafeRawPointer(rows).assumingMemoryBound(to: Float.self),
+                                                                       into: UnsafeMutableRawPointer(result).assumingMemoryBound(to: Float.self))
                                         }
-                                    } else if blockedCount > 0 {
+                                    }
+                                    if blockedCount > 0 {
                                         blockedWeightGradientTree!.add { leaf in
                                             perLeaf.backwardWeightsBlocked(x: x + s * inPlane, dy: dy + s * outPlane, into: leaf)
                                         }
