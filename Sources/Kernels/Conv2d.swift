@@ -463,13 +463,12 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         }
     }
 
-    /// The fused leaf of `count` consecutive samples with its product computed by
-    /// `product(rows, result)`: rows = [dY; Y; 1] of the samples ((2·C_out + 1) × P each, one
-    /// sample after another: oneDNN's minibatch layout), result = (2·C_out + 1) × K.
-    private func addFusedLeaf(dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>, K: Int, P: Int, count: Int = 1,
+    /// The fused leaf of one sample with its product computed by `product(rows, result)`: rows =
+    /// [dY_s; Y_s; 1] ((2·C_out + 1) × P), result = rows·cols_sᵀ ((2·C_out + 1) × K).
+    private func addFusedLeaf(dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>, K: Int, P: Int,
                               product: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>) -> Void) {
         sampleRows.withUnsafeMutableBufferPointer { a in
-            fillLeafRows(a.baseAddress!, dy: dy, y: y, count: count, P: P, sampleMajor: true)
+            fillLeafRows(a.baseAddress!, dy: dy, y: y, count: 1, P: P, sampleMajor: true)
             sampleResult.withUnsafeMutableBufferPointer { r in
                 product(a.baseAddress!, r.baseAddress!)
             }
@@ -593,9 +592,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     }
 
     /// oneDNN's backward: each leaf's weight gradient (one backward-weights call at minibatch L =
-    /// ``weightGradientLeaf``, 1 by default, the same shape for every leaf; with patch statistics,
-    /// one call with 2·C_out + 1 output channels on [dY_s; Y_s; 1]) added along the pairwise tree,
-    /// and the input gradient over the forward's chunks.
+    /// ``weightGradientLeaf``, 1 by default, the same shape for every leaf, summed in oneDNN's
+    /// layout where it has its own; with patch statistics, a second call with C_out + 1 output
+    /// channels on [Y; 1]) added along the pairwise tree, and the input gradient over the
+    /// forward's chunks.
     private func oneDNNBackward(_ g: ConvolutionGeometry, input: Tensor<Scalar>, output: Tensor<Scalar>, outputGradient: Tensor<Scalar>,
                                 offset: Int, fused: Bool, into dx: inout Tensor<Scalar>) throws {
         let n = input.shape[0], C = outputChannels, K = g.patchSize, P = g.positions
