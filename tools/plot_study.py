@@ -200,7 +200,7 @@ def plot_experiment(experiment, out):
         elif kind in ("statistics",):
             drawn = draw_statistics(ax, panel)
             ax.set_title(panel["title"], fontsize=9)
-        elif kind == "budget":
+        elif kind in ("budget", "crossed"):
             drawn = draw_final(ax, panel, "precise")
             ax.set_title(panel["title"], fontsize=9)
         elif kind == "leakage":

@@ -2,6 +2,7 @@
 #include "dnnl_convolution.h"
 
 #include <dnnl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,23 +21,38 @@ static void apply_threads(void) {
     if (desired_threads > 0 && omp_get_max_threads() != desired_threads) omp_set_num_threads(desired_threads);
 }
 
+/// One engine for the process, created once (in-process ranks are threads that may ask for it at
+/// the same moment: two engines would leave memory of one and primitives of the other). Each
+/// thread executes on a stream of its own, since a oneDNN stream is not to be shared by threads.
 static dnnl_engine_t shared_engine;
-static dnnl_stream_t shared_stream;
+static int engine_status;
+static pthread_once_t engine_once = PTHREAD_ONCE_INIT;
+static pthread_key_t stream_key;   // this thread's stream, destroyed when the thread ends
+
+static void destroy_stream(void *s) { dnnl_stream_destroy((dnnl_stream_t)s); }
+
+static void create_engine(void) {
+    if (pthread_key_create(&stream_key, destroy_stream) != 0 || dnnl_engine_create(&shared_engine, dnnl_cpu, 0) != dnnl_success) {
+        shared_engine = NULL;
+        engine_status = 1;
+    }
+}
 
 static int ensure_engine(char *error, size_t length) {
-    if (shared_engine) return 0;
-    if (dnnl_engine_create(&shared_engine, dnnl_cpu, 0) != dnnl_success) {
-        snprintf(error, length, "oneDNN could not create a CPU engine");
-        shared_engine = NULL;
-        return 1;
+    pthread_once(&engine_once, create_engine);
+    if (engine_status) snprintf(error, length, "oneDNN could not create a CPU engine");
+    return engine_status;
+}
+
+/// This thread's stream (NULL if oneDNN cannot make one: the call then fails).
+static dnnl_stream_t stream(void) {
+    if (!shared_engine) return NULL;
+    dnnl_stream_t s = (dnnl_stream_t)pthread_getspecific(stream_key);
+    if (!s) {
+        if (dnnl_stream_create(&s, shared_engine, dnnl_stream_default_flags) != dnnl_success) return NULL;
+        pthread_setspecific(stream_key, s);
     }
-    if (dnnl_stream_create(&shared_stream, shared_engine, dnnl_stream_default_flags) != dnnl_success) {
-        snprintf(error, length, "oneDNN could not create a CPU stream");
-        dnnl_engine_destroy(shared_engine);
-        shared_engine = NULL;
-        return 1;
-    }
-    return 0;
+    return s;
 }
 
 /// One argument of a primitive: the user's plain memory, and where oneDNN wants another layout,
@@ -144,7 +160,7 @@ static double now(void) {
 static int run_reorder(argument *a, dnnl_memory_t from, dnnl_memory_t to) {
     double start = now();
     dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
-    int failed = dnnl_primitive_execute(a->reorder, shared_stream, 2, r) != dnnl_success;
+    int failed = !stream() || dnnl_primitive_execute(a->reorder, stream(), 2, r) != dnnl_success;
     double elapsed = now() - start;
     if (a->arg == DNNL_ARG_WEIGHTS || a->arg == DNNL_ARG_DIFF_WEIGHTS) seconds_weight_reorders += elapsed;
     else seconds_activation_reorders += elapsed;
@@ -181,12 +197,12 @@ static int execute_into(operation *op, void *const *handles, void *blocked_outpu
         args[n].memory = op->scratchpad;
         n++;
     }
-    if (dnnl_primitive_execute(op->primitive, shared_stream, n, args) != dnnl_success) goto done;
+    if (!stream() || dnnl_primitive_execute(op->primitive, stream(), n, args) != dnnl_success) goto done;
     for (int i = 0; i < op->count; i++) {
         argument *a = &op->args[i];
         if (a->internal && a->is_output && !blocked_output && run_reorder(a, a->internal, a->user)) goto done;
     }
-    status = dnnl_stream_wait(shared_stream) == dnnl_success ? 0 : 1;
+    status = dnnl_stream_wait(stream()) == dnnl_success ? 0 : 1;
 done:
     for (int i = 0; blocked_output && i < op->count; i++) {
         argument *a = &op->args[i];
@@ -364,7 +380,7 @@ int syncbn_dnnl_convolution_weights_gradient_to_plain(syncbn_dnnl_convolution *c
     int status = 1;
     if (dnnl_memory_set_data_handle(a->internal, (void *)blocked) == dnnl_success && dnnl_memory_set_data_handle(a->user, dw) == dnnl_success &&
         !run_reorder(a, a->internal, a->user))
-        status = dnnl_stream_wait(shared_stream) == dnnl_success ? 0 : 1;
+        status = dnnl_stream_wait(stream()) == dnnl_success ? 0 : 1;
     dnnl_memory_set_data_handle(a->internal, a->buffer);
     seconds_total += now() - start;
     return status;

@@ -17,6 +17,7 @@ extension ModelKind: ExpressibleByArgument {
 extension SamplerKind: ExpressibleByArgument {}
 extension CrossIterationGradient: ExpressibleByArgument {}
 extension EvaluationStatistics: ExpressibleByArgument {}
+extension PreciseBNDomains: ExpressibleByArgument {}
 extension LearningRateSchedule: ExpressibleByArgument {}
 extension ConvolutionBackend: ExpressibleByArgument {}
 extension ConvolutionBackendSetting: ExpressibleByArgument {

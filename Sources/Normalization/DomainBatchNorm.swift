@@ -215,4 +215,13 @@ public final class DomainBatchNorm<Scalar: BatchNormScalar>: Layer {
         runningMeans[d].value.scalars = mean.map { Scalar($0) }
         runningVariances[d].value.scalars = variance.map { Scalar($0) }
     }
+
+    /// Gives every domain the running statistics of domain `source` (one shared set, as a model
+    /// trained without domain-specific statistics has).
+    public func shareStatistics(of source: Int) {
+        for d in 0..<domainCount where d != source {
+            runningMeans[d].value.scalars = runningMeans[source].value.scalars
+            runningVariances[d].value.scalars = runningVariances[source].value.scalars
+        }
+    }
 }

@@ -122,6 +122,20 @@ public final class StudyRunner {
                 try writeJSON(outcome, to: recordPath(job.key))
                 continue
             }
+            if let parent = job.parent, !FileManager.default.fileExists(atPath: jobDirectory(parent.key) + "/model.safetensors") {
+                // The record is kept but the checkpoint is not (job directories stay on the machine
+                // that ran them): train the parent again and keep the record of that run, the one
+                // whose checkpoint this job evaluates.
+                let started = Date()
+                let again = runOne(parent.job)
+                try writeJSON(again, to: recordPath(parent.key))
+                log(String(format: "[%d/%d] %@ trained again for its checkpoint in %.0f s%@", index + 1, pending.count, parent.key,
+                           Date().timeIntervalSince(started), again.status == .ok ? "" : ": FAILED: " + (again.error ?? "")))
+                guard again.status == .ok else {
+                    try writeJSON(StudyRecord(key: job.key, job: job, status: .failed, error: "its training job \(parent.key) failed", seconds: 0), to: recordPath(job.key))
+                    continue
+                }
+            }
             let started = Date()
             let outcome = runOne(job)
             try writeJSON(outcome, to: recordPath(job.key))
@@ -146,7 +160,7 @@ public final class StudyRunner {
     /// A short description of a job for progress lines.
     public static func label(_ job: StudyJob) -> String {
         let o = job.options
-        if job.kind == .precise { return "PreciseBN with \(o["precise-bn-samples"] ?? "?") samples" }
+        if job.kind == .precise { return "PreciseBN with \(o["precise-bn-samples"] ?? "?") samples" + (o["precise-bn-domains"].map { ", \($0)" } ?? "") }
         var parts = [o["norm"] ?? "syncbn", "b=\(o["batch-size"] ?? "32")"]
         if let g = o["sync-group-size"] { parts.append("group \(g)") }
         if let g = o["ghost-batch-size"] { parts.append("ghost \(g)") }
@@ -189,10 +203,13 @@ public final class StudyRunner {
                     return failed("evaluate printed no JSON result")
                 }
                 var r = StudyResult()
-                r.emaAccuracy = (object["ema"] as? [String: Double])?["accuracy"]
-                r.emaLoss = (object["ema"] as? [String: Double])?["loss"]
-                r.preciseAccuracy = (object["precise"] as? [String: Double])?["accuracy"]
-                r.preciseLoss = (object["precise"] as? [String: Double])?["loss"]
+                let ema = object["ema"] as? [String: Any], precise = object["precise"] as? [String: Any]
+                r.emaAccuracy = ema?["accuracy"] as? Double
+                r.emaLoss = ema?["loss"] as? Double
+                r.emaDomainAccuracies = (ema?["domain_accuracy"] as? [Any]).map { $0.map { $0 as? Double } }
+                r.preciseAccuracy = precise?["accuracy"] as? Double
+                r.preciseLoss = precise?["loss"] as? Double
+                r.preciseDomainAccuracies = (precise?["domain_accuracy"] as? [Any]).map { $0.map { $0 as? Double } }
                 result = r
             }
             return StudyRecord(key: job.key, job: job, status: .ok, seconds: Date().timeIntervalSince(started), result: result)

@@ -252,10 +252,10 @@ public struct StudySummary: Codable, Sendable {
         default:
             var xs: [Double] = []
             for series in panel.series { for point in series.points where !xs.contains(point.x) { xs.append(point.x) } }
-            let header = "| series | " + xs.map { StudyCatalog.format($0) }.joined(separator: " | ") + " |"
+            let header = (panel.kind == .crossed ? "| series \\ \(panel.xLabel) | " : "| series | ") + xs.map { StudyCatalog.format($0) }.joined(separator: " | ") + " |"
             var rows = [header, "|---|" + String(repeating: "---|", count: xs.count)]
             for series in panel.series {
-                let statistics: [String?] = panel.kind == .statistics ? ["ema", "precise"] : panel.kind == .budget ? ["precise"] : [nil]
+                let statistics: [String?] = panel.kind == .statistics ? ["ema", "precise"] : [.budget, .crossed].contains(panel.kind) ? ["precise"] : [nil]
                 for stats in statistics {
                     let name = series.name + (panel.kind == .statistics ? (stats == "ema" ? ", EMA" : ", PreciseBN") : "")
                     rows.append("| \(name) | " + xs.map { x in series.points.first { $0.x == x }.map { cell($0, statistics: stats) } ?? "" }
@@ -270,8 +270,8 @@ public struct StudySummary: Codable, Sendable {
     /// series' trend across the grid, with 95 % intervals (EMA statistics; PreciseBN for budget
     /// panels). Empty for panels without a grid of final errors.
     func comparisons(_ panel: Panel) -> [String] {
-        guard [.final, .statistics, .budget].contains(panel.kind) else { return [] }
-        let usePrecise = panel.kind == .budget
+        guard [.final, .statistics, .budget, .crossed].contains(panel.kind) else { return [] }
+        let usePrecise = [.budget, .crossed].contains(panel.kind)
         func bySeed(_ point: Point) -> [Int: Double] { Point.seeds(usePrecise ? point.preciseBySeed : point.emaBySeed) }
         var lines: [String] = []
         if panel.series.count > 1, let reference = panel.series.first {

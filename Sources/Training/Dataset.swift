@@ -57,6 +57,17 @@ public struct Dataset: Sendable {
         return part
     }
 
+    /// The samples of domain `domain`, in their order, as a new data set (its domain labels kept).
+    public func subset(domain: Int32) -> Dataset {
+        guard let all = domains else { return self }
+        let indices = all.indices.filter { all[$0] == domain }
+        let (x, y) = batch(indices)
+        var part = Dataset(sampleShape: sampleShape, classes: classes, samples: x.scalars, labels: y)
+        part.paddingValues = paddingValues
+        part.domains = indices.map { all[$0] }
+        return part
+    }
+
     /// The domain labels of the samples at `indices` (nil without domains).
     public func domains<C: Collection>(of indices: C) -> [Int32]? where C.Element == Int {
         domains.map { all in indices.map { all[$0] } }

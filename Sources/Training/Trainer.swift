@@ -36,6 +36,13 @@ extension Communicator {
     }
 }
 
+/// How PreciseBN's statistics treat data with domain labels: one set over all domains, or one
+/// per domain.
+public enum PreciseBNDomains: String, CaseIterable, Sendable {
+    case pooled
+    case perDomain = "per-domain"
+}
+
 /// Held-out loss and accuracy over all ranks.
 public struct Evaluation: Equatable, Sendable {
     public let loss: Double
@@ -323,19 +330,20 @@ public final class Trainer {
 
     /// Held-out loss and accuracy with the running statistics (inference mode: no BN collectives).
     /// Each rank evaluates its contiguous piece; one all-reduce combines them.
-    public func evaluate() throws -> Evaluation {
+    public func evaluate(on dataset: Dataset? = nil) throws -> Evaluation {
         try chooseConvolutionBackends()
         watchdog?.context = "evaluation after step \(step)"
-        let piece = contiguousPiece(of: data.heldOut.count, parts: world.size, index: world.rank)
+        let heldOut = dataset ?? data.heldOut
+        let piece = contiguousPiece(of: heldOut.count, parts: world.size, index: world.rank)
         var loss = FixedPointLoss(), correct = 0
         // With domain labels: correct and all samples per domain, the same first-maximum rule.
-        let domainCount = data.heldOut.domains == nil ? 0 : data.heldOut.domainCount
+        let domainCount = heldOut.domains == nil ? 0 : heldOut.domainCount
         var perDomain = [Int64](repeating: 0, count: 2 * domainCount)
         var start = piece.lowerBound
         while start < piece.upperBound {
             let end = min(start + configuration.evalBatchSize, piece.upperBound)
-            let (x, labels) = data.heldOut.batch(start..<end)
-            let domains = data.heldOut.domains(of: start..<end)
+            let (x, labels) = heldOut.batch(start..<end)
+            let domains = heldOut.domains(of: start..<end)
             network.setDomains(domains)
             network.sampleOffset = start
             let logits = try network.forward(x, mode: .inference)
@@ -378,6 +386,9 @@ public final class Trainer {
                           domainAccuracies: domainAccuracies)
     }
 
+    /// The report of the last PreciseBN pass.
+    public private(set) var lastPreciseBNReport: PreciseBN.Report?
+
     /// The running statistics by buffer name.
     var runningStatistics: [String: [Float]] {
         Dictionary(uniqueKeysWithValues: network.namedBuffers.map { ($0.name, $0.buffer.value.scalars) })
@@ -387,12 +398,63 @@ public final class Trainer {
     /// configured budget and batch size (the model is otherwise untouched). With `rememberEMA`
     /// the EMA values are kept in ``emaBuffers`` (and so in the next checkpoint).
     @discardableResult
-    public func recomputePopulationStatistics(on dataset: Dataset? = nil, rememberEMA: Bool = false) throws -> PreciseBN.Report {
+    public func recomputePopulationStatistics(on dataset: Dataset? = nil, sampleBudget: Int? = nil, rememberEMA: Bool = false) throws -> PreciseBN.Report {
         watchdog?.context = "PreciseBN after step \(step)"
         if rememberEMA && emaBuffers == nil { emaBuffers = runningStatistics }
-        return try PreciseBN.recompute(network: network, data: dataset ?? data.train, sampleBudget: configuration.preciseBNSamples,
+        let report = try PreciseBN.recompute(network: network, data: dataset ?? data.train, sampleBudget: sampleBudget ?? configuration.preciseBNSamples,
                                 batchSize: configuration.preciseBNBatchSize ?? configuration.batchSize,
                                 seed: configuration.seed, world: world)
+        lastPreciseBNReport = report
+        return report
+    }
+
+    /// Recomputes PreciseBN's statistics pooled over the domains or per domain, which need not be
+    /// what the network trained with (Wu & Johnson 2021 §5's inconsistent pairs), and evaluates with
+    /// them; nil recomputes them the network's own way, as ``recomputePopulationStatistics(on:rememberEMA:)``.
+    ///
+    /// - `.pooled` on a network with domain-specific BN: one set of statistics over every domain's
+    ///   samples (the same samples and order as the per-domain pass), given to every domain.
+    /// - `.perDomain` on a network with one set of statistics: for each domain, the statistics of
+    ///   its own training samples, used for its own held-out samples (AdaBN per domain); the network
+    ///   keeps the last domain's statistics afterwards, so this is for evaluation, not for saving.
+    ///   The sample budget is shared by the domains in proportion to their training samples, as
+    ///   in a pooled pass.
+    public func evaluateWithPopulationStatistics(domains: PreciseBNDomains?, rememberEMA: Bool = false) throws -> Evaluation {
+        let own: PreciseBNDomains = network.hasDomainBatchNorm ? .perDomain : .pooled
+        guard let domains, domains != own else {
+            try recomputePopulationStatistics(rememberEMA: rememberEMA)
+            return try evaluate()
+        }
+        guard let trainDomains = data.train.domains, data.heldOut.domains != nil else {
+            throw CollectiveRunError("PreciseBN statistics \(domains.rawValue) need domain labels for the training and held-out sets")
+        }
+        switch domains {
+        case .pooled:
+            var pooled = data.train
+            pooled.domains = [Int32](repeating: 0, count: trainDomains.count)
+            try recomputePopulationStatistics(on: pooled, rememberEMA: rememberEMA)
+            for entry in network.leaves { (entry.layer as? DomainBatchNorm<Float>)?.shareStatistics(of: 0) }
+            return try evaluate()
+        case .perDomain:
+            var loss = 0.0, correct = 0.0, count = 0
+            var accuracies: [Double] = []
+            for d in 0..<max(data.train.domainCount, data.heldOut.domainCount) {
+                let heldOut = data.heldOut.subset(domain: Int32(d)), train = data.train.subset(domain: Int32(d))
+                guard heldOut.count > 0 else { accuracies.append(.nan); continue }
+                guard train.count >= 2 else {
+                    throw CollectiveRunError("PreciseBN statistics per domain: domain \(d) has \(train.count) training sample(s), fewer than 2")
+                }
+                // The budget is shared by the domains as in the pooled pass: each its share of the samples.
+                let budget = max(2, Int((Double(configuration.preciseBNSamples) * Double(train.count) / Double(data.train.count)).rounded()))
+                try recomputePopulationStatistics(on: train, sampleBudget: budget, rememberEMA: rememberEMA)
+                let e = try evaluate(on: heldOut)
+                loss += e.loss * Double(e.count)
+                correct += (e.accuracy * Double(e.count)).rounded()
+                count += e.count
+                accuracies.append(e.accuracy)
+            }
+            return Evaluation(loss: loss / Double(count), accuracy: correct / Double(count), count: count, domainAccuracies: accuracies)
+        }
     }
 
     /// Evaluates with the statistics `--eval-stats` asks for. PreciseBN's statistics replace the

@@ -34,6 +34,8 @@ struct Evaluate: ParsableCommand {
     var preciseBnSamples: Int?
     @Option(parsing: .unconditional, help: "With --precise-bn-samples: samples per rank per forward pass (default: the training batch size).")
     var preciseBnBatchSize: Int?
+    @Option(help: ArgumentHelp("With --precise-bn-samples and domain labels: the statistics pooled over the domains or one set per domain (default: as the model trained). The other one is the inconsistent pair of training and inference statistics.", valueName: "pooled|per-domain"))
+    var preciseBnDomains: PreciseBNDomains?
     @Flag(help: "Also print the results as one JSON object on standard output.")
     var json = false
     @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
@@ -51,12 +53,13 @@ struct Evaluate: ParsableCommand {
             guard (1...(1 << 20)).contains(b) else { throw ValidationError("--precise-bn-batch-size must be between 1 and 1048576, got \(b)") }
             guard preciseBnSamples != nil else { throw ValidationError("--precise-bn-batch-size applies with --precise-bn-samples only") }
         }
+        if preciseBnDomains != nil && preciseBnSamples == nil { throw ValidationError("--precise-bn-domains applies with --precise-bn-samples only") }
     }
 
     func run() throws {
         memory.apply()
         let resumePath = resume, inputsPath = inputs, logitsPath = logits, limit = limit, json = json
-        let recompute = preciseBnSamples, recomputeBatch = preciseBnBatchSize
+        let recompute = preciseBnSamples, recomputeBatch = preciseBnBatchSize, recomputeDomains = preciseBnDomains
         let prepared = Result { () -> (TrainingConfiguration, DataSplit) in
             var (configuration, split) = try loadCheckpointRun(resumePath, data: nil, evalData: evalData)
             if let recompute {
@@ -77,8 +80,7 @@ struct Evaluate: ParsableCommand {
             var results: [(String, Evaluation)] = []
             if recompute != nil {
                 results.append(("EMA", try trainer.evaluate()))
-                _ = try trainer.recomputePopulationStatistics(rememberEMA: true)
-                results.append(("PreciseBN", try trainer.evaluate()))
+                results.append((recomputeDomains.map { "PreciseBN \($0.rawValue)" } ?? "PreciseBN", try trainer.evaluateWithPopulationStatistics(domains: recomputeDomains, rememberEMA: true)))
             } else {
                 if stored == "precise" {
                     results.append(("EMA", try trainer.evaluate()))
@@ -104,6 +106,7 @@ struct Evaluate: ParsableCommand {
                         object[statistics == "EMA" ? "ema" : "precise"] = entry
                     }
                     if let recompute { object["precise_bn_samples"] = recompute }
+                    if let recomputeDomains { object["precise_bn_domains"] = recomputeDomains.rawValue }
                     let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
                     FileHandle.standardOutput.write(data + Data("\n".utf8))
                 }

@@ -41,6 +41,8 @@ struct RecomputeStats: ParsableCommand {
     @Option(help: "Held-out data for the before/after accuracy (default: the source's test set or last 10%).")
     var evalData: String?
     @OptionGroup var precise: PreciseBNOptions
+    @Option(help: ArgumentHelp("With domain labels and --domain-bn: `pooled` gives every domain the statistics of all domains' samples together (default: per-domain, as the network trained).", valueName: "pooled|per-domain"))
+    var preciseBnDomains: PreciseBNDomains?
     @Option(parsing: .unconditional, help: "Run N ranks as threads of this process instead of under mpirun.")
     var simulateRanks: Int?
 
@@ -54,7 +56,7 @@ struct RecomputeStats: ParsableCommand {
 
     func run() throws {
         memory.apply()
-        let resumePath = resume, savePath = save, options = precise
+        let resumePath = resume, savePath = save, options = precise, domains = preciseBnDomains
         let prepared = Result { () -> (TrainingConfiguration, DataSplit) in
             var (configuration, split) = try loadCheckpointRun(resumePath, data: data, evalData: evalData)
             configuration.preciseBNSamples = options.preciseBnSamples
@@ -67,9 +69,18 @@ struct RecomputeStats: ParsableCommand {
             if let note, world.rank == 0 { FileHandle.standardError.write(Data(("recompute-stats: note: " + note + "\n").utf8)) }
             let trainer = try world.agreeing { try Trainer(configuration: configuration, data: split, world: world) }
             try world.agreeing { try trainer.resume(from: resumePath, forTraining: false) }
+            if domains == .perDomain && !trainer.network.hasDomainBatchNorm {
+                throw CollectiveRunError("--precise-bn-domains per-domain: this network keeps one set of statistics (it trained without --domain-bn); evaluate --precise-bn-domains per-domain evaluates it with per-domain ones")
+            }
             let before = try trainer.evaluate()
-            let report = try trainer.recomputePopulationStatistics(rememberEMA: true)
-            let after = try trainer.evaluate()
+            let report: PreciseBN.Report, after: Evaluation
+            if domains == .pooled && trainer.network.hasDomainBatchNorm {
+                after = try trainer.evaluateWithPopulationStatistics(domains: .pooled, rememberEMA: true)
+                report = trainer.lastPreciseBNReport!
+            } else {
+                report = try trainer.recomputePopulationStatistics(rememberEMA: true)
+                after = try trainer.evaluate()
+            }
             try trainer.verifyReplicasAgree()
             try trainer.save(to: savePath, extraMetadata: ["statistics": "precise", "precise_bn_samples": String(report.samples),
                                                            "precise_bn_data": configuration.data])

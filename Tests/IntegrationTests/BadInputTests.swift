@@ -108,6 +108,26 @@ final class BadInputTests: XCTestCase {
         }
     }
 
+    /// PreciseBN per domain or pooled where it cannot be: without domain labels, without
+    /// --precise-bn-samples, and saved into a network that keeps one set of statistics.
+    func testDomainStatisticsThatCannotBeAreOneLineErrors() throws {
+        let path = dir + "/plain.safetensors"
+        let train = try Harness.direct(Harness.train, ["--data", "synthetic:train=64,heldout=16", "--steps", "2", "--save", path], timeout: 60)
+        XCTAssertEqual(train.status, 0, describe(train))
+        assertOneLineError(try Harness.direct(Harness.train, ["evaluate", "--resume", path, "--precise-bn-samples", "32", "--precise-bn-domains", "per-domain"], timeout: 60),
+                           mentions: ["per-domain", "domain labels"])
+        let usage = try Harness.direct(Harness.train, ["evaluate", "--resume", path, "--precise-bn-domains", "pooled"], timeout: 60)
+        XCTAssertEqual(usage.status, 64, describe(usage))
+        XCTAssertTrue(usage.stderr.contains("--precise-bn-domains applies with --precise-bn-samples only"), describe(usage))
+        let twoDomain = dir + "/two.safetensors"
+        let shared = try Harness.direct(Harness.train, ["--data", "two-domain:synthetic:train=64,heldout=16", "--steps", "2", "--save", twoDomain], timeout: 60)
+        XCTAssertEqual(shared.status, 0, describe(shared))
+        assertOneLineError(try Harness.direct(Harness.train, ["recompute-stats", "--resume", twoDomain, "--save", dir + "/out.safetensors",
+                                                              "--precise-bn-domains", "per-domain"], timeout: 60),
+                           mentions: ["per-domain", "one set of statistics", "evaluate"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/out.safetensors"), "nothing written")
+    }
+
     /// A disk that fills up while a checkpoint is written: one line, the previous file kept, no
     /// partial file left. Needs a small tmpfs (root); skipped where it cannot be mounted.
     func testAFullDiskKeepsThePreviousCheckpoint() throws {

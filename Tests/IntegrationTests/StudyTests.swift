@@ -176,6 +176,59 @@ final class StudyTests: XCTestCase {
         XCTAssertTrue(summary.markdown.contains("(1 failed)"))
     }
 
+    /// E8's inconsistent pairs are PreciseBN jobs on a training job's checkpoint. Job directories
+    /// are not committed, so a study resumed elsewhere lacks the checkpoint: the parent is trained
+    /// again (its record replaced by that run's) and the evaluations read the new checkpoint. The
+    /// evaluation that recomputes the statistics the way the network trained gives the training
+    /// run's own final PreciseBN numbers; the other way gives different ones.
+    func testAPreciseJobWhoseCheckpointIsGoneTrainsItsParentAgain() throws {
+        let directory = try temporaryDirectory()
+        let parent = StudyJob(ranks: 2, options: ["data": "two-domain-contrast:synthetic:train=96,heldout=32,seed=2", "batch-size": "8",
+                                                  "steps": "6", "width": "0.25", "log-every": "1", "norm": "syncbn", "domain-bn": "",
+                                                  "eval-stats": "both"])
+        let own = StudyJob(kind: .precise, ranks: 2, options: ["precise-bn-samples": "8192", "precise-bn-domains": "per-domain"], parent: parent)
+        let other = StudyJob(kind: .precise, ranks: 2, options: ["precise-bn-samples": "8192", "precise-bn-domains": "pooled"], parent: parent)
+        let experiment = StudyExperiment(name: "t", title: "t", claim: "t", panels: [
+            StudyPanel(name: "p", title: "p", kind: .crossed, xLabel: "x", xScale: "linear", points: [
+                StudyPoint(series: "own", x: 1, seed: 1, job: own), StudyPoint(series: "other", x: 1, seed: 1, job: other),
+            ], domain: 1),
+        ])
+        var launcher = StudyLauncher(trainBinary: Harness.train)
+        launcher.simulate = true
+        launcher.jobTimeout = 120
+        let runner = try StudyRunner(directory: directory, launcher: launcher)
+        var lines: [String] = []
+        runner.log = { lines.append($0) }
+        XCTAssertEqual(try runner.run([experiment], settings: .quickSettings), 3)
+        func assertFinished(_ jobs: [StudyJob]) {
+            for job in jobs {
+                XCTAssertEqual(runner.record(job.key)?.status, .ok, "\(job.key): " + (runner.record(job.key)?.error ?? "no error") + "\n" +
+                               ((try? String(contentsOfFile: runner.jobDirectory(job.key) + "/log.txt", encoding: .utf8)) ?? "no log"))
+            }
+        }
+        assertFinished([parent, own, other])
+        let trained = try XCTUnwrap(runner.record(parent.key)?.result)
+        let ownResult = try XCTUnwrap(runner.record(own.key)?.result), otherResult = try XCTUnwrap(runner.record(other.key)?.result)
+        XCTAssertEqual(ownResult.preciseAccuracy, trained.preciseAccuracy)
+        XCTAssertEqual(try XCTUnwrap(ownResult.preciseDomainAccuracies), try XCTUnwrap(trained.preciseDomainAccuracies))
+        XCTAssertEqual(ownResult.emaAccuracy, trained.emaAccuracy, "the checkpoint's stored statistics are the EMA")
+        XCTAssertNotEqual(otherResult.preciseLoss, ownResult.preciseLoss)
+
+        // Elsewhere: the records without the job directories; the evaluations to run again.
+        try FileManager.default.removeItem(atPath: runner.jobDirectory(parent.key))
+        for job in [own, other] { try FileManager.default.removeItem(atPath: runner.recordPath(job.key)) }
+        lines = []
+        XCTAssertEqual(try runner.run([experiment], settings: .quickSettings), 2)
+        assertFinished([parent, own, other])
+        XCTAssertEqual(lines.filter { $0.contains("\(parent.key) trained again for its checkpoint") }.count, 1, lines.joined(separator: "\n"))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: runner.jobDirectory(parent.key) + "/model.safetensors"))
+        let again = try XCTUnwrap(runner.record(own.key)?.result)
+        XCTAssertEqual(again.preciseAccuracy, try XCTUnwrap(runner.record(parent.key)?.result).preciseAccuracy)
+        let summary = StudySummary(settings: .quickSettings, experiments: [experiment], record: runner.record)
+        XCTAssertTrue(summary.markdown.contains("| series \\ x | 1 |"), summary.markdown)
+        XCTAssertTrue(summary.markdown.contains("Paired differences (PreciseBN error"), summary.markdown)
+    }
+
     /// The quick study end to end under mpirun; then an interrupted study (records removed)
     /// runs only its missing jobs, and launch/plot draws every experiment.
     func testQuickStudyUnderMPIResumesAndPlots() throws {

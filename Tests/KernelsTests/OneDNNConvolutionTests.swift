@@ -1,3 +1,4 @@
+import Foundation
 import Kernels
 import TestSupport
 import XCTest
@@ -45,6 +46,37 @@ extension LayerTests {
             XCTAssertLessThan(relativeError(onednn.y, im2col.y.map(Double.init)), 1e-5, "forward against im2col, \(label)")
             XCTAssertLessThan(relativeError(onednn.dx, im2col.dx.map(Double.init)), 1e-5, "input gradient against im2col, \(label)")
             XCTAssertLessThan(relativeError(onednn.dw, im2col.dw.map(Double.init)), 1e-5, "weight gradient against im2col, \(label)")
+        }
+    }
+
+    /// In-process ranks are threads: several layers creating their primitives and running them at
+    /// the same moment on different threads give bit for bit what each gives alone (one engine for
+    /// the process, a stream per thread; a stream shared by the threads failed calls now and then).
+    func testOneDNNConvolutionsOnConcurrentThreadsGiveTheirSequentialResults() throws {
+        let threads = 4, rounds = 12
+        var random = DeterministicRandom(seed: 71)
+        let reference = Conv2d<Float>(inputChannels: 8, outputChannels: 16, kernelSize: 3, stride: 1, padding: 1, bias: false, random: &random)
+        let inputs = (0..<threads).map { randomTensor([4, 8, 12, 12], seed: 80 + UInt64($0)).converted(to: Float.self) }
+        let gradients = (0..<threads).map { randomTensor([4, 16, 12, 12], seed: 90 + UInt64($0)).converted(to: Float.self) }
+        func run(_ t: Int) -> [[Float]] {
+            let conv = Conv2d<Float>(weight: reference.weight.value, bias: nil, stride: 1, padding: 1)
+            conv.backend = .onednn
+            var outputs: [[Float]] = []
+            for _ in 0..<rounds {
+                conv.weight.gradient = Tensor(shape: conv.weight.value.shape)
+                guard let y = try? conv.forward(inputs[t], mode: .training), let dx = try? conv.backward(gradients[t]) else { return [] }
+                outputs = [y.scalars, dx.scalars, conv.weight.gradient.scalars]
+            }
+            return outputs
+        }
+        let sequential = (0..<threads).map(run)
+        let results = UnsafeMutableBufferPointer<[[Float]]>.allocate(capacity: threads)
+        results.initialize(repeating: [])
+        defer { results.deallocate() }
+        DispatchQueue.concurrentPerform(iterations: threads) { t in results[t] = run(t) }
+        for t in 0..<threads {
+            XCTAssertEqual(sequential[t].count, 3)
+            XCTAssertEqual(results[t].map { $0.map(\.bitPattern) }, sequential[t].map { $0.map(\.bitPattern) }, "thread \(t)")
         }
     }
 

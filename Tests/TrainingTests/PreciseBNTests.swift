@@ -124,4 +124,63 @@ final class PreciseBNTests: XCTestCase {
         try resumed.resume(from: dir + "/c.safetensors", forTraining: false)
         XCTAssertEqual(stateDictionary(resumed.network)[name], tensors[name]?.floats)
     }
+
+    /// The inconsistent pairs of training and inference statistics: a domain-BN network evaluated
+    /// with statistics pooled over the domains is the shared-statistics network with the same
+    /// weights evaluated its own way, and the shared network evaluated with per-domain statistics
+    /// is the domain-BN network evaluated its own way. With one PreciseBN batch covering the whole
+    /// training set both sides see exactly the same samples in each normalization, so the two
+    /// agree to rounding (they run different kernels: BN's and domain BN's).
+    func testInconsistentDomainStatisticsAreTheOtherNetworksOwn() throws {
+        let split = try DataSource.split(.twoDomain(.synthetic(train: 48, heldOut: 16, seed: 3)), evaluation: nil, heldOutFraction: 0.1)
+        XCTAssertEqual(split.train.domainCount, 2)
+        var c = TrainingConfiguration()
+        c.batchSize = 4
+        c.norm = .syncbn
+        c.preciseBNSamples = 1 << 20
+        c.preciseBNBatchSize = 1 << 10
+        var perDomain = c
+        perDomain.domainBN = true
+        let results = try InProcessGroup.run(size: 2) { comm -> [String: Evaluation] in
+            let domainTrainer = try Trainer(configuration: perDomain, data: split, world: comm)
+            for _ in 0..<4 { try domainTrainer.trainStep() }
+            let sharedTrainer = try Trainer(configuration: c, data: split, world: comm)
+            var copied = 0
+            let weights = Dictionary(uniqueKeysWithValues: domainTrainer.network.state.compactMap { entry -> (String, Parameter<Float>)? in
+                if case let .parameter(name, p) = entry { return (name, p) } else { return nil } })
+            for case let .parameter(name, p) in sharedTrainer.network.state {
+                p.value.scalars = try XCTUnwrap(weights[name], name).value.scalars
+                copied += 1
+            }
+            XCTAssertEqual(copied, weights.count, "both networks have the same parameters")
+            var out: [String: Evaluation] = [:]
+            out["domain, own"] = try domainTrainer.evaluateWithPopulationStatistics(domains: nil)
+            out["domain, per-domain"] = try domainTrainer.evaluateWithPopulationStatistics(domains: .perDomain)
+            out["domain, pooled"] = try domainTrainer.evaluateWithPopulationStatistics(domains: .pooled)
+            let layers = domainTrainer.network.leaves.compactMap { $0.layer as? DomainBatchNorm<Float> }
+            XCTAssertFalse(layers.isEmpty)
+            for layer in layers {
+                XCTAssertEqual(layer.runningMeans[1].value.scalars, layer.runningMeans[0].value.scalars, "pooled: one set for every domain")
+                XCTAssertEqual(layer.runningVariances[1].value.scalars, layer.runningVariances[0].value.scalars)
+            }
+            out["shared, own"] = try sharedTrainer.evaluateWithPopulationStatistics(domains: nil)
+            out["shared, pooled"] = try sharedTrainer.evaluateWithPopulationStatistics(domains: .pooled)
+            out["shared, per-domain"] = try sharedTrainer.evaluateWithPopulationStatistics(domains: .perDomain)
+            return out
+        }
+        XCTAssertEqual(results[0], results[1], "every rank reports the same evaluation")
+        let r = results[0]
+        XCTAssertEqual(r["domain, own"], r["domain, per-domain"], "per-domain is a domain-BN network's own way")
+        XCTAssertEqual(r["shared, own"], r["shared, pooled"], "pooled is a shared network's own way")
+        func assertSame(_ a: Evaluation?, _ b: Evaluation?, _ label: String) throws {
+            let a = try XCTUnwrap(a), b = try XCTUnwrap(b)
+            XCTAssertEqual(a.count, b.count, label)
+            XCTAssertEqual(a.accuracy, b.accuracy, label)
+            XCTAssertEqual(a.loss, b.loss, accuracy: 1e-4 * max(1, abs(b.loss)), label)
+            XCTAssertEqual(try XCTUnwrap(a.domainAccuracies, label), try XCTUnwrap(b.domainAccuracies, label), label)
+        }
+        try assertSame(r["domain, pooled"], r["shared, own"], "domain BN with pooled statistics")
+        try assertSame(r["shared, per-domain"], r["domain, own"], "shared statistics replaced per domain")
+        XCTAssertNotEqual(r["shared, own"]?.loss, r["domain, own"]?.loss, "the two ways differ on this data")
+    }
 }
