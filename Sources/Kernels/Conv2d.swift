@@ -25,6 +25,9 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// since creation: lets a benchmark report the GEMM throughput achieved inside this layer.
     public private(set) var gemmSeconds = 0.0
     public private(set) var gemmOperations = 0.0
+    /// The leaves the last backward added into the weight gradient's fixed tree (one per
+    /// ``weightGradientLeaf`` samples, or per sample): which sum the contract made, not its bits.
+    public private(set) var lastWeightGradientLeaves = 0
 
     @inline(__always)
     private func timedGEMM(m: Int, n: Int, k: Int, _ body: () -> Void) {
@@ -417,6 +420,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             }
         }
         }
+        lastWeightGradientLeaves = blockedWeightGradient != nil ? blockedWeightGradientTree!.count : weightGradientTree!.count
         if let blocked = blockedWeightGradient {
             // The leaves were summed in oneDNN's layout; one reorder (which only moves values)
             // gives the same bits as summing the reordered leaves.

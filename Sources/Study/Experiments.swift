@@ -483,6 +483,8 @@ public enum StudyCatalog {
                 // statistics at inference (series: pooled over the domains, per domain), the two
                 // off-diagonal cells being the inconsistent pairs; all four recomputed from each
                 // training job's checkpoint with the same budget.
+                // (One shift only in the quick study, which has to stay short.)
+                if q && shift == "shrunk" { continue }
                 var crossed: [StudyPoint] = []
                 for (domains, label) in [("pooled", "PreciseBN pooled over the domains"), ("per-domain", "PreciseBN per domain")] {
                     for point in p {
