@@ -203,6 +203,14 @@ def plot_experiment(experiment, out):
         elif kind in ("budget", "crossed"):
             drawn = draw_final(ax, panel, "precise")
             ax.set_title(panel["title"], fontsize=9)
+            if kind == "crossed":
+                # x names settings: "label (0 first, 1 second)" gives the tick labels.
+                xs = sorted({p["x"] for series in panel["series"] for p in series["points"]})
+                names = dict(item.strip().split(" ", 1) for item in panel["xLabel"].split("(", 1)[-1].rstrip(")").split(",")
+                             if " " in item.strip())
+                ax.set_xticks(xs)
+                ax.set_xticklabels([names.get(f"{x:g}", f"{x:g}") for x in xs])
+                ax.set_xlabel(panel["xLabel"].split(" (", 1)[0])
         elif kind == "leakage":
             drawn = draw_leakage(ax, panel)
             ax.set_title(panel["title"], fontsize=9)
