@@ -175,9 +175,12 @@ final class PreciseBNTests: XCTestCase {
         func assertSame(_ a: Evaluation?, _ b: Evaluation?, _ label: String) throws {
             let a = try XCTUnwrap(a), b = try XCTUnwrap(b)
             XCTAssertEqual(a.count, b.count, label)
-            XCTAssertEqual(a.accuracy, b.accuracy, label)
             XCTAssertEqual(a.loss, b.loss, accuracy: 1e-4 * max(1, abs(b.loss)), label)
-            XCTAssertEqual(try XCTUnwrap(a.domainAccuracies, label), try XCTUnwrap(b.domainAccuracies, label), label)
+            // Logits agree to rounding; at most a sample at a near-tie may change its class.
+            XCTAssertEqual(a.accuracy, b.accuracy, accuracy: 1.5 / Double(b.count), label)
+            let da = try XCTUnwrap(a.domainAccuracies, label), db = try XCTUnwrap(b.domainAccuracies, label)
+            XCTAssertEqual(da.count, db.count, label)
+            for (x, y) in zip(da, db) { XCTAssertEqual(x, y, accuracy: 1.5 / Double(b.count) * Double(da.count), label) }
         }
         try assertSame(r["domain, pooled"], r["shared, own"], "domain BN with pooled statistics")
         try assertSame(r["shared, per-domain"], r["domain, own"], "shared statistics replaced per domain")
