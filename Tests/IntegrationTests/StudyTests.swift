@@ -185,7 +185,7 @@ final class StudyTests: XCTestCase {
         let directory = try temporaryDirectory()
         let parent = StudyJob(ranks: 2, options: ["data": "two-domain-contrast:synthetic:train=96,heldout=32,seed=2", "batch-size": "8",
                                                   "steps": "6", "width": "0.25", "log-every": "1", "norm": "syncbn", "domain-bn": "",
-                                                  "eval-stats": "both"])
+                                                  "eval-stats": "both", "conv-backend": "im2col"])
         let own = StudyJob(kind: .precise, ranks: 2, options: ["precise-bn-samples": "8192", "precise-bn-domains": "per-domain"], parent: parent)
         let other = StudyJob(kind: .precise, ranks: 2, options: ["precise-bn-samples": "8192", "precise-bn-domains": "pooled"], parent: parent)
         let experiment = StudyExperiment(name: "t", title: "t", claim: "t", panels: [
