@@ -156,6 +156,9 @@ public struct StudyResult: Codable, Sendable {
         return nil
     }
 
+    /// A JSON `domain_accuracy` array (null for a domain without samples) as accuracies.
+    static func domainAccuracies(_ value: Any?) -> [Double?]? { (value as? [Any]).map { $0.map { $0 as? Double } } }
+
     /// Reads a `syncbn-train --metrics` file.
     public static func parse(metrics path: String) throws -> StudyResult {
         let text = try String(contentsOfFile: path, encoding: .utf8)
@@ -167,7 +170,7 @@ public struct StudyResult: Codable, Sendable {
             let event = object["event"] as? String
             if event == "eval", let step = object["step"] as? Int, let stats = object["stats"] as? String,
                let accuracy = object["accuracy"] as? Double, let loss = object["loss"] as? Double {
-                let domains = (object["domain_accuracy"] as? [Any]).map { $0.map { $0 as? Double } }
+                let domains = domainAccuracies(object["domain_accuracy"])
                 result.evaluations.append(.init(step: step, statistics: stats, accuracy: accuracy, loss: loss, domainAccuracies: domains))
             } else if event == "diagnostics", let layers = object["layers"] as? [String: [String: Double]] {
                 result.diagnostics = layers

@@ -117,12 +117,8 @@ public final class StudyRunner {
         let totalWork = pending.map(\.workSamples).reduce(0, +)
         var doneWork = 0.0, elapsed = 0.0
         for (index, job) in pending.enumerated() {
-            if let parent = job.parent, record(parent.key)?.status != .ok {
-                let outcome = StudyRecord(key: job.key, job: job, status: .failed, error: "its training job \(parent.key) failed", seconds: 0)
-                try writeJSON(outcome, to: recordPath(job.key))
-                continue
-            }
-            if let parent = job.parent, !FileManager.default.fileExists(atPath: jobDirectory(parent.key) + "/model.safetensors") {
+            if let parent = job.parent, record(parent.key)?.status == .ok,
+               !FileManager.default.fileExists(atPath: jobDirectory(parent.key) + "/model.safetensors") {
                 // The record is kept but the checkpoint is not (job directories stay on the machine
                 // that ran them): train the parent again and keep the record of that run, the one
                 // whose checkpoint this job evaluates.
@@ -131,10 +127,11 @@ public final class StudyRunner {
                 try writeJSON(again, to: recordPath(parent.key))
                 log(String(format: "[%d/%d] %@ trained again for its checkpoint in %.0f s%@", index + 1, pending.count, parent.key,
                            Date().timeIntervalSince(started), again.status == .ok ? "" : ": FAILED: " + (again.error ?? "")))
-                guard again.status == .ok else {
-                    try writeJSON(StudyRecord(key: job.key, job: job, status: .failed, error: "its training job \(parent.key) failed", seconds: 0), to: recordPath(job.key))
-                    continue
-                }
+            }
+            if let parent = job.parent, record(parent.key)?.status != .ok {
+                let outcome = StudyRecord(key: job.key, job: job, status: .failed, error: "its training job \(parent.key) failed", seconds: 0)
+                try writeJSON(outcome, to: recordPath(job.key))
+                continue
             }
             let started = Date()
             let outcome = runOne(job)
@@ -206,10 +203,10 @@ public final class StudyRunner {
                 let ema = object["ema"] as? [String: Any], precise = object["precise"] as? [String: Any]
                 r.emaAccuracy = ema?["accuracy"] as? Double
                 r.emaLoss = ema?["loss"] as? Double
-                r.emaDomainAccuracies = (ema?["domain_accuracy"] as? [Any]).map { $0.map { $0 as? Double } }
+                r.emaDomainAccuracies = StudyResult.domainAccuracies(ema?["domain_accuracy"])
                 r.preciseAccuracy = precise?["accuracy"] as? Double
                 r.preciseLoss = precise?["loss"] as? Double
-                r.preciseDomainAccuracies = (precise?["domain_accuracy"] as? [Any]).map { $0.map { $0 as? Double } }
+                r.preciseDomainAccuracies = StudyResult.domainAccuracies(precise?["domain_accuracy"])
                 result = r
             }
             return StudyRecord(key: job.key, job: job, status: .ok, seconds: Date().timeIntervalSince(started), result: result)

@@ -386,9 +386,6 @@ public final class Trainer {
                           domainAccuracies: domainAccuracies)
     }
 
-    /// The report of the last PreciseBN pass.
-    public private(set) var lastPreciseBNReport: PreciseBN.Report?
-
     /// The running statistics by buffer name.
     var runningStatistics: [String: [Float]] {
         Dictionary(uniqueKeysWithValues: network.namedBuffers.map { ($0.name, $0.buffer.value.scalars) })
@@ -401,10 +398,21 @@ public final class Trainer {
     public func recomputePopulationStatistics(on dataset: Dataset? = nil, sampleBudget: Int? = nil, rememberEMA: Bool = false) throws -> PreciseBN.Report {
         watchdog?.context = "PreciseBN after step \(step)"
         if rememberEMA && emaBuffers == nil { emaBuffers = runningStatistics }
-        let report = try PreciseBN.recompute(network: network, data: dataset ?? data.train, sampleBudget: sampleBudget ?? configuration.preciseBNSamples,
+        return try PreciseBN.recompute(network: network, data: dataset ?? data.train, sampleBudget: sampleBudget ?? configuration.preciseBNSamples,
                                 batchSize: configuration.preciseBNBatchSize ?? configuration.batchSize,
                                 seed: configuration.seed, world: world)
-        lastPreciseBNReport = report
+    }
+
+    /// PreciseBN's statistics pooled over the domains: for a network with domain-specific BN, one
+    /// set over every domain's samples (the same samples and order as its per-domain pass), given
+    /// to every domain; for any other network its own (pooled) pass.
+    @discardableResult
+    public func recomputePopulationStatisticsPooledOverDomains(rememberEMA: Bool = false) throws -> PreciseBN.Report {
+        guard network.hasDomainBatchNorm else { return try recomputePopulationStatistics(rememberEMA: rememberEMA) }
+        var pooled = data.train
+        pooled.domains = pooled.domains.map { [Int32](repeating: 0, count: $0.count) }
+        let report = try recomputePopulationStatistics(on: pooled, rememberEMA: rememberEMA)
+        for entry in network.leaves { (entry.layer as? DomainBatchNorm<Float>)?.shareStatistics(of: 0) }
         return report
     }
 
@@ -413,7 +421,7 @@ public final class Trainer {
     /// them; nil recomputes them the network's own way, as ``recomputePopulationStatistics(on:rememberEMA:)``.
     ///
     /// - `.pooled` on a network with domain-specific BN: one set of statistics over every domain's
-    ///   samples (the same samples and order as the per-domain pass), given to every domain.
+    ///   samples, given to every domain (``recomputePopulationStatisticsPooledOverDomains(rememberEMA:)``).
     /// - `.perDomain` on a network with one set of statistics: for each domain, the statistics of
     ///   its own training samples, used for its own held-out samples (AdaBN per domain); the network
     ///   keeps the last domain's statistics afterwards, so this is for evaluation, not for saving.
@@ -425,15 +433,12 @@ public final class Trainer {
             try recomputePopulationStatistics(rememberEMA: rememberEMA)
             return try evaluate()
         }
-        guard let trainDomains = data.train.domains, data.heldOut.domains != nil else {
+        guard data.train.domains != nil, data.heldOut.domains != nil else {
             throw CollectiveRunError("PreciseBN statistics \(domains.rawValue) need domain labels for the training and held-out sets")
         }
         switch domains {
         case .pooled:
-            var pooled = data.train
-            pooled.domains = [Int32](repeating: 0, count: trainDomains.count)
-            try recomputePopulationStatistics(on: pooled, rememberEMA: rememberEMA)
-            for entry in network.leaves { (entry.layer as? DomainBatchNorm<Float>)?.shareStatistics(of: 0) }
+            try recomputePopulationStatisticsPooledOverDomains(rememberEMA: rememberEMA)
             return try evaluate()
         case .perDomain:
             var loss = 0.0, correct = 0.0, count = 0

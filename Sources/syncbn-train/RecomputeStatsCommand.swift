@@ -73,14 +73,9 @@ struct RecomputeStats: ParsableCommand {
                 throw CollectiveRunError("--precise-bn-domains per-domain: this network keeps one set of statistics (it trained without --domain-bn); evaluate --precise-bn-domains per-domain evaluates it with per-domain ones")
             }
             let before = try trainer.evaluate()
-            let report: PreciseBN.Report, after: Evaluation
-            if domains == .pooled && trainer.network.hasDomainBatchNorm {
-                after = try trainer.evaluateWithPopulationStatistics(domains: .pooled, rememberEMA: true)
-                report = trainer.lastPreciseBNReport!
-            } else {
-                report = try trainer.recomputePopulationStatistics(rememberEMA: true)
-                after = try trainer.evaluate()
-            }
+            let report = domains == .pooled ? try trainer.recomputePopulationStatisticsPooledOverDomains(rememberEMA: true)
+                                            : try trainer.recomputePopulationStatistics(rememberEMA: true)
+            let after = try trainer.evaluate()
             try trainer.verifyReplicasAgree()
             try trainer.save(to: savePath, extraMetadata: ["statistics": "precise", "precise_bn_samples": String(report.samples),
                                                            "precise_bn_data": configuration.data])

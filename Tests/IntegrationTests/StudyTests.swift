@@ -8,6 +8,14 @@ final class StudyTests: XCTestCase {
     static var study: String { productsDirectory + "/syncbn-study" }
     var repositoryRoot: String { Harness.repositoryRoot }
 
+    /// A runner whose jobs run as in-process ranks of one syncbn-train each (no mpirun).
+    func simulatedRunner(in directory: String) throws -> StudyRunner {
+        var launcher = StudyLauncher(trainBinary: Harness.train)
+        launcher.simulate = true
+        launcher.jobTimeout = 120
+        return try StudyRunner(directory: directory, launcher: launcher)
+    }
+
     func temporaryDirectory() throws -> String {
         let path = NSTemporaryDirectory() + "syncbn-study-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
@@ -151,10 +159,7 @@ final class StudyTests: XCTestCase {
                 StudyPoint(series: "s", x: 0, seed: 1, job: bad), StudyPoint(series: "s", x: 4, seed: 1, job: good),
             ]),
         ])
-        var launcher = StudyLauncher(trainBinary: Harness.train)
-        launcher.simulate = true
-        launcher.jobTimeout = 120
-        let runner = try StudyRunner(directory: directory, launcher: launcher)
+        let runner = try simulatedRunner(in: directory)
         var lines: [String] = []
         runner.log = { lines.append($0) }
         XCTAssertEqual(try runner.run([experiment], settings: .quickSettings), 2)
@@ -193,10 +198,7 @@ final class StudyTests: XCTestCase {
                 StudyPoint(series: "own", x: 1, seed: 1, job: own), StudyPoint(series: "other", x: 1, seed: 1, job: other),
             ], domain: 1),
         ])
-        var launcher = StudyLauncher(trainBinary: Harness.train)
-        launcher.simulate = true
-        launcher.jobTimeout = 120
-        let runner = try StudyRunner(directory: directory, launcher: launcher)
+        let runner = try simulatedRunner(in: directory)
         var lines: [String] = []
         runner.log = { lines.append($0) }
         XCTAssertEqual(try runner.run([experiment], settings: .quickSettings), 3)
