@@ -13,7 +13,8 @@ extern int omp_get_max_threads(void);
 
 /// Threads per oneDNN call: 1 (one per rank, like OpenBLAS) unless OMP_NUM_THREADS says otherwise
 /// (0: leave OpenMP's own setting) or syncbn_dnnl_set_threads chose. Applied on whichever thread
-/// calls, since OpenMP keeps the setting per thread (in-process ranks are threads).
+/// creates or executes a primitive, since OpenMP keeps the setting per thread (in-process ranks
+/// are threads) and a primitive keeps the thread count it was created with.
 static int desired_threads = -1;
 
 static void apply_threads(void) {
@@ -257,6 +258,9 @@ syncbn_dnnl_convolution *syncbn_dnnl_convolution_create(int n, int cin, int h, i
                                                         int weights_minibatch, int weights_cout, int layout, char *error,
                                                         size_t length) {
     if (ensure_engine(error, length)) return NULL;
+    // Before the descriptors: a primitive fixes its thread count when it is created (oneDNN
+    // partitions the work then), so one created under OpenMP's default would run on every core.
+    apply_threads();
     int oh = (h + 2 * padding - k) / stride + 1, ow = (w + 2 * padding - k) / stride + 1;
     syncbn_dnnl_convolution *c = calloc(1, sizeof *c);
     if (!c) { snprintf(error, length, "oneDNN: allocation failed"); return NULL; }

@@ -167,6 +167,16 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// oneDNN's chunk input and output when a chunk is not whole in this batch (absent slots zero).
     private var oneDNNChunkInput: [Float] = []
     private var oneDNNChunkOutput: [Float] = []
+    /// Cross-iteration BN's patch statistics on oneDNN: one leaf's Σ y·patch as the weight-gradient
+    /// primitive computes it (in its layout), and the per-column sums of the input rows one kernel
+    /// row reads (``ConvolutionGeometry/patchSums(_:samples:into:scratch:)``).
+    private var oneDNNLeafProduct: [Float] = []
+    private var patchSumScratch: [Double] = []
+    /// For each plain C_out × K entry its index in oneDNN's layout of the weight gradient, made once
+    /// per primitive; `patchStatisticsInBlocks` is set for a backward whose statistics tree holds
+    /// the blocked layout (then Σ patch follows it).
+    private var blockedIndexMap: (primitive: ObjectIdentifier, plainToBlocked: [Int32])?
+    private var patchStatisticsInBlocks = false
 
     /// Samples per oneDNN chunk: a power of two that depends on the layer's shape alone, the
     /// largest (up to 8) whose chunk input and output hold at most 256 Ki values (1 MiB of Float).
@@ -351,11 +361,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         }
         // The plain tree, unless oneDNN sums the leaves in its own layout (it decides below).
         if !useOneDNN { preparePlainTree(width: C * K) }
-        if fused || L > 1 {
+        if !useOneDNN && (fused || L > 1) {
             if sampleRows.count != rows * L * P { sampleRows = Scalar.filled(rows * L * P, with: 0) }
             if sampleResult.count != rows * K { sampleResult = Scalar.filled(rows * K, with: 0) }
         }
-        if fused {
+        if fused && !useOneDNN {
             if patchStatisticsTree?.width != (C + 1) * K { patchStatisticsTree = PairwiseAccumulator(width: (C + 1) * K) }
             patchStatisticsTree!.reset()
         }
@@ -434,9 +444,16 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
         }
         if let receiver {
-            var statistics = [Double](repeating: 0, count: (C + 1) * K)
+            var statistics = [Double](repeating: 0, count: patchStatisticsTree!.width)
             statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
-            receiver(Array(statistics[(C * K)...]), Array(statistics[0..<(C * K)]))
+            if patchStatisticsInBlocks {
+                // Σ y·patch was summed in oneDNN's layout of the weight gradient; Σ patch follows it.
+                patchStatisticsInBlocks = false
+                let map = blockedIndexMap!.plainToBlocked
+                receiver(Array(statistics[(statistics.count - K)...]), map.map { statistics[Int($0)] })
+            } else {
+                receiver(Array(statistics[(C * K)...]), Array(statistics[0..<(C * K)]))
+            }
         }
         weight.addLocalPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
@@ -450,6 +467,16 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             bias.gradient = biasGradient
         }
         return dx
+    }
+
+    /// For each entry of the plain C_out × K weight gradient its index in `primitive`'s layout:
+    /// the indices 0, 1, … (exact in Float below 2²⁴) reordered to the plain layout.
+    private static func plainToBlockedIndices(_ primitive: OneDNNConvolution, blockedCount: Int, plainCount: Int) -> [Int32] {
+        precondition(blockedCount < 1 << 24, "Conv2d: a weight gradient of \(blockedCount) values is too big to index in Float")
+        let iota = (0..<blockedCount).map { Float($0) }
+        var plain = [Float](repeating: 0, count: plainCount)
+        iota.withUnsafeBufferPointer { b in plain.withUnsafeMutableBufferPointer { primitive.weightGradientToPlain(b.baseAddress!, into: $0.baseAddress!) } }
+        return plain.map { Int32($0) }
     }
 
     private func preparePlainTree(width: Int) {
@@ -480,27 +507,12 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         pushLeaf(K: K, fused: true)
     }
 
-    /// The patch statistics of `count` consecutive samples, [Σ y·patch; Σ patch] = [Y; 1]·colsᵀ
-    /// computed by `product(rows, result)` ((C_out + 1) × K), widened into the Double tree.
-    private func addPatchStatisticsLeaf(y: UnsafePointer<Scalar>, K: Int, P: Int, count: Int,
-                                        product: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>) -> Void) {
-        let C = outputChannels
-        sampleRows.withUnsafeMutableBufferPointer { a in
-            fillLeafRows(a.baseAddress!, dy: y, y: nil, ones: true, count: count, P: P, sampleMajor: true)
-            sampleResult.withUnsafeMutableBufferPointer { r in
-                product(a.baseAddress!, r.baseAddress!)
-                patchStatisticsTree!.add { Scalar.widen(r.baseAddress!, count: (C + 1) * K, into: $0) }
-            }
-        }
-    }
-
     /// The rows of a leaf's product for `count` consecutive samples: dY (C_out rows), and with `y`
     /// Y and a row of ones; sample-major (each sample's rows × P block in turn) or channel-major
     /// (each row spanning the samples' P positions in turn: the GEMM operand over count·P columns).
-    /// (`ones` adds the row of ones without Y: [Y; 1] when `dy` is given Y.)
-    private func fillLeafRows(_ a: UnsafeMutablePointer<Scalar>, dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>?, ones: Bool? = nil,
+    private func fillLeafRows(_ a: UnsafeMutablePointer<Scalar>, dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>?,
                               count: Int, P: Int, sampleMajor: Bool) {
-        let C = outputChannels, withOnes = ones ?? (y != nil), rows = C + (y == nil ? 0 : C) + (withOnes ? 1 : 0)
+        let C = outputChannels, withOnes = y != nil, rows = C + (y == nil ? 0 : C) + (withOnes ? 1 : 0)
         for i in 0..<count {
             let block = sampleMajor ? a + i * rows * P : a + i * P, rowStride = sampleMajor ? P : count * P
             for co in 0..<C {
@@ -597,9 +609,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
 
     /// oneDNN's backward: each leaf's weight gradient (one backward-weights call at minibatch L =
     /// ``weightGradientLeaf``, 1 by default, the same shape for every leaf, summed in oneDNN's
-    /// layout where it has its own; with patch statistics, a second call with C_out + 1 output
-    /// channels on [Y; 1]) added along the pairwise tree, and the input gradient over the
-    /// forward's chunks.
+    /// layout where it has its own) added along the pairwise tree, and the input gradient over the
+    /// forward's chunks. With patch statistics each leaf also gives Σ y·patch as a second call of
+    /// the same primitive with Y as the output gradient (y = θ·patch, so Σ_p y·patch is the weight
+    /// gradient of dY = Y) and Σ patch from the input directly, widened into the Double tree.
     private func oneDNNBackward(_ g: ConvolutionGeometry, input: Tensor<Scalar>, output: Tensor<Scalar>, outputGradient: Tensor<Scalar>,
                                 offset: Int, fused: Bool, into dx: inout Tensor<Scalar>) throws {
         let n = input.shape[0], C = outputChannels, K = g.patchSize, P = g.positions
@@ -607,12 +620,23 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         let data = try oneDNN(g, minibatch: c)
         let L = weightGradientLeaf
         let perLeaf = try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: C)
-        // Cross-iteration BN's patch statistics: a second call per leaf with C_out + 1 output
-        // channels on [Y; 1] (one call on [dY; Y; 1] doubles the weight gradient's channels and
-        // loses its blocked sum: measured slower, docs/performance.md).
-        let statistics = fused ? try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: C + 1) : nil
         // The weight-gradient leaves stay in oneDNN's layout, reordered once at the end.
         let blockedCount = perLeaf.blockedWeightGradientCount
+        // Cross-iteration BN's patch statistics: Σ y·patch from the weight gradient's own primitive
+        // (a primitive with C_out + 1 or 2·C_out + 1 channels pads them to oneDNN's blocks and ran
+        // 2–4 times slower, docs/performance.md), kept in its layout like the weight gradient, then
+        // Σ patch (K values).
+        let productCount = blockedCount > 0 ? blockedCount : C * K
+        if fused {
+            if patchStatisticsTree?.width != productCount + K { patchStatisticsTree = PairwiseAccumulator(width: productCount + K) }
+            patchStatisticsTree!.reset()
+            if oneDNNLeafProduct.count < productCount { oneDNNLeafProduct = [Float](repeating: 0, count: productCount) }
+            if patchSumScratch.count < g.width { patchSumScratch = [Double](repeating: 0, count: g.width) }
+            patchStatisticsInBlocks = blockedCount > 0
+            if blockedCount > 0 && blockedIndexMap?.primitive != ObjectIdentifier(perLeaf) {
+                blockedIndexMap = (ObjectIdentifier(perLeaf), Self.plainToBlockedIndices(perLeaf, blockedCount: blockedCount, plainCount: C * K))
+            }
+        }
         if blockedCount > 0 {
             if blockedWeightGradientTree?.width != blockedCount { blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount) }
             blockedWeightGradientTree!.reset()
@@ -634,10 +658,20 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                             let d = UnsafeMutableRawPointer(dxs.baseAddress!).assumingMemoryBound(to: Float.self)
                             timedGEMM(m: C, n: K, k: n * P) {
                                 for s in Swift.stride(from: 0, to: n, by: L) {
-                                    if let statistics {
-                                        addPatchStatisticsLeaf(y: ys.baseAddress! + s * outPlane, K: K, P: P, count: L) { rows, result in
-                                            statistics.backwardWeights(x: x + s * inPlane, dy: UnsafeRawPointer(rows).assumingMemoryBound(to: Float.self),
-                                                                       into: UnsafeMutableRawPointer(result).assumingMemoryBound(to: Float.self))
+                                    if fused {
+                                        let y = UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self)
+                                        patchStatisticsTree!.add { leaf in
+                                            oneDNNLeafProduct.withUnsafeMutableBufferPointer { product in
+                                                if blockedCount > 0 {
+                                                    perLeaf.backwardWeightsBlocked(x: x + s * inPlane, dy: y, into: product.baseAddress!)
+                                                } else {
+                                                    perLeaf.backwardWeights(x: x + s * inPlane, dy: y, into: product.baseAddress!)
+                                                }
+                                                Float.widen(product.baseAddress!, count: productCount, into: leaf)
+                                            }
+                                            patchSumScratch.withUnsafeMutableBufferPointer {
+                                                g.patchSums(x + s * inPlane, samples: L, into: leaf + productCount, scratch: $0.baseAddress!)
+                                            }
                                         }
                                     }
                                     if blockedCount > 0 {

@@ -259,9 +259,14 @@ struct ConvBench: ParsableCommand {
             let dy = Tensor<Float>.normal(shape: [d[0], out, g.outputHeight, g.outputWidth], using: &random)
             var forward: [Double] = [], backward: [Double] = []
             var before = OneDNNConvolution.timings
+            var cpuBefore = processCPUSeconds(), wallBefore = DispatchTime.now().uptimeNanoseconds
             try world.barrier()
             for iteration in 0..<(repeats + 2) {
-                if iteration == 2 { before = OneDNNConvolution.timings }
+                if iteration == 2 {
+                    before = OneDNNConvolution.timings
+                    cpuBefore = processCPUSeconds()
+                    wallBefore = DispatchTime.now().uptimeNanoseconds
+                }
                 let t0 = DispatchTime.now().uptimeNanoseconds
                 _ = try conv.forward(x, mode: .training)
                 let t1 = DispatchTime.now().uptimeNanoseconds
@@ -274,6 +279,8 @@ struct ConvBench: ParsableCommand {
                 }
             }
             let after = OneDNNConvolution.timings
+            // Threads at work: 1.0 is one busy thread (a rank's share), 2.0 two (another thread running kernels).
+            let cpuPerWall = (processCPUSeconds() - cpuBefore) / (Double(DispatchTime.now().uptimeNanoseconds - wallBefore) * 1e-9)
             let reorders = (activations: (after.activationReorders - before.activationReorders) / Double(repeats),
                             weights: (after.weightReorders - before.weightReorders) / Double(repeats),
                             calls: (after.total - before.total) / Double(repeats))
@@ -290,16 +297,17 @@ struct ConvBench: ParsableCommand {
                     printTable(String(format: "oneDNN calls %.3f ms per forward + backward, of which reorders of activations %.3f ms and of weights %.3f ms (mean)",
                                       reorders.calls * 1e3, reorders.activations * 1e3, reorders.weights * 1e3))
                 }
-                printTable(String(format: "conv %@ → %d, %d×%d stride %d pad %d on %d rank(s): forward %.3f ms (%.1f GFLOP/s), backward %.3f ms (%.1f GFLOP/s), together %.1f GFLOP/s = %.0f%% of sgemm 512³ %.1f (rank 0's times, mean rates)",
+                printTable(String(format: "conv %@ → %d, %d×%d stride %d pad %d on %d rank(s): forward %.3f ms (%.1f GFLOP/s), backward %.3f ms (%.1f GFLOP/s), together %.1f GFLOP/s = %.0f%% of sgemm 512³ %.1f (rank 0's times, mean rates); CPU %.2f s per wall s",
                                   d.map(String.init).joined(separator: "×"), out, kernel, kernel, stride, padding, world.size, f * 1e3, mean[0],
-                                  b * 1e3, mean[1], mean[2], 100 * mean[2] / mean[3], mean[3]))
+                                  b * 1e3, mean[1], mean[2], 100 * mean[2] / mean[3], mean[3], cpuPerWall))
                 printJSON(["benchmark": "conv", "shape": d, "out_channels": out, "kernel": kernel, "stride": stride, "padding": padding,
                            "ranks": world.size, "forward_s": f, "backward_s": b, "gflop_per_s": mean[2], "sgemm_gflop_per_s": mean[3],
                            "fraction_of_sgemm": mean[2] / mean[3], "backend": backend.rawValue, "cpu_isa": isa,
                            "onednn_layout": backend == .onednn ? layout : "", "onednn_chunk": backend == .onednn ? conv.oneDNNChunkSize(g) : 0,
                            "onednn_implementations": conv.oneDNNImplementations, "patch_statistics": patchStatistics,
                            "weight_gradient_leaf": conv.weightGradientLeaf, "onednn_call_s": reorders.calls,
-                           "onednn_activation_reorder_s": reorders.activations, "onednn_weight_reorder_s": reorders.weights])
+                           "onednn_activation_reorder_s": reorders.activations, "onednn_weight_reorder_s": reorders.weights,
+                           "cpu_s_per_wall_s": cpuPerWall])
             }
         }
     }
@@ -344,6 +352,13 @@ enum MachineLimits {
         }
         return 2 * Double(n * n * n) / times.sorted()[times.count / 2] / 1e9
     }
+}
+
+/// User + system CPU seconds of this process so far (all its threads).
+func processCPUSeconds() -> Double {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) * 1e-6
 }
 
 func printJSON(_ object: [String: Any]) {
@@ -501,10 +516,11 @@ struct TrainBench: ParsableCommand {
                 trainer.ledger.reset()
                 let data0 = trainer.dataSeconds
                 try world.barrier()
-                let start = DispatchTime.now().uptimeNanoseconds
+                let start = DispatchTime.now().uptimeNanoseconds, cpu0 = processCPUSeconds()
                 var samples = 0
                 for _ in 0..<steps { samples += try trainer.trainStep().samples }
                 let total = Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+                let cpuPerWall = try world.allGather([(processCPUSeconds() - cpu0) / total]).map { $0[0] }
                 let comm = trainer.ledger.blockedSeconds, dataTime = trainer.dataSeconds - data0
                 let gemmSeconds = convs.reduce(0.0) { $0 + $1.gemmSeconds } - gemm0
                 let gemmRate = (convs.reduce(0.0) { $0 + $1.gemmOperations } - ops0) / max(gemmSeconds, 1e-12) / 1e9
@@ -518,6 +534,7 @@ struct TrainBench: ParsableCommand {
                     "compute_s": (total - comm - dataTime) / Double(steps), "comm_s": comm / Double(steps), "data_s": dataTime / Double(steps),
                     "peak_rss_mib": rss, "conv_gemm_gflop_per_s": gemmRate, "conv_gemm_fraction_of_sgemm": gemmRate / gemmLimit,
                     "collectives_per_step": Double(trainer.ledger.totalCollectives) / Double(steps),
+                    "cpu_s_per_wall_s": cpuPerWall,
                     "conv_backends": (trainer.convolutionBackends ?? []).listText,
                     // What tools/cost_model.py needs to predict this step on another network.
                     "gradient_bytes": 4 * trainer.network.namedParameters.reduce(0) { $0 + $1.parameter.value.count },

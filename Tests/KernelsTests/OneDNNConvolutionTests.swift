@@ -110,9 +110,10 @@ extension LayerTests {
         }
     }
 
-    /// Cross-iteration BN's patch statistics through oneDNN (one backward-weights call with
-    /// 2·C_out + 1 output channels on [dY; Y; 1] per sample) against the per-sample definition:
-    /// Σ_i patch_i and Σ_i y_{i,c}·patch_i, and the weight gradient computed beside them.
+    /// Cross-iteration BN's patch statistics through oneDNN (Σ y·patch from the layer's own
+    /// backward-weights primitive with Y as the output gradient, Σ patch from the input's rows)
+    /// against the per-sample definition: Σ_i patch_i and Σ_i y_{i,c}·patch_i, and the weight
+    /// gradient computed beside them.
     func testOneDNNPatchStatisticsMatchThePerSampleDefinition() throws {
         for (c, o, h, kernel, stride, padding) in [(4, 6, 9, 3, 1, 1), (8, 16, 14, 3, 2, 1), (6, 5, 7, 1, 1, 0)] {
             let label = "\(c)→\(o) \(kernel)×\(kernel) stride \(stride)"
@@ -201,6 +202,40 @@ extension LayerTests {
             double.sampleOffset = 2
             _ = try double.forward(x, mode: .training)
             XCTAssertThrowsError(try double.backward(dy)) { XCTAssertTrue("\($0)".contains("weight-gradient leaves of 4 samples"), "\($0)") }
+        }
+    }
+
+    /// Σ of each im2col row over positions and samples, from the input's rows, against the
+    /// definition (every patch element read directly, padding zero): 1×1 and 3×3, strides 1 and 2,
+    /// odd and even sizes, one sample and several.
+    func testPatchSumsMatchTheDefinition() {
+        for (c, h, w, k, stride, padding, n) in [(3, 7, 5, 3, 1, 1, 2), (2, 9, 9, 3, 2, 1, 3), (4, 6, 6, 1, 1, 0, 1),
+                                                 (2, 8, 7, 1, 2, 0, 2), (1, 5, 6, 3, 2, 0, 1), (2, 4, 4, 5, 1, 2, 2)] {
+            let g = ConvolutionGeometry(inputChannels: c, height: h, width: w, kernelHeight: k, kernelWidth: k, stride: stride, padding: padding)
+            var random = DeterministicRandom(seed: 900)
+            let x = (0..<(n * c * h * w)).map { _ in Float(random.normal()) }
+            var expected = [Double](repeating: 0, count: g.patchSize)
+            for i in 0..<n {
+                for ci in 0..<c {
+                    for a in 0..<k {
+                        for b in 0..<k {
+                            for oh in 0..<g.outputHeight {
+                                for ow in 0..<g.outputWidth {
+                                    let r = oh * stride - padding + a, q = ow * stride - padding + b
+                                    if r >= 0 && r < h && q >= 0 && q < w { expected[(ci * k + a) * k + b] += Double(x[((i * c + ci) * h + r) * w + q]) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            var sums = [Double](repeating: .nan, count: g.patchSize), scratch = [Double](repeating: .nan, count: w)
+            x.withUnsafeBufferPointer { xp in
+                sums.withUnsafeMutableBufferPointer { sp in
+                    scratch.withUnsafeMutableBufferPointer { g.patchSums(xp.baseAddress!, samples: n, into: sp.baseAddress!, scratch: $0.baseAddress!) }
+                }
+            }
+            XCTAssertLessThan(relativeError(sums, expected), 1e-12, "\(n)×\(c)×\(h)×\(w), \(k)×\(k) stride \(stride) pad \(padding)")
         }
     }
 }
