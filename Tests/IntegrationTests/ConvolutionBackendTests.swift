@@ -88,6 +88,9 @@ final class ConvolutionBackendTests: XCTestCase {
     /// One thread per rank: a oneDNN primitive keeps the thread count it was created with, so one
     /// created before the rank's setting applied would run on every core. The benchmarks' CPU
     /// seconds per wall second stay near 1 with either backend (2 would be a second busy thread).
+    /// OPENBLAS_NUM_THREADS=1 as the launchers pass it: without it OpenBLAS's pool threads, made
+    /// when the library loads, spin for about 0.1 s before they sleep, a second busy thread in a
+    /// short run that is not the convolutions'.
     func testConvolutionsRunOnOneThreadPerRank() throws {
         guard ProcessInfo.processInfo.activeProcessorCount >= 2 else {
             throw XCTSkip("needs 2 cores to tell one busy thread from two")
@@ -97,13 +100,14 @@ final class ConvolutionBackendTests: XCTestCase {
         }
         for backend in ["im2col", "onednn"] {
             let conv = try runProcess(Harness.bench, ["conv", "--shape", "32,16,28,28", "--out-channels", "16", "--repeat", "30",
-                                                      "--backend", backend, "--patch-statistics"], timeout: 120)
+                                                      "--backend", backend, "--patch-statistics"],
+                                      environment: ["OPENBLAS_NUM_THREADS": "1"], timeout: 120)
             XCTAssertEqual(conv.status, 0, describe(conv))
             let record = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(conv.stdout.utf8)) as? [String: Any], describe(conv))
             let threads = try XCTUnwrap(record["cpu_s_per_wall_s"] as? Double, describe(conv))
             XCTAssertLessThan(threads, 1.3, "bench conv \(backend): CPU seconds per wall second")
             let train = try runProcess(Harness.bench, ["train", "--model", "resnet20", "--norms", "bn,cbn", "--steps", "3", "--warmup", "1",
-                                                       "--conv-backend", backend], timeout: 120)
+                                                       "--conv-backend", backend], environment: ["OPENBLAS_NUM_THREADS": "1"], timeout: 120)
             XCTAssertEqual(train.status, 0, describe(train))
             let line = try XCTUnwrap(train.stdout.split(separator: "\n").last.map(String.init), describe(train))
             let runs = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["runs"] as? [[String: Any]], describe(train))
