@@ -631,7 +631,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             if patchStatisticsTree?.width != productCount + K { patchStatisticsTree = PairwiseAccumulator(width: productCount + K) }
             patchStatisticsTree!.reset()
             if oneDNNLeafProduct.count < productCount { oneDNNLeafProduct = [Float](repeating: 0, count: productCount) }
-            if patchSumScratch.count < g.width { patchSumScratch = [Double](repeating: 0, count: g.width) }
+            if patchSumScratch.count < g.patchSumScratchCount { patchSumScratch = [Double](repeating: 0, count: g.patchSumScratchCount) }
             patchStatisticsInBlocks = blockedCount > 0
             if blockedCount > 0 && blockedIndexMap?.primitive != ObjectIdentifier(perLeaf) {
                 blockedIndexMap = (ObjectIdentifier(perLeaf), Self.plainToBlockedIndices(perLeaf, blockedCount: blockedCount, plainCount: C * K))

@@ -210,7 +210,9 @@ extension LayerTests {
     /// odd and even sizes, one sample and several.
     func testPatchSumsMatchTheDefinition() {
         for (c, h, w, k, stride, padding, n) in [(3, 7, 5, 3, 1, 1, 2), (2, 9, 9, 3, 2, 1, 3), (4, 6, 6, 1, 1, 0, 1),
-                                                 (2, 8, 7, 1, 2, 0, 2), (1, 5, 6, 3, 2, 0, 1), (2, 4, 4, 5, 1, 2, 2)] {
+                                                 (2, 8, 7, 1, 2, 0, 2), (1, 5, 6, 3, 2, 0, 1), (2, 4, 4, 5, 1, 2, 2),
+                                                 (2, 3, 3, 5, 1, 2, 1), (1, 7, 7, 5, 2, 1, 2), (2, 5, 5, 3, 3, 1, 1), (1, 3, 9, 3, 1, 0, 1),
+                                                 (1, 3, 3, 5, 2, 1, 1), (1, 4, 3, 5, 2, 1, 2)] {
             let g = ConvolutionGeometry(inputChannels: c, height: h, width: w, kernelHeight: k, kernelWidth: k, stride: stride, padding: padding)
             var random = DeterministicRandom(seed: 900)
             let x = (0..<(n * c * h * w)).map { _ in Float(random.normal()) }
@@ -229,7 +231,7 @@ extension LayerTests {
                     }
                 }
             }
-            var sums = [Double](repeating: .nan, count: g.patchSize), scratch = [Double](repeating: .nan, count: w)
+            var sums = [Double](repeating: .nan, count: g.patchSize), scratch = [Double](repeating: .nan, count: g.patchSumScratchCount)
             x.withUnsafeBufferPointer { xp in
                 sums.withUnsafeMutableBufferPointer { sp in
                     scratch.withUnsafeMutableBufferPointer { g.patchSums(xp.baseAddress!, samples: n, into: sp.baseAddress!, scratch: $0.baseAddress!) }
