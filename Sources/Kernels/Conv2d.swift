@@ -365,6 +365,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             if sampleRows.count != rows * L * P { sampleRows = Scalar.filled(rows * L * P, with: 0) }
             if sampleResult.count != rows * K { sampleResult = Scalar.filled(rows * K, with: 0) }
         }
+        patchStatisticsInBlocks = false   // oneDNN's backward sets it when it sums in its layout
         if fused && !useOneDNN {
             if patchStatisticsTree?.width != (C + 1) * K { patchStatisticsTree = PairwiseAccumulator(width: (C + 1) * K) }
             patchStatisticsTree!.reset()
@@ -448,7 +449,6 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
             if patchStatisticsInBlocks {
                 // Σ y·patch was summed in oneDNN's layout of the weight gradient; Σ patch follows it.
-                patchStatisticsInBlocks = false
                 let map = blockedIndexMap!.plainToBlocked
                 receiver(Array(statistics[(statistics.count - K)...]), map.map { statistics[Int($0)] })
             } else {
@@ -512,14 +512,14 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// (each row spanning the samples' P positions in turn: the GEMM operand over count·P columns).
     private func fillLeafRows(_ a: UnsafeMutablePointer<Scalar>, dy: UnsafePointer<Scalar>, y: UnsafePointer<Scalar>?,
                               count: Int, P: Int, sampleMajor: Bool) {
-        let C = outputChannels, withOnes = y != nil, rows = C + (y == nil ? 0 : C) + (withOnes ? 1 : 0)
+        let C = outputChannels, rows = y == nil ? C : 2 * C + 1
         for i in 0..<count {
             let block = sampleMajor ? a + i * rows * P : a + i * P, rowStride = sampleMajor ? P : count * P
             for co in 0..<C {
                 (block + co * rowStride).update(from: dy + (i * C + co) * P, count: P)
                 if let y { (block + (C + co) * rowStride).update(from: y + (i * C + co) * P, count: P) }
             }
-            if withOnes { (block + (rows - 1) * rowStride).update(repeating: 1, count: P) }
+            if y != nil { (block + (rows - 1) * rowStride).update(repeating: 1, count: P) }
         }
     }
 

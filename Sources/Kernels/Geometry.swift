@@ -64,17 +64,14 @@ public struct ConvolutionGeometry: Equatable {
                 addRows(commonFirst, commonLast, channel: ci, into: shared)
                 for a in Swift.stride(from: residue, to: kernelHeight, by: stride) {
                     let r = rows(a)
-                    if r.first <= r.last {
+                    if r.first <= r.last && commonFirst <= commonLast {
                         own.update(from: shared, count: width)
-                        if commonFirst <= commonLast {
-                            addRows(r.first, commonFirst - stride, channel: ci, into: own)
-                            addRows(commonLast + stride, r.last, channel: ci, into: own)
-                        } else {
-                            own.update(repeating: 0, count: width)
-                            addRows(r.first, r.last, channel: ci, into: own)
-                        }
+                        addRows(r.first, commonFirst - stride, channel: ci, into: own)
+                        addRows(commonLast + stride, r.last, channel: ci, into: own)
                     } else {
+                        // No run shared with the group's other rows (or no rows at all).
                         own.update(repeating: 0, count: width)
+                        addRows(r.first, r.last, channel: ci, into: own)
                     }
                     for b in 0..<kernelWidth {
                         // Columns ow·stride − padding + b inside the image, four partial sums.
