@@ -206,8 +206,8 @@ extension LayerTests {
     }
 
     /// Σ of each im2col row over positions and samples, from the input's rows, against the
-    /// definition (every patch element read directly, padding zero): 1×1 and 3×3, strides 1 and 2,
-    /// odd and even sizes, one sample and several.
+    /// definition (every patch element read directly, padding zero): 1×1, 3×3 and 5×5, strides 1 to
+    /// 3, odd and even sizes, images smaller than the kernel, one sample and several.
     func testPatchSumsMatchTheDefinition() {
         for (c, h, w, k, stride, padding, n) in [(3, 7, 5, 3, 1, 1, 2), (2, 9, 9, 3, 2, 1, 3), (4, 6, 6, 1, 1, 0, 1),
                                                  (2, 8, 7, 1, 2, 0, 2), (1, 5, 6, 3, 2, 0, 1), (2, 4, 4, 5, 1, 2, 2),
