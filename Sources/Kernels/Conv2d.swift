@@ -169,13 +169,28 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     private var oneDNNChunkOutput: [Float] = []
     /// Cross-iteration BN's patch statistics on oneDNN: one leaf's Σ y·patch as the weight-gradient
     /// primitive computes it (in its layout), and the per-column sums of the input rows one kernel
-    /// row reads (``ConvolutionGeometry/patchSums(_:samples:into:scratch:)``).
+    /// row reads (``PatchSumPlan``, made once per geometry).
     private var oneDNNLeafProduct: [Float] = []
     private var patchSumScratch: [Double] = []
+    private var patchSumPlan: PatchSumPlan?
     /// For each plain C_out × K entry its index in oneDNN's layout of the weight gradient, made once
     /// per primitive; `patchStatisticsInBlocks` is set for a backward whose statistics tree holds
     /// the blocked layout (then Σ patch follows it).
     private var blockedIndexMap: (primitive: ObjectIdentifier, plainToBlocked: [Int32])?
+    /// With patch statistics on oneDNN's blocked layout: one backward-weights call with 2·C_out
+    /// output channels on [dY_s; Y_s] gives dW and Σ y·patch together (one read of the input),
+    /// when that primitive's weight layout holds the C_out primitive's in its first half and it
+    /// takes dY and Y as the halves of its output gradient (checked once per primitive pair).
+    private var pairedLayoutMatches: (primitive: ObjectIdentifier, matches: Bool)?
+    /// Whether the last backward computed dW and the patch statistics in the paired call.
+    public private(set) var pairedStatistics = false
+    /// The paired call's statistics, added as the leaves come: Σ patch and Σ y·patch (widened
+    /// from oneDNN's Float as it is added); `productTotal` and `plainProducts` are reused outputs.
+    private var pairedProductCount = 0
+    private var patchSumTree: PairwiseAccumulator<Double>?
+    private var productTree: PairwiseAccumulator<Double>?
+    private var productTotal: [Double] = []
+    private var plainProducts: [Double] = []
     private var patchStatisticsInBlocks = false
 
     /// Samples per oneDNN chunk: a power of two that depends on the layer's shape alone, the
@@ -350,6 +365,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         let receiver = patchStatisticsReceiver
         patchStatisticsReceiver = nil
         let fused = receiver != nil
+        pairedStatistics = false
         let rows = fused ? 2 * C + 1 : C
         let useOneDNN = effectiveBackend == .onednn && n > 0
         let L = weightGradientLeaf
@@ -444,7 +460,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         } else {
             weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
         }
-        if let receiver {
+        if let receiver, pairedStatistics {
+            let totals = pairedStatisticsTotals(K: K)
+            receiver(totals.patchSum, totals.products)
+        } else if let receiver {
             var statistics = [Double](repeating: 0, count: patchStatisticsTree!.width)
             statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
             if patchStatisticsInBlocks {
@@ -471,6 +490,37 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
 
     /// For each entry of the plain C_out × K weight gradient its index in `primitive`'s layout:
     /// the indices 0, 1, … (exact in Float below 2²⁴) reordered to the plain layout.
+    /// One leaf of the paired call: [dW | Σ y·patch] in oneDNN's layout from [dY_s; Y_s], dW into
+    /// the blocked tree and Σ y·patch (widened) with Σ patch into the Double tree.
+    private func addPairedLeaf(_ paired: OneDNNConvolution, _ g: ConvolutionGeometry, x: UnsafePointer<Float>, dy: UnsafePointer<Float>,
+                               y: UnsafePointer<Float>, samples L: Int, half: Int) {
+        // [dW | Σ y·patch] straight into the leaf's buffer; the tree adds the first half.
+        blockedWeightGradientTree!.add { leaf in
+            paired.backwardWeightsBlocked(x: x, dyFirst: dy, dySecond: y, into: leaf)
+            productTree!.add(widening: leaf + half)
+        }
+        patchSumScratch.withUnsafeMutableBufferPointer { scratch in
+            patchSumTree!.add { patchSumPlan!.sums(x, samples: L, into: $0, scratch: scratch.baseAddress!) }
+        }
+    }
+
+    /// The paired call's totals: Σ patch (K values) and Σ y·patch in the plain C_out × K order.
+    private func pairedStatisticsTotals(K: Int) -> (patchSum: [Double], products: [Double]) {
+        let map = blockedIndexMap!.plainToBlocked
+        let half = pairedProductCount
+        if productTotal.count != half { productTotal = [Double](repeating: 0, count: half) }
+        productTotal.withUnsafeMutableBufferPointer { productTree!.total(into: $0.baseAddress!) }
+        if plainProducts.count != map.count { plainProducts = [Double](repeating: 0, count: map.count) }
+        productTotal.withUnsafeBufferPointer { total in
+            plainProducts.withUnsafeMutableBufferPointer { plain in
+                for i in 0..<map.count { plain[i] = total[Int(map[i])] }
+            }
+        }
+        var patchSum = [Double](repeating: 0, count: K)
+        patchSum.withUnsafeMutableBufferPointer { patchSumTree!.total(into: $0.baseAddress!) }
+        return (patchSum, plainProducts)
+    }
+
     private static func plainToBlockedIndices(_ primitive: OneDNNConvolution, blockedCount: Int, plainCount: Int) -> [Int32] {
         precondition(blockedCount < 1 << 24, "Conv2d: a weight gradient of \(blockedCount) values is too big to index in Float")
         let iota = (0..<blockedCount).map { Float($0) }
@@ -631,19 +681,46 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             if patchStatisticsTree?.width != productCount + K { patchStatisticsTree = PairwiseAccumulator(width: productCount + K) }
             patchStatisticsTree!.reset()
             if oneDNNLeafProduct.count < productCount { oneDNNLeafProduct = [Float](repeating: 0, count: productCount) }
-            if patchSumScratch.count < g.patchSumScratchCount { patchSumScratch = [Double](repeating: 0, count: g.patchSumScratchCount) }
+            if patchSumPlan?.geometry != g { patchSumPlan = PatchSumPlan(g) }
+            if patchSumScratch.count < patchSumPlan!.scratchCount { patchSumScratch = [Double](repeating: 0, count: patchSumPlan!.scratchCount) }
             patchStatisticsInBlocks = blockedCount > 0
             if blockedCount > 0 && blockedIndexMap?.primitive != ObjectIdentifier(perLeaf) {
                 blockedIndexMap = (ObjectIdentifier(perLeaf), Self.plainToBlockedIndices(perLeaf, blockedCount: blockedCount, plainCount: C * K))
             }
         }
         if blockedCount > 0 {
-            if blockedWeightGradientTree?.width != blockedCount { blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount) }
+            // With patch statistics a leaf's buffer also takes the paired call's Σ y·patch.
+            let capacity = fused ? 2 * blockedCount : blockedCount
+            if blockedWeightGradientTree?.width != blockedCount || blockedWeightGradientTree!.leafCapacity < capacity {
+                blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount, leafCapacity: capacity)
+            }
             blockedWeightGradientTree!.reset()
             blockedWeightGradient = perLeaf
         } else {
             preparePlainTree(width: C * K)
         }
+        var pairedLeaf: OneDNNConvolution?
+        if fused && blockedCount > 0 {
+            let paired = try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: 2 * C)
+            if pairedLayoutMatches?.primitive != ObjectIdentifier(paired) {
+                var matches = paired.blockedWeightGradientCount == 2 * blockedCount && paired.takesOutputGradientInHalves
+                if matches {
+                    let both = Self.plainToBlockedIndices(paired, blockedCount: 2 * blockedCount, plainCount: 2 * C * K)
+                    let own = blockedIndexMap!.plainToBlocked
+                    matches = (0..<(C * K)).allSatisfy { both[$0] == own[$0] && both[C * K + $0] == own[$0] + Int32(blockedCount) }
+                }
+                pairedLayoutMatches = (ObjectIdentifier(paired), matches)
+            }
+            if pairedLayoutMatches!.matches {
+                pairedLeaf = paired
+                if patchSumTree?.width != K { patchSumTree = PairwiseAccumulator(width: K) }
+                patchSumTree!.reset()
+                if productTree?.width != blockedCount { productTree = PairwiseAccumulator(width: blockedCount) }
+                productTree!.reset()
+            }
+        }
+        pairedStatistics = pairedLeaf != nil
+        pairedProductCount = blockedCount
         let inPlane = inputChannels * g.height * g.width, outPlane = C * P
         if oneDNNChunkInput.count < c * outPlane { oneDNNChunkInput = [Float](repeating: 0, count: c * outPlane) }
         if oneDNNChunkOutput.count < c * inPlane { oneDNNChunkOutput = [Float](repeating: 0, count: c * inPlane) }
@@ -658,6 +735,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                             let d = UnsafeMutableRawPointer(dxs.baseAddress!).assumingMemoryBound(to: Float.self)
                             timedGEMM(m: C, n: K, k: n * P) {
                                 for s in Swift.stride(from: 0, to: n, by: L) {
+                                    if let paired = pairedLeaf {
+                                        addPairedLeaf(paired, g, x: x + s * inPlane, dy: dy + s * outPlane, y: UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self),
+                                                      samples: L, half: blockedCount)
+                                        continue
+                                    }
                                     if fused {
                                         let y = UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self)
                                         patchStatisticsTree!.add { leaf in
@@ -670,7 +752,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                                                 Float.widen(product.baseAddress!, count: productCount, into: leaf)
                                             }
                                             patchSumScratch.withUnsafeMutableBufferPointer {
-                                                g.patchSums(x + s * inPlane, samples: L, into: leaf + productCount, scratch: $0.baseAddress!)
+                                                patchSumPlan!.sums(x + s * inPlane, samples: L, into: leaf + productCount, scratch: $0.baseAddress!)
                                             }
                                         }
                                     }

@@ -20,83 +20,139 @@ public struct ConvolutionGeometry: Equatable {
     public var patchSize: Int { inputChannels * kernelHeight * kernelWidth }
     /// Columns of the im2col matrix: H_out·W_out.
     public var positions: Int { outputHeight * outputWidth }
+}
 
-    /// Σ over the output positions of each im2col row (K = ``patchSize`` values in its order
-    /// c_in, kernel row, kernel column; padding counts zero), summed over `samples` consecutive
-    /// samples of `x` (N × C_in × H × W), in Double. Kernel row a reads the input rows
-    /// oh·stride − padding + a (oh < H_out) inside the image: kernel rows with the same residue
-    /// mod stride read overlapping runs of the same rows, so the run they all read is summed per
-    /// column once and each kernel row adds only its own rows beyond it (additions only, in a fixed
-    /// order); then each kernel column b sums the columns it reads. About H·W additions per
-    /// channel and sample instead of the K·P of the product with a row of ones. `scratch` holds
-    /// ``patchSumScratchCount`` values.
-    public func patchSums(_ x: UnsafePointer<Float>, samples: Int, into sums: UnsafeMutablePointer<Double>,
-                          scratch: UnsafeMutablePointer<Double>) {
-        let plane = height * width
-        let shared = scratch, own = scratch + width
-        // Rows kernel row a reads: first..last in steps of stride (empty when first > last).
-        func rows(_ a: Int) -> (first: Int, last: Int) {
-            var first = a - padding, last = a - padding + (outputHeight - 1) * stride
-            if first < 0 { first += (-first + stride - 1) / stride * stride }
-            if last >= height { last -= (last - height + 1 + stride - 1) / stride * stride }
-            return (first, last)
+/// Σ over the output positions of each im2col row of a geometry (K = ``ConvolutionGeometry/patchSize``
+/// values in its order c_in, kernel row, kernel column; padding counts zero), summed over samples,
+/// in Double: the patch sums behind cross-iteration BN's ∂S1/∂θ, read from the input itself.
+///
+/// Kernel row a reads the input rows oh·stride − padding + a (oh < H_out) inside the image: the
+/// rows of one residue class mod stride except a few at its ends, and kernel column b likewise
+/// the columns of one class. So each kernel position's sum is the sum over its row class × column
+/// class, less the rows and the columns it misses, plus their crossings. Per channel and sample
+/// that is one pass over the plane (each row's sums per column class) and a column sum of H values
+/// for each of the few missed columns: about H·W additions in all, whatever the kernel, instead of
+/// the K·P of a product with a row of ones. The plan (which rows and columns each kernel position
+/// misses) depends on the geometry alone and is made once; the order of every operation is fixed,
+/// so a sample's sums are the same on any rank.
+public struct PatchSumPlan {
+    public let geometry: ConvolutionGeometry
+    /// Per kernel row: its row class, whether it reads any row, and its missed rows
+    /// (`missedRows[missedRowStart[a] ..< missedRowStart[a + 1]]`); per kernel column likewise,
+    /// the missed columns given as slots of `columns` (the distinct missed columns).
+    private let rowClass: [Int], rowReads: [Bool], missedRowStart: [Int], missedRows: [Int]
+    private let columnClass: [Int], columnReads: [Bool], missedColumnStart: [Int], missedColumnSlots: [Int], columns: [Int]
+
+    public init(_ g: ConvolutionGeometry) {
+        geometry = g
+        let s = g.stride, p = g.padding
+        // The class, the first and last index read, and the missed members of a kernel offset.
+        func plan(_ offset: Int, extent: Int, outputs: Int) -> (residue: Int, reads: Bool, missed: [Int]) {
+            let residue = ((offset - p) % s + s) % s
+            var first = offset - p, last = offset - p + (outputs - 1) * s
+            if first < 0 { first += (-first + s - 1) / s * s }
+            if last >= extent { last -= (last - extent + 1 + s - 1) / s * s }
+            guard outputs > 0, first <= last else { return (residue, false, []) }
+            let missed = Array(Swift.stride(from: residue, to: first, by: s)) + Array(Swift.stride(from: last + s, to: extent, by: s))
+            return (residue, true, missed)
         }
-        func addRows(_ from: Int, _ to: Int, channel ci: Int, into target: UnsafeMutablePointer<Double>) {
-            guard from <= to else { return }
+        var rowClass: [Int] = [], rowReads: [Bool] = [], missedRowStart = [0], missedRows: [Int] = []
+        for a in 0..<g.kernelHeight {
+            let r = plan(a, extent: g.height, outputs: g.outputHeight)
+            rowClass.append(r.residue); rowReads.append(r.reads); missedRows += r.missed; missedRowStart.append(missedRows.count)
+        }
+        var columnClass: [Int] = [], columnReads: [Bool] = [], missedColumnStart = [0], missedColumnSlots: [Int] = [], columns: [Int] = []
+        for b in 0..<g.kernelWidth {
+            let c = plan(b, extent: g.width, outputs: g.outputWidth)
+            columnClass.append(c.residue); columnReads.append(c.reads)
+            for q in c.missed {
+                if let slot = columns.firstIndex(of: q) { missedColumnSlots.append(slot) } else { missedColumnSlots.append(columns.count); columns.append(q) }
+            }
+            missedColumnStart.append(missedColumnSlots.count)
+        }
+        (self.rowClass, self.rowReads, self.missedRowStart, self.missedRows) = (rowClass, rowReads, missedRowStart, missedRows)
+        (self.columnClass, self.columnReads, self.missedColumnStart, self.missedColumnSlots, self.columns) =
+            (columnClass, columnReads, missedColumnStart, missedColumnSlots, columns)
+    }
+
+    /// Doubles of scratch ``sums(_:samples:into:scratch:)`` needs.
+    public var scratchCount: Int { geometry.stride * (geometry.height + geometry.stride + columns.count) }
+
+    /// The patch sums of `samples` consecutive samples of `x` (N × C_in × H × W), added in sample
+    /// order, into `sums` (K values).
+    public func sums(_ x: UnsafePointer<Float>, samples: Int, into sums: UnsafeMutablePointer<Double>, scratch: UnsafeMutablePointer<Double>) {
+        let g = geometry, s = g.stride, H = g.height, W = g.width, kh = g.kernelHeight, kw = g.kernelWidth
+        // rowSums[κ·H + r]: row r over column class κ; grid[ρ·s + κ]: row class ρ × column class κ;
+        // columnSums[j·s + ρ]: missed column j over row class ρ.
+        let rowSums = scratch, grid = scratch + s * H, columnSums = grid + s * s
+        sums.update(repeating: 0, count: g.patchSize)
+        rowClass.withUnsafeBufferPointer { rowClass in
+        rowReads.withUnsafeBufferPointer { rowReads in
+        missedRowStart.withUnsafeBufferPointer { missedRowStart in
+        missedRows.withUnsafeBufferPointer { missedRows in
+        columnClass.withUnsafeBufferPointer { columnClass in
+        columnReads.withUnsafeBufferPointer { columnReads in
+        missedColumnStart.withUnsafeBufferPointer { missedColumnStart in
+        missedColumnSlots.withUnsafeBufferPointer { missedColumnSlots in
+        columns.withUnsafeBufferPointer { columns in
+            let missed = columns.count
             for i in 0..<samples {
-                let base = x + (i * inputChannels + ci) * plane
-                for r in Swift.stride(from: from, through: to, by: stride) {
-                    let row = base + r * width
-                    for column in 0..<width { target[column] += Double(row[column]) }
+                for ci in 0..<g.inputChannels {
+                    let plane = x + (i * g.inputChannels + ci) * H * W
+                    // One pass over the rows: each row's sums per column class, added to its row
+                    // class's grid cells, and the missed columns' values to their column sums.
+                    grid.update(repeating: 0, count: s * s)
+                    columnSums.update(repeating: 0, count: missed * s)
+                    var rho = 0
+                    for r in 0..<H {
+                        let row = plane + r &* W
+                        Self.rowSums(row, width: W, stride: s, into: rowSums + r, step: H)
+                        for kappa in 0..<s { grid[rho &* s &+ kappa] += rowSums[kappa &* H &+ r] }
+                        for j in 0..<missed { columnSums[j &* s &+ rho] += Double(row[columns[j]]) }
+                        rho = rho &+ 1 == s ? 0 : rho &+ 1
+                    }
+                    for a in 0..<kh where rowReads[a] {
+                        let rho = rowClass[a]
+                        for b in 0..<kw where columnReads[b] {
+                            let kappa = columnClass[b]
+                            var total = grid[rho * s + kappa]
+                            for m in missedRowStart[a]..<missedRowStart[a + 1] { total -= rowSums[kappa * H + missedRows[m]] }
+                            for m in missedColumnStart[b]..<missedColumnStart[b + 1] { total -= columnSums[missedColumnSlots[m] * s + rho] }
+                            for m in missedRowStart[a]..<missedRowStart[a + 1] {
+                                let row = plane + missedRows[m] * W
+                                for q in missedColumnStart[b]..<missedColumnStart[b + 1] { total += Double(row[columns[missedColumnSlots[q]]]) }
+                            }
+                            sums[(ci * kh + a) * kw + b] += total
+                        }
+                    }
                 }
             }
-        }
-        for ci in 0..<inputChannels {
-            for residue in 0..<min(stride, kernelHeight) {
-                // The run every kernel row of the group reads (rows of one residue class).
-                var commonFirst = Int.min, commonLast = Int.max
-                for a in Swift.stride(from: residue, to: kernelHeight, by: stride) {
-                    let r = rows(a)
-                    if r.first <= r.last { commonFirst = max(commonFirst, r.first); commonLast = min(commonLast, r.last) }
-                }
-                if commonFirst == Int.min { commonFirst = 0; commonLast = -1 }
-                shared.update(repeating: 0, count: width)
-                addRows(commonFirst, commonLast, channel: ci, into: shared)
-                for a in Swift.stride(from: residue, to: kernelHeight, by: stride) {
-                    let r = rows(a)
-                    if r.first <= r.last && commonFirst <= commonLast {
-                        own.update(from: shared, count: width)
-                        addRows(r.first, commonFirst - stride, channel: ci, into: own)
-                        addRows(commonLast + stride, r.last, channel: ci, into: own)
-                    } else {
-                        // No run shared with the group's other rows (or no rows at all).
-                        own.update(repeating: 0, count: width)
-                        addRows(r.first, r.last, channel: ci, into: own)
-                    }
-                    for b in 0..<kernelWidth {
-                        // Columns ow·stride − padding + b inside the image, four partial sums.
-                        let first = b >= padding ? 0 : (padding - b + stride - 1) / stride
-                        let span = width - 1 + padding - b, last = span < 0 ? -1 : min(outputWidth - 1, span / stride)
-                        var partial = (0.0, 0.0, 0.0, 0.0)
-                        var ow = first
-                        while ow + 3 <= last {
-                            let column = own + (ow * stride - padding + b)
-                            partial.0 += column[0]
-                            partial.1 += column[stride]
-                            partial.2 += column[2 * stride]
-                            partial.3 += column[3 * stride]
-                            ow += 4
-                        }
-                        while ow <= last { partial.0 += own[ow * stride - padding + b]; ow += 1 }
-                        sums[(ci * kernelHeight + a) * kernelWidth + b] = (partial.0 + partial.1) + (partial.2 + partial.3)
-                    }
-                }
+        }}}}}}}}}
+    }
+
+    /// One row's sum over each column class mod `stride`, into `target[κ·step]`.
+    @inline(__always)
+    private static func rowSums(_ row: UnsafePointer<Float>, width: Int, stride s: Int, into target: UnsafeMutablePointer<Double>, step: Int) {
+        if s == 1 {
+            let raw = UnsafeRawPointer(row)
+            var partial = SIMD4<Double>()
+            var q = 0
+            while q &+ 4 <= width {
+                partial += SIMD4<Double>(raw.loadUnaligned(fromByteOffset: q &* MemoryLayout<Float>.stride, as: SIMD4<Float>.self))
+                q = q &+ 4
+            }
+            var total = (partial[0] + partial[1]) + (partial[2] + partial[3])
+            while q < width { total += Double(row[q]); q = q &+ 1 }
+            target[0] = total
+        } else {
+            for kappa in 0..<s {
+                var total = 0.0
+                var q = kappa
+                while q < width { total += Double(row[q]); q = q &+ s }
+                target[kappa &* step] = total
             }
         }
     }
-
-    /// Doubles of scratch ``patchSums(_:samples:into:scratch:)`` needs.
-    public var patchSumScratchCount: Int { 2 * width }
 }
 
 /// The sizes of a 2-D pooling window applied to H×W planes.

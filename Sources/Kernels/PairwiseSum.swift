@@ -48,15 +48,20 @@ extension TensorScalar {
 /// its first batch.
 public struct PairwiseAccumulator<Scalar: TensorScalar> {
     public let width: Int
+    /// Values of the buffer a leaf is written into: `width`, or more for a writer that produces
+    /// the leaf beside other values (only the first `width` are added).
+    public let leafCapacity: Int
     private var levels: [[Scalar]] = []
     private var occupied: [Bool] = []
     /// The leaf being written, and afterwards the carry travelling up the levels.
     private var carry: [Scalar]
     public private(set) var count = 0
 
-    public init(width: Int) {
+    public init(width: Int, leafCapacity: Int? = nil) {
+        precondition((leafCapacity ?? width) >= width, "a leaf's buffer holds at least the leaf")
         self.width = width
-        carry = Scalar.filled(width, with: 0)
+        self.leafCapacity = leafCapacity ?? width
+        carry = Scalar.filled(self.leafCapacity, with: 0)
     }
 
     /// Forgets every leaf (keeps the buffers).
@@ -65,11 +70,17 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
         count = 0
     }
 
-    /// Adds the next leaf, which `write` puts into the buffer it is given (`width` values,
-    /// contents undefined on entry).
+    /// Adds the next leaf, which `write` puts into the buffer it is given (``leafCapacity``
+    /// values, of which the first `width` are the leaf; contents undefined on entry).
     public mutating func add(_ write: (UnsafeMutablePointer<Scalar>) -> Void) {
         carry.withUnsafeMutableBufferPointer { write($0.baseAddress!) }
-        var level = 0
+        carryUp(from: 0)
+    }
+
+    /// Puts the carry (the newest complete block, ending with the newest leaf) at level `start`,
+    /// merging it with the blocks before it on the way up; counts the leaf.
+    private mutating func carryUp(from start: Int) {
+        var level = start
         while level < occupied.count && occupied[level] {
             // levels[level] holds the block just before this one: left + right.
             levels[level].withUnsafeMutableBufferPointer { left in
@@ -80,7 +91,7 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
             level += 1
         }
         if level == occupied.count {
-            levels.append(Scalar.filled(width, with: 0))
+            levels.append(Scalar.filled(leafCapacity, with: 0))
             occupied.append(false)
         }
         swap(&levels[level], &carry)
@@ -116,5 +127,33 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
             }
         }
         if !have { target.update(repeating: 0, count: width) }
+    }
+}
+
+
+extension PairwiseAccumulator where Scalar == Double {
+    /// Adds the next leaf, given in Float and widened: the same bits as writing the widened leaf
+    /// with ``add(_:)``, without the widened copy (the leaf goes straight into its level, or is
+    /// added to the block before it on the way).
+    public mutating func add(widening leaf: UnsafePointer<Float>) {
+        if levels.isEmpty {
+            levels.append(Scalar.filled(width, with: 0))
+            occupied.append(false)
+        }
+        if !occupied[0] {
+            levels[0].withUnsafeMutableBufferPointer { Float.widen(leaf, count: width, into: $0.baseAddress!) }
+            occupied[0] = true
+            count += 1
+            return
+        }
+        // Level 0 holds the leaf before this one: left + right, into the carry.
+        let n = width
+        levels[0].withUnsafeBufferPointer { left in
+            carry.withUnsafeMutableBufferPointer { sum in
+                for i in 0..<n { sum[i] = left[i] + Double(leaf[i]) }
+            }
+        }
+        occupied[0] = false
+        carryUp(from: 1)
     }
 }

@@ -84,6 +84,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     /// backward. An entry whose backward never came (a training forward without backward) is
     /// left out of the window.
     private var pendingIteration: Int?
+    /// θ_t widened to Double, reused every step.
+    private var theta: [Double] = []
     /// Window measurements summed over training forwards since the last ``takeDiagnostics()``.
     private var diagnosticSums = CrossIterationDiagnostics()
 
@@ -259,15 +261,15 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     }
 
     /// The window after this iteration, in place: the entries move one slot back (the oldest
-    /// falls off at k − 1) and `current` takes slot 0 — no per-step decoding or re-encoding of
+    /// falls off at k − 1) and `write` fills slot 0 — no per-step decoding or re-encoding of
     /// the stored derivatives.
-    private func push(_ current: WindowEntry, iteration: Int) {
+    private func push(iteration: Int, _ write: (UnsafeMutablePointer<Double>) -> Void) {
         let width = entryWidth, old = Int(saved.values[1]), new = min(old + 1, window - 1)
         if saved.values.count < 2 + new * width { saved.values += [Double](repeating: 0, count: 2 + new * width - saved.values.count) }
         saved.values.withUnsafeMutableBufferPointer { v in
             let slot0 = v.baseAddress! + 2
             if new > 1 { memmove(slot0 + width, slot0, (new - 1) * width * MemoryLayout<Double>.stride) }
-            current.storedValues.withUnsafeBufferPointer { slot0.update(from: $0.baseAddress!, count: width) }
+            write(slot0)
             v[0] = Double(iteration)
             v[1] = Double(new)
         }
@@ -283,20 +285,26 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             return try super.trainingStatistics(input, layout: layout)
         }
         let C = featureCount, K = patchSize, width = entryWidth
-        let weight = Scalar.widened(source.patchWeight.value.scalars)
+        // θ_t in Double, in a buffer kept between steps (C × K values for every layer and step).
+        if theta.count != C * K { theta = [Double](repeating: 0, count: C * K) }
+        source.patchWeight.value.scalars.withUnsafeBufferPointer { w in
+            theta.withUnsafeMutableBufferPointer { Scalar.widen(w.baseAddress!, count: C * K, into: $0.baseAddress!) }
+        }
         let pastCount = Int(saved.values[1])
-        let current: WindowEntry
+        // The current local sums, and their derivatives unless the convolution's backward gives
+        // them (receivePatchStatistics writes them into the stored entry then).
+        let current: (count: Double, sum: ArraySlice<Double>, sumOfSquares: ArraySlice<Double>)
+        var currentDerivatives: WindowEntry?
         if let conv = fusedSource {
-            // The sums now; the derivatives from the convolution's backward (receivePatchStatistics).
             guard conv.pendingTrainingBatch == layout.batch, conv.lastGeometry?.positions == layout.spatial else {
                 throw LayerError("CrossIterationBatchNorm: its source layer must run the training forward that produced this input")
             }
             let packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
-            current = WindowEntry(count: packed[0], sum: Array(packed[1...C]), sumOfSquares: Array(packed[(C + 1)...]),
-                                  sumGradient: [Double](repeating: 0, count: K), sumOfSquaresGradient: [Double](repeating: 0, count: C * K),
-                                  weight: weight)
+            current = (packed[0], packed[1...C], packed[(C + 1)...])
         } else {
-            current = try currentEntry(input, layout: layout, weight: weight)
+            let entry = try currentEntry(input, layout: layout, weight: theta)
+            current = (entry.count, entry.sum[...], entry.sumOfSquares[...])
+            currentDerivatives = entry
         }
 
         // One all-reduce: the current sums and, while they are still this rank's own, the newest
@@ -308,8 +316,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         var packed = [Double](repeating: 0, count: 1 + 2 * C + (reduceNewest ? derivativeCount : 0))
         packed[0] = current.count
         for c in 0..<C {
-            packed[1 + c] = current.sum[c]
-            packed[1 + C + c] = current.sumOfSquares[c]
+            packed[1 + c] = current.sum[current.sum.startIndex + c]
+            packed[1 + C + c] = current.sumOfSquares[current.sumOfSquares.startIndex + c]
         }
         if reduceNewest {
             packed.replaceSubrange((1 + 2 * C)..., with: saved.values[derivativeBase..<(derivativeBase + derivativeCount)])
@@ -322,7 +330,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         packed += [Double](repeating: 0, count: (1 + 2 * C) * pastCount)
         var taylorChange = 0.0, taylorSize = 0.0
         saved.values.withUnsafeBufferPointer { v in
-            weight.withUnsafeBufferPointer { theta in
+            theta.withUnsafeBufferPointer { theta in
                 packed.withUnsafeMutableBufferPointer { p in
                     for j in 0..<pastCount {
                         let entry = v.baseAddress! + 2 + j * width, out = p.baseAddress! + (1 + 2 * C) * (j + 1)
@@ -373,11 +381,18 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         }
         recordDiagnostics(pastCount: pastCount, taylorFraction: taylorSize > 0 ? taylorChange / taylorSize : 0, kept: valid,
                           variance: variance, current: currentStatistics.variance)
-        var stored = current
-        stored.count = M
-        stored.sum = Array(packed[1...C])
-        stored.sumOfSquares = Array(packed[(1 + C)...(2 * C)])
-        push(stored, iteration: iteration)
+        // The group's sums, the derivatives (zero until the backward brings them) and θ_t.
+        push(iteration: iteration) { slot in
+            packed.withUnsafeBufferPointer { slot.update(from: $0.baseAddress!, count: 1 + 2 * C) }
+            let derivatives = slot + 1 + 2 * C
+            if let entry = currentDerivatives {
+                entry.sumGradient.withUnsafeBufferPointer { derivatives.update(from: $0.baseAddress!, count: K) }
+                entry.sumOfSquaresGradient.withUnsafeBufferPointer { (derivatives + K).update(from: $0.baseAddress!, count: C * K) }
+            } else {
+                derivatives.update(repeating: 0, count: K + C * K)
+            }
+            theta.withUnsafeBufferPointer { (derivatives + K + C * K).update(from: $0.baseAddress!, count: C * K) }
+        }
         if fusedSource == nil { localDerivativesIteration = iteration }
         if let conv = fusedSource {
             pendingIteration = iteration

@@ -173,6 +173,26 @@ final class LayerTests: XCTestCase {
         }
     }
 
+    func testAddingWidenedFloatLeavesHasTheBitsOfAddingTheirDoubles() {
+        let width = 300
+        for count in [0, 1, 2, 3, 7, 8, 32, 33] {
+            var random = DeterministicRandom(seed: UInt64(count))
+            let leaves = (0..<(count * width)).map { _ in Float(random.normal() * 1e3) }
+            var written = PairwiseAccumulator<Double>(width: width), widened = PairwiseAccumulator<Double>(width: width)
+            leaves.withUnsafeBufferPointer { l in
+                for i in 0..<count {
+                    written.add { Float.widen(l.baseAddress! + i * width, count: width, into: $0) }
+                    widened.add(widening: l.baseAddress! + i * width)
+                }
+            }
+            var expected = [Double](repeating: .nan, count: width), total = [Double](repeating: .nan, count: width)
+            expected.withUnsafeMutableBufferPointer { written.total(into: $0.baseAddress!) }
+            total.withUnsafeMutableBufferPointer { widened.total(into: $0.baseAddress!) }
+            XCTAssertEqual(total.map(\.bitPattern), expected.map(\.bitPattern), "\(count) leaves")
+            XCTAssertEqual(widened.count, count)
+        }
+    }
+
     func testConv2dGradientsMatchFiniteDifferences() throws {
         for (stride, padding, bias) in [(1, 1, true), (2, 1, false), (2, 0, true)] {
             var random = DeterministicRandom(seed: 3)
