@@ -99,17 +99,21 @@ public struct PatchSumPlan {
             for i in 0..<samples {
                 for ci in 0..<g.inputChannels {
                     let plane = x + (i * g.inputChannels + ci) * H * W
-                    // One pass over the rows: each row's sums per column class, added to its row
-                    // class's grid cells, and the missed columns' values to their column sums.
-                    grid.update(repeating: 0, count: s * s)
-                    columnSums.update(repeating: 0, count: missed * s)
-                    var rho = 0
-                    for r in 0..<H {
-                        let row = plane + r &* W
-                        Self.rowSums(row, width: W, stride: s, into: rowSums + r, step: H)
-                        for kappa in 0..<s { grid[rho &* s &+ kappa] += rowSums[kappa &* H &+ r] }
-                        for j in 0..<missed { columnSums[j &* s &+ rho] += Double(row[columns[j]]) }
-                        rho = rho &+ 1 == s ? 0 : rho &+ 1
+                    // Each row's sums per column class; then, in registers (no sum carried
+                    // through memory from row to row), the grid cells and the missed columns' sums.
+                    for r in 0..<H { Self.rowSums(plane + r &* W, width: W, stride: s, into: rowSums + r, step: H) }
+                    for rho in 0..<s {
+                        for kappa in 0..<s {
+                            var total = 0.0, r = rho
+                            while r < H { total += rowSums[kappa &* H &+ r]; r = r &+ s }
+                            grid[rho &* s &+ kappa] = total
+                        }
+                        for j in 0..<missed {
+                            let column = plane + columns[j]
+                            var total = 0.0, r = rho
+                            while r < H { total += Double(column[r &* W]); r = r &+ s }
+                            columnSums[j &* s &+ rho] = total
+                        }
                     }
                     for a in 0..<kh where rowReads[a] {
                         let rho = rowClass[a]
