@@ -76,18 +76,9 @@ typedef struct {
     char implementation[64];
 } operation;
 
-/// One half of a paired backward-weights call's output gradient: the user's plain C-channel
-/// tensor and the channels [i·C, (i + 1)·C) of the primitive's own buffer, with the reorder between.
-typedef struct {
-    dnnl_memory_t user, part;
-    dnnl_primitive_t reorder;
-} half_argument;
-
 struct syncbn_dnnl_convolution {
     operation forward, data, weights;
     int has_forward, has_weights;
-    int paired_state;   // 0 not tried, 1 ready, -1 not possible (see prepare_paired)
-    half_argument halves[2];
     char implementations[200];
 };
 
@@ -347,19 +338,8 @@ failure:
     return NULL;
 }
 
-static void destroy_halves(syncbn_dnnl_convolution *c) {
-    for (int i = 0; i < 2; i++) {
-        half_argument *h = &c->halves[i];
-        if (h->reorder) dnnl_primitive_destroy(h->reorder);
-        if (h->part) dnnl_memory_destroy(h->part);
-        if (h->user) dnnl_memory_destroy(h->user);
-        memset(h, 0, sizeof *h);
-    }
-}
-
 void syncbn_dnnl_convolution_destroy(syncbn_dnnl_convolution *c) {
     if (!c) return;
-    destroy_halves(c);
     destroy_operation(&c->forward);
     destroy_operation(&c->data);
     destroy_operation(&c->weights);
@@ -431,91 +411,3 @@ const char *syncbn_dnnl_cpu_isa(void) {
 void syncbn_dnnl_set_threads(int threads) { desired_threads = threads > 0 ? threads : 1; }
 
 int syncbn_dnnl_available(char *error, size_t length) { return ensure_engine(error, length); }
-
-/// Sets up the paired call: the output gradient's two channel halves as sub-memories of the
-/// primitive's own (blocked) buffer, each with a reorder from a plain tensor. Not possible when
-/// that buffer is the user's (plain layout) or a half does not start on a channel block.
-static int prepare_paired(syncbn_dnnl_convolution *c) {
-    if (c->paired_state) return c->paired_state == 1 ? 0 : 1;
-    c->paired_state = -1;
-    if (!c->has_weights) return 1;
-    argument *d = NULL;
-    for (int i = 0; i < c->weights.count; i++)
-        if (c->weights.args[i].arg == DNNL_ARG_DIFF_DST) d = &c->weights.args[i];
-    if (!d || !d->internal) return 1;
-    const dnnl_memory_desc_t *parent = NULL;
-    if (dnnl_memory_get_memory_desc(d->internal, &parent) != dnnl_success || !parent || parent->ndims != 4 || parent->dims[1] % 2) return 1;
-    dnnl_dim_t n = parent->dims[0], half = parent->dims[1] / 2, h = parent->dims[2], w = parent->dims[3];
-    for (int i = 0; i < 2; i++) {
-        half_argument *a = &c->halves[i];
-        dnnl_memory_desc_t user, part;
-        dnnl_dims_t dims = {n, half, h, w}, offsets = {0, i * half, 0, 0};
-        dnnl_primitive_desc_t pd = NULL;
-        if (dnnl_memory_desc_init_by_tag(&user, 4, dims, dnnl_f32, dnnl_nchw) != dnnl_success ||
-            dnnl_memory_desc_init_submemory(&part, parent, dims, offsets) != dnnl_success ||
-            dnnl_memory_create(&a->user, &user, shared_engine, DNNL_MEMORY_NONE) != dnnl_success ||
-            dnnl_memory_create(&a->part, &part, shared_engine, d->buffer) != dnnl_success ||
-            dnnl_reorder_primitive_desc_create(&pd, &user, shared_engine, &part, shared_engine, NULL) != dnnl_success) {
-            destroy_halves(c);
-            return 1;
-        }
-        dnnl_status_t s = dnnl_primitive_create(&a->reorder, pd);
-        dnnl_primitive_desc_destroy(pd);
-        if (s != dnnl_success) {
-            destroy_halves(c);
-            return 1;
-        }
-    }
-    c->paired_state = 1;
-    return 0;
-}
-
-int syncbn_dnnl_convolution_supports_paired(syncbn_dnnl_convolution *c) { return prepare_paired(c) == 0; }
-
-int syncbn_dnnl_convolution_backward_weights_paired_blocked(syncbn_dnnl_convolution *c, const float *x, const float *dy_first,
-                                                            const float *dy_second, float *dw_blocked) {
-    if (prepare_paired(c)) return 1;
-    double start = now();
-    int status = 1;
-    apply_threads();
-    operation *op = &c->weights;
-    dnnl_exec_arg_t args[4];
-    int n = 0;
-    argument *out = NULL;
-    for (int i = 0; i < op->count; i++) {
-        argument *a = &op->args[i];
-        if (a->arg == DNNL_ARG_DIFF_DST) {
-            // Each half reordered from its plain tensor into its channels of the blocked buffer.
-            double reorder_start = now();
-            const float *sources[2] = {dy_first, dy_second};
-            for (int k = 0; k < 2; k++) {
-                half_argument *h = &c->halves[k];
-                dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, h->user}, {DNNL_ARG_TO, h->part}};
-                if (dnnl_memory_set_data_handle(h->user, (void *)sources[k]) != dnnl_success || !stream() ||
-                    dnnl_primitive_execute(h->reorder, stream(), 2, r) != dnnl_success)
-                    goto done;
-            }
-            seconds_activation_reorders += now() - reorder_start;
-        } else if (a->arg == DNNL_ARG_SRC) {
-            if (dnnl_memory_set_data_handle(a->user, (void *)x) != dnnl_success) goto done;
-            if (a->internal && run_reorder(a, a->user, a->internal)) goto done;
-        } else {
-            if (!a->internal || dnnl_memory_set_data_handle(a->internal, dw_blocked) != dnnl_success) goto done;
-            out = a;
-        }
-        args[n].arg = a->arg;
-        args[n].memory = a->internal ? a->internal : a->user;
-        n++;
-    }
-    if (op->scratchpad) {
-        args[n].arg = DNNL_ARG_SCRATCHPAD;
-        args[n].memory = op->scratchpad;
-        n++;
-    }
-    if (!stream() || dnnl_primitive_execute(op->primitive, stream(), n, args) != dnnl_success) goto done;
-    status = dnnl_stream_wait(stream()) == dnnl_success ? 0 : 1;
-done:
-    if (out) dnnl_memory_set_data_handle(out->internal, out->buffer);
-    seconds_total += now() - start;
-    return status;
-}

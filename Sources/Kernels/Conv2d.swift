@@ -177,21 +177,16 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// per primitive; `patchStatisticsInBlocks` is set for a backward whose statistics tree holds
     /// the blocked layout (then Σ patch follows it).
     private var blockedIndexMap: (primitive: ObjectIdentifier, plainToBlocked: [Int32])?
-    /// With patch statistics on oneDNN's blocked layout: one backward-weights call with 2·C_out
-    /// output channels on [dY_s; Y_s] gives dW and Σ y·patch together (one read of the input),
-    /// when that primitive's weight layout holds the C_out primitive's in its first half and it
-    /// takes dY and Y as the halves of its output gradient (checked once per primitive pair).
-    private var pairedLayoutMatches: (primitive: ObjectIdentifier, matches: Bool)?
-    /// Whether the last backward computed dW and the patch statistics in the paired call.
-    public private(set) var pairedStatistics = false
-    /// The paired call's statistics, added as the leaves come: Σ patch and Σ y·patch (widened
-    /// from oneDNN's Float as it is added); `productTotal` and `plainProducts` are reused outputs.
-    private var pairedProductCount = 0
+    /// Cross-iteration BN's statistics on oneDNN's blocked layout, added as the leaves come: Σ
+    /// patch, and Σ y·patch widened from its weight-gradient call's Float as it is added (no
+    /// widened copy); `productTotal` and `plainProducts` are reused outputs. `blockedStatistics`
+    /// is set for a backward that fills them (in the plain layout `patchStatisticsTree` takes both).
+    private var blockedStatistics = false
+    private var blockedProductCount = 0
     private var patchSumTree: PairwiseAccumulator<Double>?
     private var productTree: PairwiseAccumulator<Double>?
     private var productTotal: [Double] = []
     private var plainProducts: [Double] = []
-    private var patchStatisticsInBlocks = false
 
     /// Samples per oneDNN chunk: a power of two that depends on the layer's shape alone, the
     /// largest (up to 8) whose chunk input and output hold at most 256 Ki values (1 MiB of Float).
@@ -365,7 +360,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         let receiver = patchStatisticsReceiver
         patchStatisticsReceiver = nil
         let fused = receiver != nil
-        pairedStatistics = false
+        blockedStatistics = false
         let rows = fused ? 2 * C + 1 : C
         let useOneDNN = effectiveBackend == .onednn && n > 0
         let L = weightGradientLeaf
@@ -381,7 +376,6 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             if sampleRows.count != rows * L * P { sampleRows = Scalar.filled(rows * L * P, with: 0) }
             if sampleResult.count != rows * K { sampleResult = Scalar.filled(rows * K, with: 0) }
         }
-        patchStatisticsInBlocks = false   // oneDNN's backward sets it when it sums in its layout
         if fused && !useOneDNN {
             if patchStatisticsTree?.width != (C + 1) * K { patchStatisticsTree = PairwiseAccumulator(width: (C + 1) * K) }
             patchStatisticsTree!.reset()
@@ -460,19 +454,13 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         } else {
             weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
         }
-        if let receiver, pairedStatistics {
-            let totals = pairedStatisticsTotals(K: K)
+        if let receiver, blockedStatistics {
+            let totals = blockedStatisticsTotals(K: K)
             receiver(totals.patchSum, totals.products)
         } else if let receiver {
             var statistics = [Double](repeating: 0, count: patchStatisticsTree!.width)
             statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
-            if patchStatisticsInBlocks {
-                // Σ y·patch was summed in oneDNN's layout of the weight gradient; Σ patch follows it.
-                let map = blockedIndexMap!.plainToBlocked
-                receiver(Array(statistics[(statistics.count - K)...]), map.map { statistics[Int($0)] })
-            } else {
-                receiver(Array(statistics[(C * K)...]), Array(statistics[0..<(C * K)]))
-            }
+            receiver(Array(statistics[(C * K)...]), Array(statistics[0..<(C * K)]))
         }
         weight.addLocalPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
@@ -488,27 +476,24 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         return dx
     }
 
-    /// For each entry of the plain C_out × K weight gradient its index in `primitive`'s layout:
-    /// the indices 0, 1, … (exact in Float below 2²⁴) reordered to the plain layout.
-    /// One leaf of the paired call: [dW | Σ y·patch] in oneDNN's layout from [dY_s; Y_s], dW into
-    /// the blocked tree and Σ y·patch (widened) with Σ patch into the Double tree.
-    private func addPairedLeaf(_ paired: OneDNNConvolution, _ g: ConvolutionGeometry, x: UnsafePointer<Float>, dy: UnsafePointer<Float>,
-                               y: UnsafePointer<Float>, samples L: Int, half: Int) {
-        // [dW | Σ y·patch] straight into the leaf's buffer; the tree adds the first half.
-        blockedWeightGradientTree!.add { leaf in
-            paired.backwardWeightsBlocked(x: x, dyFirst: dy, dySecond: y, into: leaf)
-            productTree!.add(widening: leaf + half)
+    /// One leaf's cross-iteration BN statistics on oneDNN's blocked layout: Σ y·patch from the
+    /// weight gradient's own primitive with Y as the output gradient, widened into the Double tree
+    /// as it is added, and Σ patch from the patch-sum plan.
+    private func addStatisticsLeaf(_ perLeaf: OneDNNConvolution, x: UnsafePointer<Float>, y: UnsafePointer<Float>, samples L: Int) {
+        oneDNNLeafProduct.withUnsafeMutableBufferPointer { product in
+            perLeaf.backwardWeightsBlocked(x: x, dy: y, into: product.baseAddress!)
+            productTree!.add(widening: product.baseAddress!)
         }
         patchSumScratch.withUnsafeMutableBufferPointer { scratch in
             patchSumTree!.add { patchSumPlan!.sums(x, samples: L, into: $0, scratch: scratch.baseAddress!) }
         }
     }
 
-    /// The paired call's totals: Σ patch (K values) and Σ y·patch in the plain C_out × K order.
-    private func pairedStatisticsTotals(K: Int) -> (patchSum: [Double], products: [Double]) {
+    /// The totals of ``addStatisticsLeaf(_:x:y:samples:)``: Σ patch (K values) and Σ y·patch in
+    /// the plain C_out × K order.
+    private func blockedStatisticsTotals(K: Int) -> (patchSum: [Double], products: [Double]) {
         let map = blockedIndexMap!.plainToBlocked
-        let half = pairedProductCount
-        if productTotal.count != half { productTotal = [Double](repeating: 0, count: half) }
+        if productTotal.count != blockedProductCount { productTotal = [Double](repeating: 0, count: blockedProductCount) }
         productTotal.withUnsafeMutableBufferPointer { productTree!.total(into: $0.baseAddress!) }
         if plainProducts.count != map.count { plainProducts = [Double](repeating: 0, count: map.count) }
         productTotal.withUnsafeBufferPointer { total in
@@ -521,6 +506,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         return (patchSum, plainProducts)
     }
 
+    /// For each entry of the plain C_out × K weight gradient its index in `primitive`'s layout:
+    /// the indices 0, 1, … (exact in Float below 2²⁴) reordered to the plain layout.
     private static func plainToBlockedIndices(_ primitive: OneDNNConvolution, blockedCount: Int, plainCount: Int) -> [Int32] {
         precondition(blockedCount < 1 << 24, "Conv2d: a weight gradient of \(blockedCount) values is too big to index in Float")
         let iota = (0..<blockedCount).map { Float($0) }
@@ -673,54 +660,38 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         // The weight-gradient leaves stay in oneDNN's layout, reordered once at the end.
         let blockedCount = perLeaf.blockedWeightGradientCount
         // Cross-iteration BN's patch statistics: Σ y·patch from the weight gradient's own primitive
-        // (a primitive with C_out + 1 or 2·C_out + 1 channels pads them to oneDNN's blocks and ran
-        // 2–4 times slower, docs/performance.md), kept in its layout like the weight gradient, then
-        // Σ patch (K values).
+        // run again with Y as the output gradient, kept in its layout like the weight gradient
+        // (primitives with C_out + 1 or 2·C_out + 1 channels pad them to oneDNN's blocks and ran
+        // 2–4 times slower; one with 2·C_out channels on [dY; Y], dW being its first half, ran no
+        // faster than the two calls: docs/performance.md), then Σ patch (K values).
         let productCount = blockedCount > 0 ? blockedCount : C * K
         if fused {
-            if patchStatisticsTree?.width != productCount + K { patchStatisticsTree = PairwiseAccumulator(width: productCount + K) }
-            patchStatisticsTree!.reset()
+            if blockedCount == 0 {
+                if patchStatisticsTree?.width != productCount + K { patchStatisticsTree = PairwiseAccumulator(width: productCount + K) }
+                patchStatisticsTree!.reset()
+            }
             if oneDNNLeafProduct.count < productCount { oneDNNLeafProduct = [Float](repeating: 0, count: productCount) }
             if patchSumPlan?.geometry != g { patchSumPlan = PatchSumPlan(g) }
             if patchSumScratch.count < patchSumPlan!.scratchCount { patchSumScratch = [Double](repeating: 0, count: patchSumPlan!.scratchCount) }
-            patchStatisticsInBlocks = blockedCount > 0
             if blockedCount > 0 && blockedIndexMap?.primitive != ObjectIdentifier(perLeaf) {
                 blockedIndexMap = (ObjectIdentifier(perLeaf), Self.plainToBlockedIndices(perLeaf, blockedCount: blockedCount, plainCount: C * K))
             }
         }
         if blockedCount > 0 {
-            // With patch statistics a leaf's buffer also takes the paired call's Σ y·patch.
-            let capacity = fused ? 2 * blockedCount : blockedCount
-            if blockedWeightGradientTree?.width != blockedCount || blockedWeightGradientTree!.leafCapacity < capacity {
-                blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount, leafCapacity: capacity)
-            }
+            if blockedWeightGradientTree?.width != blockedCount { blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount) }
             blockedWeightGradientTree!.reset()
             blockedWeightGradient = perLeaf
         } else {
             preparePlainTree(width: C * K)
         }
-        var pairedLeaf: OneDNNConvolution?
-        if fused && blockedCount > 0 {
-            let paired = try oneDNN(g, minibatch: 0, weightsMinibatch: L, weightsOutputChannels: 2 * C)
-            if pairedLayoutMatches?.primitive != ObjectIdentifier(paired) {
-                var matches = paired.blockedWeightGradientCount == 2 * blockedCount && paired.takesOutputGradientInHalves
-                if matches {
-                    let both = Self.plainToBlockedIndices(paired, blockedCount: 2 * blockedCount, plainCount: 2 * C * K)
-                    let own = blockedIndexMap!.plainToBlocked
-                    matches = (0..<(C * K)).allSatisfy { both[$0] == own[$0] && both[C * K + $0] == own[$0] + Int32(blockedCount) }
-                }
-                pairedLayoutMatches = (ObjectIdentifier(paired), matches)
-            }
-            if pairedLayoutMatches!.matches {
-                pairedLeaf = paired
-                if patchSumTree?.width != K { patchSumTree = PairwiseAccumulator(width: K) }
-                patchSumTree!.reset()
-                if productTree?.width != blockedCount { productTree = PairwiseAccumulator(width: blockedCount) }
-                productTree!.reset()
-            }
+        blockedStatistics = fused && blockedCount > 0
+        blockedProductCount = blockedCount
+        if blockedStatistics {
+            if patchSumTree?.width != K { patchSumTree = PairwiseAccumulator(width: K) }
+            patchSumTree!.reset()
+            if productTree?.width != blockedCount { productTree = PairwiseAccumulator(width: blockedCount) }
+            productTree!.reset()
         }
-        pairedStatistics = pairedLeaf != nil
-        pairedProductCount = blockedCount
         let inPlane = inputChannels * g.height * g.width, outPlane = C * P
         if oneDNNChunkInput.count < c * outPlane { oneDNNChunkInput = [Float](repeating: 0, count: c * outPlane) }
         if oneDNNChunkOutput.count < c * inPlane { oneDNNChunkOutput = [Float](repeating: 0, count: c * inPlane) }
@@ -735,24 +706,19 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                             let d = UnsafeMutableRawPointer(dxs.baseAddress!).assumingMemoryBound(to: Float.self)
                             timedGEMM(m: C, n: K, k: n * P) {
                                 for s in Swift.stride(from: 0, to: n, by: L) {
-                                    if let paired = pairedLeaf {
-                                        addPairedLeaf(paired, g, x: x + s * inPlane, dy: dy + s * outPlane, y: UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self),
-                                                      samples: L, half: blockedCount)
-                                        continue
-                                    }
                                     if fused {
                                         let y = UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self)
-                                        patchStatisticsTree!.add { leaf in
-                                            oneDNNLeafProduct.withUnsafeMutableBufferPointer { product in
-                                                if blockedCount > 0 {
-                                                    perLeaf.backwardWeightsBlocked(x: x + s * inPlane, dy: y, into: product.baseAddress!)
-                                                } else {
+                                        if blockedCount > 0 {
+                                            addStatisticsLeaf(perLeaf, x: x + s * inPlane, y: y, samples: L)
+                                        } else {
+                                            patchStatisticsTree!.add { leaf in
+                                                oneDNNLeafProduct.withUnsafeMutableBufferPointer { product in
                                                     perLeaf.backwardWeights(x: x + s * inPlane, dy: y, into: product.baseAddress!)
+                                                    Float.widen(product.baseAddress!, count: productCount, into: leaf)
                                                 }
-                                                Float.widen(product.baseAddress!, count: productCount, into: leaf)
-                                            }
-                                            patchSumScratch.withUnsafeMutableBufferPointer {
-                                                patchSumPlan!.sums(x + s * inPlane, samples: L, into: leaf + productCount, scratch: $0.baseAddress!)
+                                                patchSumScratch.withUnsafeMutableBufferPointer {
+                                                    patchSumPlan!.sums(x + s * inPlane, samples: L, into: leaf + productCount, scratch: $0.baseAddress!)
+                                                }
                                             }
                                         }
                                     }

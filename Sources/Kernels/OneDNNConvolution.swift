@@ -82,20 +82,6 @@ public final class OneDNNConvolution {
         precondition(status == 0, "oneDNN convolution backward weights failed")
     }
 
-    /// Whether ``backwardWeightsBlocked(x:dyFirst:dySecond:into:)`` can run: a primitive with an
-    /// even number of output channels whose output gradient oneDNN keeps in its blocked layout,
-    /// each half starting on a channel block.
-    public var takesOutputGradientInHalves: Bool { syncbn_dnnl_convolution_supports_paired(handle) != 0 }
-
-    /// dw in oneDNN's layout from an output gradient given as its two channel halves (each
-    /// weightsMinibatch × weightsOutputChannels/2 × H_out × W_out, plain), which oneDNN's reorders
-    /// write straight into its blocked buffer.
-    public func backwardWeightsBlocked(x: UnsafePointer<Float>, dyFirst: UnsafePointer<Float>, dySecond: UnsafePointer<Float>,
-                                       into dw: UnsafeMutablePointer<Float>) {
-        let status = syncbn_dnnl_convolution_backward_weights_paired_blocked(handle, x, dyFirst, dySecond, dw)
-        precondition(status == 0, "oneDNN convolution backward weights failed")
-    }
-
     /// A weight gradient in oneDNN's layout reordered into the plain C_out × C_in × k × k one.
     public func weightGradientToPlain(_ blocked: UnsafePointer<Float>, into dw: UnsafeMutablePointer<Float>) {
         let status = syncbn_dnnl_convolution_weights_gradient_to_plain(handle, blocked, dw)

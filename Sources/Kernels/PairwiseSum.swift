@@ -48,20 +48,15 @@ extension TensorScalar {
 /// its first batch.
 public struct PairwiseAccumulator<Scalar: TensorScalar> {
     public let width: Int
-    /// Values of the buffer a leaf is written into: `width`, or more for a writer that produces
-    /// the leaf beside other values (only the first `width` are added).
-    public let leafCapacity: Int
     private var levels: [[Scalar]] = []
     private var occupied: [Bool] = []
     /// The leaf being written, and afterwards the carry travelling up the levels.
     private var carry: [Scalar]
     public private(set) var count = 0
 
-    public init(width: Int, leafCapacity: Int? = nil) {
-        precondition((leafCapacity ?? width) >= width, "a leaf's buffer holds at least the leaf")
+    public init(width: Int) {
         self.width = width
-        self.leafCapacity = leafCapacity ?? width
-        carry = Scalar.filled(self.leafCapacity, with: 0)
+        carry = Scalar.filled(width, with: 0)
     }
 
     /// Forgets every leaf (keeps the buffers).
@@ -70,8 +65,8 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
         count = 0
     }
 
-    /// Adds the next leaf, which `write` puts into the buffer it is given (``leafCapacity``
-    /// values, of which the first `width` are the leaf; contents undefined on entry).
+    /// Adds the next leaf, which `write` puts into the buffer it is given (`width` values,
+    /// contents undefined on entry).
     public mutating func add(_ write: (UnsafeMutablePointer<Scalar>) -> Void) {
         carry.withUnsafeMutableBufferPointer { write($0.baseAddress!) }
         carryUp(from: 0)
@@ -91,7 +86,7 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
             level += 1
         }
         if level == occupied.count {
-            levels.append(Scalar.filled(leafCapacity, with: 0))
+            levels.append(Scalar.filled(width, with: 0))
             occupied.append(false)
         }
         swap(&levels[level], &carry)

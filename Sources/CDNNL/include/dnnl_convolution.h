@@ -38,14 +38,6 @@ int syncbn_dnnl_convolution_backward_weights(syncbn_dnnl_convolution *convolutio
 size_t syncbn_dnnl_convolution_blocked_weights_gradient_floats(const syncbn_dnnl_convolution *convolution);
 /// Backward weights into `dw_blocked` in oneDNN's own layout (no reorder).
 int syncbn_dnnl_convolution_backward_weights_blocked(syncbn_dnnl_convolution *convolution, const float *x, const float *dy, float *dw_blocked);
-/// Whether backward_weights_paired_blocked can run on this primitive (made with an even
-/// weights_cout in oneDNN's blocked layout, each half starting on a channel block).
-int syncbn_dnnl_convolution_supports_paired(syncbn_dnnl_convolution *convolution);
-/// backward_weights_blocked with the output gradient given as its two channel halves, each a plain
-/// weights_minibatch × weights_cout/2 × H_out × W_out tensor, reordered straight into oneDNN's
-/// buffer (no concatenated copy).
-int syncbn_dnnl_convolution_backward_weights_paired_blocked(syncbn_dnnl_convolution *convolution, const float *x, const float *dy_first,
-                                                            const float *dy_second, float *dw_blocked);
 /// A weight gradient in oneDNN's layout reordered into the plain one.
 int syncbn_dnnl_convolution_weights_gradient_to_plain(syncbn_dnnl_convolution *convolution, const float *blocked, float *dw);
 
