@@ -107,8 +107,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// One sample's [dY; Y; 1] ((2·C_out + 1) × P) and its GEMM result, when patch statistics ride along.
     private var sampleRows: [Scalar] = []
     private var sampleResult: [Scalar] = []
-    /// The per-sample weight gradients added along the pairwise tree (and, with patch statistics,
-    /// the per-sample Σ y·patch and Σ patch in Double).
+    /// The per-sample weight gradients added along the pairwise tree (and, with patch statistics
+    /// on im2col, `patchStatisticsTree`: the per-sample Σ y·patch and Σ patch in Double).
     private var weightGradientTree: PairwiseAccumulator<Scalar>?
     /// When the leaves are oneDNN's blocked weight gradients: the primitives that reorder the
     /// total once, and the tree that sums them in oneDNN's layout.
@@ -174,15 +174,14 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     private var patchSumScratch: [Double] = []
     private var patchSumPlan: PatchSumPlan?
     /// For each plain C_out × K entry its index in oneDNN's layout of the weight gradient, made once
-    /// per primitive; `patchStatisticsInBlocks` is set for a backward whose statistics tree holds
-    /// the blocked layout (then Σ patch follows it).
+    /// per primitive (Σ y·patch is summed in that layout and mapped back at the end).
     private var blockedIndexMap: (primitive: ObjectIdentifier, plainToBlocked: [Int32])?
-    /// Cross-iteration BN's statistics on oneDNN's blocked layout, added as the leaves come: Σ
-    /// patch, and Σ y·patch widened from its weight-gradient call's Float as it is added (no
-    /// widened copy); `productTotal` and `plainProducts` are reused outputs. `blockedStatistics`
-    /// is set for a backward that fills them (in the plain layout `patchStatisticsTree` takes both).
-    private var blockedStatistics = false
-    private var blockedProductCount = 0
+    /// Cross-iteration BN's statistics on oneDNN, added as the leaves come: Σ patch, and Σ y·patch
+    /// widened from its weight-gradient call's Float as it is added (no widened copy), in oneDNN's
+    /// layout of the weight gradient; `productTotal` and `plainProducts` are reused outputs.
+    /// For a backward that fills them, whether they are in oneDNN's blocked layout; nil otherwise
+    /// (im2col's statistics use `patchStatisticsTree`).
+    private var oneDNNStatisticsInBlocks: Bool?
     private var patchSumTree: PairwiseAccumulator<Double>?
     private var productTree: PairwiseAccumulator<Double>?
     private var productTotal: [Double] = []
@@ -360,7 +359,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         let receiver = patchStatisticsReceiver
         patchStatisticsReceiver = nil
         let fused = receiver != nil
-        blockedStatistics = false
+        oneDNNStatisticsInBlocks = nil
         let rows = fused ? 2 * C + 1 : C
         let useOneDNN = effectiveBackend == .onednn && n > 0
         let L = weightGradientLeaf
@@ -454,8 +453,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         } else {
             weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
         }
-        if let receiver, blockedStatistics {
-            let totals = blockedStatisticsTotals(K: K)
+        if let receiver, let blocked = oneDNNStatisticsInBlocks {
+            let totals = oneDNNStatisticsTotals(K: K, blocked: blocked)
             receiver(totals.patchSum, totals.products)
         } else if let receiver {
             var statistics = [Double](repeating: 0, count: patchStatisticsTree!.width)
@@ -476,12 +475,16 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         return dx
     }
 
-    /// One leaf's cross-iteration BN statistics on oneDNN's blocked layout: Σ y·patch from the
-    /// weight gradient's own primitive with Y as the output gradient, widened into the Double tree
+    /// One leaf's cross-iteration BN statistics on oneDNN: Σ y·patch from the weight gradient's
+    /// own primitive with Y as the output gradient (in its layout), widened into the Double tree
     /// as it is added, and Σ patch from the patch-sum plan.
-    private func addStatisticsLeaf(_ perLeaf: OneDNNConvolution, x: UnsafePointer<Float>, y: UnsafePointer<Float>, samples L: Int) {
+    private func addStatisticsLeaf(_ perLeaf: OneDNNConvolution, blocked: Bool, x: UnsafePointer<Float>, y: UnsafePointer<Float>, samples L: Int) {
         oneDNNLeafProduct.withUnsafeMutableBufferPointer { product in
-            perLeaf.backwardWeightsBlocked(x: x, dy: y, into: product.baseAddress!)
+            if blocked {
+                perLeaf.backwardWeightsBlocked(x: x, dy: y, into: product.baseAddress!)
+            } else {
+                perLeaf.backwardWeights(x: x, dy: y, into: product.baseAddress!)
+            }
             productTree!.add(widening: product.baseAddress!)
         }
         patchSumScratch.withUnsafeMutableBufferPointer { scratch in
@@ -489,20 +492,22 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         }
     }
 
-    /// The totals of ``addStatisticsLeaf(_:x:y:samples:)``: Σ patch (K values) and Σ y·patch in
-    /// the plain C_out × K order.
-    private func blockedStatisticsTotals(K: Int) -> (patchSum: [Double], products: [Double]) {
-        let map = blockedIndexMap!.plainToBlocked
-        if productTotal.count != blockedProductCount { productTotal = [Double](repeating: 0, count: blockedProductCount) }
+    /// The totals of ``addStatisticsLeaf(_:blocked:x:y:samples:)``: Σ patch (K values) and Σ
+    /// y·patch in the plain C_out × K order (mapped from oneDNN's layout when it is blocked).
+    private func oneDNNStatisticsTotals(K: Int, blocked: Bool) -> (patchSum: [Double], products: [Double]) {
+        let width = productTree!.width
+        if productTotal.count != width { productTotal = [Double](repeating: 0, count: width) }
         productTotal.withUnsafeMutableBufferPointer { productTree!.total(into: $0.baseAddress!) }
+        var patchSum = [Double](repeating: 0, count: K)
+        patchSum.withUnsafeMutableBufferPointer { patchSumTree!.total(into: $0.baseAddress!) }
+        guard blocked else { return (patchSum, productTotal) }
+        let map = blockedIndexMap!.plainToBlocked
         if plainProducts.count != map.count { plainProducts = [Double](repeating: 0, count: map.count) }
         productTotal.withUnsafeBufferPointer { total in
             plainProducts.withUnsafeMutableBufferPointer { plain in
                 for i in 0..<map.count { plain[i] = total[Int(map[i])] }
             }
         }
-        var patchSum = [Double](repeating: 0, count: K)
-        patchSum.withUnsafeMutableBufferPointer { patchSumTree!.total(into: $0.baseAddress!) }
         return (patchSum, plainProducts)
     }
 
@@ -666,10 +671,6 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         // faster than the two calls: docs/performance.md), then Σ patch (K values).
         let productCount = blockedCount > 0 ? blockedCount : C * K
         if fused {
-            if blockedCount == 0 {
-                if patchStatisticsTree?.width != productCount + K { patchStatisticsTree = PairwiseAccumulator(width: productCount + K) }
-                patchStatisticsTree!.reset()
-            }
             if oneDNNLeafProduct.count < productCount { oneDNNLeafProduct = [Float](repeating: 0, count: productCount) }
             if patchSumPlan?.geometry != g { patchSumPlan = PatchSumPlan(g) }
             if patchSumScratch.count < patchSumPlan!.scratchCount { patchSumScratch = [Double](repeating: 0, count: patchSumPlan!.scratchCount) }
@@ -684,12 +685,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         } else {
             preparePlainTree(width: C * K)
         }
-        blockedStatistics = fused && blockedCount > 0
-        blockedProductCount = blockedCount
-        if blockedStatistics {
+        if fused {
+            oneDNNStatisticsInBlocks = blockedCount > 0
             if patchSumTree?.width != K { patchSumTree = PairwiseAccumulator(width: K) }
             patchSumTree!.reset()
-            if productTree?.width != blockedCount { productTree = PairwiseAccumulator(width: blockedCount) }
+            if productTree?.width != productCount { productTree = PairwiseAccumulator(width: productCount) }
             productTree!.reset()
         }
         let inPlane = inputChannels * g.height * g.width, outPlane = C * P
@@ -708,19 +708,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                                 for s in Swift.stride(from: 0, to: n, by: L) {
                                     if fused {
                                         let y = UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self)
-                                        if blockedCount > 0 {
-                                            addStatisticsLeaf(perLeaf, x: x + s * inPlane, y: y, samples: L)
-                                        } else {
-                                            patchStatisticsTree!.add { leaf in
-                                                oneDNNLeafProduct.withUnsafeMutableBufferPointer { product in
-                                                    perLeaf.backwardWeights(x: x + s * inPlane, dy: y, into: product.baseAddress!)
-                                                    Float.widen(product.baseAddress!, count: productCount, into: leaf)
-                                                }
-                                                patchSumScratch.withUnsafeMutableBufferPointer {
-                                                    patchSumPlan!.sums(x + s * inPlane, samples: L, into: leaf + productCount, scratch: $0.baseAddress!)
-                                                }
-                                            }
-                                        }
+                                        addStatisticsLeaf(perLeaf, blocked: blockedCount > 0, x: x + s * inPlane, y: y, samples: L)
                                     }
                                     if blockedCount > 0 {
                                         blockedWeightGradientTree!.add { leaf in

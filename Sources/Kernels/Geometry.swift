@@ -37,11 +37,13 @@ public struct ConvolutionGeometry: Equatable {
 /// so a sample's sums are the same on any rank.
 public struct PatchSumPlan {
     public let geometry: ConvolutionGeometry
-    /// Per kernel row: its row class, whether it reads any row, and its missed rows
-    /// (`missedRows[missedRowStart[a] ..< missedRowStart[a + 1]]`); per kernel column likewise,
-    /// the missed columns given as slots of `columns` (the distinct missed columns).
-    private let rowClass: [Int], rowReads: [Bool], missedRowStart: [Int], missedRows: [Int]
-    private let columnClass: [Int], columnReads: [Bool], missedColumnStart: [Int], missedColumnSlots: [Int], columns: [Int]
+    /// The distinct missed columns, whose sums over each row class are taken per plane.
+    private let columns: [Int]
+    /// Per kernel position that reads anything: its index in the sums, its grid cell and the
+    /// ends in `terms` of the row sums to subtract, of the column sums to subtract and of the
+    /// crossings (plane offsets) to add back, which follow one another from the previous end.
+    private let recipe: [(output: Int, grid: Int, rowsEnd: Int, columnsEnd: Int, crossingsEnd: Int)]
+    private let terms: [Int]
 
     public init(_ g: ConvolutionGeometry) {
         geometry = g
@@ -56,23 +58,22 @@ public struct PatchSumPlan {
             let missed = Array(Swift.stride(from: residue, to: first, by: s)) + Array(Swift.stride(from: last + s, to: extent, by: s))
             return (residue, true, missed)
         }
-        var rowClass: [Int] = [], rowReads: [Bool] = [], missedRowStart = [0], missedRows: [Int] = []
-        for a in 0..<g.kernelHeight {
-            let r = plan(a, extent: g.height, outputs: g.outputHeight)
-            rowClass.append(r.residue); rowReads.append(r.reads); missedRows += r.missed; missedRowStart.append(missedRows.count)
-        }
-        var columnClass: [Int] = [], columnReads: [Bool] = [], missedColumnStart = [0], missedColumnSlots: [Int] = [], columns: [Int] = []
-        for b in 0..<g.kernelWidth {
-            let c = plan(b, extent: g.width, outputs: g.outputWidth)
-            columnClass.append(c.residue); columnReads.append(c.reads)
-            for q in c.missed {
-                if let slot = columns.firstIndex(of: q) { missedColumnSlots.append(slot) } else { missedColumnSlots.append(columns.count); columns.append(q) }
+        let rows = (0..<g.kernelHeight).map { plan($0, extent: g.height, outputs: g.outputHeight) }
+        let kernelColumns = (0..<g.kernelWidth).map { plan($0, extent: g.width, outputs: g.outputWidth) }
+        var columns: [Int] = []
+        for c in kernelColumns { for q in c.missed where !columns.contains(q) { columns.append(q) } }
+        var recipe: [(output: Int, grid: Int, rowsEnd: Int, columnsEnd: Int, crossingsEnd: Int)] = [], terms: [Int] = []
+        for (a, r) in rows.enumerated() where r.reads {
+            for (b, c) in kernelColumns.enumerated() where c.reads {
+                terms += r.missed.map { c.residue * g.height + $0 }
+                let rowsEnd = terms.count
+                terms += c.missed.map { columns.firstIndex(of: $0)! * s + r.residue }
+                let columnsEnd = terms.count
+                for q in r.missed { terms += c.missed.map { q * g.width + $0 } }
+                recipe.append((a * g.kernelWidth + b, r.residue * s + c.residue, rowsEnd, columnsEnd, terms.count))
             }
-            missedColumnStart.append(missedColumnSlots.count)
         }
-        (self.rowClass, self.rowReads, self.missedRowStart, self.missedRows) = (rowClass, rowReads, missedRowStart, missedRows)
-        (self.columnClass, self.columnReads, self.missedColumnStart, self.missedColumnSlots, self.columns) =
-            (columnClass, columnReads, missedColumnStart, missedColumnSlots, columns)
+        (self.columns, self.recipe, self.terms) = (columns, recipe, terms)
     }
 
     /// Doubles of scratch ``sums(_:samples:into:scratch:)`` needs.
@@ -86,52 +87,38 @@ public struct PatchSumPlan {
         // columnSums[j·s + ρ]: missed column j over row class ρ.
         let rowSums = scratch, grid = scratch + s * H, columnSums = grid + s * s
         sums.update(repeating: 0, count: g.patchSize)
-        rowClass.withUnsafeBufferPointer { rowClass in
-        rowReads.withUnsafeBufferPointer { rowReads in
-        missedRowStart.withUnsafeBufferPointer { missedRowStart in
-        missedRows.withUnsafeBufferPointer { missedRows in
-        columnClass.withUnsafeBufferPointer { columnClass in
-        columnReads.withUnsafeBufferPointer { columnReads in
-        missedColumnStart.withUnsafeBufferPointer { missedColumnStart in
-        missedColumnSlots.withUnsafeBufferPointer { missedColumnSlots in
-        columns.withUnsafeBufferPointer { columns in
-            let missed = columns.count
-            for i in 0..<samples {
-                for ci in 0..<g.inputChannels {
-                    let plane = x + (i * g.inputChannels + ci) * H * W
-                    // Each row's sums per column class; then, in registers (no sum carried
-                    // through memory from row to row), the grid cells and the missed columns' sums.
-                    for r in 0..<H { Self.rowSums(plane + r &* W, width: W, stride: s, into: rowSums + r, step: H) }
-                    for rho in 0..<s {
-                        for kappa in 0..<s {
-                            var total = 0.0, r = rho
-                            while r < H { total += rowSums[kappa &* H &+ r]; r = r &+ s }
-                            grid[rho &* s &+ kappa] = total
-                        }
-                        for j in 0..<missed {
-                            let column = plane + columns[j]
-                            var total = 0.0, r = rho
-                            while r < H { total += Double(column[r &* W]); r = r &+ s }
-                            columnSums[j &* s &+ rho] = total
-                        }
+        let missed = columns.count
+        for i in 0..<samples {
+            for ci in 0..<g.inputChannels {
+                let plane = x + (i * g.inputChannels + ci) * H * W
+                // Each row's sums per column class; then, in registers (no sum carried
+                // through memory from row to row), the grid cells and the missed columns' sums.
+                for r in 0..<H { Self.rowSums(plane + r &* W, width: W, stride: s, into: rowSums + r, step: H) }
+                for rho in 0..<s {
+                    for kappa in 0..<s {
+                        var total = 0.0, r = rho
+                        while r < H { total += rowSums[kappa &* H &+ r]; r = r &+ s }
+                        grid[rho &* s &+ kappa] = total
                     }
-                    for a in 0..<kh where rowReads[a] {
-                        let rho = rowClass[a]
-                        for b in 0..<kw where columnReads[b] {
-                            let kappa = columnClass[b]
-                            var total = grid[rho * s + kappa]
-                            for m in missedRowStart[a]..<missedRowStart[a + 1] { total -= rowSums[kappa * H + missedRows[m]] }
-                            for m in missedColumnStart[b]..<missedColumnStart[b + 1] { total -= columnSums[missedColumnSlots[m] * s + rho] }
-                            for m in missedRowStart[a]..<missedRowStart[a + 1] {
-                                let row = plane + missedRows[m] * W
-                                for q in missedColumnStart[b]..<missedColumnStart[b + 1] { total += Double(row[columns[missedColumnSlots[q]]]) }
-                            }
-                            sums[(ci * kh + a) * kw + b] += total
-                        }
+                    for j in 0..<missed {
+                        let column = plane + columns[j]
+                        var total = 0.0, r = rho
+                        while r < H { total += Double(column[r &* W]); r = r &+ s }
+                        columnSums[j &* s &+ rho] = total
                     }
                 }
+                var start = 0
+                for step in recipe {
+                    // The cell, less the missed rows and columns, plus their crossings, in that order.
+                    var total = grid[step.grid]
+                    for t in start..<step.rowsEnd { total -= rowSums[terms[t]] }
+                    for t in step.rowsEnd..<step.columnsEnd { total -= columnSums[terms[t]] }
+                    for t in step.columnsEnd..<step.crossingsEnd { total += Double(plane[terms[t]]) }
+                    sums[ci * kh * kw + step.output] += total
+                    start = step.crossingsEnd
+                }
             }
-        }}}}}}}}}
+        }
     }
 
     /// One row's sum over each column class mod `stride`, into `target[κ·step]`.

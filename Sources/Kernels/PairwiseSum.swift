@@ -125,7 +125,6 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
     }
 }
 
-
 extension PairwiseAccumulator where Scalar == Double {
     /// Adds the next leaf, given in Float and widened: the same bits as writing the widened leaf
     /// with ``add(_:)``, without the widened copy (the leaf goes straight into its level, or is
