@@ -23,11 +23,10 @@ final class MPIIntegrationTests: XCTestCase {
     /// 1 rank × W·b (every parameter, buffer, optimizer buffer, the EMA statistics kept beside
     /// PreciseBN's, and the cross-iteration windows, which every rank holds alike), for W = 2, 4, 8
     /// (SyncBN, CBN; 4 for the other norms) on ResNet-20 with crop+flip and the default recipe,
-    /// 100 steps, with oneDNN's convolutions
-    /// and with im2col. Both sides run on this machine: nothing depends on which BLAS or oneDNN
-    /// kernel the CPU gets.
+    /// 60 steps (two epochs), with oneDNN's convolutions and with im2col. Both sides run on this
+    /// machine: nothing depends on which BLAS or oneDNN kernel the CPU gets.
     func testRanksTimesBatchGiveTheCheckpointOfOneRankWithTheWholeBatchBitForBit() throws {
-        let base = ["--model", "resnet20", "--width", "0.25", "--augment", "crop,flip", "--steps", "100", "--seed", "3",
+        let base = ["--model", "resnet20", "--width", "0.25", "--augment", "crop,flip", "--steps", "60", "--seed", "3",
                     "--data", "synthetic:train=960,heldout=64", "--precise-bn-samples", "256"]
         let twoDomain = ["--data", "two-domain:synthetic:train=480,heldout=64", "--domain-bn"]
         let cases: [(String, [String], [Int])] = [

@@ -58,7 +58,7 @@ final class ExactnessTests: XCTestCase {
         c.width = 0.25
         c.norm = norm
         c.batchSize = batch
-        c.steps = 100
+        c.steps = 60   // well into the second epoch (1,024 training samples, 32 per step)
         c.seed = 13
         c.augmentation = Augmentation(crop: true, flip: true)
         c.preciseBNSamples = 256
@@ -93,8 +93,8 @@ final class ExactnessTests: XCTestCase {
             // The leaves are used: each convolution's last (full) step summed 32 / L leaves.
             XCTAssertFalse(reference.leaves.isEmpty, label)
             XCTAssertEqual(Set(reference.leaves), [32 / single.weightGradientLeaf], "\(label): weight-gradient leaves per step")
-            XCTAssertEqual(reference.losses.count, 100)
-            XCTAssertGreaterThan(Set(reference.losses).count, 50, "\(label): the run must actually train")
+            XCTAssertEqual(reference.losses.count, single.steps!)
+            XCTAssertGreaterThan(Set(reference.losses).count, single.steps! / 2, "\(label): the run must actually train")
             for ranks in worlds {
                 var multi = single
                 multi.batchSize = 32 / ranks
