@@ -37,6 +37,34 @@ final class BenchmarkTests: XCTestCase {
         }
     }
 
+    /// tools/onednn_leaves.c builds against libdnnl with the toolchain's C compiler and prints its
+    /// three timings per round, each a positive number (what they are is in docs/performance.md).
+    func testTheOneDNNLeafBenchmarkBuildsAndTimesItsThreeWays() throws {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"
+        guard let compiler = (["clang", "cc"].lazy.flatMap { name in path.split(separator: ":").map { "\($0)/\(name)" } })
+            .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+            throw XCTSkip("no C compiler on PATH")
+        }
+        let binary = NSTemporaryDirectory() + "syncbn-onednn-leaves-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: binary) }
+        let build = try runProcess(compiler, ["-O2", Harness.repositoryRoot + "/tools/onednn_leaves.c", "-o", binary, "-ldnnl"], timeout: 120)
+        XCTAssertEqual(build.status, 0, describe(build))
+        let run = try runProcess(binary, ["8", "8", "6"], environment: ["OMP_NUM_THREADS": "1"], timeout: 60)
+        XCTAssertEqual(run.status, 0, describe(run))
+        let rounds = run.stdout.split(separator: "\n").filter { $0.hasPrefix("8x8@6:") }
+        XCTAssertEqual(rounds.count, 3, run.stdout)
+        for round in rounds {
+            let times = round.split(separator: " ").enumerated().compactMap { i, word in
+                word == "ms," || word == "ms" ? Double(round.split(separator: " ")[i - 1]) : nil
+            }
+            XCTAssertEqual(times.count, 3, String(round))
+            XCTAssertTrue(times.allSatisfy { $0 > 0 }, String(round))
+        }
+        let usage = try runProcess(binary, [], timeout: 60)
+        XCTAssertEqual(usage.status, 2, describe(usage))
+        XCTAssertEqual(usage.stderr.split(separator: "\n").count, 1, describe(usage))
+    }
+
     /// tools/cost_model.py on all-reduce timings made from known α and β: the fit gives them back
     /// and the predictions follow the documented formulas; bad input is a one-line error.
     func testCostModelFitsAlphaBetaAndPredictsByItsFormulas() throws {
