@@ -65,6 +65,57 @@ final class BenchmarkTests: XCTestCase {
         XCTAssertEqual(usage.stderr.split(separator: "\n").count, 1, describe(usage))
     }
 
+    /// tools/sitting.py alternates PyTorch's benchmark (here a stand-in script printing known
+    /// samples/s) with syncbn-bench train on 1 and 2 ranks, records both, and tabulates the records
+    /// with the targets' ratios, which must be syncbn's figures over the stand-in's; a missing
+    /// script and a file that is not its records are one line each.
+    func testTheSittingToolTabulatesBothProgramsAndTheirRatios() throws {
+        guard Harness.mpirun != nil else { throw XCTSkip("mpirun is not installed (launch/setup installs it)") }
+        let directory = NSTemporaryDirectory() + "syncbn-sitting-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let standIn = directory + "/torch_train.py"
+        try """
+        import json, sys
+        threads = int(sys.argv[sys.argv.index("--threads") + 1])
+        print(json.dumps({"samples_per_s": 7.0 * threads, "torch": "stand-in"}))
+        """.write(toFile: standIn, atomically: true, encoding: .utf8)
+        let tool = Harness.repositoryRoot + "/tools/sitting.py"
+        let arguments = [tool, "--torch-train", standIn, "--bench", Harness.bench, "--rounds", "2", "--model", "convnet",
+                         "--input", "3,16,16", "--data", "synthetic:train=256,heldout=32", "--steps", "2"]
+        let raw = try runProcess("/usr/bin/python3", arguments + ["--json"], timeout: 300)
+        XCTAssertEqual(raw.status, 0, describe(raw))
+        let records = raw.stdout.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        // Per round: PyTorch at 1 and 2 threads, and syncbn's three arms on 1 and 2 ranks.
+        XCTAssertEqual(records.count, 2 * (2 + 2 * 3), raw.stdout)
+        let syncbn = records.filter { $0["program"] as? String == "syncbn" }
+        XCTAssertEqual(Set(syncbn.compactMap { $0["norm"] as? String }), ["bn", "syncbn", "cbn"])
+        XCTAssertEqual(Set(syncbn.compactMap { $0["ranks"] as? Int }), [1, 2])
+        XCTAssertTrue(syncbn.allSatisfy { ($0["samples_per_s"] as? Double ?? 0) > 0 && ($0["peak_rss_mib"] as? Double ?? 0) > 0 }, raw.stdout)
+        let pytorch = records.filter { $0["program"] as? String == "pytorch" }
+        XCTAssertEqual(pytorch.compactMap { $0["samples_per_s"] as? Double }.sorted(), [7, 7, 14, 14])
+
+        // The table of those records: the 1-rank target's ratios are each round's SyncBN samples/s
+        // over the stand-in's 7.
+        let saved = directory + "/records.jsonl"
+        try raw.stdout.write(toFile: saved, atomically: true, encoding: .utf8)
+        let table = try runProcess("/usr/bin/python3", [tool, "--from", saved], timeout: 60)
+        XCTAssertEqual(table.status, 0, describe(table))
+        XCTAssertTrue(table.stdout.contains("| PyTorch, 2 threads | 14.0 |"), table.stdout)
+        let ratios = syncbn.filter { $0["ranks"] as? Int == 1 && $0["norm"] as? String == "syncbn" }.compactMap { $0["samples_per_s"] as? Double }.map { $0 / 7 }
+        XCTAssertEqual(ratios.count, 2)
+        let low = String(format: "%.2f", ratios.min()!), high = String(format: "%.2f", ratios.max()!)
+        let expected = low == high ? "\(low)×" : "\(low)–\(high)×"
+        XCTAssertTrue(table.stdout.contains("| 1 rank SyncBN ≥ 1.1× PyTorch 1 thread | \(expected) | met in every round |"), table.stdout)
+        let notRecords = try runProcess("/usr/bin/python3", [tool, "--from", standIn], timeout: 60)
+        XCTAssertEqual(notRecords.status, 1, describe(notRecords))
+        XCTAssertEqual(notRecords.stderr.split(separator: "\n").count, 1, describe(notRecords))
+
+        let missing = try runProcess("/usr/bin/python3", [tool, "--torch-train", directory + "/absent.py", "--bench", Harness.bench], timeout: 60)
+        XCTAssertEqual(missing.status, 1, describe(missing))
+        XCTAssertEqual(missing.stderr.split(separator: "\n"), ["sitting.py: error: \(directory)/absent.py: no such file"])
+    }
+
     /// tools/cost_model.py on all-reduce timings made from known α and β: the fit gives them back
     /// and the predictions follow the documented formulas; bad input is a one-line error.
     func testCostModelFitsAlphaBetaAndPredictsByItsFormulas() throws {
