@@ -97,12 +97,15 @@ def measure(args):
                 for threads in (1, 2):
                     record, rss = run([sys.executable, args.torch_train, "--model", model, "--input", shape, "--threads", str(threads),
                                        "--steps", str(torch_steps), "--warmup", str(torch_warmup)], torch_env, scratch)
+                    print(f"[round {round_}] {name}, PyTorch {threads} thread(s): {record['samples_per_s']:.1f} samples/s", file=sys.stderr)
                     records.append({"round": round_, "workload": name, "program": "pytorch", "threads": threads,
                                     "samples_per_s": record["samples_per_s"], "peak_rss_mib": rss,
                                     "torch": record.get("torch")})
                 for ranks in (1, 2):
                     record, _ = run(mpirun_prefix(ranks) + [args.bench, "train", "--model", model, "--norms", "bn,syncbn,cbn",
                                                             "--steps", str(steps), "--warmup", str(warmup)] + data, env, scratch)
+                    print(f"[round {round_}] {name}, syncbn {ranks} rank(s): " +
+                          ", ".join(f"{arm['norm']} {arm['samples_per_s']:.1f}" for arm in record["runs"]) + " samples/s", file=sys.stderr)
                     for arm in record["runs"]:
                         records.append({"round": round_, "workload": name, "program": "syncbn", "ranks": ranks, "norm": arm["norm"],
                                         "samples_per_s": arm["samples_per_s"], "peak_rss_mib": max(arm["peak_rss_mib"]),
@@ -155,14 +158,15 @@ def main():
             return {r["round"]: r["samples_per_s"] for r in pick(program, **keys)}
 
         print(f"**{name}**, batch 32 per process\n")
-        print("| setup | samples/s | peak RSS per process (MiB) |\n|---|---|---|")
+        # syncbn-bench runs its arms in one process, so an arm's peak RSS includes the arms before it.
+        print("| setup | samples/s | peak RSS per process (MiB; syncbn: BN's arm / all three) |\n|---|---|---|")
         for threads in (1, 2):
             rows = pick("pytorch", threads=threads)
             print(f"| PyTorch, {threads} thread{'s' if threads > 1 else ''} | {ranges([r['samples_per_s'] for r in rows])} | "
                   f"{ranges([r['peak_rss_mib'] for r in rows])} |")
         for ranks in (1, 2):
             cells = [ranges([r["samples_per_s"] for r in pick("syncbn", ranks=ranks, norm=n)]) for n in ("bn", "syncbn", "cbn")]
-            rss = ranges([r["peak_rss_mib"] for r in pick("syncbn", ranks=ranks)])
+            rss = " / ".join(ranges([r["peak_rss_mib"] for r in pick("syncbn", ranks=ranks, norm=n)]) for n in ("bn", "cbn"))
             print(f"| syncbn, {ranks} rank{'s' if ranks > 1 else ''}, BN / SyncBN / CBN | {' / '.join(cells)} | {rss} |")
         print("\n| target | each round's ratio | |\n|---|---|---|")
         torch1, torch2 = per_round("pytorch", threads=1), per_round("pytorch", threads=2)
