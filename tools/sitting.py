@@ -6,7 +6,8 @@ data), then `syncbn-bench train --norms bn,syncbn,cbn` on 1 and 2 ranks (`mpirun
 1x28x28 at batch 32 per process; with --resnet18 also ResNet-18 on 3x32x32 (random images written
 as .npy) with --weight-gradient-leaf 8. Prints a Markdown table (ranges over the rounds), the
 targets with the ratios of each round's pair, the CPU's vector ISA and peak RSS; --json prints the
-raw records instead (one per line), and --from tabulates records saved that way.
+raw records instead (one per line, each as it is measured), and --from tabulates records saved
+that way.
 
     python3 tools/sitting.py --torch-train PATH/torch_train.py [--rounds 2] [--resnet18]
         [--bench .build/release/syncbn-bench] [--data fashion-mnist] [--json]
@@ -92,24 +93,30 @@ def measure(args):
             numpy.save(y, rng.integers(0, 10, 2048).astype(numpy.int64))
             workloads.append(("ResNet-18", "resnet18", "3,32,32", ["--data", f"npy:{x},{y}", "--weight-gradient-leaf", "8"], 8, 2, 15, 3))
         records = []
+
+        def keep(record):
+            # With --json each record is printed as it comes, so a sitting cut short keeps its rounds.
+            records.append(record)
+            if args.json:
+                print(json.dumps(record), flush=True)
+
         for round_ in range(1, args.rounds + 1):
             for name, model, shape, data, steps, warmup, torch_steps, torch_warmup in workloads:
                 for threads in (1, 2):
                     record, rss = run([sys.executable, args.torch_train, "--model", model, "--input", shape, "--threads", str(threads),
                                        "--steps", str(torch_steps), "--warmup", str(torch_warmup)], torch_env, scratch)
                     print(f"[round {round_}] {name}, PyTorch {threads} thread(s): {record['samples_per_s']:.1f} samples/s", file=sys.stderr)
-                    records.append({"round": round_, "workload": name, "program": "pytorch", "threads": threads,
-                                    "samples_per_s": record["samples_per_s"], "peak_rss_mib": rss,
-                                    "torch": record.get("torch")})
+                    keep({"round": round_, "workload": name, "program": "pytorch", "threads": threads,
+                          "samples_per_s": record["samples_per_s"], "peak_rss_mib": rss, "torch": record.get("torch")})
                 for ranks in (1, 2):
                     record, _ = run(mpirun_prefix(ranks) + [args.bench, "train", "--model", model, "--norms", "bn,syncbn,cbn",
                                                             "--steps", str(steps), "--warmup", str(warmup)] + data, env, scratch)
                     print(f"[round {round_}] {name}, syncbn {ranks} rank(s): " +
                           ", ".join(f"{arm['norm']} {arm['samples_per_s']:.1f}" for arm in record["runs"]) + " samples/s", file=sys.stderr)
                     for arm in record["runs"]:
-                        records.append({"round": round_, "workload": name, "program": "syncbn", "ranks": ranks, "norm": arm["norm"],
-                                        "samples_per_s": arm["samples_per_s"], "peak_rss_mib": max(arm["peak_rss_mib"]),
-                                        "cpu_isa": record.get("cpu_isa"), "conv_backends": arm.get("conv_backends")})
+                        keep({"round": round_, "workload": name, "program": "syncbn", "ranks": ranks, "norm": arm["norm"],
+                              "samples_per_s": arm["samples_per_s"], "peak_rss_mib": max(arm["peak_rss_mib"]),
+                              "cpu_isa": record.get("cpu_isa"), "conv_backends": arm.get("conv_backends")})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -143,8 +150,9 @@ def main():
     else:
         records, names = measure(args)
     if args.json:
-        for record in records:
-            print(json.dumps(record))
+        if args.records:
+            for record in records:
+                print(json.dumps(record))
         return
     isa = next((r["cpu_isa"] for r in records if r.get("cpu_isa")), "unknown")
     torch_version = next((r["torch"] for r in records if r.get("torch")), "unknown")
