@@ -54,9 +54,8 @@ final class BenchmarkTests: XCTestCase {
         let rounds = run.stdout.split(separator: "\n").filter { $0.hasPrefix("8x8@6:") }
         XCTAssertEqual(rounds.count, 3, run.stdout)
         for round in rounds {
-            let times = round.split(separator: " ").enumerated().compactMap { i, word in
-                word == "ms," || word == "ms" ? Double(round.split(separator: " ")[i - 1]) : nil
-            }
+            let words = round.split(separator: " ")
+            let times = words.indices.dropFirst().compactMap { words[$0] == "ms," || words[$0] == "ms" ? Double(words[$0 - 1]) : nil }
             XCTAssertEqual(times.count, 3, String(round))
             XCTAssertTrue(times.allSatisfy { $0 > 0 }, String(round))
         }
