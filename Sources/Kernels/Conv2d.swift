@@ -104,7 +104,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// gradient with channels outermost (C_out × c·P).
     private var chunkColumns: [Scalar] = []
     private var chunkOutput: [Scalar] = []
-    /// One sample's [dY; Y; 1] ((2·C_out + 1) × P) and its GEMM result, when patch statistics ride along.
+    /// One leaf's [dY; Y; 1] ((2·C_out + 1) × L·P) and its GEMM result, when patch statistics ride
+    /// along or leaves span several samples: borrowed from the scratch pool for one backward.
     private var sampleRows: [Scalar] = []
     private var sampleResult: [Scalar] = []
     /// The per-sample weight gradients added along the pairwise tree (and, with patch statistics
@@ -125,9 +126,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// (cross-iteration BN): Σ_i patch_i (K values) and Σ_i y_{i,c}·patch_i (C_out × K), y being
     /// this layer's output. While set, the next backward computes all three with the same
     /// per-sample GEMMs, [dY_s; Y_s; 1]·cols_sᵀ, hands the sums over (each added over samples along
-    /// the pairwise tree, the statistics in Double), and clears the receiver. Only a bias-free
-    /// convolution offers this (y = θ·patch exactly).
-    public var patchStatisticsReceiver: ((_ patchSum: [Double], _ outputPatchProducts: [Double]) -> Void)? {
+    /// the pairwise tree, the statistics in Double), and clears the receiver. The buffers are lent
+    /// for the call (scratch memory shared by the layers): a receiver copies what it keeps. Only a
+    /// bias-free convolution offers this (y = θ·patch exactly).
+    public var patchStatisticsReceiver: ((_ patchSum: UnsafeBufferPointer<Double>, _ outputPatchProducts: UnsafeBufferPointer<Double>) -> Void)? {
         didSet { precondition(bias == nil || patchStatisticsReceiver == nil, "patch statistics need a bias-free convolution") }
     }
     /// Whether a consumer will ask for patch statistics (set once by it).
@@ -168,8 +170,9 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     private var oneDNNChunkInput: [Float] = []
     private var oneDNNChunkOutput: [Float] = []
     /// Cross-iteration BN's patch statistics on oneDNN: one leaf's Σ y·patch as the weight-gradient
-    /// primitive computes it (in its layout), and the per-column sums of the input rows one kernel
-    /// row reads (``PatchSumPlan``, made once per geometry).
+    /// primitive computes it (in its layout; borrowed from the scratch pool for one backward), and
+    /// the per-column sums of the input rows one kernel row reads (``PatchSumPlan``, made once per
+    /// geometry).
     private var oneDNNLeafProduct: [Float] = []
     private var patchSumScratch: [Double] = []
     private var patchSumPlan: PatchSumPlan?
@@ -178,14 +181,12 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     private var blockedIndexMap: (primitive: ObjectIdentifier, plainToBlocked: [Int32])?
     /// Cross-iteration BN's statistics on oneDNN, added as the leaves come: Σ patch, and Σ y·patch
     /// widened from its weight-gradient call's Float as it is added (no widened copy), in oneDNN's
-    /// layout of the weight gradient; `productTotal` and `plainProducts` are reused outputs.
+    /// layout of the weight gradient.
     /// For a backward that fills them, whether they are in oneDNN's blocked layout; nil otherwise
     /// (im2col's statistics use `patchStatisticsTree`).
     private var oneDNNStatisticsInBlocks: Bool?
     private var patchSumTree: PairwiseAccumulator<Double>?
     private var productTree: PairwiseAccumulator<Double>?
-    private var productTotal: [Double] = []
-    private var plainProducts: [Double] = []
 
     /// Samples per oneDNN chunk: a power of two that depends on the layer's shape alone, the
     /// largest (up to 8) whose chunk input and output hold at most 256 Ki values (1 MiB of Float).
@@ -372,8 +373,12 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         // The plain tree, unless oneDNN sums the leaves in its own layout (it decides below).
         if !useOneDNN { preparePlainTree(width: C * K) }
         if !useOneDNN && (fused || L > 1) {
-            if sampleRows.count != rows * L * P { sampleRows = Scalar.filled(rows * L * P, with: 0) }
-            if sampleResult.count != rows * K { sampleResult = Scalar.filled(rows * K, with: 0) }
+            sampleRows = Scalar.scratchArrays.take(atLeast: rows * L * P)
+            sampleResult = Scalar.scratchArrays.take(atLeast: rows * K)
+        }
+        defer {
+            Scalar.scratchArrays.giveBack(&sampleRows)
+            Scalar.scratchArrays.giveBack(&sampleResult)
         }
         if fused && !useOneDNN {
             if patchStatisticsTree?.width != (C + 1) * K { patchStatisticsTree = PairwiseAccumulator(width: (C + 1) * K) }
@@ -454,12 +459,11 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
         }
         if let receiver, let blocked = oneDNNStatisticsInBlocks {
-            let totals = oneDNNStatisticsTotals(K: K, blocked: blocked)
-            receiver(totals.patchSum, totals.products)
+            deliverOneDNNStatistics(K: K, blocked: blocked, to: receiver)
         } else if let receiver {
-            var statistics = [Double](repeating: 0, count: patchStatisticsTree!.width)
-            statistics.withUnsafeMutableBufferPointer { patchStatisticsTree!.total(into: $0.baseAddress!) }
-            receiver(Array(statistics[(C * K)...]), Array(statistics[0..<(C * K)]))
+            patchStatisticsTree!.withTotal { t in
+                receiver(UnsafeBufferPointer(start: t + C * K, count: K), UnsafeBufferPointer(start: t, count: C * K))
+            }
         }
         weight.addLocalPendingGradient(to: &weightGradient)
         weight.gradient = weightGradient
@@ -492,23 +496,28 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         }
     }
 
-    /// The totals of ``addStatisticsLeaf(_:blocked:x:y:samples:)``: Σ patch (K values) and Σ
-    /// y·patch in the plain C_out × K order (mapped from oneDNN's layout when it is blocked).
-    private func oneDNNStatisticsTotals(K: Int, blocked: Bool) -> (patchSum: [Double], products: [Double]) {
-        let width = productTree!.width
-        if productTotal.count != width { productTotal = [Double](repeating: 0, count: width) }
-        productTotal.withUnsafeMutableBufferPointer { productTree!.total(into: $0.baseAddress!) }
-        var patchSum = [Double](repeating: 0, count: K)
-        patchSum.withUnsafeMutableBufferPointer { patchSumTree!.total(into: $0.baseAddress!) }
-        guard blocked else { return (patchSum, productTotal) }
-        let map = blockedIndexMap!.plainToBlocked
-        if plainProducts.count != map.count { plainProducts = [Double](repeating: 0, count: map.count) }
-        productTotal.withUnsafeBufferPointer { total in
-            plainProducts.withUnsafeMutableBufferPointer { plain in
-                for i in 0..<map.count { plain[i] = total[Int(map[i])] }
+    /// The totals of ``addStatisticsLeaf(_:blocked:x:y:samples:)`` to `receiver`: Σ patch (K
+    /// values) and Σ y·patch in the plain C_out × K order (mapped from oneDNN's layout when it is
+    /// blocked), in scratch buffers lent for the call.
+    private func deliverOneDNNStatistics(K: Int, blocked: Bool,
+                                         to receiver: (UnsafeBufferPointer<Double>, UnsafeBufferPointer<Double>) -> Void) {
+        var patchSum = Double.scratchArrays.take(atLeast: K)
+        defer { Double.scratchArrays.giveBack(&patchSum) }
+        patchSum.withUnsafeMutableBufferPointer { sums in
+            patchSumTree!.total(into: sums.baseAddress!)
+            let patchSums = UnsafeBufferPointer(start: sums.baseAddress!, count: K)
+            let width = productTree!.width
+            productTree!.withTotal { total in
+                guard blocked else { return receiver(patchSums, UnsafeBufferPointer(start: total, count: width)) }
+                let map = blockedIndexMap!.plainToBlocked
+                var plain = Double.scratchArrays.take(atLeast: map.count)
+                defer { Double.scratchArrays.giveBack(&plain) }
+                plain.withUnsafeMutableBufferPointer { plain in
+                    for i in 0..<map.count { plain[i] = total[Int(map[i])] }
+                    receiver(patchSums, UnsafeBufferPointer(start: plain.baseAddress!, count: map.count))
+                }
             }
         }
-        return (patchSum, plainProducts)
     }
 
     /// For each entry of the plain C_out × K weight gradient its index in `primitive`'s layout:
@@ -657,6 +666,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// gradient of dY = Y) and Σ patch from the input directly, widened into the Double tree.
     private func oneDNNBackward(_ g: ConvolutionGeometry, input: Tensor<Scalar>, output: Tensor<Scalar>, outputGradient: Tensor<Scalar>,
                                 offset: Int, fused: Bool, into dx: inout Tensor<Scalar>) throws {
+        defer { Float.scratchArrays.giveBack(&oneDNNLeafProduct) }
         let n = input.shape[0], C = outputChannels, K = g.patchSize, P = g.positions
         let c = oneDNNChunkSize(g)
         let data = try oneDNN(g, minibatch: c)
@@ -671,7 +681,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
         // faster than the two calls: docs/performance.md), then Σ patch (K values).
         let productCount = blockedCount > 0 ? blockedCount : C * K
         if fused {
-            if oneDNNLeafProduct.count < productCount { oneDNNLeafProduct = [Float](repeating: 0, count: productCount) }
+            oneDNNLeafProduct = Float.scratchArrays.take(atLeast: productCount)
             if patchSumPlan?.geometry != g { patchSumPlan = PatchSumPlan(g) }
             if patchSumScratch.count < patchSumPlan!.scratchCount { patchSumScratch = [Double](repeating: 0, count: patchSumPlan!.scratchCount) }
             if blockedCount > 0 && blockedIndexMap?.primitive != ObjectIdentifier(perLeaf) {

@@ -53,11 +53,14 @@ public protocol TensorScalar: BinaryFloatingPoint, Codable, Sendable where Self.
     static func widened(_ values: [Self]) -> [Double]
     /// Doubles rounded to this type.
     static func narrowed(_ values: [Double]) -> [Self]
+    /// The process's pool of scratch arrays of this type (``PairwiseAccumulator``'s levels).
+    static var scratchArrays: ScratchArrays<Self> { get }
 }
 
 extension Float: TensorScalar {
     public static var numpyDescriptor: String { "<f4" }
     public static var safetensorsDType: String { "F32" }
+    public static let scratchArrays = ScratchArrays<Float>()
 
     public static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float,
                             a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
@@ -71,6 +74,7 @@ extension Float: TensorScalar {
 extension Double: TensorScalar {
     public static var numpyDescriptor: String { "<f8" }
     public static var safetensorsDType: String { "F64" }
+    public static let scratchArrays = ScratchArrays<Double>()
 
     public static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Double,
                             a: UnsafePointer<Double>, lda: Int, b: UnsafePointer<Double>, ldb: Int,

@@ -432,7 +432,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
 
     /// The newest entry's derivatives, from the source convolution's backward:
     /// ∂S1/∂θ_c = Σ_i patch_i and ∂S2/∂θ_c = 2·Σ_i x_{i,c}·patch_i, written into the stored window.
-    func receivePatchStatistics(_ patchSum: [Double], _ products: [Double], for iteration: Int) {
+    func receivePatchStatistics(_ patchSum: UnsafeBufferPointer<Double>, _ products: UnsafeBufferPointer<Double>, for iteration: Int) {
         guard pendingIteration == iteration, iterations == iteration, Int(saved.values[1]) >= 1 else { return }
         let C = featureCount, K = patchSize
         precondition(patchSum.count == K && products.count == C * K, "patch statistics of the wrong size")

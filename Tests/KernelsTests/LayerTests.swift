@@ -173,6 +173,66 @@ final class LayerTests: XCTestCase {
         }
     }
 
+    func testScratchArraysLendTheSmallestFitAndSettle() {
+        let pool = ScratchArrays<Float>()
+        var a = pool.take(atLeast: 100), b = pool.take(atLeast: 10)
+        XCTAssertEqual([a.count, b.count, pool.allocations], [100, 10, 2])
+        pool.giveBack(&a)
+        pool.giveBack(&b)
+        XCTAssertTrue(a.isEmpty && b.isEmpty, "a given-back array is the pool's")
+        XCTAssertEqual(pool.freeCount, 110)
+        // The smallest free array that is big enough.
+        var c = pool.take(atLeast: 5)
+        XCTAssertEqual([c.count, pool.allocations], [10, 2])
+        pool.giveBack(&c)
+        // Nothing big enough: the smaller free ones go, and one new array serves from then on.
+        var d = pool.take(atLeast: 1000)
+        XCTAssertEqual([d.count, pool.allocations, pool.freeCount], [1000, 3, 0])
+        pool.giveBack(&d)
+        for _ in 0..<3 {
+            var e = pool.take(atLeast: 1000), f = pool.take(atLeast: 7)
+            pool.giveBack(&e)
+            pool.giveBack(&f)
+        }
+        XCTAssertEqual([pool.allocations, pool.freeCount], [4, 1007])
+    }
+
+    func testConvolutionsShareTheirTreeBuffersAndSettle() throws {
+        // Two layers of different sizes, trained in turn: after the first steps their weight-
+        // gradient trees borrow only what the pool holds, which is what the larger layer needs, not
+        // the sum of both.
+        for backend in [ConvolutionBackend.im2col, .onednn] {
+            Float.scratchArrays.releaseFree()
+            var random = DeterministicRandom(seed: 41)
+            let big = Conv2d<Float>(inputChannels: 8, outputChannels: 32, kernelSize: 3, stride: 1, padding: 1, bias: false, random: &random)
+            let small = Conv2d<Float>(inputChannels: 4, outputChannels: 8, kernelSize: 3, stride: 1, padding: 1, bias: false, random: &random)
+            big.backend = backend
+            small.backend = backend
+            let xBig = randomTensor([16, 8, 6, 6], seed: 42).converted(to: Float.self)
+            let xSmall = randomTensor([16, 4, 6, 6], seed: 43).converted(to: Float.self)
+            func step() throws {
+                for (conv, x) in [(big, xBig), (small, xSmall)] {
+                    let y = try conv.forward(x, mode: .training)
+                    _ = try conv.backward(y)
+                }
+            }
+            for _ in 0..<2 { try step() }
+            let allocations = Float.scratchArrays.allocations, held = Float.scratchArrays.freeCount
+            var expected: [Float] = []
+            for i in 0..<3 {
+                try step()
+                XCTAssertEqual(Float.scratchArrays.allocations, allocations, "\(backend): step \(i + 3) allocated")
+                XCTAssertEqual(Float.scratchArrays.freeCount, held, "\(backend): every buffer is back after a step")
+                if i > 0 { XCTAssertEqual(big.weight.gradient.scalars.map(\.bitPattern), expected.map(\.bitPattern), "\(backend): reused buffers change no bit") }
+                expected = big.weight.gradient.scalars
+            }
+            // 16 one-sample leaves: 5 levels and the carry, each at least the larger layer's weight.
+            let largest = 32 * 8 * 9, smallest = 8 * 4 * 9
+            XCTAssertGreaterThanOrEqual(held, 6 * largest, "\(backend)")
+            XCTAssertLessThan(held, 6 * largest + 6 * smallest + (backend == .onednn ? 6 * largest : 0), "\(backend): both layers' trees kept apart")
+        }
+    }
+
     func testAddingWidenedFloatLeavesHasTheBitsOfAddingTheirDoubles() {
         let width = 300
         for count in [0, 1, 2, 3, 7, 8, 32, 33] {

@@ -126,7 +126,7 @@ extension LayerTests {
             let y = try conv.forward(x.converted(to: Float.self), mode: .training)
             let dy = randomTensor(y.shape, seed: 702)
             var received: (patchSum: [Double], products: [Double])?
-            conv.patchStatisticsReceiver = { received = ($0, $1) }
+            conv.patchStatisticsReceiver = { received = (Array($0), Array($1)) }
             _ = try conv.backward(dy.converted(to: Float.self))
             let g = try reference.geometry(for: x.shape)
             let P = g.positions, K = g.patchSize
@@ -174,7 +174,7 @@ extension LayerTests {
                     conv.sampleOffset = 16
                     _ = try conv.forward(x.converted(to: Float.self), mode: .training)
                     var patches: [Double] = []
-                    conv.patchStatisticsReceiver = { patches = $0 + $1 }
+                    conv.patchStatisticsReceiver = { patches = Array($0) + Array($1) }
                     let dx = try conv.backward(dy.converted(to: Float.self))
                     XCTAssertLessThan(relativeError(conv.weight.gradient.scalars, gradients.dw), 1e-5, "fused dW, \(label)")
                     // Without the patch statistics (the plain weight-gradient path).
