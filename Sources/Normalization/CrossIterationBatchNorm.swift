@@ -84,13 +84,19 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     /// backward. An entry whose backward never came (a training forward without backward) is
     /// left out of the window.
     private var pendingIteration: Int?
-    /// θ_t widened to Double, reused every step.
+    /// θ_t widened to Double, for one training forward (borrowed from the scratch pool).
     private var theta: [Double] = []
     /// Window measurements summed over training forwards since the last ``takeDiagnostics()``.
     private var diagnosticSums = CrossIterationDiagnostics()
 
     struct UsedWindow {
-        var entries: [WindowEntry]
+        /// The iteration whose forward used the window.
+        var iteration: Int
+        /// Past entries 0 ..< retained are still stored, one slot further back (the current entry
+        /// went in front); the derivatives of those the push dropped (the oldest, once the window
+        /// is full) are kept here: ∂S1/∂θ (K values) and ∂S2/∂θ (C × K) each.
+        var retained: Int
+        var dropped: [(sum: [Double], sumOfSquares: [Double])]
         /// M_τ over the group, per past entry.
         var counts: [Double]
         /// kept[j][c]: entry j counts for channel c.
@@ -285,8 +291,9 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             return try super.trainingStatistics(input, layout: layout)
         }
         let C = featureCount, K = patchSize, width = entryWidth
-        // θ_t in Double, in a buffer kept between steps (C × K values for every layer and step).
-        if theta.count != C * K { theta = [Double](repeating: 0, count: C * K) }
+        // θ_t in Double (C × K values), in a buffer lent for this forward: the layers take turns.
+        theta = Double.scratchArrays.take(atLeast: C * K)
+        defer { Double.scratchArrays.giveBack(&theta) }
         source.patchWeight.value.scalars.withUnsafeBufferPointer { w in
             theta.withUnsafeMutableBufferPointer { Scalar.widen(w.baseAddress!, count: C * K, into: $0.baseAddress!) }
         }
@@ -302,7 +309,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             let packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
             current = (packed[0], packed[1...C], packed[(C + 1)...])
         } else {
-            let entry = try currentEntry(input, layout: layout, weight: theta)
+            let entry = try currentEntry(input, layout: layout, weight: Array(theta[0..<(C * K)]))
             current = (entry.count, entry.sum[...], entry.sumOfSquares[...])
             currentDerivatives = entry
         }
@@ -376,7 +383,14 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         let rawVariance = (0..<C).map { secondSum[$0] / valid[$0] - averageMean[$0] * averageMean[$0] }
         let variance = rawVariance.map { max($0, 0) }
         if gradient == .compensated && rho != 0 && pastCount > 0 {
-            lastWindow = UsedWindow(entries: entries, counts: (0..<pastCount).map { packed[(1 + 2 * C) * ($0 + 1)] }, kept: kept,
+            // Backward reads the past entries' derivatives where they stay stored; only those the
+            // push below drops are copied (θ_τ is not needed).
+            let retained = min(pastCount, min(pastCount + 1, window - 1) - 1)
+            let dropped = (retained..<pastCount).map { j -> (sum: [Double], sumOfSquares: [Double]) in
+                let start = 2 + j * width + 1 + 2 * C
+                return (Array(saved.values[start..<(start + K)]), Array(saved.values[(start + K)..<(start + K + C * K)]))
+            }
+            lastWindow = UsedWindow(iteration: iteration, retained: retained, dropped: dropped, counts: (0..<pastCount).map { packed[(1 + 2 * C) * ($0 + 1)] }, kept: kept,
                                     entryCounts: valid, clamped: rawVariance.map { $0 < 0 })
         }
         recordDiagnostics(pastCount: pastCount, taylorFraction: taylorSize > 0 ? taylorChange / taylorSize : 0, kept: valid,
@@ -410,18 +424,35 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     public override func gradientSumsReduced(_ sums: [Double]) throws {
         guard let used = lastWindow else { return }
         lastWindow = nil
-        let C = featureCount, K = patchSize
+        let C = featureCount, K = patchSize, width = entryWidth
+        guard iterations == used.iteration, Int(saved.values[1]) >= used.retained + 1 else {
+            throw LayerError("CrossIterationBatchNorm: the window changed between the training forward and its backward")
+        }
         let gamma = Scalar.widened(weight.value.scalars)
         var pending = source.patchWeight.pendingGradient ?? [Double](repeating: 0, count: C * K)
-        for c in 0..<C {
-            let s = invStd[c], sumDx = gamma[c] * sums[c], sumDxX = gamma[c] * sums[C + c]
-            let gMean = used.clamped[c] ? -s * sumDx : -s * sumDx + lastMean[c] * s * s * sumDxX
-            let gSecond = used.clamped[c] ? 0 : -0.5 * s * s * sumDxX
-            for (j, entry) in used.entries.enumerated() where used.kept[j][c] {
-                let factor = rho / (used.entryCounts[c] * used.counts[j])
-                let a = factor * gMean, b = factor * gSecond
-                for k in 0..<K {
-                    pending[c * K + k] += a * entry.sumGradient[k] + b * entry.sumOfSquaresGradient[c * K + k]
+        saved.values.withUnsafeBufferPointer { v in
+            // Past entry j's ∂S1/∂θ and ∂S2/∂θ: in its slot (j + 1 now) or among the dropped.
+            func derivatives(_ j: Int, _ body: (UnsafePointer<Double>, UnsafePointer<Double>) -> Void) {
+                if j < used.retained {
+                    let start = v.baseAddress! + 2 + (j + 1) * width + 1 + 2 * C
+                    body(start, start + K)
+                } else {
+                    let d = used.dropped[j - used.retained]
+                    d.sum.withUnsafeBufferPointer { s in d.sumOfSquares.withUnsafeBufferPointer { body(s.baseAddress!, $0.baseAddress!) } }
+                }
+            }
+            for c in 0..<C {
+                let s = invStd[c], sumDx = gamma[c] * sums[c], sumDxX = gamma[c] * sums[C + c]
+                let gMean = used.clamped[c] ? -s * sumDx : -s * sumDx + lastMean[c] * s * s * sumDxX
+                let gSecond = used.clamped[c] ? 0 : -0.5 * s * s * sumDxX
+                for j in used.kept.indices where used.kept[j][c] {
+                    let factor = rho / (used.entryCounts[c] * used.counts[j])
+                    let a = factor * gMean, b = factor * gSecond
+                    derivatives(j) { sumGradient, sumOfSquaresGradient in
+                        for k in 0..<K {
+                            pending[c * K + k] += a * sumGradient[k] + b * sumOfSquaresGradient[c * K + k]
+                        }
+                    }
                 }
             }
         }

@@ -464,6 +464,8 @@ struct TrainBench: ParsableCommand {
     var convBackend: ConvolutionBackendSetting?
     @Option(help: "Samples per leaf of each convolution's weight-gradient sum (as syncbn-train).")
     var weightGradientLeaf: Int = 1
+    @Option(help: "The cbn arm's gradient: compensated (syncbn-train's default) or current (as syncbn-train --cbn-gradient).")
+    var cbnGradient: CrossIterationGradient = .compensated
 
     func validate() throws {
         if convBackend == nil { _ = try ConvolutionBackendSetting.commandLineDefault() }
@@ -480,7 +482,7 @@ struct TrainBench: ParsableCommand {
     func run() throws {
         let arms = norms.split(separator: ",").map { BenchArm(String($0))! }
         let model = self.model, batch = batchSize, steps = self.steps, warmup = self.warmup
-        let source = self.data, width = self.width, leaf = weightGradientLeaf
+        let source = self.data, width = self.width, leaf = weightGradientLeaf, cbnGradient = self.cbnGradient
         let backendSetting = try convBackend ?? ConvolutionBackendSetting.commandLineDefault()
         let data = Result { try DataSource.split(try DataSource(parsing: source), evaluation: nil, heldOutFraction: 0.1) }
         // Domain-specific BN's arm needs domain labels: the data followed by its shifted copy.
@@ -508,6 +510,7 @@ struct TrainBench: ParsableCommand {
                 c.steps = warmup + steps
                 c.convBackend = backendSetting
                 c.weightGradientLeaf = leaf
+                c.crossIteration.gradient = cbnGradient
                 let trainer = try Trainer(configuration: c, data: split, world: world)
                 try trainer.chooseConvolutionBackends()
                 for _ in 0..<warmup { try trainer.trainStep() }
@@ -553,7 +556,7 @@ struct TrainBench: ParsableCommand {
                                        "sample_shape": plain.train.sampleShape, "ranks": world.size, "batch_size": batch,
                                        "steps": steps, "sgemm_gflop_per_s": gemmLimit, "runs": results,
                                        "cpu_isa": OneDNNConvolution.cpuISA, "conv_backend": backendSetting.description,
-                                       "weight_gradient_leaf": leaf]
+                                       "weight_gradient_leaf": leaf, "cbn_gradient": cbnGradient.rawValue]
             if let bn = stepSeconds["bn"] {
                 for arm in arms where arm.name != "bn" {
                     guard let other = stepSeconds[arm.name] else { continue }

@@ -76,6 +76,42 @@ final class CrossIterationBatchNormTests: XCTestCase {
         for i in 0..<conv.weight.value.count { conv.weight.value.scalars[i] += scale * direction.scalars[i] }
     }
 
+    func testTrainingStepsSettleOnTheScratchPool() throws {
+        // θ_t, the derivative trees and their totals are lent for a step and given back: once the
+        // window is full, a step allocates none of them again.
+        for gradient in [CrossIterationGradient.current, .compensated] {
+            Double.scratchArrays.releaseFree()
+            let conv = makeConv(seed: 5, channels: 4)
+            let cbn = CrossIterationBatchNorm<Double>(featureCount: 4, source: conv, window: 3, gradient: gradient)
+            var settled: (allocations: Int, held: Int)?
+            for step in 0..<7 {
+                try iterate(conv, cbn, randomTensor([4, 2, 5, 5], seed: UInt64(60 + step), mean: 0.5), seed: UInt64(80 + step))
+                let now = (Double.scratchArrays.allocations, Double.scratchArrays.freeCount)
+                if step >= 4, let settled { XCTAssertTrue(now == settled, "\(gradient), step \(step): \(now) after \(settled)") }
+                if step >= 3 { settled = now }
+            }
+            XCTAssertEqual(cbn.entries.count, 2)
+            XCTAssertGreaterThanOrEqual(settled!.held, 4 * 18, "\(gradient): θ_t and the trees come from the pool")
+        }
+    }
+
+    func testABackwardWhoseWindowWasReplacedSinceItsForwardIsAnError() throws {
+        // Backward reads the past entries' derivatives from the stored window: a window loaded
+        // between a training forward and its backward must not give a silently wrong gradient.
+        let conv = makeConv(seed: 7)
+        let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 3, gradient: .compensated)
+        for step in 0..<3 { try iterate(conv, cbn, randomTensor([3, 2, 4, 4], seed: UInt64(90 + step), mean: 0.5)) }
+        var window: RankLocalState?
+        for case let .rankLocal(_, r) in cbn.state { window = r }
+        let earlier = window!.values
+        try iterate(conv, cbn, randomTensor([3, 2, 4, 4], seed: 94, mean: 0.5))
+        let y = try cbn.forward(try conv.forward(randomTensor([3, 2, 4, 4], seed: 95, mean: 0.5), mode: .training), mode: .training)
+        window!.values = earlier
+        XCTAssertThrowsError(try cbn.backward(randomTensor(y.shape, seed: 96))) { error in
+            XCTAssertTrue("\(error)".contains("window changed"), "\(error)")
+        }
+    }
+
     func testGradientsThroughConvAndCBNMatchFiniteDifferencesWithPastEntriesConstant() throws {
         let conv = makeConv()
         let source = FrozenWeightSource(conv)
