@@ -35,18 +35,24 @@ extension Parameter {
     /// process calls it right after backward).
     public func applyPendingGradient() {
         guard let pending = pendingGradient, !pendingGradientIsLocal else { return }
+        Self.add(pending, to: &gradient)
+        pendingGradient = nil
+    }
+
+    /// gradient[i] += Scalar(pending[i]): rounded to the parameter's type first, then added with
+    /// the type's vector loop (per element through `scalars` the access checks dominated).
+    private static func add(_ pending: [Double], to gradient: inout Tensor<Scalar>) {
         precondition(pending.count == gradient.count, "a pending gradient of \(pending.count) values for a parameter of \(gradient.count)")
         let narrowed = Scalar.narrowed(pending)
-        for i in 0..<narrowed.count { gradient.scalars[i] += narrowed[i] }
-        pendingGradient = nil
+        narrowed.withUnsafeBufferPointer { n in
+            gradient.scalars.withUnsafeMutableBufferPointer { Scalar.add(n, into: $0) }
+        }
     }
 
     /// Adds a rank-local ``pendingGradient`` to `gradient` (the owning layer's backward calls this).
     public func addLocalPendingGradient(to gradient: inout Tensor<Scalar>) {
         guard let pending = pendingGradient, pendingGradientIsLocal else { return }
-        precondition(pending.count == gradient.count, "a pending gradient of \(pending.count) values for a parameter of \(gradient.count)")
-        let narrowed = Scalar.narrowed(pending)
-        for i in 0..<narrowed.count { gradient.scalars[i] += narrowed[i] }
+        Self.add(pending, to: &gradient)
         pendingGradient = nil
     }
 }

@@ -430,7 +430,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         }
         let gamma = Scalar.widened(weight.value.scalars)
         var pending = source.patchWeight.pendingGradient ?? [Double](repeating: 0, count: C * K)
-        saved.values.withUnsafeBufferPointer { v in
+        source.patchWeight.pendingGradient = nil   // pending's storage is then its own: no copy
+        pending.withUnsafeMutableBufferPointer { pending in saved.values.withUnsafeBufferPointer { v in
             // Past entry j's ∂S1/∂θ and ∂S2/∂θ: in its slot (j + 1 now) or among the dropped.
             func derivatives(_ j: Int, _ body: (UnsafePointer<Double>, UnsafePointer<Double>) -> Void) {
                 if j < used.retained {
@@ -449,13 +450,12 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
                     let factor = rho / (used.entryCounts[c] * used.counts[j])
                     let a = factor * gMean, b = factor * gSecond
                     derivatives(j) { sumGradient, sumOfSquaresGradient in
-                        for k in 0..<K {
-                            pending[c * K + k] += a * sumGradient[k] + b * sumOfSquaresGradient[c * K + k]
-                        }
+                        let row = pending.baseAddress! + c * K, squares = sumOfSquaresGradient + c * K
+                        for k in 0..<K { row[k] += a * sumGradient[k] + b * squares[k] }
                     }
                 }
             }
-        }
+        } }
         source.patchWeight.pendingGradient = pending
         // Per-rank statistics give every rank its own term, which the gradient exchange sums.
         source.patchWeight.pendingGradientIsLocal = group == nil
