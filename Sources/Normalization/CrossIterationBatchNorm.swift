@@ -248,7 +248,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         guard let iteration = localDerivativesIteration else { return }
         localDerivativesIteration = nil
         guard let group, iteration == iterations, Int(saved.values[1]) >= 1 else { return }
-        let C = featureCount, K = patchSize, base = 2 + 1 + 2 * C
+        let C = featureCount, K = patchSize, base = derivativeOffset(slot: 0)
         var derivatives = Array(saved.values[base..<(base + K + C * K)])
         try group.allReduceSum(&derivatives)
         saved.values.replaceSubrange(base..<(base + K + C * K), with: derivatives)
@@ -256,6 +256,9 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
 
     /// Values per stored entry: count, S1 (C), S2 (C), ∂S1/∂θ (K), ∂S2/∂θ (C·K), θ (C·K).
     var entryWidth: Int { 1 + 2 * featureCount + patchSize + 2 * featureCount * patchSize }
+
+    /// Where stored entry `slot`'s ∂S1/∂θ starts in the window's values (∂S2/∂θ follows K later).
+    func derivativeOffset(slot: Int) -> Int { 2 + slot * entryWidth + 1 + 2 * featureCount }
 
     /// Removes the newest stored entry when its derivatives never came (no backward ran).
     private func dropUnfinishedEntry() {
@@ -319,7 +322,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         // it to θ_t alike (θ is the same everywhere), so the compensated sums need no reduction.
         let reduceNewest = group != nil && localDerivativesIteration != nil && localDerivativesIteration == iterations && pastCount >= 1
         localDerivativesIteration = nil
-        let derivativeBase = 2 + 1 + 2 * C, derivativeCount = K + C * K
+        let derivativeBase = derivativeOffset(slot: 0), derivativeCount = K + C * K
         var packed = [Double](repeating: 0, count: 1 + 2 * C + (reduceNewest ? derivativeCount : 0))
         packed[0] = current.count
         for c in 0..<C {
@@ -385,9 +388,9 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         if gradient == .compensated && rho != 0 && pastCount > 0 {
             // Backward reads the past entries' derivatives where they stay stored; only those the
             // push below drops are copied (θ_τ is not needed).
-            let retained = min(pastCount, min(pastCount + 1, window - 1) - 1)
+            let retained = min(pastCount, window - 2)
             let dropped = (retained..<pastCount).map { j -> (sum: [Double], sumOfSquares: [Double]) in
-                let start = 2 + j * width + 1 + 2 * C
+                let start = derivativeOffset(slot: j)
                 return (Array(saved.values[start..<(start + K)]), Array(saved.values[(start + K)..<(start + K + C * K)]))
             }
             lastWindow = UsedWindow(iteration: iteration, retained: retained, dropped: dropped, counts: (0..<pastCount).map { packed[(1 + 2 * C) * ($0 + 1)] }, kept: kept,
@@ -424,7 +427,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     public override func gradientSumsReduced(_ sums: [Double]) throws {
         guard let used = lastWindow else { return }
         lastWindow = nil
-        let C = featureCount, K = patchSize, width = entryWidth
+        let C = featureCount, K = patchSize
         guard iterations == used.iteration, Int(saved.values[1]) >= used.retained + 1 else {
             throw LayerError("CrossIterationBatchNorm: the window changed between the training forward and its backward")
         }
@@ -435,7 +438,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             // Past entry j's ∂S1/∂θ and ∂S2/∂θ: in its slot (j + 1 now) or among the dropped.
             func derivatives(_ j: Int, _ body: (UnsafePointer<Double>, UnsafePointer<Double>) -> Void) {
                 if j < used.retained {
-                    let start = v.baseAddress! + 2 + (j + 1) * width + 1 + 2 * C
+                    let start = v.baseAddress! + derivativeOffset(slot: j + 1)
                     body(start, start + K)
                 } else {
                     let d = used.dropped[j - used.retained]
@@ -467,7 +470,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         guard pendingIteration == iteration, iterations == iteration, Int(saved.values[1]) >= 1 else { return }
         let C = featureCount, K = patchSize
         precondition(patchSum.count == K && products.count == C * K, "patch statistics of the wrong size")
-        let base = 2 + 1 + 2 * C
+        let base = derivativeOffset(slot: 0)
         saved.values.withUnsafeMutableBufferPointer { v in
             for k in 0..<K { v[base + k] = patchSum[k] }
             for i in 0..<(C * K) { v[base + K + i] = 2 * products[i] }
