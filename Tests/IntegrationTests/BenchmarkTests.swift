@@ -38,7 +38,8 @@ final class BenchmarkTests: XCTestCase {
     }
 
     /// tools/onednn_leaves.c builds against libdnnl with the toolchain's C compiler and prints its
-    /// three timings per round, each a positive number (what they are is in docs/performance.md).
+    /// three timings per round, each a positive number (what they are is in docs/performance.md);
+    /// with --pair, two per ResNet-20 convolution shape and per step; bad arguments are one line.
     func testTheOneDNNLeafBenchmarkBuildsAndTimesItsThreeWays() throws {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"
         guard let compiler = (["clang", "cc"].lazy.flatMap { name in path.split(separator: ":").map { "\($0)/\(name)" } })
@@ -59,9 +60,24 @@ final class BenchmarkTests: XCTestCase {
             XCTAssertEqual(times.count, 3, String(round))
             XCTAssertTrue(times.allSatisfy { $0 > 0 }, String(round))
         }
-        let usage = try runProcess(binary, [], timeout: 60)
-        XCTAssertEqual(usage.status, 2, describe(usage))
-        XCTAssertEqual(usage.stderr.split(separator: "\n").count, 1, describe(usage))
+        // --pair: both timings for each of ResNet-20's eight shapes, and the step's totals.
+        let pair = try runProcess(binary, ["--pair", "8"], environment: ["OMP_NUM_THREADS": "1"], timeout: 120)
+        XCTAssertEqual(pair.status, 0, describe(pair))
+        let layers = pair.stdout.split(separator: "\n").filter { $0.contains(": two calls of C ") }
+        XCTAssertEqual(layers.count, 8, pair.stdout)
+        let totals = pair.stdout.split(separator: "\n").filter { $0.hasPrefix("per step (batch 32 in leaves of 8):") }
+        XCTAssertEqual(totals.count, 1, pair.stdout)
+        for line in layers + totals {
+            let words = line.split(separator: " ")
+            let times = words.indices.dropFirst().compactMap { words[$0] == "ms," || words[$0] == "ms" ? Double(words[$0 - 1]) : nil }
+            XCTAssertEqual(times.count, 2, String(line))
+            XCTAssertTrue(times.allSatisfy { $0 > 0 }, String(line))
+        }
+        for arguments in [[], ["--pair", "3"], ["--pair", "0"]] {
+            let usage = try runProcess(binary, arguments, timeout: 60)
+            XCTAssertEqual(usage.status, 2, describe(usage))
+            XCTAssertEqual(usage.stderr.split(separator: "\n").count, 1, describe(usage))
+        }
     }
 
     /// tools/sitting.py alternates PyTorch's benchmark (here a stand-in script printing known
