@@ -127,9 +127,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// this layer's output. While set, the next backward computes all three with the same
     /// per-sample GEMMs, [dY_s; Y_s; 1]·cols_sᵀ, hands the sums over (each added over samples along
     /// the pairwise tree, the statistics in Double), and clears the receiver. The buffers are lent
-    /// for the call (scratch memory shared by the layers): a receiver copies what it keeps. Only a
-    /// bias-free convolution offers this (y = θ·patch exactly).
-    public var patchStatisticsReceiver: ((_ patchSum: UnsafeBufferPointer<Double>, _ outputPatchProducts: UnsafeBufferPointer<Double>) -> Void)? {
+    /// for the call (scratch memory shared by the layers): a receiver copies what it keeps, and
+    /// may issue a collective (an error it throws ends this backward). Only a bias-free
+    /// convolution offers this (y = θ·patch exactly).
+    public var patchStatisticsReceiver: ((_ patchSum: UnsafeBufferPointer<Double>, _ outputPatchProducts: UnsafeBufferPointer<Double>) throws -> Void)? {
         didSet { precondition(bias == nil || patchStatisticsReceiver == nil, "patch statistics need a bias-free convolution") }
     }
     /// Whether a consumer will ask for patch statistics (set once by it).
@@ -178,7 +179,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     private var patchSumPlan: PatchSumPlan?
     /// For each plain C_out × K entry its index in oneDNN's layout of the weight gradient, made once
     /// per primitive (Σ y·patch is summed in that layout and mapped back at the end).
-    private var blockedIndexMap: (primitive: ObjectIdentifier, plainToBlocked: [Int32])?
+    /// The primitive whose blocked layout the patch statistics of the last backward are in.
+    private var statisticsPrimitive: OneDNNConvolution?
     /// Cross-iteration BN's statistics on oneDNN, added as the leaves come: Σ patch, and Σ y·patch
     /// widened from its weight-gradient call's Float as it is added (no widened copy), in oneDNN's
     /// layout of the weight gradient.
@@ -459,10 +461,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             weightGradient.scalars.withUnsafeMutableBufferPointer { weightGradientTree!.total(into: $0.baseAddress!) }
         }
         if let receiver, let blocked = oneDNNStatisticsInBlocks {
-            deliverOneDNNStatistics(K: K, blocked: blocked, to: receiver)
+            try deliverOneDNNStatistics(K: K, blocked: blocked, to: receiver)
         } else if let receiver {
-            patchStatisticsTree!.withTotal { t in
-                receiver(UnsafeBufferPointer(start: t + C * K, count: K), UnsafeBufferPointer(start: t, count: C * K))
+            try patchStatisticsTree!.withTotal { t in
+                try receiver(UnsafeBufferPointer(start: t + C * K, count: K), UnsafeBufferPointer(start: t, count: C * K))
             }
         }
         weight.addLocalPendingGradient(to: &weightGradient)
@@ -500,34 +502,42 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// values) and Σ y·patch in the plain C_out × K order (mapped from oneDNN's layout when it is
     /// blocked), in scratch buffers lent for the call.
     private func deliverOneDNNStatistics(K: Int, blocked: Bool,
-                                         to receiver: (UnsafeBufferPointer<Double>, UnsafeBufferPointer<Double>) -> Void) {
+                                         to receiver: (UnsafeBufferPointer<Double>, UnsafeBufferPointer<Double>) throws -> Void) throws {
         var patchSum = Double.scratchArrays.take(atLeast: K)
         defer { Double.scratchArrays.giveBack(&patchSum) }
-        patchSum.withUnsafeMutableBufferPointer { sums in
+        try patchSum.withUnsafeMutableBufferPointer { sums in
             patchSumTree!.total(into: sums.baseAddress!)
             let patchSums = UnsafeBufferPointer(start: sums.baseAddress!, count: K)
             let width = productTree!.width
-            productTree!.withTotal { total in
-                guard blocked else { return receiver(patchSums, UnsafeBufferPointer(start: total, count: width)) }
-                let map = blockedIndexMap!.plainToBlocked
-                var plain = Double.scratchArrays.take(atLeast: map.count)
+            try productTree!.withTotal { total in
+                guard blocked else { return try receiver(patchSums, UnsafeBufferPointer(start: total, count: width)) }
+                // Each plain entry's index in the blocked layout, made for this call (a map per layer
+                // kept between steps held as much memory as the window's derivatives of one step).
+                let primitive = statisticsPrimitive!, plainCount = outputChannels * K
+                statisticsPrimitive = nil
+                var index = Self.plainToBlockedIndices(primitive, blockedCount: width, plainCount: plainCount)
+                defer { Float.scratchArrays.giveBack(&index) }
+                var plain = Double.scratchArrays.take(atLeast: plainCount)
                 defer { Double.scratchArrays.giveBack(&plain) }
-                plain.withUnsafeMutableBufferPointer { plain in
-                    for i in 0..<map.count { plain[i] = total[Int(map[i])] }
-                    receiver(patchSums, UnsafeBufferPointer(start: plain.baseAddress!, count: map.count))
+                try plain.withUnsafeMutableBufferPointer { plain in
+                    for i in 0..<plainCount { plain[i] = total[Int(index[i])] }
+                    try receiver(patchSums, UnsafeBufferPointer(start: plain.baseAddress!, count: plainCount))
                 }
             }
         }
     }
 
     /// For each entry of the plain C_out × K weight gradient its index in `primitive`'s layout:
-    /// the indices 0, 1, … (exact in Float below 2²⁴) reordered to the plain layout.
-    private static func plainToBlockedIndices(_ primitive: OneDNNConvolution, blockedCount: Int, plainCount: Int) -> [Int32] {
+    /// the indices 0, 1, … (exact in Float below 2²⁴) reordered to the plain layout, in a buffer
+    /// of the scratch pool (the caller gives it back).
+    private static func plainToBlockedIndices(_ primitive: OneDNNConvolution, blockedCount: Int, plainCount: Int) -> [Float] {
         precondition(blockedCount < 1 << 24, "Conv2d: a weight gradient of \(blockedCount) values is too big to index in Float")
-        let iota = (0..<blockedCount).map { Float($0) }
-        var plain = [Float](repeating: 0, count: plainCount)
+        var iota = Float.scratchArrays.take(atLeast: blockedCount)
+        defer { Float.scratchArrays.giveBack(&iota) }
+        iota.withUnsafeMutableBufferPointer { for i in 0..<blockedCount { $0[i] = Float(i) } }
+        var plain = Float.scratchArrays.take(atLeast: plainCount)
         iota.withUnsafeBufferPointer { b in plain.withUnsafeMutableBufferPointer { primitive.weightGradientToPlain(b.baseAddress!, into: $0.baseAddress!) } }
-        return plain.map { Int32($0) }
+        return plain
     }
 
     private func preparePlainTree(width: Int) {
@@ -684,9 +694,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             oneDNNLeafProduct = Float.scratchArrays.take(atLeast: productCount)
             if patchSumPlan?.geometry != g { patchSumPlan = PatchSumPlan(g) }
             if patchSumScratch.count < patchSumPlan!.scratchCount { patchSumScratch = [Double](repeating: 0, count: patchSumPlan!.scratchCount) }
-            if blockedCount > 0 && blockedIndexMap?.primitive != ObjectIdentifier(perLeaf) {
-                blockedIndexMap = (ObjectIdentifier(perLeaf), Self.plainToBlockedIndices(perLeaf, blockedCount: blockedCount, plainCount: C * K))
-            }
+            statisticsPrimitive = blockedCount > 0 ? perLeaf : nil
         }
         if blockedCount > 0 {
             if blockedWeightGradientTree?.width != blockedCount { blockedWeightGradientTree = PairwiseAccumulator(width: blockedCount) }

@@ -333,6 +333,10 @@ extension TensorScalar {
     public static func widened(_ values: [Self]) -> [Double] { values.map { Double($0) } }
     public static func narrowed(_ values: [Double]) -> [Self] { values.map { Self($0) } }
 
+    public static func narrow(_ source: UnsafePointer<Double>, count: Int, into target: UnsafeMutablePointer<Self>) {
+        for i in 0..<count { target[i] = Self(source[i]) }
+    }
+
     public static func allFinite(_ x: UnsafeBufferPointer<Self>) -> Bool {
         for v in x where !v.isFinite { return false }
         return true

@@ -18,8 +18,9 @@ public final class Parameter<Scalar: TensorScalar> {
     /// on this weight). When it comes from statistics shared by all ranks it is identical on every
     /// rank and is added to the summed gradient by ``applyPendingGradient()`` after the gradient
     /// exchange; when it is this rank's own (`pendingGradientIsLocal`, per-rank statistics), the
-    /// owning layer's next backward adds it to the local gradient, for the exchange to sum.
-    public var pendingGradient: [Double]?
+    /// owning layer's next backward adds it to the local gradient, for the exchange to sum. It is
+    /// kept at the parameter's precision (its author sums it in Double and rounds it once).
+    public var pendingGradient: [Scalar]?
     public var pendingGradientIsLocal = false
 
     public init(_ value: Tensor<Scalar>) {
@@ -39,12 +40,11 @@ extension Parameter {
         pendingGradient = nil
     }
 
-    /// gradient[i] += Scalar(pending[i]): rounded to the parameter's type first, then added with
-    /// the type's vector loop (per element through `scalars` the access checks dominated).
-    private static func add(_ pending: [Double], to gradient: inout Tensor<Scalar>) {
+    /// gradient[i] += pending[i], with the type's vector loop (per element through `scalars` the
+    /// access checks dominated).
+    private static func add(_ pending: [Scalar], to gradient: inout Tensor<Scalar>) {
         precondition(pending.count == gradient.count, "a pending gradient of \(pending.count) values for a parameter of \(gradient.count)")
-        let narrowed = Scalar.narrowed(pending)
-        narrowed.withUnsafeBufferPointer { n in
+        pending.withUnsafeBufferPointer { n in
             gradient.scalars.withUnsafeMutableBufferPointer { Scalar.add(n, into: $0) }
         }
     }
@@ -71,8 +71,10 @@ public final class Counter {
 
 /// State that differs between ranks by design (cross-iteration BN's window of local sums):
 /// a flat Double vector whose layout its owner defines. Checkpoints keep one copy per rank.
-public final class RankLocalState {
-    public var values: [Double]
+/// An owner that keeps the state in a form of its own (cross-iteration BN: its derivatives at the
+/// model's precision) overrides `values` to write and read that vector.
+open class RankLocalState {
+    open var values: [Double]
     /// Checks stored values before they are restored: nil when they fit, else what is wrong.
     public let validate: ([Double]) -> String?
     /// The values that stand for "no history" (what `--reset-cbn-windows` restores), given

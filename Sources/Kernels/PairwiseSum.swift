@@ -174,14 +174,14 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
 
     /// The total of the leaves of this sum, computed in the accumulator's own leaf buffer and
     /// handed to `body`: no buffer of the caller's. Ends the sum.
-    public mutating func withTotal<R>(_ body: (UnsafePointer<Scalar>) -> R) -> R {
+    public mutating func withTotal<R>(_ body: (UnsafePointer<Scalar>) throws -> R) rethrows -> R {
         var scratch: [Scalar] = []
         swap(&scratch, &carry)
         if scratch.isEmpty { scratch = Scalar.scratchArrays.take(atLeast: width) }
         defer { Scalar.scratchArrays.giveBack(&scratch) }
-        return scratch.withUnsafeMutableBufferPointer { t in
+        return try scratch.withUnsafeMutableBufferPointer { t in
             total(into: t.baseAddress!)
-            return body(t.baseAddress!)
+            return try body(t.baseAddress!)
         }
     }
 

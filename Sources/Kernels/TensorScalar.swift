@@ -53,6 +53,8 @@ public protocol TensorScalar: BinaryFloatingPoint, Codable, Sendable where Self.
     static func widened(_ values: [Self]) -> [Double]
     /// Doubles rounded to this type.
     static func narrowed(_ values: [Double]) -> [Self]
+    /// target[i] = Self(source[i]), rounded to nearest.
+    static func narrow(_ source: UnsafePointer<Double>, count: Int, into target: UnsafeMutablePointer<Self>)
     /// The process's pool of scratch arrays of this type (``PairwiseAccumulator``'s levels).
     static var scratchArrays: ScratchArrays<Self> { get }
 }

@@ -13,18 +13,21 @@ import Kernels
 ///     ∂S1_c/∂θ_c = Σ_i patch_i            (the same K-vector for every c)
 ///     ∂S2_c/∂θ_c = 2·Σ_i x_{i,c}·patch_i  (row c of one C × K GEMM: X·Patchesᵀ)
 ///
-/// (only the block j = c is non-zero; the full Jacobian is never formed) and θ_τ — the same values
-/// on every rank of the group. The derivatives come out of the source's backward as this rank's
-/// share and are summed over the group in the next forward's single all-reduce, beside the current
-/// sums (or before a checkpoint, ``reduceWindowDerivatives()``). At iteration t every entry is
-/// compensated, S_τ + ρ·∂S_τ/∂θ·(θ_t − θ_τ), by every rank alike, without communication. Every sum
-/// over samples is the pairwise tree of the exactness contract, so the window does not depend on
-/// how the batch was split over ranks. Then per channel, with
-/// μ = S1/M and ν = S2/M per entry: entries whose compensated variance ν − μ² is negative are
-/// dropped (the current batch always counts), μ̄ and ν̄ are averaged over the n_c remaining
-/// entries, σ² = ν̄ − μ̄², and x̂ = (x − μ̄)/√(σ² + ε). Gradients flow only through the current
-/// iteration's statistics, scaled by 1/n_c (past entries are constants): backward is BN's with
-/// M replaced by n_c·M, and issues one all-reduce. The running statistics are the EMA of the
+/// (only the block j = c is non-zero; the full Jacobian is never formed) and, in place of θ_τ,
+/// their projections on it, L_c = ∂S1_c/∂θ_c·θ_τ,c and Q_c = ∂S2_c/∂θ_c·θ_τ,c — the same values on
+/// every rank of the group. The derivatives come out of the source's backward as this rank's
+/// share and are summed over the group there, in one all-reduce of Doubles (a source whose
+/// derivatives come in forward sends them with the current sums); the sums of the window are
+/// Doubles, the derivatives are kept at the model's precision, which their leaves were computed
+/// at. At iteration t every entry is compensated, S_τ + ρ·(∂S_τ/∂θ·θ_t − L or Q), by every rank
+/// alike, without communication; where θ_t = θ_τ the term is exactly zero (both products are the
+/// same loop over the same values). Every sum over samples is the pairwise tree of the exactness
+/// contract, so the window does not depend on how the batch was split over ranks. Then per
+/// channel, with μ = S1/M and ν = S2/M per entry: entries whose compensated variance ν − μ² is
+/// negative are dropped (the current batch always counts), μ̄ and ν̄ are averaged over the n_c
+/// remaining entries, σ² = ν̄ − μ̄², and x̂ = (x − μ̄)/√(σ² + ε). Gradients flow only through the
+/// current iteration's statistics, scaled by 1/n_c (past entries are constants): backward is BN's
+/// with M replaced by n_c·M, and issues one all-reduce. The running statistics are the EMA of the
 /// current batch alone, as in BN.
 ///
 /// Options: `window` k (entries including the current one; the reference code's default 4),
@@ -36,7 +39,7 @@ import Kernels
 ///
 /// Where gradients flow (`gradient`):
 /// - `.current` (the reference code): only through the current iteration's statistics, as above;
-///   the compensation term ρ·∂S_τ/∂θ·(θ_t − θ_τ) uses a detached θ_t.
+///   the compensation term uses a detached θ_t.
 /// - `.compensated`: also through θ_t in every past entry's compensation term, with ∂S_τ/∂θ and
 ///   θ_τ held constant. With G_μ = ∂L/∂μ̄ and G_ν = ∂L/∂ν̄ (computed from the same all-reduced
 ///   Σdy and Σdy·x̂ the input gradient uses; see `gradientSumsReduced`), the feeding layer's
@@ -51,7 +54,7 @@ import Kernels
 ///
 /// In `.batchStatistics` mode (PreciseBN) and inference it behaves exactly as ``BatchNorm``.
 public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<Scalar> {
-    /// One past iteration as this rank saw it.
+    /// One past iteration as the window holds it (the group's sums).
     public struct WindowEntry: Equatable {
         public var count: Double
         public var sum: [Double]
@@ -60,11 +63,10 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         public var sumGradient: [Double]
         /// ∂S2_c/∂θ_c, row c of a C × K matrix.
         public var sumOfSquaresGradient: [Double]
-        /// θ at that iteration, C × K.
-        public var weight: [Double]
-
-        /// The entry as the window stores it: count, S1, S2, ∂S1/∂θ, ∂S2/∂θ, θ.
-        var storedValues: [Double] { [count] + sum + sumOfSquares + sumGradient + sumOfSquaresGradient + weight }
+        /// L_c = ∂S1_c/∂θ_c·θ_τ,c at that iteration's weight θ_τ (C values).
+        public var sumAtWeight: [Double]
+        /// Q_c = ∂S2_c/∂θ_c·θ_τ,c (C values).
+        public var sumOfSquaresAtWeight: [Double]
     }
 
     public let window: Int
@@ -72,18 +74,14 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     public let burnIn: Int
     public let gradient: CrossIterationGradient
     public let source: any PatchSource<Scalar>
-    /// [iterations, entries, entry…] — rank-local: each rank keeps its own local sums.
-    let saved: RankLocalState
+    /// The window — rank-local: each rank keeps its own (with a group, the group's sums).
+    let saved: CrossIterationWindow<Scalar>
     /// What the last training forward used from the window, for `.compensated` backward.
     private var lastWindow: UsedWindow?
     /// The source, when it is a bias-free convolution: then the newest entry's derivatives come
     /// out of that convolution's backward GEMM together with its weight gradient (see
     /// ``Conv2d/patchStatisticsReceiver``) instead of a GEMM of their own in forward.
     private let fusedSource: Conv2d<Scalar>?
-    /// The iteration whose entry (the newest) still waits for its derivatives from the source's
-    /// backward. An entry whose backward never came (a training forward without backward) is
-    /// left out of the window.
-    private var pendingIteration: Int?
     /// θ_t widened to Double, for one training forward (borrowed from the scratch pool).
     private var theta: [Double] = []
     /// Window measurements summed over training forwards since the last ``takeDiagnostics()``.
@@ -92,11 +90,9 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     struct UsedWindow {
         /// The iteration whose forward used the window.
         var iteration: Int
-        /// Past entries 0 ..< retained are still stored, one slot further back (the current entry
-        /// went in front); the derivatives of those the push dropped (the oldest, once the window
-        /// is full) are kept here: ∂S1/∂θ (K values) and ∂S2/∂θ (C × K) each.
-        var retained: Int
-        var dropped: [(sum: [Double], sumOfSquares: [Double])]
+        /// Where past entry j is now: slot j + slotOffset (1 when the forward pushed its own entry,
+        /// a full window's oldest then in the spare slot; 0 when the entry waits for the backward).
+        var slotOffset: Int
         /// M_τ over the group, per past entry.
         var counts: [Double]
         /// kept[j][c]: entry j counts for channel c.
@@ -117,16 +113,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         self.burnIn = burnIn
         self.gradient = gradient
         self.source = source
-        let C = featureCount, K = source.patchWeight.value.count / featureCount, width = 1 + 2 * C + K + 2 * C * K
-        saved = RankLocalState([0, 0], validate: { values in
-            // The iteration counter becomes an Int: beyond 2⁵² it is neither exact nor convertible.
-            guard values.count >= 2, values.allSatisfy(\.isFinite), values[0] >= 0, values[0] <= 0x1p52, values[0] == values[0].rounded(),
-                  values[1] >= 0, values[1] <= Double(window - 1), values[1] == values[1].rounded() else {
-                return "is not a cross-iteration window of at most \(window - 1) entries"
-            }
-            let expected = 2 + Int(values[1]) * width
-            return values.count == expected ? nil : "holds \(values.count) values where \(Int(values[1])) window entries of this layer take \(expected)"
-        }, emptied: { other in [other.first ?? 0, 0] })
+        saved = CrossIterationWindow(channels: featureCount, patchSize: source.patchWeight.value.count / featureCount, window: window)
         if let conv = source as? Conv2d<Scalar>, conv.bias == nil {
             conv.providesPatchStatistics = true
             fusedSource = conv
@@ -139,61 +126,46 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     public override var state: [StateEntry<Scalar>] { super.state + [.rankLocal("cbn_window", saved)] }
 
     /// Training forwards seen so far.
-    public var iterations: Int { Int(saved.values[0]) }
+    public var iterations: Int { saved.iterations }
 
-    var patchSize: Int { source.patchWeight.value.count / featureCount }
+    var patchSize: Int { saved.patchSize }
 
     /// The stored past iterations, most recent first (without one whose derivatives never came).
-    public var entries: [WindowEntry] {
-        let C = featureCount, K = patchSize, width = 1 + 2 * C + K + 2 * C * K
-        let values = saved.values
-        let skip = pendingIteration == iterations ? 1 : 0
-        return (skip..<Int(values[1])).map { j in
-            var offset = 2 + j * width
-            func take(_ n: Int) -> [Double] { defer { offset += n }; return Array(values[offset..<(offset + n)]) }
-            let count = take(1)[0]
-            return WindowEntry(count: count, sum: take(C), sumOfSquares: take(C), sumGradient: take(K),
-                               sumOfSquaresGradient: take(C * K), weight: take(C * K))
-        }
-    }
+    public var entries: [WindowEntry] { saved.entries }
 
-    /// An entry's local sums moved to `weight`: S + ρ·∂S/∂θ·(θ − θ_τ), per channel.
+    /// An entry's sums moved to `weight`: S + ρ·(∂S/∂θ·θ − L or Q), per channel.
     public static func compensate(_ entry: WindowEntry, to weight: [Double], rho: Double) -> (sum: [Double], sumOfSquares: [Double]) {
-        let C = entry.sum.count
-        var compensated = [Double](repeating: 0, count: 2 * C)
-        entry.storedValues.withUnsafeBufferPointer { v in
-            weight.withUnsafeBufferPointer { theta in
-                compensated.withUnsafeMutableBufferPointer { target in
-                    compensate(stored: v.baseAddress!, channels: C, patchSize: entry.sumGradient.count, to: theta.baseAddress!, rho: rho,
-                               into: target.baseAddress!)
+        let C = entry.sum.count, K = entry.sumGradient.count
+        var sum = entry.sum, squares = entry.sumOfSquares
+        entry.sumGradient.withUnsafeBufferPointer { g1 in
+            entry.sumOfSquaresGradient.withUnsafeBufferPointer { g2 in
+                weight.withUnsafeBufferPointer { theta in
+                    for c in 0..<C {
+                        let linear = dot(g1.baseAddress!, theta.baseAddress! + c * K, K)
+                        let quadratic = dot(g2.baseAddress! + c * K, theta.baseAddress! + c * K, K)
+                        sum[c] += rho * (linear - entry.sumAtWeight[c])
+                        squares[c] += rho * (quadratic - entry.sumOfSquaresAtWeight[c])
+                    }
                 }
             }
         }
-        return (Array(compensated[..<C]), Array(compensated[C...]))
+        return (sum, squares)
     }
 
-    /// The same for an entry laid out as the window stores it (``WindowEntry/storedValues``),
-    /// read in place: writes the compensated S1 (C values) and then S2 (C values) to `target`.
-    static func compensate(stored v: UnsafePointer<Double>, channels C: Int, patchSize K: Int, to theta: UnsafePointer<Double>,
-                           rho: Double, into target: UnsafeMutablePointer<Double>) {
-        let sumGradient = v + 1 + 2 * C, squaresGradient = sumGradient + K, weight = squaresGradient + C * K
-        for c in 0..<C {
-            var linear = 0.0, quadratic = 0.0
-            for k in 0..<K {
-                let delta = theta[c * K + k] - weight[c * K + k]
-                linear += sumGradient[k] * delta
-                quadratic += squaresGradient[c * K + k] * delta
-            }
-            target[c] = v[1 + c] + rho * linear
-            target[C + c] = v[1 + C + c] + rho * quadratic
-        }
+    /// Σ_k a_k·b_k in order (the one loop for the projections and the compensation, so that
+    /// θ_t = θ_τ gives a term of exactly zero).
+    @inline(__always)
+    static func dot(_ a: UnsafePointer<Double>, _ b: UnsafePointer<Double>, _ n: Int) -> Double {
+        var total = 0.0
+        for k in 0..<n { total += a[k] * b[k] }
+        return total
     }
 
     /// This rank's raw sums and their derivatives with respect to θ for the current batch, from
     /// the patches of the source's last forward: per sample n, ∂S1/∂θ_c gets Σ_p patch_{n,p} and
     /// ∂S2/∂θ gets 2·X_n·Patches_nᵀ (one C × K × P GEMM, the same shape for every sample), and the
-    /// samples are added along the pairwise tree in Double.
-    func currentEntry(_ input: Tensor<Scalar>, layout: ChannelLayout, weight: [Double]) throws -> WindowEntry {
+    /// samples are added along the pairwise tree in Double into `derivatives` (K + C·K values).
+    func currentSums(_ input: Tensor<Scalar>, layout: ChannelLayout, derivatives: UnsafeMutablePointer<Double>) throws -> [Double] {
         let C = featureCount, K = patchSize
         guard let patches = source.lastPatches, patches.batch == layout.batch, patches.patchSize == K,
               patches.positions == layout.spatial else {
@@ -230,127 +202,69 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
                 }
             }
         }
-        var derivatives = [Double](repeating: 0, count: K + C * K)
-        derivatives.withUnsafeMutableBufferPointer { tree.total(into: $0.baseAddress!) }
-        return WindowEntry(count: packed[0], sum: Array(packed[1...C]), sumOfSquares: Array(packed[(C + 1)...]),
-                           sumGradient: Array(derivatives[0..<K]), sumOfSquaresGradient: Array(derivatives[K...]), weight: weight)
+        tree.total(into: derivatives)
+        return packed
     }
 
-    /// The iteration whose stored entry (the newest) holds this rank's own derivative sums, not
-    /// yet summed over the group; nil when every stored entry is the group's.
-    private var localDerivativesIteration: Int?
-
-    /// Sums the newest entry's derivatives over the group if they are still this rank's own, so
-    /// that every rank stores the same window (the group's sums, which is what a checkpoint keeps
-    /// and a resume on another number of ranks can use). Collective over the group; the trainer
-    /// calls it before writing a checkpoint. The next forward does it otherwise.
-    public func reduceWindowDerivatives() throws {
-        guard let iteration = localDerivativesIteration else { return }
-        localDerivativesIteration = nil
-        guard let group, iteration == iterations, Int(saved.values[1]) >= 1 else { return }
-        let C = featureCount, K = patchSize, base = derivativeOffset(slot: 0)
-        var derivatives = Array(saved.values[base..<(base + K + C * K)])
-        try group.allReduceSum(&derivatives)
-        saved.values.replaceSubrange(base..<(base + K + C * K), with: derivatives)
-    }
-
-    /// Values per stored entry: count, S1 (C), S2 (C), ∂S1/∂θ (K), ∂S2/∂θ (C·K), θ (C·K).
-    var entryWidth: Int { 1 + 2 * featureCount + patchSize + 2 * featureCount * patchSize }
-
-    /// Where stored entry `slot`'s ∂S1/∂θ starts in the window's values (∂S2/∂θ follows K later).
-    func derivativeOffset(slot: Int) -> Int { 2 + slot * entryWidth + 1 + 2 * featureCount }
-
-    /// Removes the newest stored entry when its derivatives never came (no backward ran).
-    private func dropUnfinishedEntry() {
-        guard pendingIteration == iterations, Int(saved.values[1]) >= 1 else { return }
-        let stored = Int(saved.values[1])
-        saved.values.removeSubrange(2..<(2 + entryWidth))
-        saved.values[1] = Double(stored - 1)
-        pendingIteration = nil
-    }
-
-    /// The window after this iteration, in place: the entries move one slot back (the oldest
-    /// falls off at k − 1) and `write` fills slot 0 — no per-step decoding or re-encoding of
-    /// the stored derivatives.
-    private func push(iteration: Int, _ write: (UnsafeMutablePointer<Double>) -> Void) {
-        let width = entryWidth, old = Int(saved.values[1]), new = min(old + 1, window - 1)
-        if saved.values.count < 2 + new * width { saved.values += [Double](repeating: 0, count: 2 + new * width - saved.values.count) }
-        saved.values.withUnsafeMutableBufferPointer { v in
-            let slot0 = v.baseAddress! + 2
-            if new > 1 { memmove(slot0 + width, slot0, (new - 1) * width * MemoryLayout<Double>.stride) }
-            write(slot0)
-            v[0] = Double(iteration)
-            v[1] = Double(new)
+    /// Slot 0's derivatives from the group's Double sums (K + C·K values): rounded to the model's
+    /// precision and projected on θ (`theta`, C × K Doubles: the weight they were taken at).
+    private func storeDerivatives(_ group: UnsafePointer<Double>, theta: UnsafePointer<Double>) {
+        let C = featureCount, K = patchSize
+        saved.derivatives.withUnsafeMutableBufferPointer { d in
+            Scalar.narrow(group, count: K + C * K, into: d.baseAddress!)
         }
+        saved.project(slot: 0, theta: theta)
     }
 
     public override func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
         let iteration = iterations + 1
         lastWindow = nil
-        dropUnfinishedEntry()
+        saved.dropUnfinishedEntry()
         guard window > 1, iteration > burnIn else {
-            saved.values[0] = Double(iteration)
-            pendingIteration = nil
+            saved.iterations = iteration
             return try super.trainingStatistics(input, layout: layout)
         }
-        let C = featureCount, K = patchSize, width = entryWidth
+        let C = featureCount, K = patchSize, sumsCount = 1 + 2 * C
         // θ_t in Double (C × K values), in a buffer lent for this forward: the layers take turns.
         theta = Double.scratchArrays.take(atLeast: C * K)
         defer { Double.scratchArrays.giveBack(&theta) }
         source.patchWeight.value.scalars.withUnsafeBufferPointer { w in
             theta.withUnsafeMutableBufferPointer { Scalar.widen(w.baseAddress!, count: C * K, into: $0.baseAddress!) }
         }
-        let pastCount = Int(saved.values[1])
-        // The current local sums, and their derivatives unless the convolution's backward gives
-        // them (receivePatchStatistics writes them into the stored entry then).
-        let current: (count: Double, sum: ArraySlice<Double>, sumOfSquares: ArraySlice<Double>)
-        var currentDerivatives: WindowEntry?
+        let pastCount = saved.count
+        // The current local sums, and (unless the convolution's backward gives them) their
+        // derivatives, which then travel in the same all-reduce.
+        var packed: [Double]
+        var forwardDerivatives: [Double]?
         if let conv = fusedSource {
             guard conv.pendingTrainingBatch == layout.batch, conv.lastGeometry?.positions == layout.spatial else {
                 throw LayerError("CrossIterationBatchNorm: its source layer must run the training forward that produced this input")
             }
-            let packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
-            current = (packed[0], packed[1...C], packed[(C + 1)...])
+            packed = BatchStatistics.localSums(input, layout: layout, shift: [Double](repeating: 0, count: C))
         } else {
-            let entry = try currentEntry(input, layout: layout, weight: Array(theta[0..<(C * K)]))
-            current = (entry.count, entry.sum[...], entry.sumOfSquares[...])
-            currentDerivatives = entry
-        }
-
-        // One all-reduce: the current sums and, while they are still this rank's own, the newest
-        // stored entry's derivatives. Every stored entry is then the group's, and every rank moves
-        // it to θ_t alike (θ is the same everywhere), so the compensated sums need no reduction.
-        let reduceNewest = group != nil && localDerivativesIteration != nil && localDerivativesIteration == iterations && pastCount >= 1
-        localDerivativesIteration = nil
-        let derivativeBase = derivativeOffset(slot: 0), derivativeCount = K + C * K
-        var packed = [Double](repeating: 0, count: 1 + 2 * C + (reduceNewest ? derivativeCount : 0))
-        packed[0] = current.count
-        for c in 0..<C {
-            packed[1 + c] = current.sum[current.sum.startIndex + c]
-            packed[1 + C + c] = current.sumOfSquares[current.sumOfSquares.startIndex + c]
-        }
-        if reduceNewest {
-            packed.replaceSubrange((1 + 2 * C)..., with: saved.values[derivativeBase..<(derivativeBase + derivativeCount)])
+            var derivatives = [Double](repeating: 0, count: K + C * K)
+            packed = try derivatives.withUnsafeMutableBufferPointer { try currentSums(input, layout: layout, derivatives: $0.baseAddress!) }
+            if group != nil {
+                packed += derivatives
+            } else {
+                forwardDerivatives = derivatives
+            }
         }
         if let group { try group.allReduceSum(&packed) }
-        if reduceNewest {
-            saved.values.replaceSubrange(derivativeBase..<(derivativeBase + derivativeCount), with: packed[(1 + 2 * C)...])
-            packed.removeLast(derivativeCount)
+        if packed.count > sumsCount {
+            forwardDerivatives = Array(packed[sumsCount...])
+            packed.removeLast(packed.count - sumsCount)
         }
-        packed += [Double](repeating: 0, count: (1 + 2 * C) * pastCount)
+        // The past entries moved to θ_t, after the current sums.
+        packed += repeatElement(0.0, count: sumsCount * pastCount)
         var taylorChange = 0.0, taylorSize = 0.0
-        saved.values.withUnsafeBufferPointer { v in
-            theta.withUnsafeBufferPointer { theta in
-                packed.withUnsafeMutableBufferPointer { p in
-                    for j in 0..<pastCount {
-                        let entry = v.baseAddress! + 2 + j * width, out = p.baseAddress! + (1 + 2 * C) * (j + 1)
-                        out[0] = entry[0]
-                        Self.compensate(stored: entry, channels: C, patchSize: K, to: theta.baseAddress!, rho: rho, into: out + 1)
-                        for c in 0..<C {
-                            taylorChange += abs(out[1 + C + c] - entry[1 + C + c])
-                            taylorSize += abs(entry[1 + C + c])
-                        }
-                    }
+        theta.withUnsafeBufferPointer { theta in
+            packed.withUnsafeMutableBufferPointer { p in
+                for j in 0..<pastCount {
+                    let out = p.baseAddress! + sumsCount * (j + 1)
+                    let taylor = saved.compensate(slot: j, theta: theta.baseAddress!, rho: rho, into: out)
+                    taylorChange += taylor.change
+                    taylorSize += taylor.size
                 }
             }
         }
@@ -358,8 +272,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         let M = packed[0]
         guard M > 0 else {
             lastStatistics = nil
-            saved.values[0] = Double(iteration)
-            pendingIteration = nil
+            saved.iterations = iteration
             return nil
         }
         let mean = (0..<C).map { packed[1 + $0] / M }
@@ -371,7 +284,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         var meanSum = mean, secondSum = second, valid = [Double](repeating: 1, count: C)
         var kept = [[Bool]](repeating: [Bool](repeating: false, count: C), count: pastCount)
         for j in 0..<pastCount {
-            let base = (1 + 2 * C) * (j + 1), m = packed[base]
+            let base = sumsCount * (j + 1), m = packed[base]
             guard m > 0 else { continue }
             for c in 0..<C {
                 let mu = packed[base + 1 + c] / m, nu = packed[base + 1 + C + c] / m
@@ -385,37 +298,23 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         let averageMean = (0..<C).map { meanSum[$0] / valid[$0] }
         let rawVariance = (0..<C).map { secondSum[$0] / valid[$0] - averageMean[$0] * averageMean[$0] }
         let variance = rawVariance.map { max($0, 0) }
-        if gradient == .compensated && rho != 0 && pastCount > 0 {
-            // Backward reads the past entries' derivatives where they stay stored; only those the
-            // push below drops are copied (θ_τ is not needed).
-            let retained = min(pastCount, window - 2)
-            let dropped = (retained..<pastCount).map { j -> (sum: [Double], sumOfSquares: [Double]) in
-                let start = derivativeOffset(slot: j)
-                return (Array(saved.values[start..<(start + K)]), Array(saved.values[(start + K)..<(start + K + C * K)]))
-            }
-            lastWindow = UsedWindow(iteration: iteration, retained: retained, dropped: dropped, counts: (0..<pastCount).map { packed[(1 + 2 * C) * ($0 + 1)] }, kept: kept,
+        let compensatedBackward = gradient == .compensated && rho != 0 && pastCount > 0
+        if compensatedBackward {
+            // Backward reads the past entries' derivatives where they are stored.
+            lastWindow = UsedWindow(iteration: iteration, slotOffset: fusedSource == nil ? 1 : 0, counts: (0..<pastCount).map { packed[sumsCount * ($0 + 1)] }, kept: kept,
                                     entryCounts: valid, clamped: rawVariance.map { $0 < 0 })
         }
         recordDiagnostics(pastCount: pastCount, taylorFraction: taylorSize > 0 ? taylorChange / taylorSize : 0, kept: valid,
                           variance: variance, current: currentStatistics.variance)
-        // The group's sums, the derivatives (zero until the backward brings them) and θ_t.
-        push(iteration: iteration) { slot in
-            packed.withUnsafeBufferPointer { slot.update(from: $0.baseAddress!, count: 1 + 2 * C) }
-            let derivatives = slot + 1 + 2 * C
-            if let entry = currentDerivatives {
-                entry.sumGradient.withUnsafeBufferPointer { derivatives.update(from: $0.baseAddress!, count: K) }
-                entry.sumOfSquaresGradient.withUnsafeBufferPointer { (derivatives + K).update(from: $0.baseAddress!, count: C * K) }
-            } else {
-                derivatives.update(repeating: 0, count: K + C * K)
-            }
-            theta.withUnsafeBufferPointer { (derivatives + K + C * K).update(from: $0.baseAddress!, count: C * K) }
-        }
-        if fusedSource == nil { localDerivativesIteration = iteration }
-        if let conv = fusedSource {
-            pendingIteration = iteration
-            conv.patchStatisticsReceiver = { [weak self] patchSum, products in self?.receivePatchStatistics(patchSum, products, for: iteration) }
-        } else {
-            pendingIteration = nil
+        // The group's sums and derivatives enter the window now (from forward), or with the
+        // derivatives from the source's backward, after this layer's backward read the window.
+        saved.iterations = iteration
+        if let derivatives = forwardDerivatives {
+            saved.push(keepingOldest: compensatedBackward, sums: packed)
+            derivatives.withUnsafeBufferPointer { d in theta.withUnsafeBufferPointer { storeDerivatives(d.baseAddress!, theta: $0.baseAddress!) } }
+        } else if let conv = fusedSource {
+            saved.incoming = Array(packed[0..<sumsCount])
+            conv.patchStatisticsReceiver = { [weak self] patchSum, products in try self?.receivePatchStatistics(patchSum, products, for: iteration) }
         }
         return TrainingNormalization(mean: averageMean, variance: variance, counts: valid.map { $0 * M }, current: currentStatistics)
     }
@@ -424,59 +323,78 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     /// weight, handed to that layer as its pending gradient. For x̂ = (x − μ̄)/√(ν̄ − μ̄² + ε) with
     /// s = 1/√(σ² + ε) and dx̂ = γ·dy summed over the group:
     /// G_μ = −s·Σdx̂ + μ̄·s²·Σdx̂·x̂ and G_ν = −½·s²·Σdx̂·x̂ (G_μ = −s·Σdx̂, G_ν = 0 where σ² was clamped).
+    /// Each row is summed in Double and rounded once to the weight's precision.
     public override func gradientSumsReduced(_ sums: [Double]) throws {
         guard let used = lastWindow else { return }
         lastWindow = nil
         let C = featureCount, K = patchSize
-        guard iterations == used.iteration, Int(saved.values[1]) >= used.retained + 1 else {
+        guard iterations == used.iteration, saved.count >= used.counts.count + used.slotOffset else {
             throw LayerError("CrossIterationBatchNorm: the window changed between the training forward and its backward")
         }
         let gamma = Scalar.widened(weight.value.scalars)
-        var pending = source.patchWeight.pendingGradient ?? [Double](repeating: 0, count: C * K)
+        var pending = source.patchWeight.pendingGradient ?? Scalar.filled(C * K, with: 0)
         source.patchWeight.pendingGradient = nil   // pending's storage is then its own: no copy
-        pending.withUnsafeMutableBufferPointer { pending in saved.values.withUnsafeBufferPointer { v in
-            // Past entry j's ∂S1/∂θ and ∂S2/∂θ: in its slot (j + 1 now) or among the dropped.
-            func derivatives(_ j: Int, _ body: (UnsafePointer<Double>, UnsafePointer<Double>) -> Void) {
-                if j < used.retained {
-                    let start = v.baseAddress! + derivativeOffset(slot: j + 1)
-                    body(start, start + K)
-                } else {
-                    let d = used.dropped[j - used.retained]
-                    d.sum.withUnsafeBufferPointer { s in d.sumOfSquares.withUnsafeBufferPointer { body(s.baseAddress!, $0.baseAddress!) } }
-                }
-            }
-            for c in 0..<C {
-                let s = invStd[c], sumDx = gamma[c] * sums[c], sumDxX = gamma[c] * sums[C + c]
-                let gMean = used.clamped[c] ? -s * sumDx : -s * sumDx + lastMean[c] * s * s * sumDxX
-                let gSecond = used.clamped[c] ? 0 : -0.5 * s * s * sumDxX
-                for j in used.kept.indices where used.kept[j][c] {
-                    let factor = rho / (used.entryCounts[c] * used.counts[j])
-                    let a = factor * gMean, b = factor * gSecond
-                    derivatives(j) { sumGradient, sumOfSquaresGradient in
-                        let row = pending.baseAddress! + c * K, squares = sumOfSquaresGradient + c * K
-                        for k in 0..<K { row[k] += a * sumGradient[k] + b * squares[k] }
+        var row = Double.scratchArrays.take(atLeast: 3 * K)
+        defer { Double.scratchArrays.giveBack(&row) }
+        row.withUnsafeMutableBufferPointer { row in
+            let total = row.baseAddress!, sumGradient = total + K, squares = total + 2 * K
+            pending.withUnsafeMutableBufferPointer { pending in
+                for c in 0..<C {
+                    let s = invStd[c], sumDx = gamma[c] * sums[c], sumDxX = gamma[c] * sums[C + c]
+                    let gMean = used.clamped[c] ? -s * sumDx : -s * sumDx + lastMean[c] * s * s * sumDxX
+                    let gSecond = used.clamped[c] ? 0 : -0.5 * s * s * sumDxX
+                    Scalar.widen(pending.baseAddress! + c * K, count: K, into: total)
+                    for j in used.kept.indices where used.kept[j][c] {
+                        let factor = rho / (used.entryCounts[c] * used.counts[j])
+                        let a = factor * gMean, b = factor * gSecond
+                        saved.widenDerivatives(slot: j + used.slotOffset, channel: c, sum: sumGradient, squares: squares)
+                        for k in 0..<K { total[k] += a * sumGradient[k] + b * squares[k] }
                     }
+                    Scalar.narrow(total, count: K, into: pending.baseAddress! + c * K)
                 }
             }
-        } }
+        }
         source.patchWeight.pendingGradient = pending
         // Per-rank statistics give every rank its own term, which the gradient exchange sums.
         source.patchWeight.pendingGradientIsLocal = group == nil
     }
 
-    /// The newest entry's derivatives, from the source convolution's backward:
-    /// ∂S1/∂θ_c = Σ_i patch_i and ∂S2/∂θ_c = 2·Σ_i x_{i,c}·patch_i, written into the stored window.
-    func receivePatchStatistics(_ patchSum: UnsafeBufferPointer<Double>, _ products: UnsafeBufferPointer<Double>, for iteration: Int) {
-        guard pendingIteration == iteration, iterations == iteration, Int(saved.values[1]) >= 1 else { return }
+    /// Values per all-reduce of the newest entry's derivatives (2 MiB of Doubles).
+    static var reductionPiece: Int { 1 << 18 }
+
+    /// The newest entry's derivatives, from the source convolution's backward (this rank's
+    /// share): ∂S1/∂θ_c = Σ_i patch_i and ∂S2/∂θ_c = 2·Σ_i x_{i,c}·patch_i, summed over the group
+    /// in Double and stored with their projections on θ, which is still the weight of that forward.
+    func receivePatchStatistics(_ patchSum: UnsafeBufferPointer<Double>, _ products: UnsafeBufferPointer<Double>, for iteration: Int) throws {
+        guard let incoming = saved.incoming, iterations == iteration else { return }
+        saved.incoming = nil
+        saved.push(keepingOldest: false, sums: incoming)
         let C = featureCount, K = patchSize
         precondition(patchSum.count == K && products.count == C * K, "patch statistics of the wrong size")
-        let base = derivativeOffset(slot: 0)
-        saved.values.withUnsafeMutableBufferPointer { v in
-            for k in 0..<K { v[base + k] = patchSum[k] }
-            for i in 0..<(C * K) { v[base + K + i] = 2 * products[i] }
+        // [Σ patch, 2·Σ y·patch] in pieces: each piece's all-reduce gives the same sums per value
+        // as one of the whole, and no Double copy of the whole is ever held (three or four of
+        // them, with the reduction's buffers, for the largest layers).
+        let total = K + C * K
+        var piece = [Double](repeating: 0, count: min(Self.reductionPiece, total))
+        var start = 0
+        while start < total {
+            let end = min(start + Self.reductionPiece, total)
+            if piece.count != end - start { piece = [Double](repeating: 0, count: end - start) }
+            piece.withUnsafeMutableBufferPointer { p in
+                for i in start..<end { p[i - start] = i < K ? patchSum[i] : 2 * products[i - K] }
+            }
+            if let group { try group.allReduceSum(&piece) }
+            saved.derivatives.withUnsafeMutableBufferPointer { d in
+                piece.withUnsafeBufferPointer { Scalar.narrow($0.baseAddress!, count: end - start, into: d.baseAddress! + start) }
+            }
+            start = end
         }
-        pendingIteration = nil
-        localDerivativesIteration = iteration
+        var theta = Double.scratchArrays.take(atLeast: C * K)
+        defer { Double.scratchArrays.giveBack(&theta) }
+        source.patchWeight.value.scalars.withUnsafeBufferPointer { w in
+            theta.withUnsafeMutableBufferPointer { Scalar.widen(w.baseAddress!, count: C * K, into: $0.baseAddress!) }
+        }
+        theta.withUnsafeBufferPointer { saved.project(slot: 0, theta: $0.baseAddress!) }
     }
 
     func recordDiagnostics(pastCount: Int, taylorFraction: Double, kept: [Double], variance: [Double], current: [Double]) {
@@ -492,8 +410,6 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         for c in 0..<C { ratio += (variance[c] + epsilon) / (current[c] + epsilon) }
         diagnosticSums.varianceRatio += ratio / Double(C)
     }
-
-    public override func settlePendingStatistics() throws { try reduceWindowDerivatives() }
 
     /// γ's norm and the window measurements since the last call (which this resets).
     public override func diagnostics() -> [String: Double]? {
@@ -540,5 +456,191 @@ public struct CrossIterationDiagnostics: Sendable {
             result["taylor_fraction"] = taylorFraction / Double(windowForwards)
         }
         return result
+    }
+}
+
+/// Cross-iteration BN's window in memory, most recent entry in slot 0: per entry the group's
+/// count, S1, S2 and the projections L, Q (C values each) in Double, and ∂S1/∂θ (K values) and
+/// ∂S2/∂θ (C × K) at the model's precision. An entry whose derivatives come from the source's
+/// backward enters the window then, after the layer's own backward has read the window; one
+/// whose derivatives come in forward enters at once, and a `.compensated` forward then keeps a
+/// full window's oldest entry in a spare slot until its backward has read it.
+///
+/// Checkpoints see it as [iterations, entries, entry…], each entry count, S1, S2, ∂S1/∂θ,
+/// ∂S2/∂θ, L, Q (1 + 4·C + K + C·K values). Windows written with θ_τ in place of L and Q
+/// (count, S1, S2, ∂S1/∂θ, ∂S2/∂θ, θ: 1 + 2·C + K + 2·C·K values) are read too, L and Q
+/// computed from their θ.
+final class CrossIterationWindow<Scalar: BatchNormScalar>: RankLocalState {
+    let channels: Int, patchSize: Int, window: Int
+    var iterations = 0
+    /// Stored entries.
+    private(set) var count = 0
+    /// The last training forward's count, S1 and S2, while its derivatives are still to come from
+    /// the source's backward (then it becomes slot 0; without a backward it is dropped).
+    var incoming: [Double]?
+    private(set) var sums: [Double] = []
+    var derivatives: [Scalar] = []
+
+    var sumsWidth: Int { 1 + 4 * channels }
+    var derivativeWidth: Int { patchSize + channels * patchSize }
+    /// Slots with storage (the spare one included).
+    private var slotsHeld: Int { sums.count / sumsWidth }
+
+    init(channels C: Int, patchSize K: Int, window: Int) {
+        channels = C
+        patchSize = K
+        self.window = window
+        let width = 1 + 4 * C + K + C * K, legacy = 1 + 2 * C + K + 2 * C * K
+        super.init([0, 0], validate: { values in
+            // The iteration counter becomes an Int: beyond 2⁵² it is neither exact nor convertible.
+            guard values.count >= 2, values.allSatisfy(\.isFinite), values[0] >= 0, values[0] <= 0x1p52, values[0] == values[0].rounded(),
+                  values[1] >= 0, values[1] <= Double(window - 1), values[1] == values[1].rounded() else {
+                return "is not a cross-iteration window of at most \(window - 1) entries"
+            }
+            let n = Int(values[1]), expected = 2 + n * width
+            return values.count == expected || values.count == 2 + n * legacy ? nil
+                : "holds \(values.count) values where \(n) window entries of this layer take \(expected)"
+        }, emptied: { other in [other.first ?? 0, 0] })
+    }
+
+    override var values: [Double] {
+        get { exported }
+        set { restore(newValue) }
+    }
+
+    private var exported: [Double] {
+        let C = channels, K = patchSize, first = 0
+        var values = [Double(iterations), Double(count - first)]
+        values.reserveCapacity(2 + (count - first) * (1 + 4 * C + K + C * K))
+        for slot in first..<count {
+            let s = slot * sumsWidth
+            values += sums[s..<(s + 1 + 2 * C)]
+            values += Scalar.widened(Array(derivatives[(slot * derivativeWidth)..<((slot + 1) * derivativeWidth)]))
+            values += sums[(s + 1 + 2 * C)..<(s + sumsWidth)]
+        }
+        return values
+    }
+
+    private func restore(_ values: [Double]) {
+        precondition(validate(values) == nil, "a cross-iteration window that does not fit its layer")
+        let C = channels, K = patchSize, D = derivativeWidth, n = Int(values[1])
+        let legacy = values.count != 2 + n * (1 + 4 * C + K + C * K)
+        let width = legacy ? 1 + 2 * C + K + 2 * C * K : 1 + 4 * C + K + C * K
+        sums = [Double](repeating: 0, count: n * sumsWidth)
+        derivatives = Scalar.filled(n * D, with: 0)
+        for slot in 0..<n {
+            let v = 2 + slot * width
+            sums.replaceSubrange((slot * sumsWidth)..<(slot * sumsWidth + 1 + 2 * C), with: values[v..<(v + 1 + 2 * C)])
+            let narrowed = Scalar.narrowed(Array(values[(v + 1 + 2 * C)..<(v + 1 + 2 * C + D)]))
+            derivatives.replaceSubrange((slot * D)..<((slot + 1) * D), with: narrowed)
+            if legacy {
+                let theta = Array(values[(v + 1 + 2 * C + D)..<(v + width)])
+                theta.withUnsafeBufferPointer { project(slot: slot, theta: $0.baseAddress!) }
+            } else {
+                sums.replaceSubrange((slot * sumsWidth + 1 + 2 * C)..<((slot + 1) * sumsWidth), with: values[(v + 1 + 2 * C + D)..<(v + width)])
+            }
+        }
+        count = n
+        iterations = Int(values[0])
+        incoming = nil
+    }
+
+    /// The stored entries, most recent first.
+    var entries: [CrossIterationBatchNorm<Scalar>.WindowEntry] {
+        let C = channels, K = patchSize, D = derivativeWidth
+        return (0..<count).map { slot in
+            let s = slot * sumsWidth
+            func take(_ offset: Int, _ n: Int) -> [Double] { Array(sums[(s + offset)..<(s + offset + n)]) }
+            let d = Scalar.widened(Array(derivatives[(slot * D)..<((slot + 1) * D)]))
+            return .init(count: sums[s], sum: take(1, C), sumOfSquares: take(1 + C, C), sumGradient: Array(d[..<K]),
+                         sumOfSquaresGradient: Array(d[K...]), sumAtWeight: take(1 + 2 * C, C), sumOfSquaresAtWeight: take(1 + 3 * C, C))
+        }
+    }
+
+    /// Moves `slots` slots from `from` to `to` in both arrays (overlapping ranges allowed).
+    private func moveSlots(from: Int, to: Int, slots: Int) {
+        guard slots > 0 else { return }
+        let S = sumsWidth, D = derivativeWidth
+        sums.withUnsafeMutableBufferPointer { _ = memmove($0.baseAddress! + to * S, $0.baseAddress! + from * S, slots * S * MemoryLayout<Double>.stride) }
+        derivatives.withUnsafeMutableBufferPointer {
+            _ = memmove($0.baseAddress! + to * D, $0.baseAddress! + from * D, slots * D * MemoryLayout<Scalar>.stride)
+        }
+    }
+
+    /// Forgets the last forward's entry when its derivatives never came (no backward ran).
+    func dropUnfinishedEntry() { incoming = nil }
+
+    /// The window with a new entry, in place: the entries move one slot back (the oldest falls
+    /// off at k − 1, or into the spare slot with `keepingOldest`) and slot 0 takes the count, S1
+    /// and S2 in `newest` (its derivatives and projections follow).
+    func push(keepingOldest: Bool, sums newest: [Double]) {
+        let C = channels, new = min(count + 1, window - 1), moved = keepingOldest ? count : new - 1
+        if slotsHeld < moved + 1 {
+            sums += repeatElement(0.0, count: (moved + 1 - slotsHeld) * sumsWidth)
+            derivatives += Scalar.filled((moved + 1) * derivativeWidth - derivatives.count, with: 0)
+        }
+        moveSlots(from: 0, to: 1, slots: moved)
+        sums.withUnsafeMutableBufferPointer { s in
+            newest.withUnsafeBufferPointer { s.baseAddress!.update(from: $0.baseAddress!, count: 1 + 2 * C) }
+            (s.baseAddress! + 1 + 2 * C).update(repeating: 0, count: 2 * C)
+        }
+        count = new
+    }
+
+    /// Per channel c the two products of `slot`'s derivatives with θ's row c (`theta`, C × K
+    /// Doubles), written by `body` (c, ∂S1/∂θ·θ_c, ∂S2_c/∂θ_c·θ_c).
+    private func products(slot: Int, theta: UnsafePointer<Double>, _ body: (Int, Double, Double) -> Void) {
+        let C = channels, K = patchSize
+        var rows = Double.scratchArrays.take(atLeast: 2 * K)
+        defer { Double.scratchArrays.giveBack(&rows) }
+        rows.withUnsafeMutableBufferPointer { rows in
+            derivatives.withUnsafeBufferPointer { d in
+                let base = d.baseAddress! + slot * derivativeWidth, g1 = rows.baseAddress!, g2 = g1 + K
+                Scalar.widen(base, count: K, into: g1)
+                for c in 0..<C {
+                    Scalar.widen(base + K + c * K, count: K, into: g2)
+                    body(c, CrossIterationBatchNorm<Scalar>.dot(g1, theta + c * K, K), CrossIterationBatchNorm<Scalar>.dot(g2, theta + c * K, K))
+                }
+            }
+        }
+    }
+
+    /// L and Q of `slot` at the weight `theta` its derivatives were taken at.
+    func project(slot: Int, theta: UnsafePointer<Double>) {
+        let C = channels, s = slot * sumsWidth
+        var projections = [Double](repeating: 0, count: 2 * C)
+        products(slot: slot, theta: theta) { c, linear, quadratic in
+            projections[c] = linear
+            projections[C + c] = quadratic
+        }
+        sums.replaceSubrange((s + 1 + 2 * C)..<(s + sumsWidth), with: projections)
+    }
+
+    /// `slot`'s count and its sums moved to θ_t (`theta`) into `out` (count, S1, S2); returns
+    /// Σ|ΔS2| and Σ|S2| over the channels, for the diagnostics.
+    func compensate(slot: Int, theta: UnsafePointer<Double>, rho: Double, into out: UnsafeMutablePointer<Double>) -> (change: Double, size: Double) {
+        let C = channels, s = slot * sumsWidth
+        var change = 0.0, size = 0.0
+        sums.withUnsafeBufferPointer { v in
+            let entry = v.baseAddress! + s
+            out[0] = entry[0]
+            products(slot: slot, theta: theta) { c, linear, quadratic in
+                out[1 + c] = entry[1 + c] + rho * (linear - entry[1 + 2 * C + c])
+                out[1 + C + c] = entry[1 + C + c] + rho * (quadratic - entry[1 + 3 * C + c])
+                change += abs(out[1 + C + c] - entry[1 + C + c])
+                size += abs(entry[1 + C + c])
+            }
+        }
+        return (change, size)
+    }
+
+    /// ∂S1/∂θ (K values) and row `channel` of ∂S2/∂θ of `slot`, widened into `sum` and `squares`.
+    func widenDerivatives(slot: Int, channel: Int, sum: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>) {
+        let K = patchSize
+        derivatives.withUnsafeBufferPointer { d in
+            let base = d.baseAddress! + slot * derivativeWidth
+            Scalar.widen(base, count: K, into: sum)
+            Scalar.widen(base + K + channel * K, count: K, into: squares)
+        }
     }
 }
