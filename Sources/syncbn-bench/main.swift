@@ -498,6 +498,10 @@ struct TrainBench: ParsableCommand {
             var results: [[String: Any]] = []
             var stepSeconds: [String: Double] = [:]
             for arm in arms {
+                // Each arm starts without the scratch buffers of the one before,
+                // so an arm's peak RSS is its own unless an earlier arm's was higher.
+                Float.scratchArrays.releaseFree()
+                Double.scratchArrays.releaseFree()
                 let kind = arm.kind
                 var c = TrainingConfiguration()
                 c.model = model

@@ -280,6 +280,58 @@ final class CrossIterationBatchNormTests: XCTestCase {
         try check(linear, source: linear, input: features, patch: { n, _ in Array(features.scalars[(n * 5)..<(n * 5 + 5)]) }, "linear")
     }
 
+    /// A window stored with θ_τ in each entry (the layout before L and Q replaced it) is read,
+    /// L and Q computed from that θ_τ: the same entries as the window that was never stored, and
+    /// written back in the current layout.
+    func testAWindowStoredWithThetaInsteadOfItsProjectionsIsRead() throws {
+        let conv = makeConv(seed: 8)
+        let cbn = CrossIterationBatchNorm<Double>(featureCount: 3, source: conv, window: 4, gradient: .compensated)
+        var weights: [[Double]] = []
+        for step in 0..<3 {
+            perturb(conv, by: 0.2, seed: UInt64(500 + step))
+            weights.insert(conv.weight.value.scalars, at: 0)   // most recent first, as the window
+            try iterate(conv, cbn, randomTensor([3, 2, 4, 4], seed: UInt64(510 + step), mean: 0.5))
+        }
+        let entries = cbn.entries, K = entries[0].sumGradient.count
+        XCTAssertEqual(entries.count, 3)
+        var legacy = [Double(cbn.iterations), 3]
+        for (entry, theta) in zip(entries, weights) {
+            legacy += [entry.count] + entry.sum + entry.sumOfSquares + entry.sumGradient + entry.sumOfSquaresGradient + theta
+        }
+        let restored = CrossIterationBatchNorm<Double>(featureCount: 3, source: makeConv(seed: 9), window: 4)
+        var window: RankLocalState?
+        for case let .rankLocal(_, r) in restored.state { window = r }
+        XCTAssertNil(window!.validate(legacy))
+        XCTAssertNotNil(window!.validate(Array(legacy.dropLast())), "a length that fits neither layout")
+        window!.values = legacy
+        XCTAssertEqual(restored.iterations, 3)
+        XCTAssertEqual(restored.entries, entries)
+        XCTAssertEqual(window!.values.count, 2 + 3 * (1 + 4 * 3 + K + 3 * K))
+        for case let .rankLocal(_, r) in cbn.state { XCTAssertEqual(window!.values, r.values) }
+    }
+
+    /// A Float model's window keeps the derivatives as Floats: each is the Double sum over the
+    /// batch rounded once, within Float's rounding of the Double model's definition.
+    func testAFloatModelKeepsItsWindowDerivativesAsFloats() throws {
+        var random = DeterministicRandom(seed: 12)
+        let conv = Conv2d<Float>(inputChannels: 2, outputChannels: 3, kernelSize: 3, padding: 1, bias: false, random: &random)
+        let reference = Conv2d<Double>(inputChannels: 2, outputChannels: 3, kernelSize: 3, padding: 1, bias: false, random: &random)
+        reference.weight.value.scalars = conv.weight.value.scalars.map(Double.init)
+        let input = randomTensor([3, 2, 5, 5], seed: 13, mean: 0.4)
+        func entry<S: BatchNormScalar>(_ conv: Conv2d<S>, _ x: Tensor<S>) throws -> CrossIterationBatchNorm<S>.WindowEntry {
+            let cbn = CrossIterationBatchNorm<S>(featureCount: 3, source: conv, window: 2)
+            let y = try cbn.forward(try conv.forward(x, mode: .training), mode: .training)
+            _ = try conv.backward(try cbn.backward(y))
+            return cbn.entries[0]
+        }
+        let single = try entry(conv, Tensor<Float>(shape: input.shape, scalars: input.scalars.map(Float.init)))
+        let double = try entry(reference, Tensor<Double>(shape: input.shape, scalars: input.scalars.map { Double(Float($0)) }))
+        for v in single.sumGradient + single.sumOfSquaresGradient { XCTAssertEqual(Double(Float(v)), v, "a Float value") }
+        assertClose(single.sumOfSquaresGradient, double.sumOfSquaresGradient, relTol: 1e-5, absTol: 1e-5)
+        assertClose(single.sumGradient, double.sumGradient, relTol: 1e-6, absTol: 1e-6)
+        assertClose(single.sumOfSquaresAtWeight, double.sumOfSquaresAtWeight, relTol: 1e-5, absTol: 1e-5)
+    }
+
     /// With a convolution source the newest entry's derivatives arrive with the conv's backward;
     /// an iteration whose backward never ran does not enter the window.
     func testATrainingForwardWithoutBackwardStaysOutOfTheWindow() throws {
