@@ -16,8 +16,8 @@ import Kernels
 /// (only the block j = c is non-zero; the full Jacobian is never formed) and, in place of θ_τ,
 /// their projections on it, L_c = ∂S1_c/∂θ_c·θ_τ,c and Q_c = ∂S2_c/∂θ_c·θ_τ,c — the same values on
 /// every rank of the group. The derivatives come out of the source's backward as this rank's
-/// share and are summed over the group there, in one all-reduce of Doubles (a source whose
-/// derivatives come in forward sends them with the current sums); the sums of the window are
+/// share and are summed over the group there, in all-reduces of Doubles of 2¹⁸ values each (a
+/// source whose derivatives come in forward sends them with the current sums); the sums of the window are
 /// Doubles, the derivatives are kept at the model's precision, which their leaves were computed
 /// at. At iteration t every entry is compensated, S_τ + ρ·(∂S_τ/∂θ·θ_t − L or Q), by every rank
 /// alike, without communication; where θ_t = θ_τ the term is exactly zero (both products are the
