@@ -177,9 +177,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     private var oneDNNLeafProduct: [Float] = []
     private var patchSumScratch: [Double] = []
     private var patchSumPlan: PatchSumPlan?
-    /// For each plain C_out × K entry its index in oneDNN's layout of the weight gradient, made once
-    /// per primitive (Σ y·patch is summed in that layout and mapped back at the end).
-    /// The primitive whose blocked layout the patch statistics of the last backward are in.
+    /// The primitive whose blocked layout the patch statistics of the last backward are in (Σ y·patch
+    /// is summed in that layout and mapped back at the end).
     private var statisticsPrimitive: OneDNNConvolution?
     /// Cross-iteration BN's statistics on oneDNN, added as the leaves come: Σ patch, and Σ y·patch
     /// widened from its weight-gradient call's Float as it is added (no widened copy), in oneDNN's
@@ -511,8 +510,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             let width = productTree!.width
             try productTree!.withTotal { total in
                 guard blocked else { return try receiver(patchSums, UnsafeBufferPointer(start: total, count: width)) }
-                // Each plain entry's index in the blocked layout, made for this call (a map per layer
-                // kept between steps held as much memory as the window's derivatives of one step).
+                // Each plain entry's index in the blocked layout, made for this call: a map kept per
+                // layer would hold 4 bytes per weight between steps, as much as a window entry.
                 let primitive = statisticsPrimitive!, plainCount = outputChannels * K
                 statisticsPrimitive = nil
                 var index = Self.plainToBlockedIndices(primitive, blockedCount: width, plainCount: plainCount)

@@ -130,7 +130,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
 
     var patchSize: Int { saved.patchSize }
 
-    /// The stored past iterations, most recent first (without one whose derivatives never came).
+    /// The stored past iterations, most recent first (one whose derivatives have not come yet is
+    /// not among them).
     public var entries: [WindowEntry] { saved.entries }
 
     /// An entry's sums moved to `weight`: S + ρ·(∂S/∂θ·θ − L or Q), per channel.
@@ -206,14 +207,15 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         return packed
     }
 
-    /// Slot 0's derivatives from the group's Double sums (K + C·K values): rounded to the model's
-    /// precision and projected on θ (`theta`, C × K Doubles: the weight they were taken at).
-    private func storeDerivatives(_ group: UnsafePointer<Double>, theta: UnsafePointer<Double>) {
-        let C = featureCount, K = patchSize
-        saved.derivatives.withUnsafeMutableBufferPointer { d in
-            Scalar.narrow(group, count: K + C * K, into: d.baseAddress!)
+    /// θ (the source's weight, C × K values) widened to Double, in a buffer of the scratch pool
+    /// (the caller gives it back).
+    private func borrowWidenedWeight() -> [Double] {
+        let count = source.patchWeight.value.count
+        var theta = Double.scratchArrays.take(atLeast: count)
+        source.patchWeight.value.scalars.withUnsafeBufferPointer { w in
+            theta.withUnsafeMutableBufferPointer { Scalar.widen(w.baseAddress!, count: count, into: $0.baseAddress!) }
         }
-        saved.project(slot: 0, theta: theta)
+        return theta
     }
 
     public override func trainingStatistics(_ input: Tensor<Scalar>, layout: ChannelLayout) throws -> TrainingNormalization? {
@@ -226,16 +228,12 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         }
         let C = featureCount, K = patchSize, sumsCount = 1 + 2 * C
         // θ_t in Double (C × K values), in a buffer lent for this forward: the layers take turns.
-        theta = Double.scratchArrays.take(atLeast: C * K)
+        theta = borrowWidenedWeight()
         defer { Double.scratchArrays.giveBack(&theta) }
-        source.patchWeight.value.scalars.withUnsafeBufferPointer { w in
-            theta.withUnsafeMutableBufferPointer { Scalar.widen(w.baseAddress!, count: C * K, into: $0.baseAddress!) }
-        }
         let pastCount = saved.count
         // The current local sums, and (unless the convolution's backward gives them) their
         // derivatives, which then travel in the same all-reduce.
         var packed: [Double]
-        var forwardDerivatives: [Double]?
         if let conv = fusedSource {
             guard conv.pendingTrainingBatch == layout.batch, conv.lastGeometry?.positions == layout.spatial else {
                 throw LayerError("CrossIterationBatchNorm: its source layer must run the training forward that produced this input")
@@ -244,17 +242,11 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         } else {
             var derivatives = [Double](repeating: 0, count: K + C * K)
             packed = try derivatives.withUnsafeMutableBufferPointer { try currentSums(input, layout: layout, derivatives: $0.baseAddress!) }
-            if group != nil {
-                packed += derivatives
-            } else {
-                forwardDerivatives = derivatives
-            }
+            packed += derivatives
         }
         if let group { try group.allReduceSum(&packed) }
-        if packed.count > sumsCount {
-            forwardDerivatives = Array(packed[sumsCount...])
-            packed.removeLast(packed.count - sumsCount)
-        }
+        let forwardDerivatives = fusedSource == nil ? Array(packed[sumsCount...]) : nil
+        packed.removeLast(packed.count - sumsCount)
         // The past entries moved to θ_t, after the current sums.
         packed += repeatElement(0.0, count: sumsCount * pastCount)
         var taylorChange = 0.0, taylorSize = 0.0
@@ -311,7 +303,8 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         saved.iterations = iteration
         if let derivatives = forwardDerivatives {
             saved.push(keepingOldest: compensatedBackward, sums: packed)
-            derivatives.withUnsafeBufferPointer { d in theta.withUnsafeBufferPointer { storeDerivatives(d.baseAddress!, theta: $0.baseAddress!) } }
+            derivatives.withUnsafeBufferPointer { saved.storeDerivatives($0.baseAddress!, count: K + C * K, at: 0) }
+            theta.withUnsafeBufferPointer { saved.project(slot: 0, theta: $0.baseAddress!) }
         } else if let conv = fusedSource {
             saved.incoming = Array(packed[0..<sumsCount])
             conv.patchStatisticsReceiver = { [weak self] patchSum, products in try self?.receivePatchStatistics(patchSum, products, for: iteration) }
@@ -384,16 +377,11 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
                 for i in start..<end { p[i - start] = i < K ? patchSum[i] : 2 * products[i - K] }
             }
             if let group { try group.allReduceSum(&piece) }
-            saved.derivatives.withUnsafeMutableBufferPointer { d in
-                piece.withUnsafeBufferPointer { Scalar.narrow($0.baseAddress!, count: end - start, into: d.baseAddress! + start) }
-            }
+            piece.withUnsafeBufferPointer { saved.storeDerivatives($0.baseAddress!, count: end - start, at: start) }
             start = end
         }
-        var theta = Double.scratchArrays.take(atLeast: C * K)
+        var theta = borrowWidenedWeight()
         defer { Double.scratchArrays.giveBack(&theta) }
-        source.patchWeight.value.scalars.withUnsafeBufferPointer { w in
-            theta.withUnsafeMutableBufferPointer { Scalar.widen(w.baseAddress!, count: C * K, into: $0.baseAddress!) }
-        }
         theta.withUnsafeBufferPointer { saved.project(slot: 0, theta: $0.baseAddress!) }
     }
 
@@ -479,7 +467,11 @@ final class CrossIterationWindow<Scalar: BatchNormScalar>: RankLocalState {
     /// the source's backward (then it becomes slot 0; without a backward it is dropped).
     var incoming: [Double]?
     private(set) var sums: [Double] = []
-    var derivatives: [Scalar] = []
+    private(set) var derivatives: [Scalar] = []
+
+    /// Values of a checkpoint's entry: count, S1, S2, ∂S1/∂θ, ∂S2/∂θ, L, Q; and of one with θ_τ.
+    static func entryWidth(channels C: Int, patchSize K: Int) -> Int { 1 + 4 * C + K + C * K }
+    static func legacyEntryWidth(channels C: Int, patchSize K: Int) -> Int { 1 + 2 * C + K + 2 * C * K }
 
     var sumsWidth: Int { 1 + 4 * channels }
     var derivativeWidth: Int { patchSize + channels * patchSize }
@@ -490,7 +482,7 @@ final class CrossIterationWindow<Scalar: BatchNormScalar>: RankLocalState {
         channels = C
         patchSize = K
         self.window = window
-        let width = 1 + 4 * C + K + C * K, legacy = 1 + 2 * C + K + 2 * C * K
+        let width = Self.entryWidth(channels: C, patchSize: K), legacy = Self.legacyEntryWidth(channels: C, patchSize: K)
         super.init([0, 0], validate: { values in
             // The iteration counter becomes an Int: beyond 2⁵² it is neither exact nor convertible.
             guard values.count >= 2, values.allSatisfy(\.isFinite), values[0] >= 0, values[0] <= 0x1p52, values[0] == values[0].rounded(),
@@ -509,10 +501,10 @@ final class CrossIterationWindow<Scalar: BatchNormScalar>: RankLocalState {
     }
 
     private var exported: [Double] {
-        let C = channels, K = patchSize, first = 0
-        var values = [Double(iterations), Double(count - first)]
-        values.reserveCapacity(2 + (count - first) * (1 + 4 * C + K + C * K))
-        for slot in first..<count {
+        let C = channels
+        var values = [Double(iterations), Double(count)]
+        values.reserveCapacity(2 + count * Self.entryWidth(channels: C, patchSize: patchSize))
+        for slot in 0..<count {
             let s = slot * sumsWidth
             values += sums[s..<(s + 1 + 2 * C)]
             values += Scalar.widened(Array(derivatives[(slot * derivativeWidth)..<((slot + 1) * derivativeWidth)]))
@@ -524,8 +516,8 @@ final class CrossIterationWindow<Scalar: BatchNormScalar>: RankLocalState {
     private func restore(_ values: [Double]) {
         precondition(validate(values) == nil, "a cross-iteration window that does not fit its layer")
         let C = channels, K = patchSize, D = derivativeWidth, n = Int(values[1])
-        let legacy = values.count != 2 + n * (1 + 4 * C + K + C * K)
-        let width = legacy ? 1 + 2 * C + K + 2 * C * K : 1 + 4 * C + K + C * K
+        let legacy = values.count != 2 + n * Self.entryWidth(channels: C, patchSize: K)
+        let width = legacy ? Self.legacyEntryWidth(channels: C, patchSize: K) : Self.entryWidth(channels: C, patchSize: K)
         sums = [Double](repeating: 0, count: n * sumsWidth)
         derivatives = Scalar.filled(n * D, with: 0)
         for slot in 0..<n {
@@ -632,6 +624,12 @@ final class CrossIterationWindow<Scalar: BatchNormScalar>: RankLocalState {
             }
         }
         return (change, size)
+    }
+
+    /// Slot 0's derivatives from `count` of the group's Double sums, rounded to the model's
+    /// precision, from value `offset` on (∂S1/∂θ at 0, ∂S2/∂θ at K).
+    func storeDerivatives(_ group: UnsafePointer<Double>, count: Int, at offset: Int) {
+        derivatives.withUnsafeMutableBufferPointer { Scalar.narrow(group, count: count, into: $0.baseAddress! + offset) }
     }
 
     /// ∂S1/∂θ (K values) and row `channel` of ∂S2/∂θ of `slot`, widened into `sum` and `squares`.

@@ -36,8 +36,8 @@ public protocol NormalizationLayer: AnyObject {
     /// The domain label of every sample of the next forward (domain-specific statistics).
     func useDomains(_ domains: [Int32])
 
-    /// Completes state that waits for a later pass before a checkpoint is written (collective:
-    /// cross-iteration BN reduces its newest window entry's derivatives).
+    /// Completes state that waits for a later pass before a checkpoint is written (collective; a
+    /// hook for layers of a user's own: none of this package's needs it).
     func settlePendingStatistics() throws
 
     /// Measurements for the metrics' `diagnostics` lines (γ's norm, window measurements), reset
