@@ -29,11 +29,29 @@ static dnnl_engine_t shared_engine;
 static int engine_status;
 static pthread_once_t engine_once = PTHREAD_ONCE_INIT;
 static pthread_key_t stream_key;   // this thread's stream, destroyed when the thread ends
+static pthread_key_t workspace_key; // this thread's workspace (below), freed when the thread ends
 
 static void destroy_stream(void *s) { dnnl_stream_destroy((dnnl_stream_t)s); }
 
+/// The buffers oneDNN computes in where its layout is not the user's (an argument reordered in
+/// or out) and the primitives' scratchpads: needed only during one call, so one set per thread
+/// serves every primitive (by argument position, and the scratchpad), each as large as the
+/// largest call so far. Kept per primitive they held three blocked copies of every weight tensor.
+enum { WORKSPACE_SLOTS = 4, SCRATCHPAD_SLOT = 3 };
+typedef struct {
+    void *buffer[WORKSPACE_SLOTS];
+    size_t bytes[WORKSPACE_SLOTS];
+} workspace;
+
+static void destroy_workspace(void *p) {
+    workspace *w = p;
+    for (int i = 0; i < WORKSPACE_SLOTS; i++) free(w->buffer[i]);
+    free(w);
+}
+
 static void create_engine(void) {
-    if (pthread_key_create(&stream_key, destroy_stream) != 0 || dnnl_engine_create(&shared_engine, dnnl_cpu, 0) != dnnl_success) {
+    if (pthread_key_create(&stream_key, destroy_stream) != 0 || pthread_key_create(&workspace_key, destroy_workspace) != 0 ||
+        dnnl_engine_create(&shared_engine, dnnl_cpu, 0) != dnnl_success) {
         shared_engine = NULL;
         engine_status = 1;
     }
@@ -64,15 +82,15 @@ typedef struct {
     dnnl_memory_t user;
     dnnl_memory_t internal; // NULL: the primitive reads or writes the user's memory
     dnnl_primitive_t reorder;
-    void *buffer;
+    size_t bytes;           // internal's size: its buffer is this thread's workspace slot
 } argument;
 
 typedef struct {
     dnnl_primitive_t primitive;
     argument args[3];
     int count;
-    dnnl_memory_t scratchpad;
-    void *scratchpad_buffer;
+    dnnl_memory_t scratchpad;  // buffer: the workspace's scratchpad slot
+    size_t scratchpad_bytes;
     char implementation[64];
 } operation;
 
@@ -93,6 +111,23 @@ static void *aligned(size_t bytes) {
     return p;
 }
 
+/// This thread's workspace buffer `slot`, of at least `bytes` (its contents undefined; NULL if
+/// memory ran out).
+static void *workspace_buffer(int slot, size_t bytes) {
+    workspace *w = pthread_getspecific(workspace_key);
+    if (!w) {
+        if (!(w = calloc(1, sizeof *w))) return NULL;
+        pthread_setspecific(workspace_key, w);
+    }
+    if (w->bytes[slot] < bytes) {
+        free(w->buffer[slot]);
+        w->bytes[slot] = 0;
+        if (!(w->buffer[slot] = aligned(bytes))) return NULL;
+        w->bytes[slot] = bytes;
+    }
+    return w->buffer[slot];
+}
+
 /// Sets up argument `index` of `op`: `user` is the plain descriptor, `chosen` the primitive's.
 static int add_argument(operation *op, int arg, int is_output, const dnnl_memory_desc_t *user,
                         const dnnl_memory_desc_t *chosen, char *error, size_t length) {
@@ -103,9 +138,8 @@ static int add_argument(operation *op, int arg, int is_output, const dnnl_memory
     dnnl_status_t s = dnnl_memory_create(&a->user, user, shared_engine, DNNL_MEMORY_NONE);
     if (s != dnnl_success) return fail(error, length, "memory_create", s);
     if (dnnl_memory_desc_equal(user, chosen)) return 0;
-    a->buffer = aligned(dnnl_memory_desc_get_size(chosen));
-    if (!a->buffer) return fail(error, length, "allocation", dnnl_out_of_memory);
-    s = dnnl_memory_create(&a->internal, chosen, shared_engine, a->buffer);
+    a->bytes = dnnl_memory_desc_get_size(chosen);
+    s = dnnl_memory_create(&a->internal, chosen, shared_engine, DNNL_MEMORY_NONE);
     if (s != dnnl_success) return fail(error, length, "memory_create", s);
     dnnl_primitive_desc_t reorder_pd;
     s = is_output ? dnnl_reorder_primitive_desc_create(&reorder_pd, chosen, shared_engine, user, shared_engine, NULL)
@@ -124,9 +158,8 @@ static int finish_operation(operation *op, dnnl_primitive_desc_t pd, char *error
     const dnnl_memory_desc_t *scratch = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
     size_t bytes = scratch ? dnnl_memory_desc_get_size(scratch) : 0;
     if (bytes > 0) {
-        op->scratchpad_buffer = aligned(bytes);
-        if (!op->scratchpad_buffer) return fail(error, length, "scratchpad allocation", dnnl_out_of_memory);
-        dnnl_status_t s = dnnl_memory_create(&op->scratchpad, scratch, shared_engine, op->scratchpad_buffer);
+        op->scratchpad_bytes = bytes;
+        dnnl_status_t s = dnnl_memory_create(&op->scratchpad, scratch, shared_engine, DNNL_MEMORY_NONE);
         if (s != dnnl_success) return fail(error, length, "scratchpad memory_create", s);
     }
     dnnl_status_t s = dnnl_primitive_create(&op->primitive, pd);
@@ -140,11 +173,9 @@ static void destroy_operation(operation *op) {
         if (a->reorder) dnnl_primitive_destroy(a->reorder);
         if (a->internal) dnnl_memory_destroy(a->internal);
         if (a->user) dnnl_memory_destroy(a->user);
-        free(a->buffer);
     }
     if (op->primitive) dnnl_primitive_destroy(op->primitive);
     if (op->scratchpad) dnnl_memory_destroy(op->scratchpad);
-    free(op->scratchpad_buffer);
     memset(op, 0, sizeof *op);
 }
 
@@ -174,6 +205,14 @@ void syncbn_dnnl_timings(double *total, double *activation_reorders, double *wei
     *weight_reorders = seconds_weight_reorders;
 }
 
+/// Points `a`'s internal memory at `buffer`, or at this thread's workspace slot `slot` when
+/// `buffer` is NULL (setting a handle also writes the zeros of a blocked layout's padding, which a
+/// buffer shared with other primitives may not hold).
+static int attach_internal(argument *a, int slot, void *buffer) {
+    void *target = buffer ? buffer : workspace_buffer(slot, a->bytes);
+    return !target || dnnl_memory_set_data_handle(a->internal, target) != dnnl_success;
+}
+
 /// Runs `op` on the user's buffers (in argument order): inputs reordered in, outputs out. With
 /// `blocked_output`, an output oneDNN computes in another layout is written there as it is (its
 /// reorder to the user's layout skipped).
@@ -186,14 +225,15 @@ static int execute_into(operation *op, void *const *handles, void *blocked_outpu
     for (int i = 0; i < op->count; i++) {
         argument *a = &op->args[i];
         if (dnnl_memory_set_data_handle(a->user, handles[i]) != dnnl_success) goto done;
+        if (a->internal && attach_internal(a, i, a->is_output ? blocked_output : NULL)) goto done;
         if (a->internal && !a->is_output && run_reorder(a, a->user, a->internal)) goto done;
-        if (a->internal && a->is_output && blocked_output &&
-            dnnl_memory_set_data_handle(a->internal, blocked_output) != dnnl_success) goto done;
         args[n].arg = a->arg;
         args[n].memory = a->internal ? a->internal : a->user;
         n++;
     }
     if (op->scratchpad) {
+        void *buffer = workspace_buffer(SCRATCHPAD_SLOT, op->scratchpad_bytes);
+        if (!buffer || dnnl_memory_set_data_handle(op->scratchpad, buffer) != dnnl_success) goto done;
         args[n].arg = DNNL_ARG_SCRATCHPAD;
         args[n].memory = op->scratchpad;
         n++;
@@ -205,10 +245,6 @@ static int execute_into(operation *op, void *const *handles, void *blocked_outpu
     }
     status = dnnl_stream_wait(stream()) == dnnl_success ? 0 : 1;
 done:
-    for (int i = 0; blocked_output && i < op->count; i++) {
-        argument *a = &op->args[i];
-        if (a->internal && a->is_output) dnnl_memory_set_data_handle(a->internal, a->buffer);
-    }
     seconds_total += now() - start;
     return status;
 }
@@ -382,12 +418,58 @@ int syncbn_dnnl_convolution_weights_gradient_to_plain(syncbn_dnnl_convolution *c
     if (!c->has_weights || !a->internal) return 1;
     double start = now();
     int status = 1;
-    if (dnnl_memory_set_data_handle(a->internal, (void *)blocked) == dnnl_success && dnnl_memory_set_data_handle(a->user, dw) == dnnl_success &&
+    if (!attach_internal(a, 2, (void *)blocked) && dnnl_memory_set_data_handle(a->user, dw) == dnnl_success &&
         !run_reorder(a, a->internal, a->user))
         status = dnnl_stream_wait(stream()) == dnnl_success ? 0 : 1;
-    dnnl_memory_set_data_handle(a->internal, a->buffer);
     seconds_total += now() - start;
     return status;
+}
+
+int syncbn_dnnl_convolution_gather_weights_gradient(const syncbn_dnnl_convolution *c, const double *blocked, long start, long count,
+                                                    double *plain) {
+    const argument *a = &c->weights.args[2];
+    if (!c->has_weights || !a->internal) return 1;
+    const dnnl_memory_desc_t *md = NULL;
+    if (dnnl_memory_get_memory_desc(a->internal, &md) != dnnl_success || !md || md->ndims != 4 || md->format_kind != dnnl_blocked) return 1;
+    const dnnl_blocking_desc_t *b = &md->format_desc.blocking;
+    long total = 1;
+    for (int d = 0; d < 4; d++) total *= (long)md->dims[d];
+    if (start < 0 || count < 0 || start + count > total) return 1;
+    // oneDNN's offset of element (o, i, h, w) is a sum of one term per dimension (its outer block
+    // times that block's stride, plus its places in the inner blocks): a table per dimension.
+    long extent = 0;
+    for (int d = 0; d < 4; d++) extent += (long)md->dims[d];
+    long *table = malloc(sizeof(long) * (size_t)extent), *term[4];
+    if (!table) return 1;
+    for (int d = 0, at = 0; d < 4; at += (int)md->dims[d], d++) {
+        term[d] = table + at;
+        for (long x = 0; x < (long)md->dims[d]; x++) {
+            long position = x + (long)md->padded_offsets[d], offset = 0, block_stride = 1;
+            for (int k = b->inner_nblks - 1; k >= 0; k--) {
+                if (b->inner_idxs[k] == d) {
+                    offset += (position % (long)b->inner_blks[k]) * block_stride;
+                    position /= (long)b->inner_blks[k];
+                }
+                block_stride *= (long)b->inner_blks[k];
+            }
+            term[d][x] = offset + position * (long)b->strides[d];
+        }
+    }
+    const long I = (long)md->dims[1], H = (long)md->dims[2], W = (long)md->dims[3];
+    long w = start % W, h = start / W % H, i = start / (W * H) % I, o = start / (W * H * I);
+    const double *origin = blocked + md->offset0;
+    for (long n = 0; n < count; n++) {
+        plain[n] = origin[term[0][o] + term[1][i] + term[2][h] + term[3][w]];
+        if (++w == W) {
+            w = 0;
+            if (++h == H) {
+                h = 0;
+                if (++i == I) { i = 0; o++; }
+            }
+        }
+    }
+    free(table);
+    return 0;
 }
 
 const char *syncbn_dnnl_convolution_implementations(const syncbn_dnnl_convolution *c) { return c->implementations; }

@@ -173,7 +173,9 @@ func check(_ code: Int32, _ call: String) throws {
 /// of the other subtree and the sends of this rank's, and once all have completed add what came.
 private final class TreeReduction {
     private let values: UnsafeMutableRawBufferPointer
-    private let incoming: UnsafeMutableRawBufferPointer
+    /// The other subtree's values; let go as soon as the last step has been added (a finished
+    /// reduction may wait long for its `wait()`: the gradient buckets finished during backward).
+    private var incoming: UnsafeMutableRawBufferPointer?
     private let count: Int
     private let kind: ScalarKind
     private let datatype: MPI_Datatype
@@ -202,7 +204,7 @@ private final class TreeReduction {
 
     deinit {
         values.deallocate()
-        incoming.deallocate()
+        incoming?.deallocate()
     }
 
     func result<T: ReducibleScalar>(as: T.Type) -> [T] {
@@ -218,7 +220,7 @@ private final class TreeReduction {
                 requests = []
                 if let source = step.receiveFrom {
                     var request = syncbn_mpi_request_null()
-                    try check(MPI_Irecv(incoming.baseAddress, Int32(count), datatype, Int32(source), tag, comm, &request), "MPI_Irecv")
+                    try check(MPI_Irecv(incoming!.baseAddress, Int32(count), datatype, Int32(source), tag, comm, &request), "MPI_Irecv")
                     requests.append(request)
                 }
                 for target in step.sendTo {
@@ -240,12 +242,14 @@ private final class TreeReduction {
             next += 1
             finished = next == steps.count
         }
+        incoming?.deallocate()
+        incoming = nil
         return true
     }
 
     private func addIncoming() {
         func add<U: Numeric>(_: U.Type) {
-            let own = values.bindMemory(to: U.self), other = incoming.bindMemory(to: U.self)
+            let own = values.bindMemory(to: U.self), other = incoming!.bindMemory(to: U.self)
             for i in 0..<count { own[i] += other[i] }
         }
         switch kind {

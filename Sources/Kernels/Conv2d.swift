@@ -130,7 +130,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// for the call (scratch memory shared by the layers): a receiver copies what it keeps, and
     /// may issue a collective (an error it throws ends this backward). Only a bias-free
     /// convolution offers this (y = θ·patch exactly).
-    public var patchStatisticsReceiver: ((_ patchSum: UnsafeBufferPointer<Double>, _ outputPatchProducts: UnsafeBufferPointer<Double>) throws -> Void)? {
+    public var patchStatisticsReceiver: ((_ patchSum: UnsafeBufferPointer<Double>, _ outputPatchProducts: PatchProducts) throws -> Void)? {
         didSet { precondition(bias == nil || patchStatisticsReceiver == nil, "patch statistics need a bias-free convolution") }
     }
     /// Whether a consumer will ask for patch statistics (set once by it).
@@ -463,7 +463,7 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             try deliverOneDNNStatistics(K: K, blocked: blocked, to: receiver)
         } else if let receiver {
             try patchStatisticsTree!.withTotal { t in
-                try receiver(UnsafeBufferPointer(start: t + C * K, count: K), UnsafeBufferPointer(start: t, count: C * K))
+                try receiver(UnsafeBufferPointer(start: t + C * K, count: K), PatchProducts(plain: t, count: C * K))
             }
         }
         weight.addLocalPendingGradient(to: &weightGradient)
@@ -498,45 +498,23 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     }
 
     /// The totals of ``addStatisticsLeaf(_:blocked:x:y:samples:)`` to `receiver`: Σ patch (K
-    /// values) and Σ y·patch in the plain C_out × K order (mapped from oneDNN's layout when it is
-    /// blocked), in scratch buffers lent for the call.
+    /// values) and Σ y·patch, read in the plain C_out × K order (gathered from oneDNN's layout as
+    /// they are read when it is blocked: no plain copy, no index map).
     private func deliverOneDNNStatistics(K: Int, blocked: Bool,
-                                         to receiver: (UnsafeBufferPointer<Double>, UnsafeBufferPointer<Double>) throws -> Void) throws {
+                                         to receiver: (UnsafeBufferPointer<Double>, PatchProducts) throws -> Void) throws {
         var patchSum = Double.scratchArrays.take(atLeast: K)
         defer { Double.scratchArrays.giveBack(&patchSum) }
+        let primitive = statisticsPrimitive
+        statisticsPrimitive = nil
         try patchSum.withUnsafeMutableBufferPointer { sums in
             patchSumTree!.total(into: sums.baseAddress!)
             let patchSums = UnsafeBufferPointer(start: sums.baseAddress!, count: K)
-            let width = productTree!.width
+            let plainCount = outputChannels * K
             try productTree!.withTotal { total in
-                guard blocked else { return try receiver(patchSums, UnsafeBufferPointer(start: total, count: width)) }
-                // Each plain entry's index in the blocked layout, made for this call: a map kept per
-                // layer would hold 4 bytes per weight between steps, as much as a window entry.
-                let primitive = statisticsPrimitive!, plainCount = outputChannels * K
-                statisticsPrimitive = nil
-                var index = Self.plainToBlockedIndices(primitive, blockedCount: width, plainCount: plainCount)
-                defer { Float.scratchArrays.giveBack(&index) }
-                var plain = Double.scratchArrays.take(atLeast: plainCount)
-                defer { Double.scratchArrays.giveBack(&plain) }
-                try plain.withUnsafeMutableBufferPointer { plain in
-                    for i in 0..<plainCount { plain[i] = total[Int(index[i])] }
-                    try receiver(patchSums, UnsafeBufferPointer(start: plain.baseAddress!, count: plainCount))
-                }
+                guard blocked, let primitive else { return try receiver(patchSums, PatchProducts(plain: total, count: plainCount)) }
+                try receiver(patchSums, PatchProducts(blocked: total, count: plainCount, layout: primitive))
             }
         }
-    }
-
-    /// For each entry of the plain C_out × K weight gradient its index in `primitive`'s layout:
-    /// the indices 0, 1, … (exact in Float below 2²⁴) reordered to the plain layout, in a buffer
-    /// of the scratch pool (the caller gives it back).
-    private static func plainToBlockedIndices(_ primitive: OneDNNConvolution, blockedCount: Int, plainCount: Int) -> [Float] {
-        precondition(blockedCount < 1 << 24, "Conv2d: a weight gradient of \(blockedCount) values is too big to index in Float")
-        var iota = Float.scratchArrays.take(atLeast: blockedCount)
-        defer { Float.scratchArrays.giveBack(&iota) }
-        iota.withUnsafeMutableBufferPointer { for i in 0..<blockedCount { $0[i] = Float(i) } }
-        var plain = Float.scratchArrays.take(atLeast: plainCount)
-        iota.withUnsafeBufferPointer { b in plain.withUnsafeMutableBufferPointer { primitive.weightGradientToPlain(b.baseAddress!, into: $0.baseAddress!) } }
-        return plain
     }
 
     private func preparePlainTree(width: Int) {
@@ -756,5 +734,45 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                 }
             }
         }
+    }
+}
+
+/// Σ_i y_{i,c}·patch_i of a convolution's last training batch, for cross-iteration BN: C_out × K
+/// Doubles in the plain order, read a range at a time — gathered from oneDNN's blocked layout of
+/// the weight gradient as they are read when the sum was made in it. Valid only during the
+/// receiver's call (it reads a buffer the convolution lends).
+public struct PatchProducts {
+    public let count: Int
+    private let base: UnsafePointer<Double>
+    private let layout: OneDNNConvolution?
+
+    init(plain: UnsafePointer<Double>, count: Int) {
+        base = plain
+        self.count = count
+        layout = nil
+    }
+
+    init(blocked: UnsafePointer<Double>, count: Int, layout: OneDNNConvolution) {
+        base = blocked
+        self.count = count
+        self.layout = layout
+    }
+
+    /// Values `range` (of 0 ..< count) into `target`.
+    public func copy(_ range: Range<Int>, into target: UnsafeMutablePointer<Double>) {
+        precondition(range.lowerBound >= 0 && range.upperBound <= count, "patch products \(range) of \(count)")
+        guard !range.isEmpty else { return }
+        if let layout {
+            layout.gatherWeightGradient(base, range: range, into: target)
+        } else {
+            target.update(from: base + range.lowerBound, count: range.count)
+        }
+    }
+
+    /// All of them, in a new array.
+    public var values: [Double] {
+        var all = [Double](repeating: 0, count: count)
+        all.withUnsafeMutableBufferPointer { copy(0..<count, into: $0.baseAddress!) }
+        return all
     }
 }

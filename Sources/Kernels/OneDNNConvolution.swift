@@ -18,8 +18,10 @@ public enum OneDNNLayout: Int, Sendable {
 /// One oneDNN convolution shape: forward and backward-data primitives for a chunk of
 /// `minibatch` samples, and a backward-weights primitive for `weightsMinibatch` samples with
 /// `weightsOutputChannels` output channels (the layer's, or 2·C_out + 1 when the patch statistics
-/// of cross-iteration BN ride on the weight gradient). Created once per layer and shape; the
-/// scratchpads are owned by the primitives (user-managed, allocated at creation).
+/// of cross-iteration BN ride on the weight gradient). Created once per layer and shape. The
+/// scratchpads (user-managed) and the blocked copies of arguments whose layout is not the user's
+/// are one workspace per thread shared by every primitive (each used only during a call), so a
+/// network keeps no blocked copy of its weights between calls.
 public final class OneDNNConvolution {
     public struct Shape: Hashable, Sendable {
         public var minibatch: Int, inputChannels: Int, height: Int, width: Int
@@ -86,6 +88,14 @@ public final class OneDNNConvolution {
     public func weightGradientToPlain(_ blocked: UnsafePointer<Float>, into dw: UnsafeMutablePointer<Float>) {
         let status = syncbn_dnnl_convolution_weights_gradient_to_plain(handle, blocked, dw)
         precondition(status == 0, "oneDNN weight-gradient reorder failed")
+    }
+
+    /// Values `range` of the plain C_out × C_in × k × k order gathered from `blocked`, Doubles in
+    /// oneDNN's layout of the weight gradient (a sum of blocked leaves widened): a range of the
+    /// reorder at a time, with no plain copy of the whole.
+    public func gatherWeightGradient(_ blocked: UnsafePointer<Double>, range: Range<Int>, into plain: UnsafeMutablePointer<Double>) {
+        let status = syncbn_dnnl_convolution_gather_weights_gradient(handle, blocked, range.lowerBound, range.count, plain)
+        precondition(status == 0, "oneDNN's weight-gradient layout is not a blocked one")
     }
 
     /// This thread's seconds in oneDNN convolution calls so far, and within them the reorders of

@@ -108,9 +108,13 @@ public final class ScratchArrays<Scalar: TensorScalar>: @unchecked Sendable {
 /// the first steps.
 public struct PairwiseAccumulator<Scalar: TensorScalar> {
     public let width: Int
-    /// Borrowed buffers of at least `width` values (only the first `width` are used).
+    /// Borrowed buffers of at least `width` values (only the first `width` are used): a level
+    /// holds one while it is occupied, and a level that empties passes its buffer on to the next
+    /// level that fills (`spares`), so a sum of n leaves borrows popcount-many buffers plus the
+    /// carry at most (3 for 4 leaves, not one per level).
     private var levels: [[Scalar]] = []
     private var occupied: [Bool] = []
+    private var spares: [[Scalar]] = []
     /// The leaf being written, and afterwards the carry travelling up the levels.
     private var carry: [Scalar] = []
     /// Leaves of the current sum, or of the last one once its total is taken.
@@ -125,8 +129,10 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
     /// Forgets every leaf and gives the buffers back.
     public mutating func reset() {
         for j in levels.indices { Scalar.scratchArrays.giveBack(&levels[j]) }
+        for j in spares.indices { Scalar.scratchArrays.giveBack(&spares[j]) }
         levels.removeAll(keepingCapacity: true)
         occupied.removeAll(keepingCapacity: true)
+        spares.removeAll(keepingCapacity: true)
         Scalar.scratchArrays.giveBack(&carry)
         count = 0
         ended = false
@@ -159,17 +165,25 @@ public struct PairwiseAccumulator<Scalar: TensorScalar> {
                 }
             }
             swap(&levels[level], &carry)
-            occupied[level] = false
+            vacate(level)
             level += 1
         }
         while level >= occupied.count {
             levels.append([])
             occupied.append(false)
         }
-        if levels[level].isEmpty { levels[level] = Scalar.scratchArrays.take(atLeast: n) }
+        if levels[level].isEmpty { levels[level] = spares.popLast() ?? Scalar.scratchArrays.take(atLeast: n) }
         swap(&levels[level], &carry)
         occupied[level] = true
         count += 1
+    }
+
+    /// Marks `level` empty and keeps its buffer for the next level that fills.
+    private mutating func vacate(_ level: Int) {
+        occupied[level] = false
+        var buffer: [Scalar] = []
+        swap(&buffer, &levels[level])
+        if !buffer.isEmpty { spares.append(buffer) }
     }
 
     /// The total of the leaves of this sum, computed in the accumulator's own leaf buffer and
@@ -222,7 +236,7 @@ extension PairwiseAccumulator where Scalar == Double {
         }
         let n = width
         if !occupied[0] {
-            if levels[0].isEmpty { levels[0] = Scalar.scratchArrays.take(atLeast: n) }
+            if levels[0].isEmpty { levels[0] = spares.popLast() ?? Scalar.scratchArrays.take(atLeast: n) }
             levels[0].withUnsafeMutableBufferPointer { Float.widen(leaf, count: n, into: $0.baseAddress!) }
             occupied[0] = true
             count += 1
@@ -234,7 +248,7 @@ extension PairwiseAccumulator where Scalar == Double {
                 for i in 0..<n { sum[i] = left[i] + Double(leaf[i]) }
             }
         }
-        occupied[0] = false
+        vacate(0)
         carryUp(from: 1)
     }
 }

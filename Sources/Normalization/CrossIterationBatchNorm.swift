@@ -358,7 +358,7 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
     /// The newest entry's derivatives, from the source convolution's backward (this rank's
     /// share): ∂S1/∂θ_c = Σ_i patch_i and ∂S2/∂θ_c = 2·Σ_i x_{i,c}·patch_i, summed over the group
     /// in Double and stored with their projections on θ, which is still the weight of that forward.
-    func receivePatchStatistics(_ patchSum: UnsafeBufferPointer<Double>, _ products: UnsafeBufferPointer<Double>, for iteration: Int) throws {
+    func receivePatchStatistics(_ patchSum: UnsafeBufferPointer<Double>, _ products: PatchProducts, for iteration: Int) throws {
         guard let incoming = saved.incoming, iterations == iteration else { return }
         saved.incoming = nil
         saved.push(keepingOldest: false, sums: incoming)
@@ -374,7 +374,11 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
             let end = min(start + Self.reductionPiece, total)
             if piece.count != end - start { piece = [Double](repeating: 0, count: end - start) }
             piece.withUnsafeMutableBufferPointer { p in
-                for i in start..<end { p[i - start] = i < K ? patchSum[i] : 2 * products[i - K] }
+                let split = min(max(start, K), end)
+                for i in start..<split { p[i - start] = patchSum[i] }
+                guard split < end else { return }
+                products.copy((split - K)..<(end - K), into: p.baseAddress! + (split - start))
+                for j in (split - start)..<(end - start) { p[j] *= 2 }
             }
             if let group { try group.allReduceSum(&piece) }
             piece.withUnsafeBufferPointer { saved.storeDerivatives($0.baseAddress!, count: end - start, at: start) }

@@ -126,7 +126,7 @@ extension LayerTests {
             let y = try conv.forward(x.converted(to: Float.self), mode: .training)
             let dy = randomTensor(y.shape, seed: 702)
             var received: (patchSum: [Double], products: [Double])?
-            conv.patchStatisticsReceiver = { received = (Array($0), Array($1)) }
+            conv.patchStatisticsReceiver = { received = (Array($0), $1.values) }
             _ = try conv.backward(dy.converted(to: Float.self))
             let g = try reference.geometry(for: x.shape)
             let P = g.positions, K = g.patchSize
@@ -148,6 +148,68 @@ extension LayerTests {
             XCTAssertLessThan(relativeError(r.products, products), 1e-5, "Σ y·patch, \(label)")
             let gradients = naiveConvolutionGradients(x, reference.weight.value, dy, stride: stride, padding: padding)
             XCTAssertLessThan(relativeError(conv.weight.gradient.scalars, gradients.dw), 1e-5, "weight gradient, \(label)")
+        }
+    }
+
+    /// The gather of a Double sum in oneDNN's blocked weight layout, in ranges that cut rows and
+    /// channels anywhere, gives the reorder's values (a reorder only moves values: a Float leaf
+    /// widened and gathered equals the leaf reordered and widened), for padded layouts (3 input
+    /// channels, 6 and 5 output channels) and ResNet-18's largest weight.
+    func testGatheringFromTheBlockedWeightLayoutIsItsReorder() throws {
+        var blockedShapes = 0
+        for (c, o, h, kernel, stride) in [(3, 64, 8, 3, 1), (6, 5, 7, 1, 1), (64, 128, 8, 1, 2), (512, 512, 4, 3, 1)] {
+            let label = "\(c)→\(o) \(kernel)×\(kernel)"
+            let padding = kernel / 2
+            let primitive = try OneDNNConvolution(.init(minibatch: 0, inputChannels: c, height: h, width: h, outputChannels: o, kernelSize: kernel,
+                                                        stride: stride, padding: padding, weightsMinibatch: 2, weightsOutputChannels: o))
+            let blockedCount = primitive.blockedWeightGradientCount
+            guard blockedCount > 0 else { continue }   // oneDNN computes this one in the plain layout
+            blockedShapes += 1
+            let out = (h + 2 * padding - kernel) / stride + 1
+            let x = randomTensor([2, c, h, h], seed: 710).converted(to: Float.self).scalars
+            let dy = randomTensor([2, o, out, out], seed: 711).converted(to: Float.self).scalars
+            var leaf = [Float](repeating: 0, count: blockedCount), plain = [Float](repeating: 0, count: o * c * kernel * kernel)
+            leaf.withUnsafeMutableBufferPointer { l in primitive.backwardWeightsBlocked(x: x, dy: dy, into: l.baseAddress!) }
+            plain.withUnsafeMutableBufferPointer { primitive.weightGradientToPlain(leaf, into: $0.baseAddress!) }
+            let widened = leaf.map(Double.init)
+            var gathered = [Double](repeating: .nan, count: plain.count)
+            var start = 0, piece = 1
+            widened.withUnsafeBufferPointer { b in
+                gathered.withUnsafeMutableBufferPointer { g in
+                    while start < plain.count {
+                        let end = min(start + piece, plain.count)
+                        primitive.gatherWeightGradient(b.baseAddress!, range: start..<end, into: g.baseAddress! + start)
+                        start = end
+                        piece = piece * 3 + 1
+                    }
+                }
+            }
+            let differing = zip(gathered, plain).filter { $0.bitPattern != Double($1).bitPattern }.count
+            XCTAssertEqual(differing, 0, "values of \(plain.count) gathered with other bits, \(label)")
+        }
+        XCTAssertGreaterThan(blockedShapes, 0, "oneDNN chose a blocked weight layout for none of the shapes")
+    }
+
+    /// oneDNN's blocked copies of arguments and its scratchpads live in one workspace per thread
+    /// that every primitive shares: layers of different shapes run in turn (one with padded
+    /// channels in its blocked layout) give the bits each gives alone.
+    func testPrimitivesSharingTheWorkspaceGiveTheirOwnResults() throws {
+        var random = DeterministicRandom(seed: 720)
+        let convs = [(3, 16, 12), (32, 64, 6), (5, 7, 9)].map { c, o, h in
+            (Conv2d<Float>(inputChannels: c, outputChannels: o, kernelSize: 3, stride: 1, padding: 1, bias: false, random: &random),
+             randomTensor([4, c, h, h], seed: UInt64(721 + c)).converted(to: Float.self))
+        }
+        func run(_ conv: Conv2d<Float>, _ x: Tensor<Float>) throws -> [[UInt32]] {
+            conv.backend = .onednn
+            let y = try conv.forward(x, mode: .training)
+            let dx = try conv.backward(y)
+            return [y.scalars, dx.scalars, conv.weight.gradient.scalars].map { $0.map(\.bitPattern) }
+        }
+        let alone = try convs.map { try run($0.0, $0.1) }
+        for round in 0..<2 {
+            for (i, (conv, x)) in convs.enumerated().reversed() {
+                XCTAssertEqual(try run(conv, x), alone[i], "layer \(i), round \(round)")
+            }
         }
     }
 
@@ -174,7 +236,7 @@ extension LayerTests {
                     conv.sampleOffset = 16
                     _ = try conv.forward(x.converted(to: Float.self), mode: .training)
                     var patches: [Double] = []
-                    conv.patchStatisticsReceiver = { patches = Array($0) + Array($1) }
+                    conv.patchStatisticsReceiver = { patches = Array($0) + $1.values }
                     let dx = try conv.backward(dy.converted(to: Float.self))
                     XCTAssertLessThan(relativeError(conv.weight.gradient.scalars, gradients.dw), 1e-5, "fused dW, \(label)")
                     // Without the patch statistics (the plain weight-gradient path).

@@ -40,6 +40,11 @@ size_t syncbn_dnnl_convolution_blocked_weights_gradient_floats(const syncbn_dnnl
 int syncbn_dnnl_convolution_backward_weights_blocked(syncbn_dnnl_convolution *convolution, const float *x, const float *dy, float *dw_blocked);
 /// A weight gradient in oneDNN's layout reordered into the plain one.
 int syncbn_dnnl_convolution_weights_gradient_to_plain(syncbn_dnnl_convolution *convolution, const float *blocked, float *dw);
+/// Values start ..< start + count of the plain (cout×cin×k×k) order read from `blocked`, a Double
+/// array in oneDNN's layout of the weight gradient, into `plain`: the reorder without a plain copy
+/// of the whole. 1 if that layout is not a blocked one.
+int syncbn_dnnl_convolution_gather_weights_gradient(const syncbn_dnnl_convolution *convolution, const double *blocked, long start,
+                                                    long count, double *plain);
 
 /// The implementations oneDNN chose ("jit:avx2", "gemm:jit", …), "forward/data/weights".
 const char *syncbn_dnnl_convolution_implementations(const syncbn_dnnl_convolution *convolution);
