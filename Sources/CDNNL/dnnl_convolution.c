@@ -37,7 +37,9 @@ static void destroy_stream(void *s) { dnnl_stream_destroy((dnnl_stream_t)s); }
 /// or out) and the primitives' scratchpads: needed only during one call, so one set per thread
 /// serves every primitive (by argument position, and the scratchpad), each as large as the
 /// largest call so far. Kept per primitive they held three blocked copies of every weight tensor.
-enum { WORKSPACE_SLOTS = 4, SCRATCHPAD_SLOT = 3 };
+/// Slots CHUNK_SLOT… hold a chunk's activations reordered once for several calls
+/// (syncbn_dnnl_convolution_block_chunk).
+enum { WORKSPACE_SLOTS = 7, SCRATCHPAD_SLOT = 3, CHUNK_SLOT = 4, CHUNK_SLOTS = 3 };
 typedef struct {
     void *buffer[WORKSPACE_SLOTS];
     size_t bytes[WORKSPACE_SLOTS];
@@ -215,8 +217,9 @@ static int attach_internal(argument *a, int slot, void *buffer) {
 
 /// Runs `op` on the user's buffers (in argument order): inputs reordered in, outputs out. With
 /// `blocked_output`, an output oneDNN computes in another layout is written there as it is (its
-/// reorder to the user's layout skipped).
-static int execute_into(operation *op, void *const *handles, void *blocked_output) {
+/// reorder to the user's layout skipped). An input whose bit is set in `prepared` is already in the
+/// primitive's layout (a slice of syncbn_dnnl_convolution_block_chunk's copy): read as it is.
+static int execute_prepared(operation *op, void *const *handles, int prepared, void *blocked_output) {
     double start = now();
     int status = 1;
     apply_threads();
@@ -224,9 +227,13 @@ static int execute_into(operation *op, void *const *handles, void *blocked_outpu
     int n = 0;
     for (int i = 0; i < op->count; i++) {
         argument *a = &op->args[i];
-        if (dnnl_memory_set_data_handle(a->user, handles[i]) != dnnl_success) goto done;
-        if (a->internal && attach_internal(a, i, a->is_output ? blocked_output : NULL)) goto done;
-        if (a->internal && !a->is_output && run_reorder(a, a->user, a->internal)) goto done;
+        if (a->internal && !a->is_output && (prepared & (1 << i))) {
+            if (dnnl_memory_set_data_handle(a->internal, handles[i]) != dnnl_success) goto done;
+        } else {
+            if (dnnl_memory_set_data_handle(a->user, handles[i]) != dnnl_success) goto done;
+            if (a->internal && attach_internal(a, i, a->is_output ? blocked_output : NULL)) goto done;
+            if (a->internal && !a->is_output && run_reorder(a, a->user, a->internal)) goto done;
+        }
         args[n].arg = a->arg;
         args[n].memory = a->internal ? a->internal : a->user;
         n++;
@@ -247,6 +254,10 @@ static int execute_into(operation *op, void *const *handles, void *blocked_outpu
 done:
     seconds_total += now() - start;
     return status;
+}
+
+static int execute_into(operation *op, void *const *handles, void *blocked_output) {
+    return execute_prepared(op, handles, 0, blocked_output);
 }
 
 static int execute(operation *op, void *const *handles) { return execute_into(op, handles, NULL); }
@@ -411,6 +422,77 @@ int syncbn_dnnl_convolution_backward_weights_blocked(syncbn_dnnl_convolution *c,
     if (!c->has_weights || !c->weights.args[2].internal) return 1;
     void *handles[3] = {(void *)x, (void *)dy, NULL};
     return execute_into(&c->weights, handles, dw_blocked);
+}
+
+/// The argument a shared blocked copy is made with: a chunk primitive's forward source or
+/// backward-data output gradient (the layout of dY, and of Y read as one); for a primitive with
+/// backward weights alone, its source or output gradient.
+static const argument *shared_argument(const syncbn_dnnl_convolution *c, int which) {
+    if (c->has_forward) return which == SYNCBN_DNNL_CHUNK_SOURCE ? &c->forward.args[0] : &c->data.args[0];
+    if (c->has_weights) return which == SYNCBN_DNNL_CHUNK_SOURCE ? &c->weights.args[0] : &c->weights.args[1];
+    return NULL;
+}
+
+/// The argument `reader` reads `which` with: its backward weights' source or output gradient, or
+/// for a chunk primitive without backward weights, backward data's output gradient.
+static const argument *reading_argument(const syncbn_dnnl_convolution *reader, int which) {
+    if (reader->has_weights) return which == SYNCBN_DNNL_CHUNK_SOURCE ? &reader->weights.args[0] : &reader->weights.args[1];
+    if (reader->has_forward && which == SYNCBN_DNNL_CHUNK_OUTPUT_GRADIENT) return &reader->data.args[0];
+    return NULL;
+}
+
+float *syncbn_dnnl_convolution_block_chunk(syncbn_dnnl_convolution *c, int which, const float *plain, int buffer) {
+    argument *a = (argument *)shared_argument(c, which);
+    if (!a || !a->internal || buffer < 0 || buffer >= CHUNK_SLOTS) return NULL;
+    double start = now();
+    float *blocked = NULL;
+    void *target = workspace_buffer(CHUNK_SLOT + buffer, a->bytes);
+    if (target && dnnl_memory_set_data_handle(a->user, (void *)plain) == dnnl_success &&
+        dnnl_memory_set_data_handle(a->internal, target) == dnnl_success && !run_reorder(a, a->user, a->internal) &&
+        dnnl_stream_wait(stream()) == dnnl_success)
+        blocked = target;
+    seconds_total += now() - start;
+    return blocked;
+}
+
+long syncbn_dnnl_convolution_chunk_slice_stride(const syncbn_dnnl_convolution *owner, const syncbn_dnnl_convolution *reader, int which) {
+    const argument *a = shared_argument(owner, which), *b = reading_argument(reader, which);
+    if (!a || !b || !a->internal || !b->internal) return 0;
+    const dnnl_memory_desc_t *x = NULL, *y = NULL;
+    if (dnnl_memory_get_memory_desc(a->internal, &x) != dnnl_success || dnnl_memory_get_memory_desc(b->internal, &y) != dnnl_success ||
+        !x || !y)
+        return 0;
+    if (x->ndims != 4 || y->ndims != 4 || x->format_kind != dnnl_blocked || y->format_kind != dnnl_blocked ||
+        x->data_type != dnnl_f32 || y->data_type != dnnl_f32 || x->offset0 != 0 || y->offset0 != 0 ||
+        x->dims[0] % y->dims[0] != 0 || x->padded_dims[0] != x->dims[0] || y->padded_dims[0] != y->dims[0])
+        return 0;
+    const dnnl_blocking_desc_t *p = &x->format_desc.blocking, *q = &y->format_desc.blocking;
+    for (int d = 0; d < 4; d++) {
+        if (x->padded_offsets[d] != 0 || y->padded_offsets[d] != 0 || p->strides[d] != q->strides[d]) return 0;
+        if (d > 0 && (x->dims[d] != y->dims[d] || x->padded_dims[d] != y->padded_dims[d])) return 0;
+    }
+    if (p->inner_nblks != q->inner_nblks) return 0;
+    for (int i = 0; i < p->inner_nblks; i++) {
+        if (p->inner_blks[i] != q->inner_blks[i] || p->inner_idxs[i] != q->inner_idxs[i] || p->inner_idxs[i] == 0) return 0;
+    }
+    // The samples outermost: the reader's samples are one stretch of the owner's copy.
+    long stride = (long)p->strides[0];
+    if ((size_t)stride * (size_t)y->dims[0] * sizeof(float) != dnnl_memory_desc_get_size(y)) return 0;
+    if ((size_t)stride * (size_t)x->dims[0] * sizeof(float) != dnnl_memory_desc_get_size(x)) return 0;
+    return stride;
+}
+
+int syncbn_dnnl_convolution_backward_data_from_blocked(syncbn_dnnl_convolution *c, const float *dy_blocked, const float *w, float *dx) {
+    if (!c->has_forward || !c->data.args[0].internal) return 1;
+    void *handles[3] = {(void *)dy_blocked, (void *)w, dx};
+    return execute_prepared(&c->data, handles, 1, NULL);
+}
+
+int syncbn_dnnl_convolution_backward_weights_prepared(syncbn_dnnl_convolution *c, const float *x, const float *dy, int prepared,
+                                                      float *dw_blocked) {
+    if (!c->has_weights || !c->weights.args[2].internal) return 1;
+    void *handles[3] = {(void *)x, (void *)dy, NULL};
+    return execute_prepared(&c->weights, handles, prepared & 3, dw_blocked);
 }
 
 int syncbn_dnnl_convolution_weights_gradient_to_plain(syncbn_dnnl_convolution *c, const float *blocked, float *dw) {

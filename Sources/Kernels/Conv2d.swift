@@ -162,6 +162,13 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     }
     /// oneDNN's chunk of samples for forward and backward data; nil: ``oneDNNChunkSize(_:)``.
     public var oneDNNChunkOverride: Int?
+    /// Whether oneDNN's backward reorders a whole chunk's dY (and x, and Y for patch statistics)
+    /// once, for backward data and every weight-gradient leaf of the chunk to read as slices,
+    /// where the primitives' layouts allow it (else each leaf reorders its own samples). The same
+    /// bits either way; off only to compare the two.
+    public var oneDNNChunkSharing = true
+    /// Chunks of the last oneDNN backward whose reorders its leaves shared.
+    public private(set) var oneDNNSharedChunks = 0
     /// The backend that runs: oneDNN only for Float.
     public var effectiveBackend: ConvolutionBackend { Scalar.self == Float.self ? backend : .im2col }
     /// oneDNN primitives by shape, created on first use (a handful per layer: training and
@@ -483,9 +490,13 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     /// One leaf's cross-iteration BN statistics on oneDNN: Σ y·patch from the weight gradient's
     /// own primitive with Y as the output gradient (in its layout), widened into the Double tree
     /// as it is added, and Σ patch from the patch-sum plan.
-    private func addStatisticsLeaf(_ perLeaf: OneDNNConvolution, blocked: Bool, x: UnsafePointer<Float>, y: UnsafePointer<Float>, samples L: Int) {
+    private func addStatisticsLeaf(_ perLeaf: OneDNNConvolution, blocked: Bool, x: UnsafePointer<Float>, y: UnsafePointer<Float>, samples L: Int,
+                                   shared: (x: UnsafePointer<Float>?, y: UnsafePointer<Float>)? = nil) {
         oneDNNLeafProduct.withUnsafeMutableBufferPointer { product in
-            if blocked {
+            if let shared {
+                perLeaf.backwardWeightsBlocked(x: shared.x ?? x, blockedX: shared.x != nil, dy: shared.y, blockedDy: true,
+                                               into: product.baseAddress!)
+            } else if blocked {
                 perLeaf.backwardWeightsBlocked(x: x, dy: y, into: product.baseAddress!)
             } else {
                 perLeaf.backwardWeights(x: x, dy: y, into: product.baseAddress!)
@@ -688,6 +699,13 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
             productTree!.reset()
         }
         let inPlane = inputChannels * g.height * g.width, outPlane = C * P
+        // Units of max(c, L) samples (both powers of two) whose dY, x and Y are reordered once
+        // by the primitive of the larger, for backward data and the leaves to read as slices
+        // where the layouts agree (dY's decides; x's is then shared where it agrees too).
+        let unit = max(c, L), owner = L > c ? perLeaf : data
+        let sharesUnits = blockedCount > 0 && unit % c == 0 && unit % L == 0 && oneDNNChunkSharing
+        let sharedGradientStride = sharesUnits ? owner.chunkSliceStride(.outputGradient, reader: L > c ? data : perLeaf) : nil
+        let sharedSourceStride = sharedGradientStride != nil ? owner.chunkSliceStride(.source, reader: perLeaf) : nil
         if oneDNNChunkInput.count < c * outPlane { oneDNNChunkInput = [Float](repeating: 0, count: c * outPlane) }
         if oneDNNChunkOutput.count < c * inPlane { oneDNNChunkOutput = [Float](repeating: 0, count: c * inPlane) }
         input.scalars.withUnsafeBufferPointer { xs in
@@ -699,25 +717,28 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                             let dy = UnsafeRawPointer(dys.baseAddress!).assumingMemoryBound(to: Float.self)
                             let w = UnsafeRawPointer(ws.baseAddress!).assumingMemoryBound(to: Float.self)
                             let d = UnsafeMutableRawPointer(dxs.baseAddress!).assumingMemoryBound(to: Float.self)
-                            timedGEMM(m: C, n: K, k: n * P) {
-                                for s in Swift.stride(from: 0, to: n, by: L) {
-                                    if fused {
-                                        let y = UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self)
-                                        addStatisticsLeaf(perLeaf, blocked: blockedCount > 0, x: x + s * inPlane, y: y, samples: L)
-                                    }
-                                    if blockedCount > 0 {
-                                        blockedWeightGradientTree!.add { leaf in
-                                            perLeaf.backwardWeightsBlocked(x: x + s * inPlane, dy: dy + s * outPlane, into: leaf)
+                            // The leaves of samples `leaves` with their own reorders.
+                            func weightLeaves(_ leaves: Range<Int>) {
+                                timedGEMM(m: C, n: K, k: leaves.count * P) {
+                                    for s in Swift.stride(from: leaves.lowerBound, to: leaves.upperBound, by: L) {
+                                        if fused {
+                                            let y = UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self)
+                                            addStatisticsLeaf(perLeaf, blocked: blockedCount > 0, x: x + s * inPlane, y: y, samples: L)
                                         }
-                                    } else {
-                                        weightGradientTree!.add { leaf in
-                                            perLeaf.backwardWeights(x: x + s * inPlane, dy: dy + s * outPlane,
-                                                                    into: UnsafeMutableRawPointer(leaf).assumingMemoryBound(to: Float.self))
+                                        if blockedCount > 0 {
+                                            blockedWeightGradientTree!.add { leaf in
+                                                perLeaf.backwardWeightsBlocked(x: x + s * inPlane, dy: dy + s * outPlane, into: leaf)
+                                            }
+                                        } else {
+                                            weightGradientTree!.add { leaf in
+                                                perLeaf.backwardWeights(x: x + s * inPlane, dy: dy + s * outPlane,
+                                                                        into: UnsafeMutableRawPointer(leaf).assumingMemoryBound(to: Float.self))
+                                            }
                                         }
                                     }
                                 }
                             }
-                            for (samples, firstSlot) in Self.chunks(batch: n, offset: offset, size: c) {
+                            func dataChunk(_ samples: Range<Int>, firstSlot: Int) {
                                 timedGEMM(m: K, n: c * P, k: C) {
                                     if samples.count == c {
                                         data.backwardData(dy: dy + samples.lowerBound * outPlane, weight: w, into: d + samples.lowerBound * inPlane)
@@ -728,6 +749,54 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                                         }
                                     }
                                 }
+                            }
+                            let chunks = Self.chunks(batch: n, offset: offset, size: c)
+                            oneDNNSharedChunks = 0
+                            guard let gradientStride = sharedGradientStride else {
+                                weightLeaves(0..<n)
+                                for (samples, firstSlot) in chunks { dataChunk(samples, firstSlot: firstSlot) }
+                                return
+                            }
+                            // A whole unit's dY (and Y, and x where the layouts agree) reordered
+                            // once, read by backward data and by each leaf as slices: the values
+                            // of the calls' own reorders, so the same bits. A unit this batch
+                            // does not hold whole (at its ends) goes the calls' own way.
+                            var nextChunk = 0
+                            for (samples, _) in Self.chunks(batch: n, offset: offset, size: unit) {
+                                let lo = samples.lowerBound
+                                guard samples.count == unit, let blockedDy = owner.blockChunk(.outputGradient, dy + lo * outPlane, buffer: 0) else {
+                                    weightLeaves(samples)
+                                    while nextChunk < chunks.count && chunks[nextChunk].samples.lowerBound < samples.upperBound {
+                                        dataChunk(chunks[nextChunk].samples, firstSlot: chunks[nextChunk].firstSlot)
+                                        nextChunk += 1
+                                    }
+                                    continue
+                                }
+                                let blockedX = sharedSourceStride.flatMap { _ in owner.blockChunk(.source, x + lo * inPlane, buffer: 1) }
+                                let yUnit = UnsafeRawPointer(ys.baseAddress! + lo * outPlane).assumingMemoryBound(to: Float.self)
+                                let blockedY = fused ? owner.blockChunk(.outputGradient, yUnit, buffer: 2) : nil
+                                timedGEMM(m: C, n: K, k: unit * P) {
+                                    for j in Swift.stride(from: 0, to: unit, by: L) {
+                                        let s = lo + j
+                                        let leafX = blockedX.map { $0 + j * sharedSourceStride! }
+                                        if fused {
+                                            let y = UnsafeRawPointer(ys.baseAddress! + s * outPlane).assumingMemoryBound(to: Float.self)
+                                            addStatisticsLeaf(perLeaf, blocked: true, x: x + s * inPlane, y: y, samples: L,
+                                                              shared: blockedY.map { (leafX, $0 + j * gradientStride) })
+                                        }
+                                        blockedWeightGradientTree!.add { leaf in
+                                            perLeaf.backwardWeightsBlocked(x: leafX ?? x + s * inPlane, blockedX: leafX != nil,
+                                                                           dy: blockedDy + j * gradientStride, blockedDy: true, into: leaf)
+                                        }
+                                    }
+                                }
+                                timedGEMM(m: K, n: unit * P, k: C) {
+                                    for j in Swift.stride(from: 0, to: unit, by: c) {
+                                        data.backwardData(blockedDy: blockedDy + j * gradientStride, weight: w, into: d + (lo + j) * inPlane)
+                                    }
+                                }
+                                while nextChunk < chunks.count && chunks[nextChunk].samples.lowerBound < samples.upperBound { nextChunk += 1 }
+                                oneDNNSharedChunks += 1
                             }
                         }
                     }

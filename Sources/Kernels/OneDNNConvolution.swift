@@ -84,6 +84,44 @@ public final class OneDNNConvolution {
         precondition(status == 0, "oneDNN convolution backward weights failed")
     }
 
+    /// The arguments a chunk's blocked copy can be shared by: the layout of the source x, or
+    /// that of the output gradient dY (also Y's, when Y is read as an output gradient).
+    public enum ChunkArgument: Int32 {
+        case source = 0
+        case outputGradient = 1
+    }
+
+    /// Samples reordered once into oneDNN's layout of `argument` (this primitive's chunk of
+    /// `minibatch` samples, or its `weightsMinibatch` when it has backward weights alone), in this
+    /// thread's chunk buffer `buffer` (0–2), valid until the next copy into that buffer; nil when
+    /// that argument is not blocked.
+    public func blockChunk(_ argument: ChunkArgument, _ plain: UnsafePointer<Float>, buffer: Int) -> UnsafePointer<Float>? {
+        syncbn_dnnl_convolution_block_chunk(handle, argument.rawValue, plain, Int32(buffer)).map { UnsafePointer($0) }
+    }
+
+    /// Floats per sample of this primitive's ``blockChunk(_:_:buffer:)`` copy of `argument` when
+    /// `reader` reads that argument in the same layout (its backward weights, or backward data's
+    /// output gradient when it has no backward weights): the reader's samples are then one
+    /// stretch of the copy. nil otherwise.
+    public func chunkSliceStride(_ argument: ChunkArgument, reader: OneDNNConvolution) -> Int? {
+        let stride = syncbn_dnnl_convolution_chunk_slice_stride(handle, reader.handle, argument.rawValue)
+        return stride > 0 ? stride : nil
+    }
+
+    /// Backward data with dy in oneDNN's layout (a chunk's ``blockChunk(_:_:buffer:)`` copy).
+    public func backwardData(blockedDy dy: UnsafePointer<Float>, weight: UnsafePointer<Float>, into dx: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_backward_data_from_blocked(handle, dy, weight, dx)
+        precondition(status == 0, "oneDNN convolution backward data failed")
+    }
+
+    /// ``backwardWeightsBlocked(x:dy:into:)`` with x and/or dy already in oneDNN's layout
+    /// (slices of chunks' blocked copies) as `blockedX` and `blockedDy` say.
+    public func backwardWeightsBlocked(x: UnsafePointer<Float>, blockedX: Bool, dy: UnsafePointer<Float>, blockedDy: Bool,
+                                       into dw: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_backward_weights_prepared(handle, x, dy, (blockedX ? 1 : 0) | (blockedDy ? 2 : 0), dw)
+        precondition(status == 0, "oneDNN convolution backward weights failed")
+    }
+
     /// A weight gradient in oneDNN's layout reordered into the plain C_out × C_in × k × k one.
     public func weightGradientToPlain(_ blocked: UnsafePointer<Float>, into dw: UnsafeMutablePointer<Float>) {
         let status = syncbn_dnnl_convolution_weights_gradient_to_plain(handle, blocked, dw)

@@ -153,12 +153,26 @@ public final class CrossIterationBatchNorm<Scalar: BatchNormScalar>: BatchNorm<S
         return (sum, squares)
     }
 
-    /// Σ_k a_k·b_k in order (the one loop for the projections and the compensation, so that
-    /// θ_t = θ_τ gives a term of exactly zero).
+    /// Σ_k a_k·b_k in one fixed order: eight running sums (k mod 8, the products not fused into
+    /// the additions), added pairwise at the end, then the last n mod 8 terms in order — the one
+    /// loop for the projections and the compensation, so that θ_t = θ_τ gives a term of exactly
+    /// zero, and the same bits on every CPU. (One running sum waited on each addition: 1.6 ms of
+    /// a ResNet-20 step.)
     @inline(__always)
     static func dot(_ a: UnsafePointer<Double>, _ b: UnsafePointer<Double>, _ n: Int) -> Double {
-        var total = 0.0
-        for k in 0..<n { total += a[k] * b[k] }
+        let ra = UnsafeRawPointer(a), rb = UnsafeRawPointer(b)
+        var partial = SIMD8<Double>()
+        var k = 0
+        while k &+ 8 <= n {
+            let offset = k &* MemoryLayout<Double>.stride
+            partial += ra.loadUnaligned(fromByteOffset: offset, as: SIMD8<Double>.self) * rb.loadUnaligned(fromByteOffset: offset, as: SIMD8<Double>.self)
+            k = k &+ 8
+        }
+        var total = ((partial[0] + partial[4]) + (partial[2] + partial[6])) + ((partial[1] + partial[5]) + (partial[3] + partial[7]))
+        while k < n {
+            total += a[k] * b[k]
+            k = k &+ 1
+        }
         return total
     }
 

@@ -151,6 +151,48 @@ extension LayerTests {
         }
     }
 
+    /// A unit of samples' dY, x and Y reordered once (a chunk of backward data's, or a leaf when
+    /// the leaf is the larger) and read by backward data and every leaf as slices give the bits of
+    /// each call reordering its own samples: input and weight gradients and cross-iteration BN's
+    /// patch statistics, for leaves of 1, 2 and 4 samples, chunks of 1, 2 and 4, batches whose
+    /// first and last chunks are partial, padded channels and ResNet shapes.
+    func testSamplesReorderedOnceForSeveralCallsGiveTheCallsOwnBits() throws {
+        for (index, (c, o, h, kernel, stride)) in [(1, 16, 12, 3, 1), (3, 5, 9, 3, 2), (16, 32, 14, 1, 2), (32, 32, 7, 3, 1)].enumerated() {
+            var random = DeterministicRandom(seed: 740 + UInt64(index))
+            let reference = Conv2d<Float>(inputChannels: c, outputChannels: o, kernelSize: kernel, stride: stride, padding: kernel / 2,
+                                          bias: false, random: &random)
+            // (leaf, chunk, statistics, first sample, samples): chunks of 4 from sample 2 are
+            // 2–3, 4–7 (whole), 8–9 of 2…9.
+            for (leaf, chunk, statistics, offset, batch) in [(1, 2, false, 2, 6), (1, 4, true, 2, 6), (2, 4, false, 2, 6), (2, 2, true, 2, 6),
+                                                             (4, 2, true, 4, 8), (2, 1, false, 2, 6)] {
+                let label = "\(c)→\(o) \(kernel)×\(kernel) stride \(stride), leaf \(leaf), chunk \(chunk), statistics \(statistics)"
+                let x = randomTensor([batch, c, h, h], seed: 750 + UInt64(index)).converted(to: Float.self)
+                var runs: [[[UInt64]]] = []
+                for sharing in [false, true] {
+                    let conv = Conv2d<Float>(weight: reference.weight.value, bias: nil, stride: stride, padding: kernel / 2)
+                    conv.backend = .onednn
+                    conv.oneDNNChunkOverride = chunk
+                    conv.oneDNNChunkSharing = sharing
+                    conv.weightGradientLeaf = leaf
+                    conv.sampleOffset = offset
+                    conv.providesPatchStatistics = statistics
+                    let y = try conv.forward(x, mode: .training)
+                    let dy = randomTensor(y.shape, seed: 760 + UInt64(index)).converted(to: Float.self)
+                    var received: [Double] = []
+                    if statistics { conv.patchStatisticsReceiver = { received = Array($0) + $1.values } }
+                    let dx = try conv.backward(dy)
+                    if sharing { XCTAssertGreaterThan(conv.oneDNNSharedChunks, 0, "no unit shared its reorders, \(label)") } else { XCTAssertEqual(conv.oneDNNSharedChunks, 0, label) }
+                    XCTAssertEqual(received.isEmpty, !statistics, label)
+                    runs.append([dx.scalars.map { UInt64($0.bitPattern) }, conv.weight.gradient.scalars.map { UInt64($0.bitPattern) },
+                                 received.map(\.bitPattern)])
+                }
+                XCTAssertEqual(runs[1][0], runs[0][0], "input gradient, \(label)")
+                XCTAssertEqual(runs[1][1], runs[0][1], "weight gradient, \(label)")
+                XCTAssertEqual(runs[1][2], runs[0][2], "patch statistics, \(label)")
+            }
+        }
+    }
+
     /// The gather of a Double sum in oneDNN's blocked weight layout, in ranges that cut rows and
     /// channels anywhere, gives the reorder's values (a reorder only moves values: a Float leaf
     /// widened and gathered equals the leaf reordered and widened), for padded layouts (3 input

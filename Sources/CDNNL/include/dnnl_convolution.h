@@ -38,6 +38,25 @@ int syncbn_dnnl_convolution_backward_weights(syncbn_dnnl_convolution *convolutio
 size_t syncbn_dnnl_convolution_blocked_weights_gradient_floats(const syncbn_dnnl_convolution *convolution);
 /// Backward weights into `dw_blocked` in oneDNN's own layout (no reorder).
 int syncbn_dnnl_convolution_backward_weights_blocked(syncbn_dnnl_convolution *convolution, const float *x, const float *dy, float *dw_blocked);
+/// Samples' activations reordered once into a blocked copy that several calls read: which
+/// layout (a chunk primitive's forward source or backward-data output gradient — that of dY, and of
+/// Y when it is read as one; for a primitive with backward weights alone, its source or output
+/// gradient), and which of this thread's three chunk buffers (0–2) holds it until the next copy
+/// into that buffer. NULL if that argument is not blocked, or on failure.
+enum syncbn_dnnl_chunk_argument { SYNCBN_DNNL_CHUNK_SOURCE = 0, SYNCBN_DNNL_CHUNK_OUTPUT_GRADIENT = 1 };
+float *syncbn_dnnl_convolution_block_chunk(syncbn_dnnl_convolution *convolution, int which, const float *plain, int buffer);
+/// Floats per sample of `owner`'s blocked copy of argument `which` when `reader` reads that
+/// argument in the same layout (its backward weights' source or output gradient, or for a chunk
+/// primitive without backward weights its backward data's output gradient), so that the reader's
+/// samples are one stretch of the owner's copy; 0 if not.
+long syncbn_dnnl_convolution_chunk_slice_stride(const syncbn_dnnl_convolution *owner, const syncbn_dnnl_convolution *reader, int which);
+/// Backward data with dy already in the primitive's layout (a chunk's blocked copy).
+int syncbn_dnnl_convolution_backward_data_from_blocked(syncbn_dnnl_convolution *convolution, const float *dy_blocked, const float *w,
+                                                       float *dx);
+/// Backward weights into `dw_blocked` in oneDNN's layout; bit 0 of `prepared` says x, bit 1 dy is
+/// already in the primitive's layout (a slice of a chunk's blocked copy), read without a reorder.
+int syncbn_dnnl_convolution_backward_weights_prepared(syncbn_dnnl_convolution *convolution, const float *x, const float *dy, int prepared,
+                                                      float *dw_blocked);
 /// A weight gradient in oneDNN's layout reordered into the plain one.
 int syncbn_dnnl_convolution_weights_gradient_to_plain(syncbn_dnnl_convolution *convolution, const float *blocked, float *dw);
 /// Values start ..< start + count of the plain (cout×cin×k×k) order read from `blocked`, a Double
