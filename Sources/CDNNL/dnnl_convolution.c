@@ -39,7 +39,7 @@ static void destroy_stream(void *s) { dnnl_stream_destroy((dnnl_stream_t)s); }
 /// largest call so far. Kept per primitive they held three blocked copies of every weight tensor.
 /// Slots CHUNK_SLOT… hold a chunk's activations reordered once for several calls
 /// (syncbn_dnnl_convolution_block_chunk).
-enum { WORKSPACE_SLOTS = 7, SCRATCHPAD_SLOT = 3, CHUNK_SLOT = 4, CHUNK_SLOTS = 3 };
+enum { WORKSPACE_SLOTS = 8, SCRATCHPAD_SLOT = 3, CHUNK_SLOT = 4, CHUNK_SLOTS = 4 };
 typedef struct {
     void *buffer[WORKSPACE_SLOTS];
     size_t bytes[WORKSPACE_SLOTS];
@@ -428,6 +428,8 @@ int syncbn_dnnl_convolution_backward_weights_blocked(syncbn_dnnl_convolution *c,
 /// backward-data output gradient (the layout of dY, and of Y read as one); for a primitive with
 /// backward weights alone, its source or output gradient.
 static const argument *shared_argument(const syncbn_dnnl_convolution *c, int which) {
+    if (which == SYNCBN_DNNL_FORWARD_WEIGHTS) return c->has_forward ? &c->forward.args[1] : NULL;
+    if (which == SYNCBN_DNNL_DATA_WEIGHTS) return c->has_forward ? &c->data.args[1] : NULL;
     if (c->has_forward) return which == SYNCBN_DNNL_CHUNK_SOURCE ? &c->forward.args[0] : &c->data.args[0];
     if (c->has_weights) return which == SYNCBN_DNNL_CHUNK_SOURCE ? &c->weights.args[0] : &c->weights.args[1];
     return NULL;
@@ -482,10 +484,16 @@ long syncbn_dnnl_convolution_chunk_slice_stride(const syncbn_dnnl_convolution *o
     return stride;
 }
 
-int syncbn_dnnl_convolution_backward_data_from_blocked(syncbn_dnnl_convolution *c, const float *dy_blocked, const float *w, float *dx) {
-    if (!c->has_forward || !c->data.args[0].internal) return 1;
-    void *handles[3] = {(void *)dy_blocked, (void *)w, dx};
-    return execute_prepared(&c->data, handles, 1, NULL);
+int syncbn_dnnl_convolution_forward_prepared(syncbn_dnnl_convolution *c, const float *x, const float *w, int prepared, float *y) {
+    if (!c->has_forward) return 1;
+    void *handles[3] = {(void *)x, (void *)w, y};
+    return execute_prepared(&c->forward, handles, prepared & 3, NULL);
+}
+
+int syncbn_dnnl_convolution_backward_data_prepared(syncbn_dnnl_convolution *c, const float *dy, const float *w, int prepared, float *dx) {
+    if (!c->has_forward) return 1;
+    void *handles[3] = {(void *)dy, (void *)w, dx};
+    return execute_prepared(&c->data, handles, prepared & 3, NULL);
 }
 
 int syncbn_dnnl_convolution_backward_weights_prepared(syncbn_dnnl_convolution *c, const float *x, const float *dy, int prepared,

@@ -162,10 +162,10 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
     }
     /// oneDNN's chunk of samples for forward and backward data; nil: ``oneDNNChunkSize(_:)``.
     public var oneDNNChunkOverride: Int?
-    /// Whether oneDNN's backward reorders a whole chunk's dY (and x, and Y for patch statistics)
-    /// once, for backward data and every weight-gradient leaf of the chunk to read as slices,
-    /// where the primitives' layouts allow it (else each leaf reorders its own samples). The same
-    /// bits either way; off only to compare the two.
+    /// Whether oneDNN reorders the weights once per forward and per backward for all the chunks,
+    /// and a unit of samples' dY (and x, and Y for patch statistics) once for backward data and
+    /// every weight-gradient leaf to read as slices, where the primitives' layouts allow it (else
+    /// each call reorders its own). The same bits either way; off only to compare the two.
     public var oneDNNChunkSharing = true
     /// Chunks of the last oneDNN backward whose reorders its leaves shared.
     public private(set) var oneDNNSharedChunks = 0
@@ -619,15 +619,18 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                 xs.withMemoryRebound(to: Float.self) { x in
                     ws.withMemoryRebound(to: Float.self) { w in
                         y.withMemoryRebound(to: Float.self) { y in
+                            // The weights reordered once for all the chunks.
+                            let blockedW = oneDNNChunkSharing ? primitives.blockChunk(.forwardWeights, w.baseAddress!, buffer: 3) : nil
+                            let weights = blockedW ?? UnsafePointer(w.baseAddress!)
                             for (samples, firstSlot) in Self.chunks(batch: n, offset: offset, size: c) {
                                 timedGEMM(m: outputChannels, n: c * g.positions, k: g.patchSize) {
                                     if samples.count == c {
-                                        primitives.forward(x: x.baseAddress! + samples.lowerBound * inPlane, weight: w.baseAddress!,
+                                        primitives.forward(x: x.baseAddress! + samples.lowerBound * inPlane, weight: weights, blockedWeight: blockedW != nil,
                                                            into: y.baseAddress! + samples.lowerBound * outPlane)
                                     } else {
                                         oneDNNPartialChunk(samples: samples, firstSlot: firstSlot, chunk: c, source: x.baseAddress!,
                                                            sourcePlane: inPlane, target: y.baseAddress!, targetPlane: outPlane) { i, o in
-                                            primitives.forward(x: i, weight: w.baseAddress!, into: o)
+                                            primitives.forward(x: i, weight: weights, blockedWeight: blockedW != nil, into: o)
                                         }
                                     }
                                 }
@@ -738,14 +741,18 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                                     }
                                 }
                             }
+                            // The weights reordered once for all the chunks.
+                            let blockedW = oneDNNChunkSharing ? data.blockChunk(.dataWeights, w, buffer: 3) : nil
+                            let weights = blockedW ?? w
                             func dataChunk(_ samples: Range<Int>, firstSlot: Int) {
                                 timedGEMM(m: K, n: c * P, k: C) {
                                     if samples.count == c {
-                                        data.backwardData(dy: dy + samples.lowerBound * outPlane, weight: w, into: d + samples.lowerBound * inPlane)
+                                        data.backwardData(dy: dy + samples.lowerBound * outPlane, blockedDy: false, weight: weights,
+                                                          blockedWeight: blockedW != nil, into: d + samples.lowerBound * inPlane)
                                     } else {
                                         oneDNNPartialChunk(samples: samples, firstSlot: firstSlot, chunk: c, source: dy, sourcePlane: outPlane,
                                                            target: d, targetPlane: inPlane) { i, o in
-                                            data.backwardData(dy: i, weight: w, into: o)
+                                            data.backwardData(dy: i, blockedDy: false, weight: weights, blockedWeight: blockedW != nil, into: o)
                                         }
                                     }
                                 }
@@ -792,7 +799,8 @@ public final class Conv2d<Scalar: TensorScalar>: Layer, PatchSource, SampleAlign
                                 }
                                 timedGEMM(m: K, n: unit * P, k: C) {
                                     for j in Swift.stride(from: 0, to: unit, by: c) {
-                                        data.backwardData(blockedDy: blockedDy + j * gradientStride, weight: w, into: d + (lo + j) * inPlane)
+                                        data.backwardData(dy: blockedDy + j * gradientStride, blockedDy: true, weight: weights,
+                                                          blockedWeight: blockedW != nil, into: d + (lo + j) * inPlane)
                                     }
                                 }
                                 while nextChunk < chunks.count && chunks[nextChunk].samples.lowerBound < samples.upperBound { nextChunk += 1 }

@@ -89,11 +89,14 @@ public final class OneDNNConvolution {
     public enum ChunkArgument: Int32 {
         case source = 0
         case outputGradient = 1
+        /// The weights in the forward's layout, and in backward data's.
+        case forwardWeights = 2
+        case dataWeights = 3
     }
 
     /// Samples reordered once into oneDNN's layout of `argument` (this primitive's chunk of
     /// `minibatch` samples, or its `weightsMinibatch` when it has backward weights alone), in this
-    /// thread's chunk buffer `buffer` (0–2), valid until the next copy into that buffer; nil when
+    /// thread's chunk buffer `buffer` (0–3), valid until the next copy into that buffer; nil when
     /// that argument is not blocked.
     public func blockChunk(_ argument: ChunkArgument, _ plain: UnsafePointer<Float>, buffer: Int) -> UnsafePointer<Float>? {
         syncbn_dnnl_convolution_block_chunk(handle, argument.rawValue, plain, Int32(buffer)).map { UnsafePointer($0) }
@@ -108,9 +111,18 @@ public final class OneDNNConvolution {
         return stride > 0 ? stride : nil
     }
 
-    /// Backward data with dy in oneDNN's layout (a chunk's ``blockChunk(_:_:buffer:)`` copy).
-    public func backwardData(blockedDy dy: UnsafePointer<Float>, weight: UnsafePointer<Float>, into dx: UnsafeMutablePointer<Float>) {
-        let status = syncbn_dnnl_convolution_backward_data_from_blocked(handle, dy, weight, dx)
+    /// ``forward(x:weight:into:)`` with the weights in oneDNN's layout when `blockedWeight` (a
+    /// ``blockChunk(_:_:buffer:)`` copy of ``ChunkArgument/forwardWeights``).
+    public func forward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, blockedWeight: Bool, into y: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_forward_prepared(handle, x, weight, blockedWeight ? 2 : 0, y)
+        precondition(status == 0, "oneDNN convolution forward failed")
+    }
+
+    /// ``backwardData(dy:weight:into:)`` with dy and/or the weights in oneDNN's layout, as
+    /// `blockedDy` and `blockedWeight` say (``blockChunk(_:_:buffer:)`` copies).
+    public func backwardData(dy: UnsafePointer<Float>, blockedDy: Bool, weight: UnsafePointer<Float>, blockedWeight: Bool,
+                             into dx: UnsafeMutablePointer<Float>) {
+        let status = syncbn_dnnl_convolution_backward_data_prepared(handle, dy, weight, (blockedDy ? 1 : 0) | (blockedWeight ? 2 : 0), dx)
         precondition(status == 0, "oneDNN convolution backward data failed")
     }
 

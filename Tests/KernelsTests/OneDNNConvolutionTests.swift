@@ -151,10 +151,10 @@ extension LayerTests {
         }
     }
 
-    /// A unit of samples' dY, x and Y reordered once (a chunk of backward data's, or a leaf when
-    /// the leaf is the larger) and read by backward data and every leaf as slices give the bits of
-    /// each call reordering its own samples: input and weight gradients and cross-iteration BN's
-    /// patch statistics, for leaves of 1, 2 and 4 samples, chunks of 1, 2 and 4, batches whose
+    /// The weights reordered once for all chunks, and a unit of samples' dY, x and Y reordered
+    /// once (a chunk of backward data's, or a leaf when the leaf is the larger) and read by
+    /// backward data and every leaf as slices, give the bits of each call reordering its own
+    /// arguments: output, input and weight gradients and cross-iteration BN's patch statistics, for leaves of 1, 2 and 4 samples, chunks of 1, 2 and 4, batches whose
     /// first and last chunks are partial, padded channels and ResNet shapes.
     func testSamplesReorderedOnceForSeveralCallsGiveTheCallsOwnBits() throws {
         for (index, (c, o, h, kernel, stride)) in [(1, 16, 12, 3, 1), (3, 5, 9, 3, 2), (16, 32, 14, 1, 2), (32, 32, 7, 3, 1)].enumerated() {
@@ -184,8 +184,9 @@ extension LayerTests {
                     if sharing { XCTAssertGreaterThan(conv.oneDNNSharedChunks, 0, "no unit shared its reorders, \(label)") } else { XCTAssertEqual(conv.oneDNNSharedChunks, 0, label) }
                     XCTAssertEqual(received.isEmpty, !statistics, label)
                     runs.append([dx.scalars.map { UInt64($0.bitPattern) }, conv.weight.gradient.scalars.map { UInt64($0.bitPattern) },
-                                 received.map(\.bitPattern)])
+                                 received.map(\.bitPattern), y.scalars.map { UInt64($0.bitPattern) }])
                 }
+                XCTAssertEqual(runs[1][3], runs[0][3], "output, \(label)")
                 XCTAssertEqual(runs[1][0], runs[0][0], "input gradient, \(label)")
                 XCTAssertEqual(runs[1][1], runs[0][1], "weight gradient, \(label)")
                 XCTAssertEqual(runs[1][2], runs[0][2], "patch statistics, \(label)")

@@ -41,18 +41,28 @@ int syncbn_dnnl_convolution_backward_weights_blocked(syncbn_dnnl_convolution *co
 /// Samples' activations reordered once into a blocked copy that several calls read: which
 /// layout (a chunk primitive's forward source or backward-data output gradient — that of dY, and of
 /// Y when it is read as one; for a primitive with backward weights alone, its source or output
-/// gradient), and which of this thread's three chunk buffers (0–2) holds it until the next copy
+/// gradient), and which of this thread's four chunk buffers (0–3) holds it until the next copy
 /// into that buffer. NULL if that argument is not blocked, or on failure.
-enum syncbn_dnnl_chunk_argument { SYNCBN_DNNL_CHUNK_SOURCE = 0, SYNCBN_DNNL_CHUNK_OUTPUT_GRADIENT = 1 };
+/// FORWARD_WEIGHTS and DATA_WEIGHTS: a chunk primitive's weights in the forward's and in backward
+/// data's layout, reordered once for all the chunks of a batch.
+enum syncbn_dnnl_chunk_argument {
+    SYNCBN_DNNL_CHUNK_SOURCE = 0,
+    SYNCBN_DNNL_CHUNK_OUTPUT_GRADIENT = 1,
+    SYNCBN_DNNL_FORWARD_WEIGHTS = 2,
+    SYNCBN_DNNL_DATA_WEIGHTS = 3
+};
 float *syncbn_dnnl_convolution_block_chunk(syncbn_dnnl_convolution *convolution, int which, const float *plain, int buffer);
 /// Floats per sample of `owner`'s blocked copy of argument `which` when `reader` reads that
 /// argument in the same layout (its backward weights' source or output gradient, or for a chunk
 /// primitive without backward weights its backward data's output gradient), so that the reader's
 /// samples are one stretch of the owner's copy; 0 if not.
 long syncbn_dnnl_convolution_chunk_slice_stride(const syncbn_dnnl_convolution *owner, const syncbn_dnnl_convolution *reader, int which);
-/// Backward data with dy already in the primitive's layout (a chunk's blocked copy).
-int syncbn_dnnl_convolution_backward_data_from_blocked(syncbn_dnnl_convolution *convolution, const float *dy_blocked, const float *w,
-                                                       float *dx);
+/// Forward and backward data with inputs already in the primitive's layout (a blocked copy made by
+/// syncbn_dnnl_convolution_block_chunk): bit 0 of `prepared` says the first input (x; dy), bit 1
+/// the weights.
+int syncbn_dnnl_convolution_forward_prepared(syncbn_dnnl_convolution *convolution, const float *x, const float *w, int prepared, float *y);
+int syncbn_dnnl_convolution_backward_data_prepared(syncbn_dnnl_convolution *convolution, const float *dy, const float *w, int prepared,
+                                                   float *dx);
 /// Backward weights into `dw_blocked` in oneDNN's layout; bit 0 of `prepared` says x, bit 1 dy is
 /// already in the primitive's layout (a slice of a chunk's blocked copy), read without a reorder.
 int syncbn_dnnl_convolution_backward_weights_prepared(syncbn_dnnl_convolution *convolution, const float *x, const float *dy, int prepared,
