@@ -75,11 +75,9 @@ def main():
             w = conv.weight
             mean = y.mean(dim=(0, 2, 3))
             square = (y * y).mean(dim=(0, 2, 3))
-            ones = torch.ones_like(mean)
             if self.derivatives == "none":
-                var = square - mean * mean
-                scale = self.weight / torch.sqrt(var.clamp_min(0) + self.eps)
-                return (y - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
+                return self.normalized(y, mean, square - mean * mean)
+            ones = torch.ones_like(mean)
             if self.derivatives == "two-calls":
                 d_mean = torch.autograd.grad(mean, w, ones, retain_graph=True)[0]
             else:
@@ -104,8 +102,11 @@ def main():
             var = (squares * valid).sum(dim=0) / count - mu * mu
             entry = (mean.detach(), square.detach(), d_mean.detach().clone(), d_square.detach(), w.detach().clone())
             self.past = ([entry] + self.past)[: self.window - 1]
+            return self.normalized(y, mu, var)
+
+        def normalized(self, y, mean, var):
             scale = self.weight / torch.sqrt(var.clamp_min(0) + self.eps)
-            return (y - mu[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
+            return (y - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
 
     def pairs(model):
         """(parent, name of the BN, its BN, the convolution that feeds it)."""
